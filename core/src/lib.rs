@@ -1,0 +1,11 @@
+//! What the checkout hook and populate-mirror share: repository URLs and their redaction, the
+//! mirror volume's layout and manifest, cheap mirror inspection, the checkout record, and the one
+//! way we build and run git.
+
+pub mod checkout_record;
+pub mod git_command;
+pub mod git_runner;
+pub mod manifest;
+pub mod mirror_inspect;
+pub mod mirror_layout;
+pub mod repo_url;
