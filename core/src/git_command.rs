@@ -22,7 +22,9 @@ const CLEARED_ENV: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-#[error("git was not found on PATH; install git (2.38 or newer) in the image or set GIT to its path")]
+#[error(
+    "git was not found on PATH; install git (2.38 or newer) in the image or set GIT to its path"
+)]
 pub struct GitNotFound;
 
 /// The git executable, located once.
@@ -70,7 +72,9 @@ impl Git {
     pub fn bare(&self, git_dir: &Path) -> GitCommand {
         let parent = git_dir.parent().unwrap_or(Path::new("/"));
         let mut command = self.command(parent);
-        command.arg_os("--git-dir".as_ref()).arg_os(git_dir.as_os_str());
+        command
+            .arg_os("--git-dir".as_ref())
+            .arg_os(git_dir.as_os_str());
         command
     }
 }
@@ -144,10 +148,7 @@ mod tests {
         };
         let mut cmd = git.command(Path::new("/tmp"));
         cmd.arg("fetch").operands(["origin", "--upload-pack=evil"]);
-        assert_eq!(
-            cmd.display(),
-            "git fetch -- origin --upload-pack=evil"
-        );
+        assert_eq!(cmd.display(), "git fetch -- origin --upload-pack=evil");
         let std = cmd.into_std();
         let envs: Vec<_> = std.get_envs().collect();
         assert!(envs.contains(&(OsStr::new("GIT_DIR"), None)));

@@ -151,7 +151,11 @@ pub async fn run(command: GitCommand, options: &RunOptions) -> Result<Finished, 
         status = child.wait() => status.map_err(|source| GitFailure::Spawn { command: shown.clone(), source })?,
         _ = sleep_until(deadline) => return Err(stalled(lines)),
     };
-    let stdout = stdout_task.await.ok().and_then(Result::ok).unwrap_or_default();
+    let stdout = stdout_task
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     if status.success() {
         Ok(Finished { stdout })
     } else {
@@ -241,8 +245,14 @@ mod tests {
     fn progress_redraws_are_dropped_and_lines_kept() {
         let mut lines = StderrLines::default();
         let r = Redactor::default();
-        lines.push(b"Receiving objects:  1%\rReceiving objects: 50%\rdone.\nfatal: x", &r);
+        lines.push(
+            b"Receiving objects:  1%\rReceiving objects: 50%\rdone.\nfatal: x",
+            &r,
+        );
         lines.finish(&r);
-        assert_eq!(lines.tail, vec!["done.".to_string(), "fatal: x".to_string()]);
+        assert_eq!(
+            lines.tail,
+            vec!["done.".to_string(), "fatal: x".to_string()]
+        );
     }
 }

@@ -65,7 +65,8 @@ impl Manifest {
     pub fn find(&self, url: &RepoUrl) -> Option<&ManifestEntry> {
         let want = url.identity();
         self.repositories.iter().find(|e| {
-            RepoUrl::parse(&e.url).is_ok_and(|u| u.identity() == want) && e.relative_path().is_some()
+            RepoUrl::parse(&e.url).is_ok_and(|u| u.identity() == want)
+                && e.relative_path().is_some()
         })
     }
 }
@@ -108,8 +109,12 @@ mod tests {
         };
         let found = manifest.find(&RepoUrl::parse("git@h:acme/widgets").unwrap());
         assert_eq!(found.unwrap().path, "acme/widgets.reference");
-        assert!(manifest.find(&RepoUrl::parse("https://h/evil/x.git").unwrap()).is_none());
-        assert!(manifest.find(&RepoUrl::parse("https://h/evil/y.git").unwrap()).is_none());
+        assert!(manifest
+            .find(&RepoUrl::parse("https://h/evil/x.git").unwrap())
+            .is_none());
+        assert!(manifest
+            .find(&RepoUrl::parse("https://h/evil/y.git").unwrap())
+            .is_none());
     }
 
     #[test]

@@ -21,7 +21,9 @@ pub enum MirrorProblem {
     NotARepository { path: PathBuf, detail: String },
     #[error("{0} is an empty repository (no refs); repopulate the mirror volume")]
     Empty(PathBuf),
-    #[error("{path} mirrors {mirrors}, not this repository; fix the mirror volume's layout or manifest")]
+    #[error(
+        "{path} mirrors {mirrors}, not this repository; fix the mirror volume's layout or manifest"
+    )]
     OtherRepository { path: PathBuf, mirrors: String },
     #[error("{path} has no remote.origin.url, so it cannot be matched to a repository; repopulate it with populate-mirror")]
     Unidentified { path: PathBuf },
@@ -58,9 +60,7 @@ impl Mirror {
             path: path.to_path_buf(),
             detail,
         };
-        let real_path = path
-            .canonicalize()
-            .map_err(|e| not_a_repo(e.to_string()))?;
+        let real_path = path.canonicalize().map_err(|e| not_a_repo(e.to_string()))?;
         if real_path.to_string_lossy().contains('\n') {
             return Err(MirrorProblem::UnsafePath(path.to_path_buf()));
         }
@@ -117,7 +117,12 @@ impl Mirror {
     pub fn age_from_files(&self) -> Option<u64> {
         ["FETCH_HEAD", "packed-refs", "HEAD"]
             .iter()
-            .filter_map(|f| std::fs::metadata(self.real_path.join(f)).ok()?.modified().ok())
+            .filter_map(|f| {
+                std::fs::metadata(self.real_path.join(f))
+                    .ok()?
+                    .modified()
+                    .ok()
+            })
             .max()
             .and_then(|t| t.elapsed().ok())
             .map(|d| d.as_secs())

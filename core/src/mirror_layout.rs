@@ -91,13 +91,19 @@ mod tests {
             }],
         };
         let got = candidates(Path::new("/m"), &url, Some(&manifest));
-        let paths: Vec<_> = got.iter().map(|c| (c.path.to_str().unwrap(), c.source)).collect();
+        let paths: Vec<_> = got
+            .iter()
+            .map(|c| (c.path.to_str().unwrap(), c.source))
+            .collect();
         assert_eq!(
             paths,
             vec![
                 ("/m/gen/acme-widgets", LayoutSource::Manifest),
                 ("/m/acme/widgets.reference", LayoutSource::Reference),
-                ("/m/https---github-com-acme-widgets-git", LayoutSource::Stock),
+                (
+                    "/m/https---github-com-acme-widgets-git",
+                    LayoutSource::Stock
+                ),
             ]
         );
         assert_eq!(got[0].fetched_at, Some(42));

@@ -347,17 +347,26 @@ mod tests {
 
     #[test]
     fn file_urls_and_local_paths_name_mirrors_by_their_last_two_segments() {
-        for form in ["file:///srv/git/acme/widgets.git", "/srv/git/acme/widgets.git"] {
+        for form in [
+            "file:///srv/git/acme/widgets.git",
+            "/srv/git/acme/widgets.git",
+        ] {
             let u = url(form);
             assert_eq!(u.transport(), Transport::File);
-            assert_eq!(u.reference_dir().unwrap(), PathBuf::from("acme/widgets.reference"));
+            assert_eq!(
+                u.reference_dir().unwrap(),
+                PathBuf::from("acme/widgets.reference")
+            );
         }
     }
 
     #[test]
     fn subgroups_keep_their_whole_path() {
         let u = url("https://gitlab.com/group/sub/name.git");
-        assert_eq!(u.reference_dir().unwrap(), PathBuf::from("group/sub/name.reference"));
+        assert_eq!(
+            u.reference_dir().unwrap(),
+            PathBuf::from("group/sub/name.reference")
+        );
     }
 
     #[test]
@@ -418,7 +427,10 @@ mod tests {
             assert!(!shown.contains("s3cret"), "{shown}");
         }
         assert_eq!(u.redacted(), "https://***@example.com/acme/widgets.git");
-        assert_eq!(u.as_git_arg(), "https://bob:s3cret@example.com/acme/widgets.git");
+        assert_eq!(
+            u.as_git_arg(),
+            "https://bob:s3cret@example.com/acme/widgets.git"
+        );
         let token_as_user = url("https://ghp_abc123@example.com/a/b.git");
         assert_eq!(token_as_user.secrets(), vec!["ghp_abc123".to_string()]);
     }

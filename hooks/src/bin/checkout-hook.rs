@@ -1,1 +1,34 @@
-fn main(){}
+//! The agent's `checkout` hook. See `checkout-hook --help` and docs/checkout-hook.md.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use hooks::settings::Settings;
+use hooks::{signal_exit_code, Interrupts};
+
+fn main() -> ExitCode {
+    let settings = Settings::parse();
+    hooks::logging::init();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let outcome = runtime.and_then(|rt| {
+        rt.block_on(async {
+            let mut interrupts = Interrupts::install()?;
+            Ok(tokio::select! {
+                result = hooks::run(settings) => result.map_or_else(|e| {
+                    tracing::error!("{e}");
+                    e.exit_code()
+                }, |()| ExitCode::SUCCESS),
+                signal = interrupts.recv() => {
+                    tracing::warn!("checkout interrupted by signal {signal}; stopped git");
+                    signal_exit_code(signal)
+                }
+            })
+        })
+    });
+    outcome.unwrap_or_else(|e| {
+        eprintln!("checkout-hook: cannot start the async runtime: {e}");
+        ExitCode::from(1)
+    })
+}

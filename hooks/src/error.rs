@@ -1,0 +1,157 @@
+//! Why a checkout failed, what kind of failure that is, and the exit code each kind maps to.
+//! This module is the only place exit codes are decided (`docs/checkout-hook.md` lists them).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use stateless_core::git_command::GitNotFound;
+use stateless_core::git_runner::GitFailure;
+
+use crate::checkout_plan::ConfigError;
+
+/// The step of a checkout attempt that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Fetch,
+    Checkout,
+    Dissociate,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Fetch => "fetching",
+            Step::Checkout => "checking out",
+            Step::Dissociate => "copying objects out of the mirror",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    GitNotFound(#[from] GitNotFound),
+    #[error("{step} {repo} failed: {failure}; {}", hint(*kind))]
+    Git {
+        step: Step,
+        repo: String,
+        kind: FailureKind,
+        failure: GitFailure,
+    },
+    #[error("{what} was not found on {repo} (asked for it directly, then fetched all branches and tags); check BUILDKITE_COMMIT and BUILDKITE_BRANCH, or push the commit")]
+    NotFound { what: String, repo: String },
+    #[error("a checkout attempt ran longer than BUILDKITE_GIT_CHECKOUT_TIMEOUT ({}s) and was stopped; raise the timeout or check the server", after.as_secs())]
+    TimedOut { after: Duration },
+    #[error("cannot prepare the checkout in {}: {detail}; check that the build directory is writable and has free space", path.display())]
+    Prepare { path: PathBuf, detail: String },
+}
+
+/// What a failure says about its cause, which decides retries and the mirror fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The server or the network: retry, and do not blame the mirror.
+    Network,
+    /// The server answered that the commit or branch does not exist: final.
+    NotFound,
+    /// Anything local — a damaged mirror object, a failed checkout: redo without the mirror.
+    Local,
+    /// Input or environment the user must fix: final.
+    Config,
+}
+
+/// git's wording for failures of the transport rather than the repository (C locale). Ambiguous
+/// messages (`index-pack failed`) are left out on purpose: they count as local, so a damaged
+/// mirror is abandoned instead of being retried six times.
+const NETWORK_MARKERS: &[&str] = &[
+    "unable to access",
+    "Could not resolve host",
+    "Failed to connect",
+    "Connection refused",
+    "Connection reset",
+    "Connection timed out",
+    "timed out",
+    "RPC failed",
+    "early EOF",
+    "the remote end hung up",
+    "transfer closed",
+    "Empty reply from server",
+    "returned error: 5",
+    "Could not read from remote repository",
+    "unable to connect",
+    "protocol error",
+    "expected flush after",
+];
+
+/// git's wording when the server does not have what we asked for.
+const NOT_FOUND_MARKERS: &[&str] = &[
+    "not our ref",
+    "couldn't find remote ref",
+    "Couldn't find remote ref",
+    "unadvertised object",
+];
+
+/// Classifies a git failure by what git printed.
+pub fn classify(failure: &GitFailure) -> FailureKind {
+    let any = |markers: &[&str]| markers.iter().any(|m| failure.stderr_contains(m));
+    match failure {
+        GitFailure::Stalled { .. } => FailureKind::Network,
+        GitFailure::Spawn { .. } => FailureKind::Config,
+        GitFailure::Exited { .. } if any(NOT_FOUND_MARKERS) => FailureKind::NotFound,
+        GitFailure::Exited { .. } if any(NETWORK_MARKERS) => FailureKind::Network,
+        GitFailure::Exited { .. } => FailureKind::Local,
+    }
+}
+
+fn hint(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::Network => {
+            "check that the server is reachable from the pod and the credentials are valid"
+        }
+        FailureKind::NotFound => "check BUILDKITE_COMMIT and BUILDKITE_BRANCH",
+        FailureKind::Local => {
+            "check free space in the build directory; if it persists, repopulate the mirror"
+        }
+        FailureKind::Config => "check that git is installed and runnable",
+    }
+}
+
+impl CheckoutError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            CheckoutError::Config(_) | CheckoutError::GitNotFound(_) => FailureKind::Config,
+            CheckoutError::Git { kind, .. } => *kind,
+            CheckoutError::NotFound { .. } => FailureKind::NotFound,
+            CheckoutError::TimedOut { .. } => FailureKind::Network,
+            CheckoutError::Prepare { .. } => FailureKind::Local,
+        }
+    }
+
+    /// Worth another attempt: everything but a missing commit and input the user must fix.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self.kind(), FailureKind::NotFound | FailureKind::Config)
+    }
+
+    /// A git failure that a damaged mirror can cause: redo the attempt without it.
+    pub fn blames_mirror(&self) -> bool {
+        matches!(
+            self,
+            CheckoutError::Git {
+                kind: FailureKind::Local,
+                ..
+            }
+        )
+    }
+
+    /// The hook's exit code: 2 for input to fix, 3 for a commit the server does not have, 1
+    /// for a checkout that failed after its retries. (128+N for signal N is decided in main.)
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self.kind() {
+            FailureKind::Config => 2,
+            FailureKind::NotFound => 3,
+            FailureKind::Network | FailureKind::Local => 1,
+        })
+    }
+}
