@@ -1,1 +1,10 @@
+//! Test support for end-to-end scenarios: real git servers on loopback, fixture repositories,
+//! a sandbox per scenario, and the stand-in `buildkite-agent`. Shared by the tests under
+//! `tests/`, the demo and the benchmarks.
 
+pub mod fixture;
+pub mod git;
+pub mod git_daemon;
+pub mod http_server;
+pub mod sandbox;
+pub mod standin_agent;

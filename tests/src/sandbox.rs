@@ -1,0 +1,260 @@
+//! One scenario's world: a temp directory with a server root, a mirror root, a checkout
+//! directory, a HOME with empty git config, and a PATH whose `buildkite-agent` is the stand-in.
+//! The binaries under test are located in the target directory, not linked.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use tempfile::TempDir;
+
+use crate::fixture::Upstream;
+use crate::git::git;
+
+/// The directory holding the workspace's built binaries (`target/<profile>`), or
+/// `$STATELESS_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATELESS_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A built binary of the workspace; panics with the command that builds it.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+pub struct Sandbox {
+    pub dir: TempDir,
+    pub server_root: PathBuf,
+    pub mirrors: PathBuf,
+    pub checkout: PathBuf,
+    pub agent_state: PathBuf,
+    pub record: PathBuf,
+    pub home: PathBuf,
+    pub bin: PathBuf,
+    /// Set in every process the hook starts, to find any left running.
+    pub marker: String,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        let dir = tempfile::Builder::new()
+            .prefix("stateless-e2e-")
+            .tempdir()
+            .unwrap();
+        let p = dir.path();
+        let sandbox = Sandbox {
+            server_root: p.join("server"),
+            mirrors: p.join("mirrors"),
+            checkout: p.join("builds/acme/widgets"),
+            agent_state: p.join("agent"),
+            record: p.join("records/checkout-record.json"),
+            home: p.join("home"),
+            bin: p.join("bin"),
+            marker: format!("e2e-{}", p.file_name().unwrap().to_string_lossy()),
+            dir,
+        };
+        for d in [
+            &sandbox.server_root,
+            &sandbox.mirrors,
+            &sandbox.checkout,
+            &sandbox.agent_state,
+            &sandbox.home,
+            &sandbox.bin,
+        ] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        std::fs::write(sandbox.home.join(".gitconfig"), "").unwrap();
+        std::os::unix::fs::symlink(bin("buildkite-agent"), sandbox.bin.join("buildkite-agent"))
+            .unwrap();
+        sandbox
+    }
+
+    /// `acme/widgets.git` (or `name`) under the server root, with history.
+    pub fn upstream(&self, name: &str) -> Upstream {
+        Upstream::create(&self.server_root, self.dir.path(), name)
+    }
+
+    /// A bare mirror of `url` at `mirrors/<relative>`, made the way populate-mirror will.
+    pub fn mirror(&self, url: &str, relative: &str) -> PathBuf {
+        let path = self.mirrors.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        git(
+            self.dir.path(),
+            &["clone", "-q", "--mirror", url, path.to_str().unwrap()],
+        );
+        path
+    }
+
+    /// The checkout hook with this sandbox's environment; add the job's variables.
+    pub fn hook(&self) -> Hook {
+        let mut cmd = Command::new(bin("checkout-hook"));
+        cmd.env_clear()
+            .current_dir(&self.checkout)
+            .env(
+                "PATH",
+                format!("{}:/usr/local/bin:/usr/bin:/bin", self.bin.display()),
+            )
+            .env("HOME", &self.home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"))
+            .env("BUILDKITE_BUILD_CHECKOUT_PATH", &self.checkout)
+            .env("BUILDKITE_GIT_MIRRORS_PATH", &self.mirrors)
+            .env("STATELESS_AGENT_CHECKOUT_RECORD", &self.record)
+            .env("STATELESS_AGENT_RETRY_DELAY", "50ms")
+            .env("BUILDKITE_STANDIN_STATE", &self.agent_state)
+            .env("BUILDKITE_AGENT_ACCESS_TOKEN", "standin-access-token")
+            .env(
+                "BUILDKITE_AGENT_JOB_API_SOCKET",
+                self.dir.path().join("job-api.sock"),
+            )
+            .env("BUILDKITE_AGENT_JOB_API_TOKEN", "standin-job-api-token")
+            .env("STATELESS_E2E_MARKER", &self.marker)
+            .stdin(Stdio::null());
+        Hook { cmd }
+    }
+
+    /// The hook's checkout record.
+    pub fn record(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(&self.record).expect("checkout record written");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// A variable the hook exported through the stand-in agent's Job API.
+    pub fn exported(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.agent_state.join("env").join(name)).ok()
+    }
+
+    /// Meta-data the hook set through the stand-in agent.
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        let file = key.replace('/', "%2F");
+        std::fs::read_to_string(self.agent_state.join("meta-data").join(file)).ok()
+    }
+
+    /// git in the checkout.
+    pub fn git(&self, args: &[&str]) -> String {
+        git(&self.checkout, args)
+    }
+
+    /// Processes still running that the hook started (they carry the sandbox's marker).
+    pub fn leftover_processes(&self) -> Vec<String> {
+        let needle = format!("STATELESS_E2E_MARKER={}", self.marker);
+        let me = std::process::id().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+                let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                if state.split_whitespace().nth(2) == Some("Z") {
+                    continue; // a zombie holds no resources and is reaped by its parent
+                }
+                found.push(format!(
+                    "{pid}: {}",
+                    String::from_utf8_lossy(&cmdline).replace('\0', " ")
+                ));
+            }
+        }
+        found
+    }
+
+    /// A snapshot of every file under `dir` (path, size, mtime), to prove nothing was written.
+    pub fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let meta = entry.path().symlink_metadata().unwrap();
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                }
+                out.push((entry.path(), meta.len(), meta.modified().unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// The checkout hook about to run.
+pub struct Hook {
+    cmd: Command,
+}
+
+pub struct HookOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl HookOutput {
+    /// All the hook printed, for asserting what a log shows.
+    pub fn log(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+impl Hook {
+    pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.env(key, value);
+        self
+    }
+
+    /// The job: repository, commit and branch.
+    pub fn job(self, repo: &str, commit: &str, branch: &str) -> Self {
+        self.env("BUILDKITE_REPO", repo)
+            .env("BUILDKITE_COMMIT", commit)
+            .env("BUILDKITE_BRANCH", branch)
+    }
+
+    pub fn run(mut self) -> HookOutput {
+        let out = self.cmd.output().expect("checkout-hook runs");
+        HookOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn spawn(mut self) -> Child {
+        self.cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("checkout-hook starts")
+    }
+
+    /// The underlying command, to wrap it (e.g. in `unshare`).
+    pub fn into_command(self) -> Command {
+        self.cmd
+    }
+}
