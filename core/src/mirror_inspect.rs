@@ -29,6 +29,8 @@ pub enum MirrorProblem {
     Unidentified { path: PathBuf },
     #[error("{0}: its real path contains a newline, which git's alternates file cannot hold")]
     UnsafePath(PathBuf),
+    #[error("pack {} is truncated or does not match its index; repopulate the mirror volume", .0.display())]
+    DamagedPack(PathBuf),
 }
 
 /// A mirror that passed the cheap checks.
@@ -48,6 +50,44 @@ impl std::fmt::Debug for Mirror {
             .field("real_path", &self.real_path)
             .finish()
     }
+}
+
+/// The hash length of SHA-1 repositories, the only kind the mirrors hold.
+const HASH_LEN: u64 = 20;
+
+/// Every pack ends with its checksum, and its index repeats that checksum just before its own.
+/// Comparing the two costs two small reads per pack and catches a truncated or half-copied
+/// pack, which git would otherwise half-use without a word.
+fn check_pack_trailers(pack_dir: &Path) -> Result<(), MirrorProblem> {
+    let Ok(entries) = std::fs::read_dir(pack_dir) else {
+        return Ok(()); // loose objects only
+    };
+    for idx in entries.flatten().map(|e| e.path()) {
+        if idx.extension().is_none_or(|e| e != "idx") {
+            continue;
+        }
+        let pack = idx.with_extension("pack");
+        let from_idx = read_tail(&idx, 2 * HASH_LEN).map(|t| t[..HASH_LEN as usize].to_vec());
+        let from_pack = read_tail(&pack, HASH_LEN);
+        match (from_idx, from_pack) {
+            (Some(a), Some(b)) if a == b => {}
+            _ => return Err(MirrorProblem::DamagedPack(pack)),
+        }
+    }
+    Ok(())
+}
+
+fn read_tail(path: &Path, len: u64) -> Option<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    if size < len {
+        return None;
+    }
+    file.seek(SeekFrom::Start(size - len)).ok()?;
+    let mut buf = vec![0; len as usize];
+    file.read_exact(&mut buf).ok()?;
+    Some(buf)
 }
 
 impl Mirror {
@@ -76,6 +116,7 @@ impl Mirror {
         if !has_refs {
             return Err(MirrorProblem::Empty(path.to_path_buf()));
         }
+        check_pack_trailers(&real_path.join("objects/pack"))?;
         let origin = repo
             .find_remote("origin")
             .ok()

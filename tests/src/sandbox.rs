@@ -253,8 +253,23 @@ impl Hook {
             .expect("checkout-hook starts")
     }
 
-    /// The underlying command, to wrap it (e.g. in `unshare`).
-    pub fn into_command(self) -> Command {
-        self.cmd
+    /// The same hook run through `wrapper` (e.g. `unshare --mount sh -c …`), with the same
+    /// environment and directory; the hook's path is appended to `wrapper`'s arguments.
+    pub fn wrapped(self, wrapper: &[&str]) -> Hook {
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(self.cmd.get_program())
+            .args(self.cmd.get_args())
+            .env_clear()
+            .stdin(Stdio::null());
+        if let Some(dir) = self.cmd.get_current_dir() {
+            cmd.current_dir(dir);
+        }
+        for (key, value) in self.cmd.get_envs() {
+            if let Some(value) = value {
+                cmd.env(key, value);
+            }
+        }
+        Hook { cmd }
     }
 }

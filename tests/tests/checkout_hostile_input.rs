@@ -1,0 +1,147 @@
+//! Input that tries to make git run something, escape the mirror root, or leak a secret.
+
+use stateless_e2e::http_server::GitHttpServer;
+use stateless_e2e::sandbox::Sandbox;
+
+#[test]
+fn option_injection_and_remote_helpers_are_refused_before_git_runs() {
+    let sandbox = Sandbox::new();
+    let pwned = sandbox.dir.path().join("pwned");
+    let p = pwned.display();
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let cases = [
+        (
+            format!("--upload-pack=touch {p}"),
+            sha.to_string(),
+            "main".to_string(),
+            "BUILDKITE_REPO",
+        ),
+        (
+            format!("ext::sh -c touch% {p}"),
+            sha.into(),
+            "main".into(),
+            "BUILDKITE_REPO",
+        ),
+        ("ext::sh".into(), sha.into(), "main".into(), "remote helper"),
+        (
+            "https://example.com/acme/../../etc/passwd.git".into(),
+            sha.into(),
+            "main".into(),
+            "'..'",
+        ),
+        (
+            "https://example.com/acme/widgets.git".into(),
+            format!("--upload-pack=touch {p}"),
+            "main".into(),
+            "BUILDKITE_COMMIT",
+        ),
+        (
+            "https://example.com/acme/widgets.git".into(),
+            "HEAD".into(),
+            format!("--upload-pack=touch {p}"),
+            "BUILDKITE_BRANCH",
+        ),
+        (
+            "https://example.com/acme/widgets.git".into(),
+            "HEAD".into(),
+            "-b".into(),
+            "BUILDKITE_BRANCH",
+        ),
+    ];
+    for (repo, commit, branch, names) in cases {
+        let out = sandbox.hook().job(&repo, &commit, &branch).run();
+        assert_eq!(
+            out.code(),
+            Some(2),
+            "{repo} {commit} {branch}: {}",
+            out.log()
+        );
+        assert!(out.log().contains(names), "{}", out.log());
+        assert_eq!(out.log().lines().count(), 1, "one line: {}", out.log());
+        assert!(!pwned.exists());
+    }
+}
+
+#[test]
+fn an_empty_repository_url_means_no_checkout() {
+    let sandbox = Sandbox::new();
+    let out = sandbox.hook().job("", "HEAD", "main").run();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(std::fs::read_dir(&sandbox.checkout).unwrap().count(), 0);
+}
+
+#[test]
+fn credentials_in_the_url_reach_only_the_checkouts_own_config() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let mirror = sandbox.mirror(&server.url("acme/widgets.git"), "acme/widgets.reference");
+    let url = server.url_with_credentials("acme/widgets.git", "bob:s3cret-t0ken");
+
+    let out = sandbox.hook().job(&url, &upstream.head(), "main").run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(
+        sandbox.record()["mirror"]["status"],
+        "hit",
+        "the same repository, whatever the credentials"
+    );
+    let agent_state = Sandbox::snapshot(&sandbox.agent_state)
+        .iter()
+        .map(|f| std::fs::read_to_string(&f.0).unwrap_or_default())
+        .collect::<String>();
+    let mirror_files = Sandbox::snapshot(&mirror)
+        .iter()
+        .map(|f| String::from_utf8_lossy(&std::fs::read(&f.0).unwrap_or_default()).into_owned())
+        .collect::<String>();
+    for (place, text) in [
+        ("log", out.log()),
+        ("record", std::fs::read_to_string(&sandbox.record).unwrap()),
+        ("agent", agent_state),
+        ("mirror", mirror_files),
+    ] {
+        assert!(
+            !text.contains("s3cret-t0ken"),
+            "the secret reached the {place}"
+        );
+    }
+    let config = std::fs::read_to_string(sandbox.checkout.join(".git/config")).unwrap();
+    assert!(
+        config.contains(&url),
+        "git needs them in the clone's config, like a clone"
+    );
+}
+
+/// A read-only bind mount of the mirror proves the hook never writes to it.
+#[test]
+fn checkout_from_a_read_only_bind_mount_of_the_mirror() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let url = server.url("acme/widgets.git");
+    sandbox.mirror(&url, "acme/widgets.reference");
+    let root = sandbox.mirrors.to_str().unwrap();
+    let script = format!(
+        "mount --bind {root} {root} && mount -o remount,bind,ro {root} && touch {root}/probe 2>/dev/null && exit 99; exec \"$@\""
+    );
+
+    let out = sandbox
+        .hook()
+        .job(&url, &upstream.head(), "main")
+        .wrapped(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
+        .run();
+
+    assert_ne!(out.code(), Some(99), "the mount was writable");
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(sandbox.record()["mirror"]["status"], "hit");
+    assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), upstream.head());
+}
