@@ -1,1 +1,306 @@
-fn main() {}
+//! Checkout benchmark: the hook against the agent's default checkout (replayed by
+//! `../shared/bench/bk-default-checkout.sh`), a plain clone, and the floor
+//! (`git archive | tar -x` from the mirror), all in one run, on one repository served over smart
+//! HTTP on loopback. Prints medians, ratios and bytes over the wire.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p stateless-e2e --bench checkout`
+//!
+//! Environment: `BENCH_RUNS` (5), `BENCH_REPO` (any repository path or URL to use instead of the
+//! generated one), `BENCH_FILES` (20000), `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (500),
+//! `BENCH_TAGS` (200), `BENCH_BEHIND` (200 commits).
+//!
+//! Every checkout goes into a new empty directory; old trees are moved aside, not deleted, until
+//! the end (ext4 with discard charges deletions to whatever creates files next).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stateless_e2e::git::{command, git};
+use stateless_e2e::http_server::GitHttpServer;
+use stateless_e2e::sandbox::Sandbox;
+use stateless_e2e::synthetic::{self, Shape};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Sample {
+    took: Duration,
+    bytes: u64,
+    pack_bytes: u64,
+}
+
+struct Case {
+    name: &'static str,
+    samples: Vec<Sample>,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` asks harness=false benches to list tests
+    }
+    let runs = env_or("BENCH_RUNS", 5);
+    let behind = env_or("BENCH_BEHIND", 200);
+    let sandbox = Sandbox::new();
+    let root = sandbox.dir.path();
+    let bare = sandbox.server_root.join("bench/repo.git");
+    let describe = prepare_repository(&bare);
+    let tip = git(&bare, &["rev-parse", "HEAD"]);
+    let branch = git(&bare, &["symbolic-ref", "--short", "HEAD"]);
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let url = server.url("bench/repo.git");
+
+    // The mirror `behind` commits behind: cloned while the branch pointed there.
+    let old = git(&bare, &["rev-parse", &format!("HEAD~{behind}")]);
+    git(
+        &bare,
+        &["update-ref", &format!("refs/heads/{branch}"), &old],
+    );
+    let behind_root = root.join("mirrors-behind");
+    clone_mirror(&url, &behind_root.join("bench/repo.reference"));
+    git(
+        &bare,
+        &["update-ref", &format!("refs/heads/{branch}"), &tip],
+    );
+    let current_root = root.join("mirrors-current");
+    let current = current_root.join("bench/repo.reference");
+    clone_mirror(&url, &current);
+
+    let replay =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/bk-default-checkout.sh");
+    let have_replay = replay.exists();
+    if !have_replay {
+        eprintln!(
+            "note: {} is absent; the replay rows are skipped",
+            replay.display()
+        );
+    }
+    eprintln!("{describe}; {runs} runs per case");
+
+    let mut cases: Vec<Case> = [
+        "hook, mirror up to date",
+        "hook, mirror behind",
+        "replay (agent default), mirror up to date",
+        "replay (agent default), mirror behind",
+        "plain git clone",
+        "floor: git archive | tar -x",
+    ]
+    .into_iter()
+    .map(|name| Case {
+        name,
+        samples: Vec::new(),
+    })
+    .collect();
+
+    for run in 0..runs {
+        for (i, case) in cases.iter_mut().enumerate() {
+            if !have_replay && (i == 2 || i == 3) {
+                continue;
+            }
+            sandbox.fresh_checkout_dir();
+            let dir = &sandbox.checkout;
+            server.reset_counters();
+            let started = Instant::now();
+            let ok = match i {
+                0 | 1 => {
+                    let mirrors = if i == 0 { &current_root } else { &behind_root };
+                    let out = sandbox
+                        .hook()
+                        .job(&url, &tip, &branch)
+                        .env("BUILDKITE_GIT_MIRRORS_PATH", mirrors)
+                        .run();
+                    if out.code() != Some(0) {
+                        eprintln!("{}", out.log());
+                    }
+                    out.code() == Some(0)
+                }
+                2 | 3 => {
+                    let mirror = if i == 2 {
+                        current.clone()
+                    } else {
+                        behind_root.join("bench/repo.reference")
+                    };
+                    Command::new("bash")
+                        .arg(&replay)
+                        .envs(hermetic_env(&sandbox))
+                        .env("BUILDKITE_REPO", &url)
+                        .env("BUILDKITE_COMMIT", &tip)
+                        .env("BUILDKITE_BRANCH", &branch)
+                        .env("CHECKOUT_DIR", dir)
+                        .env("MIRROR_DIR", &mirror)
+                        .env("BK_SEND_METADATA", "false")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .unwrap()
+                        .success()
+                }
+                4 => command(root)
+                    .args(["clone", "-q", &url, dir.to_str().unwrap()])
+                    .status()
+                    .unwrap()
+                    .success(),
+                _ => Command::new("sh")
+                    .args([
+                        "-c",
+                        "git --git-dir=\"$1\" archive \"$2\" | tar -x -C \"$3\"",
+                        "sh",
+                    ])
+                    .arg(&current)
+                    .arg(&tip)
+                    .arg(dir)
+                    .envs(hermetic_env(&sandbox))
+                    .status()
+                    .unwrap()
+                    .success(),
+            };
+            let took = started.elapsed();
+            assert!(ok, "{} failed in run {run}", case.name);
+            case.samples.push(Sample {
+                took,
+                bytes: server.bytes_sent(),
+                pack_bytes: server.pack_bytes_sent(),
+            });
+        }
+    }
+    report(&cases);
+}
+
+/// The repository under test, as a bare repository at `bare`; returns its description.
+fn prepare_repository(bare: &Path) -> String {
+    if let Ok(source) = std::env::var("BENCH_REPO") {
+        std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+        git(
+            bare.parent().unwrap(),
+            &["clone", "-q", "--mirror", &source, bare.to_str().unwrap()],
+        );
+        git(bare, &["config", "uploadpack.allowAnySHA1InWant", "true"]);
+        let commits = git(bare, &["rev-list", "--count", "HEAD"]);
+        let files = git(bare, &["ls-tree", "-r", "--name-only", "HEAD"])
+            .lines()
+            .count();
+        return format!("repository {source}: {files} files, {commits} commits");
+    }
+    let shape = Shape {
+        files: env_or("BENCH_FILES", 20_000),
+        commits: env_or("BENCH_COMMITS", 3_000),
+        branches: env_or("BENCH_BRANCHES", 500),
+        tags: env_or("BENCH_TAGS", 200),
+    };
+    let started = Instant::now();
+    synthetic::generate(bare, shape);
+    format!(
+        "generated repository: {} files, {} commits, {} branches, {} tags ({:.1}s to generate)",
+        shape.files,
+        shape.commits,
+        shape.branches,
+        shape.tags,
+        started.elapsed().as_secs_f64()
+    )
+}
+
+fn clone_mirror(url: &str, path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    git(
+        path.parent().unwrap(),
+        &["clone", "-q", "--mirror", url, path.to_str().unwrap()],
+    );
+}
+
+fn hermetic_env(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("HOME", sandbox.home.clone()),
+        ("GIT_CONFIG_GLOBAL", sandbox.home.join(".gitconfig")),
+        ("GIT_CONFIG_NOSYSTEM", "1".into()),
+    ]
+}
+
+fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn report(cases: &[Case]) {
+    let med = |c: &Case| median(c.samples.iter().map(|s| s.took).collect());
+    let by_name = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c.name == name && !c.samples.is_empty())
+            .map(med)
+    };
+    let floor = by_name("floor: git archive | tar -x");
+    let replay_current = by_name("replay (agent default), mirror up to date");
+    let replay_behind = by_name("replay (agent default), mirror behind");
+    let ratio = |a: Duration, b: Option<Duration>| {
+        b.map_or("-".to_string(), |b| {
+            format!("{:.2}", a.as_secs_f64() / b.as_secs_f64())
+        })
+    };
+
+    println!();
+    println!(
+        "| case | median | × floor | × replay (same mirror) | bytes over the wire | object bytes |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for case in cases.iter().filter(|c| !c.samples.is_empty()) {
+        let m = med(case);
+        let replay = if case.name.contains("behind") {
+            replay_behind
+        } else {
+            replay_current
+        };
+        let replay_ratio = if case.name.starts_with("hook") || case.name.starts_with("replay") {
+            ratio(m, replay)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {:.0} ms | {} | {} | {} | {} |",
+            case.name,
+            m.as_secs_f64() * 1000.0,
+            ratio(m, floor),
+            replay_ratio,
+            median(case.samples.iter().map(|s| s.bytes).collect()),
+            median(case.samples.iter().map(|s| s.pack_bytes).collect()),
+        );
+    }
+    let hook_current = by_name("hook, mirror up to date");
+    let hook_behind = by_name("hook, mirror behind");
+    println!();
+    let check = |label: &str, value: Option<Duration>, base: Option<Duration>, target: f64| {
+        if let (Some(v), Some(b)) = (value, base) {
+            let r = v.as_secs_f64() / b.as_secs_f64();
+            println!(
+                "target {label} ≤ {target}: {r:.2} {}",
+                if r <= target { "met" } else { "MISSED" }
+            );
+        }
+    };
+    check("hook up to date / floor", hook_current, floor, 1.15);
+    check(
+        "hook up to date / replay",
+        hook_current,
+        replay_current,
+        0.4,
+    );
+    check(
+        "hook behind / replay behind",
+        hook_behind,
+        replay_behind,
+        0.75,
+    );
+    let pack = cases[0]
+        .samples
+        .iter()
+        .map(|s| s.pack_bytes)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "target hook up to date: 0 object bytes over the wire: {pack} {}",
+        if pack == 0 { "met" } else { "MISSED" }
+    );
+}

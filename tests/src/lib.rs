@@ -8,3 +8,4 @@ pub mod git_daemon;
 pub mod http_server;
 pub mod sandbox;
 pub mod standin_agent;
+pub mod synthetic;

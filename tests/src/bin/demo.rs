@@ -1,1 +1,107 @@
-fn main() {}
+//! The demo: the checkout hook on a generated repository served over loopback, without a mirror,
+//! with an up-to-date mirror, and with a mirror behind the server. No Buildkite account needed:
+//! the stand-in agent receives the exports and meta-data.
+
+use std::time::Instant;
+
+use stateless_e2e::http_server::GitHttpServer;
+use stateless_e2e::sandbox::Sandbox;
+use stateless_e2e::synthetic::{self, Shape};
+
+const SHAPE: Shape = Shape {
+    files: 3_000,
+    commits: 400,
+    branches: 40,
+    tags: 20,
+};
+
+fn main() {
+    let sandbox = Sandbox::new();
+    let bare = sandbox.server_root.join("demo/sample.git");
+    println!(
+        "Generating a sample repository ({} files, {} commits, {} branches, {} tags)…",
+        SHAPE.files, SHAPE.commits, SHAPE.branches, SHAPE.tags
+    );
+    let first_tip = synthetic::generate(&bare, SHAPE);
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let url = server.url("demo/sample.git");
+    println!("Serving it over smart HTTP (git http-backend) at {url}");
+    let mirror = sandbox.mirror(&url, "demo/sample.reference");
+    println!(
+        "Mirror volume: {} (a bare mirror, as populate-mirror makes them)\n",
+        mirror.display()
+    );
+
+    let mut rows = Vec::new();
+    let mut run = |label: &str, commit: &str, mirrors: &std::path::Path| {
+        server.reset_counters();
+        sandbox.fresh_checkout_dir();
+        println!("── {label}");
+        let started = Instant::now();
+        let out = sandbox
+            .hook()
+            .job(&url, commit, "main")
+            .env("BUILDKITE_GIT_MIRRORS_PATH", mirrors)
+            .run();
+        let took = started.elapsed();
+        let summary = out
+            .log()
+            .lines()
+            .filter(|l| l.starts_with("checked out") || l.contains("⚠️") || l.contains("🚨"))
+            .collect::<Vec<_>>()
+            .join("\n   ");
+        println!("   {summary}");
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "the demo checkout failed:\n{}",
+            out.log()
+        );
+        let head = sandbox.git(&["rev-parse", "HEAD"]);
+        assert_eq!(head, commit);
+        rows.push((
+            label.to_string(),
+            took,
+            server.bytes_sent(),
+            server.pack_bytes_sent(),
+        ));
+    };
+    let no_mirrors = sandbox.dir.path().join("no-mirrors");
+    std::fs::create_dir_all(&no_mirrors).unwrap();
+    run(
+        "1. no mirror: everything comes from the server",
+        &first_tip,
+        &no_mirrors,
+    );
+    run(
+        "2. up-to-date mirror: objects borrowed, only refs cross the wire",
+        &first_tip,
+        &sandbox.mirrors,
+    );
+    let new_tip = synthetic::extend(&bare, SHAPE, 50);
+    run(
+        "3. mirror 50 commits behind: only the missing commits are fetched",
+        &new_tip,
+        &sandbox.mirrors,
+    );
+
+    println!(
+        "\n{:<70} {:>9} {:>14} {:>14}",
+        "checkout", "time", "bytes sent", "object bytes"
+    );
+    for (label, took, bytes, pack) in &rows {
+        println!(
+            "{label:<70} {:>7.0}ms {bytes:>14} {pack:>14}",
+            took.as_secs_f64() * 1000.0
+        );
+    }
+    println!(
+        "\nThe last checkout is in {} (HEAD detached at {}, origin/* and tags like a clone).",
+        sandbox.checkout.display(),
+        &new_tip[..12]
+    );
+    println!(
+        "Its record, for agent-wrapper: {}",
+        std::fs::read_to_string(&sandbox.record).unwrap()
+    );
+}
