@@ -7,8 +7,9 @@
 //!
 //! Environment: `BENCH_RUNS` (5), `BENCH_REPO` (any repository path or URL to use instead of the
 //! generated one), `BENCH_FILES` (20000), `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (500),
-//! `BENCH_TAGS` (200), `BENCH_BEHIND` (200 commits).
+//! `BENCH_TAGS` (200), `BENCH_PULLS` (5000 `refs/pull/N/head`), `BENCH_BEHIND` (200 commits), `BENCH_KEEP` (keep the work directory).
 //!
+//! Everything lives under `BENCH_TMPDIR` (default `/dev/shm`, a tmpfs).
 //! Every checkout goes into a new empty directory; old trees are moved aside, not deleted, until
 //! the end (ext4 with discard charges deletions to whatever creates files next).
 
@@ -44,6 +45,12 @@ fn main() {
         return; // `cargo test --benches` asks harness=false benches to list tests
     }
     let runs = env_or("BENCH_RUNS", 5);
+    // tmpfs by default: this machine's ext4 with online discard makes file creation timings
+    // swing by a factor of three between runs, which would drown what is measured.
+    let tmp = std::env::var("BENCH_TMPDIR").unwrap_or_else(|_| "/dev/shm".into());
+    if Path::new(&tmp).is_dir() {
+        std::env::set_var("TMPDIR", &tmp);
+    }
     let behind = env_or("BENCH_BEHIND", 200);
     let sandbox = Sandbox::new();
     let root = sandbox.dir.path();
@@ -168,6 +175,9 @@ fn main() {
         }
     }
     report(&cases);
+    if std::env::var_os("BENCH_KEEP").is_some() {
+        eprintln!("kept {} (server stopped)", sandbox.dir.keep().display());
+    }
 }
 
 /// The repository under test, as a bare repository at `bare`; returns its description.
@@ -190,15 +200,17 @@ fn prepare_repository(bare: &Path) -> String {
         commits: env_or("BENCH_COMMITS", 3_000),
         branches: env_or("BENCH_BRANCHES", 500),
         tags: env_or("BENCH_TAGS", 200),
+        pulls: env_or("BENCH_PULLS", 5_000),
     };
     let started = Instant::now();
     synthetic::generate(bare, shape);
     format!(
-        "generated repository: {} files, {} commits, {} branches, {} tags ({:.1}s to generate)",
+        "generated repository: {} files, {} commits, {} branches, {} tags, {} pull-request refs ({:.1}s to generate)",
         shape.files,
         shape.commits,
         shape.branches,
         shape.tags,
+        shape.pulls,
         started.elapsed().as_secs_f64()
     )
 }

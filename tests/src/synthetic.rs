@@ -15,6 +15,8 @@ pub struct Shape {
     pub commits: usize,
     pub branches: usize,
     pub tags: usize,
+    /// `refs/pull/N/head` refs, as a GitHub repository carries (and `clone --mirror` copies).
+    pub pulls: usize,
 }
 
 /// A bare repository at `bare` with `shape`; returns the tip of `main`.

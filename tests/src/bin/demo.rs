@@ -13,6 +13,7 @@ const SHAPE: Shape = Shape {
     commits: 400,
     branches: 40,
     tags: 20,
+    pulls: 100,
 };
 
 fn main() {
