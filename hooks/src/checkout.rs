@@ -179,6 +179,9 @@ impl<'a> Checkout<'a> {
     fn init_repository(&self, mirror: Option<&Mirror>) -> Result<Repository, CheckoutError> {
         let dir = &self.plan.checkout_dir;
         let fail = |e: &dyn std::fmt::Display| self.prepare_error(e.to_string());
+        if holds_other_files(dir) {
+            return Err(CheckoutError::NotACheckoutDir { path: dir.clone() });
+        }
         empty_directory(dir).map_err(|e| fail(&e))?;
         let mut options = RepositoryInitOptions::new();
         // No template: sample hooks are never run, and copying them costs time on every job.
@@ -213,7 +216,12 @@ impl<'a> Checkout<'a> {
         // A clone keeps no reflogs for `origin/*` either; hundreds of branches would mean
         // hundreds of extra files.
         cmd.config("core.logAllRefUpdates", "false")
-            .args(["fetch", "--progress", "--no-tags", "--no-show-forced-updates"])
+            .args([
+                "fetch",
+                "--progress",
+                "--no-tags",
+                "--no-show-forced-updates",
+            ])
             .operands(["origin"])
             .args(sha.as_deref())
             .args([HEADS_REFSPEC, TAGS_REFSPEC]);
@@ -319,6 +327,12 @@ async fn try_join_timed<A, B, E>(
 fn checkout_workers() -> i32 {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores * 4).clamp(4, 32) as i32
+}
+
+/// Whether `dir` has entries but no `.git`: not an earlier checkout, maybe not ours at all.
+fn holds_other_files(dir: &Path) -> bool {
+    let has_entries = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some());
+    has_entries && !dir.join(".git").exists()
 }
 
 /// Removes everything inside `dir` but keeps `dir`: the agent created it, and its inode may be

@@ -45,6 +45,8 @@ pub enum CheckoutError {
     NotFound { what: String, repo: String },
     #[error("a checkout attempt ran longer than BUILDKITE_GIT_CHECKOUT_TIMEOUT ({}s) and was stopped; raise the timeout or check the server", after.as_secs())]
     TimedOut { after: Duration },
+    #[error("the checkout directory {} holds files but no git checkout; refusing to delete them. Set BUILDKITE_BUILD_CHECKOUT_PATH to the job's own checkout directory", path.display())]
+    NotACheckoutDir { path: PathBuf },
     #[error("cannot prepare the checkout in {}: {detail}; check that the build directory is writable and has free space", path.display())]
     Prepare { path: PathBuf, detail: String },
 }
@@ -121,7 +123,9 @@ fn hint(kind: FailureKind) -> &'static str {
 impl CheckoutError {
     pub fn kind(&self) -> FailureKind {
         match self {
-            CheckoutError::Config(_) | CheckoutError::GitNotFound(_) => FailureKind::Config,
+            CheckoutError::Config(_)
+            | CheckoutError::GitNotFound(_)
+            | CheckoutError::NotACheckoutDir { .. } => FailureKind::Config,
             CheckoutError::Git { kind, .. } => *kind,
             CheckoutError::NotFound { .. } => FailureKind::NotFound,
             CheckoutError::TimedOut { .. } => FailureKind::Network,

@@ -65,15 +65,15 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
     let agent = Agent {
         bin: &plan.agent_bin,
     };
-    agent
-        .export(&[
-            ("BUILDKITE_REPO_MIRROR", &mirror_path),
-            ("BUILDKITE_COMMIT", &commit),
-        ])
-        .await;
-    agent
-        .send_commit_metadata(&git, &plan.checkout_dir, &commit)
-        .await;
+    let exports = [
+        ("BUILDKITE_REPO_MIRROR", mirror_path.as_str()),
+        ("BUILDKITE_COMMIT", commit.as_str()),
+    ];
+    // Independent calls to the agent: run them side by side.
+    tokio::join!(
+        agent.export(&exports),
+        agent.send_commit_metadata(&git, &plan.checkout_dir, &commit),
+    );
     tracing::info!("{}", summary::line(&record));
     Ok(())
 }

@@ -145,3 +145,51 @@ fn checkout_from_a_read_only_bind_mount_of_the_mirror() {
     assert_eq!(sandbox.record()["mirror"]["status"], "hit");
     assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), upstream.head());
 }
+
+/// A misconfigured checkout path (a home directory, `/`) must never be wiped.
+#[test]
+fn a_checkout_directory_holding_other_files_is_not_emptied() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    std::fs::write(sandbox.checkout.join("precious.txt"), "keep me").unwrap();
+
+    let out = sandbox
+        .hook()
+        .job(
+            &format!("file://{}", upstream.bare.display()),
+            &upstream.head(),
+            "main",
+        )
+        .run();
+
+    assert_eq!(out.code(), Some(2), "{}", out.log());
+    assert!(
+        out.log().contains("refusing to delete them"),
+        "{}",
+        out.log()
+    );
+    assert_eq!(
+        std::fs::read_to_string(sandbox.checkout.join("precious.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+/// A previous checkout in the directory (a reused build path) is replaced.
+#[test]
+fn a_previous_checkout_is_replaced() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    let url = format!("file://{}", upstream.bare.display());
+    let first = sandbox
+        .hook()
+        .job(&url, &upstream.rev("main~1"), "main")
+        .run();
+    assert_eq!(first.code(), Some(0), "{}", first.log());
+    std::fs::write(sandbox.checkout.join("build-output.o"), "stale").unwrap();
+
+    let out = sandbox.hook().job(&url, &upstream.head(), "main").run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), upstream.head());
+    assert!(!sandbox.checkout.join("build-output.o").exists());
+}
