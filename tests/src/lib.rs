@@ -7,5 +7,6 @@ pub mod git;
 pub mod git_daemon;
 pub mod http_server;
 pub mod sandbox;
+pub mod scenario;
 pub mod standin_agent;
 pub mod synthetic;

@@ -194,6 +194,12 @@ impl Sandbox {
         found
     }
 
+    /// Fails the test when the hook left a process running.
+    pub fn assert_no_leftover_processes(&self) {
+        let left = self.leftover_processes();
+        assert!(left.is_empty(), "processes left running: {left:?}");
+    }
+
     /// A snapshot of every file under `dir` (path, size, mtime), to prove nothing was written.
     pub fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
         let mut out = Vec::new();

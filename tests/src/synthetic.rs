@@ -33,12 +33,7 @@ pub fn generate(bare: &Path, shape: Shape) -> String {
         }
     });
     for c in 2..=shape.commits {
-        write_commit(&mut stream, c, Some(c - 1), &format!("Change {c}"), |out| {
-            for _ in 0..5 {
-                let f = rng.below(shape.files);
-                file(out, f, &mut rng, c);
-            }
-        });
+        change(&mut stream, c, Some(c - 1), shape, &mut rng);
     }
     refs(&mut stream, shape, 1, shape.commits);
     import(bare, &stream);
@@ -61,15 +56,20 @@ pub fn extend(bare: &Path, shape: Shape, commits: usize) -> String {
     for i in 1..=commits {
         let c = base + i;
         let from = (i > 1).then_some(c - 1);
-        write_commit(&mut stream, c, from, &format!("Change {c}"), |out| {
-            for _ in 0..5 {
-                let f = rng.below(shape.files);
-                file(out, f, &mut rng, c);
-            }
-        });
+        change(&mut stream, c, from, shape, &mut rng);
     }
     import(bare, &stream);
     git(bare, &["rev-parse", "main"])
+}
+
+/// Commit `mark`: five files edited.
+fn change(out: &mut Vec<u8>, mark: usize, parent: Option<usize>, shape: Shape, rng: &mut Lcg) {
+    write_commit(out, mark, parent, &format!("Change {mark}"), |out| {
+        for _ in 0..5 {
+            let f = rng.below(shape.files);
+            file(out, f, rng, mark);
+        }
+    });
 }
 
 fn write_commit(
@@ -108,24 +108,23 @@ fn file(out: &mut Vec<u8>, index: usize, rng: &mut Lcg, revision: usize) {
     writeln!(out, "M 100644 inline {path}\ndata {}\n{data}", data.len()).unwrap();
 }
 
-/// Branches and lightweight tags spread over commits `first..=last`.
+/// Branches, lightweight tags and pull-request refs spread over commits `first..=last`.
 fn refs(out: &mut Vec<u8>, shape: Shape, first: usize, last: usize) {
     let span = last - first + 1;
-    for b in 0..shape.branches {
-        writeln!(
-            out,
-            "reset refs/heads/branch-{b}\nfrom :{}\n",
-            first + (b * 7919) % span
-        )
-        .unwrap();
-    }
-    for t in 0..shape.tags {
-        writeln!(
-            out,
-            "reset refs/tags/v{t}\nfrom :{}\n",
-            first + (t * 104_729) % span
-        )
-        .unwrap();
+    let kinds: [(&str, &str, usize, usize); 3] = [
+        ("refs/heads/branch-", "", shape.branches, 7_919),
+        ("refs/tags/v", "", shape.tags, 104_729),
+        ("refs/pull/", "/head", shape.pulls, 15_485_863),
+    ];
+    for (prefix, suffix, count, stride) in kinds {
+        for i in 0..count {
+            writeln!(
+                out,
+                "reset {prefix}{i}{suffix}\nfrom :{}\n",
+                first + (i * stride) % span
+            )
+            .unwrap();
+        }
     }
 }
 

@@ -2,50 +2,44 @@
 //! log and the record say why.
 
 use stateless_e2e::git::git;
-use stateless_e2e::http_server::GitHttpServer;
-use stateless_e2e::sandbox::{HookOutput, Sandbox};
+use stateless_e2e::sandbox::HookOutput;
+use stateless_e2e::scenario::Served;
 
 const REPO: &str = "acme/widgets.git";
 const REFERENCE: &str = "acme/widgets.reference";
 
 struct Case {
-    sandbox: Sandbox,
-    server: GitHttpServer,
-    url: String,
+    s: Served,
     commit: String,
 }
 
 fn case() -> Case {
-    let sandbox = Sandbox::new();
-    let upstream = sandbox.upstream(REPO);
-    let server = GitHttpServer::start(&sandbox.server_root);
-    let url = server.url(REPO);
+    let s = Served::new(REPO);
     Case {
-        commit: upstream.head(),
-        sandbox,
-        server,
-        url,
+        commit: s.upstream.head(),
+        s,
     }
 }
 
 impl Case {
     fn run(&self) -> HookOutput {
-        self.sandbox
+        self.s
+            .sandbox
             .hook()
-            .job(&self.url, &self.commit, "main")
+            .job(&self.s.url, &self.commit, "main")
             .run()
     }
 
     /// The checkout succeeded, is right, and the record says `status` because of `why`.
     fn assert_checked_out(&self, out: &HookOutput, status: &str, why: &str) {
         assert_eq!(out.code(), Some(0), "{}", out.log());
-        assert_eq!(self.sandbox.git(&["rev-parse", "HEAD"]), self.commit);
-        assert_eq!(self.sandbox.git(&["status", "--porcelain"]), "");
+        assert_eq!(self.s.sandbox.git(&["rev-parse", "HEAD"]), self.commit);
+        assert_eq!(self.s.sandbox.git(&["status", "--porcelain"]), "");
         git(
-            &self.sandbox.checkout,
+            &self.s.sandbox.checkout,
             &["fsck", "--connectivity-only", "--no-progress"],
         );
-        let record = self.sandbox.record();
+        let record = self.s.sandbox.record();
         assert_eq!(record["mirror"]["status"], status, "{record:#}");
         let reason = record["mirror"]["reason"].as_str().unwrap_or_default();
         assert!(reason.contains(why), "reason {reason:?} lacks {why:?}");
@@ -56,18 +50,18 @@ impl Case {
 #[test]
 fn mirror_root_missing() {
     let c = case();
-    let out = c
-        .sandbox
-        .hook()
-        .job(&c.url, &c.commit, "main")
-        .env("BUILDKITE_GIT_MIRRORS_PATH", "/nonexistent/mirrors")
-        .run();
+    let out =
+        c.s.sandbox
+            .hook()
+            .job(&c.s.url, &c.commit, "main")
+            .env("BUILDKITE_GIT_MIRRORS_PATH", "/nonexistent/mirrors")
+            .run();
     c.assert_checked_out(
         &out,
         "miss",
         "mirror root /nonexistent/mirrors does not exist",
     );
-    assert_eq!(c.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(), "");
+    assert_eq!(c.s.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(), "");
 }
 
 #[test]
@@ -80,7 +74,7 @@ fn no_mirror_for_this_repository() {
 #[test]
 fn mirror_is_an_empty_repository() {
     let c = case();
-    let m = c.sandbox.mirrors.join(REFERENCE);
+    let m = c.s.sandbox.mirrors.join(REFERENCE);
     std::fs::create_dir_all(&m).unwrap();
     git(&m, &["init", "-q", "--bare"]);
     c.assert_checked_out(&c.run(), "miss", "is an empty repository");
@@ -89,7 +83,7 @@ fn mirror_is_an_empty_repository() {
 #[test]
 fn mirror_is_not_a_repository() {
     let c = case();
-    let m = c.sandbox.mirrors.join(REFERENCE);
+    let m = c.s.sandbox.mirrors.join(REFERENCE);
     std::fs::create_dir_all(&m).unwrap();
     std::fs::write(m.join("README"), "not git").unwrap();
     c.assert_checked_out(&c.run(), "miss", "is not a bare git repository");
@@ -98,9 +92,9 @@ fn mirror_is_not_a_repository() {
 #[test]
 fn mirror_of_another_repository() {
     let c = case();
-    c.sandbox.upstream("acme/gadgets.git");
-    c.sandbox
-        .mirror(&c.server.url("acme/gadgets.git"), REFERENCE);
+    c.s.sandbox.upstream("acme/gadgets.git");
+    c.s.sandbox
+        .mirror(&c.s.server.url("acme/gadgets.git"), REFERENCE);
     c.assert_checked_out(&c.run(), "miss", "acme/gadgets.git, not this repository");
 }
 
@@ -108,7 +102,7 @@ fn mirror_of_another_repository() {
 #[test]
 fn corrupt_pack_that_fails_only_at_checkout() {
     let c = case();
-    let mirror = c.sandbox.mirror(&c.url, REFERENCE);
+    let mirror = c.s.sandbox.mirror(&c.s.url, REFERENCE);
     let blob = git(&mirror, &["rev-parse", &format!("{}:README.md", c.commit)]);
     let pack = single_pack(&mirror);
     let idx = pack.with_extension("idx");
@@ -140,12 +134,13 @@ fn corrupt_pack_that_fails_only_at_checkout() {
         out.log()
     );
     assert!(!c
+        .s
         .sandbox
         .checkout
         .join(".git/objects/info/alternates")
         .exists());
     assert_eq!(
-        c.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(),
+        c.s.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(),
         "",
         "a mirror not used is not exported"
     );
@@ -154,7 +149,7 @@ fn corrupt_pack_that_fails_only_at_checkout() {
 #[test]
 fn truncated_pack() {
     let c = case();
-    let mirror = c.sandbox.mirror(&c.url, REFERENCE);
+    let mirror = c.s.sandbox.mirror(&c.s.url, REFERENCE);
     let pack = single_pack(&mirror);
     let len = std::fs::metadata(&pack).unwrap().len();
     make_writable(&pack);

@@ -3,18 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use stateless_e2e::http_server::{Fault, GitHttpServer, On};
+use stateless_e2e::http_server::{Fault, On};
 use stateless_e2e::sandbox::Sandbox;
+use stateless_e2e::scenario::Served;
 
 const REPO: &str = "acme/widgets.git";
-
-fn served() -> (Sandbox, GitHttpServer, String, String) {
-    let sandbox = Sandbox::new();
-    let upstream = sandbox.upstream(REPO);
-    let server = GitHttpServer::start(&sandbox.server_root);
-    let url = server.url(REPO);
-    (sandbox, server, url, upstream.head())
-}
 
 #[test]
 fn unreachable_server_is_retried_then_fails_naming_url_and_cause() {
@@ -48,41 +41,43 @@ fn unreachable_server_is_retried_then_fails_naming_url_and_cause() {
             "{shown}"
         );
     }
-    assert!(sandbox.leftover_processes().is_empty());
+    sandbox.assert_no_leftover_processes();
 }
 
 #[test]
 fn connection_dropped_mid_transfer_is_retried() {
-    let (sandbox, server, url, commit) = served();
-    server.inject(On::PackTransfer, Fault::DropAfter(300), 1);
+    let s = Served::new(REPO);
+    let commit = s.upstream.head();
+    s.server.inject(On::PackTransfer, Fault::DropAfter(300), 1);
 
-    let out = sandbox.hook().job(&url, &commit, "main").run();
+    let out = s.checkout(&commit, "main");
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    assert_eq!(sandbox.record()["attempts"], 2);
-    assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), commit);
+    assert_eq!(s.sandbox.record()["attempts"], 2);
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), commit);
 }
 
 #[test]
 fn server_errors_are_retried() {
-    let (sandbox, server, url, commit) = served();
-    server.inject(On::AnyRequest, Fault::Status(503), 2);
+    let s = Served::new(REPO);
+    let commit = s.upstream.head();
+    s.server.inject(On::AnyRequest, Fault::Status(503), 2);
 
-    let out = sandbox.hook().job(&url, &commit, "main").run();
+    let out = s.checkout(&commit, "main");
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    assert_eq!(sandbox.record()["attempts"], 3);
+    assert_eq!(s.sandbox.record()["attempts"], 3);
 }
 
 #[test]
 fn a_stalled_transfer_is_killed_and_retried() {
-    let (sandbox, server, url, commit) = served();
-    server.inject(On::PackTransfer, Fault::StallAfter(200), 1);
+    let s = Served::new(REPO);
+    let commit = s.upstream.head();
+    s.server.inject(On::PackTransfer, Fault::StallAfter(200), 1);
     let started = Instant::now();
 
-    let out = sandbox
-        .hook()
-        .job(&url, &commit, "main")
+    let out = s
+        .hook(&commit, "main")
         .env("STATELESS_AGENT_STALL_TIMEOUT", "1s")
         .run();
 
@@ -92,45 +87,37 @@ fn a_stalled_transfer_is_killed_and_retried() {
         "{}",
         out.log()
     );
-    assert_eq!(sandbox.record()["attempts"], 2);
+    assert_eq!(s.sandbox.record()["attempts"], 2);
     assert!(started.elapsed() < Duration::from_secs(20));
-    assert!(
-        sandbox.leftover_processes().is_empty(),
-        "{:?}",
-        sandbox.leftover_processes()
-    );
+    s.sandbox.assert_no_leftover_processes();
 }
 
 #[test]
 fn a_server_that_never_answers_fails_after_the_attempts() {
-    let (sandbox, server, url, commit) = served();
-    server.inject(On::AnyRequest, Fault::StallAfter(0), 10);
+    let s = Served::new(REPO);
+    let commit = s.upstream.head();
+    s.server.inject(On::AnyRequest, Fault::StallAfter(0), 10);
 
-    let out = sandbox
-        .hook()
-        .job(&url, &commit, "main")
+    let out = s
+        .hook(&commit, "main")
         .env("STATELESS_AGENT_STALL_TIMEOUT", "500ms")
         .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
         .run();
 
     assert_eq!(out.code(), Some(1), "{}", out.log());
     assert!(out.log().contains("made no progress"), "{}", out.log());
-    assert!(out.log().contains(&url), "{}", out.log());
-    assert!(
-        sandbox.leftover_processes().is_empty(),
-        "{:?}",
-        sandbox.leftover_processes()
-    );
+    assert!(out.log().contains(&s.url), "{}", out.log());
+    s.sandbox.assert_no_leftover_processes();
 }
 
 #[test]
 fn the_per_attempt_timeout_stops_a_slow_attempt() {
-    let (sandbox, server, url, commit) = served();
-    server.inject(On::AnyRequest, Fault::StallAfter(0), 10);
+    let s = Served::new(REPO);
+    let commit = s.upstream.head();
+    s.server.inject(On::AnyRequest, Fault::StallAfter(0), 10);
 
-    let out = sandbox
-        .hook()
-        .job(&url, &commit, "main")
+    let out = s
+        .hook(&commit, "main")
         .env("BUILDKITE_GIT_CHECKOUT_TIMEOUT", "1")
         .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
         .run();
@@ -142,25 +129,21 @@ fn the_per_attempt_timeout_stops_a_slow_attempt() {
         "{}",
         out.log()
     );
-    assert_eq!(sandbox.record()["attempts"], 2);
-    assert!(
-        sandbox.leftover_processes().is_empty(),
-        "{:?}",
-        sandbox.leftover_processes()
-    );
+    assert_eq!(s.sandbox.record()["attempts"], 2);
+    s.sandbox.assert_no_leftover_processes();
 }
 
 #[test]
 fn a_commit_the_server_does_not_have_fails_at_once_with_its_own_exit_code() {
-    let (sandbox, _server, url, _) = served();
+    let s = Served::new(REPO);
     let missing = "0123456789abcdef0123456789abcdef01234567";
 
-    let out = sandbox.hook().job(&url, missing, "main").run();
+    let out = s.checkout(missing, "main");
 
     assert_eq!(out.code(), Some(3), "{}", out.log());
     assert!(
         out.log()
-            .contains(&format!("commit {missing} was not found on {url}")),
+            .contains(&format!("commit {missing} was not found on {}", s.url)),
         "{}",
         out.log()
     );
@@ -169,14 +152,14 @@ fn a_commit_the_server_does_not_have_fails_at_once_with_its_own_exit_code() {
         "{}",
         out.log()
     );
-    assert_eq!(sandbox.record()["attempts"], 1, "not retried");
+    assert_eq!(s.sandbox.record()["attempts"], 1, "not retried");
 }
 
 #[test]
 fn a_branch_the_server_does_not_have_fails_with_the_same_code() {
-    let (sandbox, _server, url, _) = served();
+    let s = Served::new(REPO);
 
-    let out = sandbox.hook().job(&url, "HEAD", "no-such-branch").run();
+    let out = s.sandbox.hook().job(&s.url, "HEAD", "no-such-branch").run();
 
     assert_eq!(out.code(), Some(3), "{}", out.log());
     assert!(
@@ -188,8 +171,8 @@ fn a_branch_the_server_does_not_have_fails_with_the_same_code() {
 
 #[test]
 fn a_commit_only_reachable_by_id_is_fetched_by_id() {
-    let (sandbox, _server, url, _) = served();
-    let upstream_bare = sandbox.server_root.join(REPO);
+    let s = Served::new(REPO);
+    let upstream_bare = s.sandbox.server_root.join(REPO);
     // A commit on no branch: only an exact-object fetch can get it.
     let tree = stateless_e2e::git::git(&upstream_bare, &["rev-parse", "main^{tree}"]);
     let dangling = stateless_e2e::git::git(
@@ -197,8 +180,8 @@ fn a_commit_only_reachable_by_id_is_fetched_by_id() {
         &["commit-tree", "-p", "main", "-m", "detached", &tree],
     );
 
-    let out = sandbox.hook().job(&url, &dangling, "main").run();
+    let out = s.checkout(&dangling, "main");
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), dangling);
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), dangling);
 }
