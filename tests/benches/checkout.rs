@@ -33,6 +33,8 @@ struct Sample {
     took: Duration,
     bytes: u64,
     pack_bytes: u64,
+    /// The hook's own phase timings (fetch, checkout), from its checkout record.
+    phases: Option<(u64, u64)>,
 }
 
 struct Case {
@@ -55,27 +57,20 @@ fn main() {
     let sandbox = Sandbox::new();
     let root = sandbox.dir.path();
     let bare = sandbox.server_root.join("bench/repo.git");
-    let describe = prepare_repository(&bare);
-    let tip = git(&bare, &["rev-parse", "HEAD"]);
-    let branch = git(&bare, &["symbolic-ref", "--short", "HEAD"]);
     let server = GitHttpServer::start(&sandbox.server_root);
     let url = server.url("bench/repo.git");
-
-    // The mirror `behind` commits behind: cloned while the branch pointed there.
-    let old = git(&bare, &["rev-parse", &format!("HEAD~{behind}")]);
-    git(
-        &bare,
-        &["update-ref", &format!("refs/heads/{branch}"), &old],
-    );
     let behind_root = root.join("mirrors-behind");
-    clone_mirror(&url, &behind_root.join("bench/repo.reference"));
-    git(
-        &bare,
-        &["update-ref", &format!("refs/heads/{branch}"), &tip],
-    );
     let current_root = root.join("mirrors-current");
     let current = current_root.join("bench/repo.reference");
-    clone_mirror(&url, &current);
+    let describe = prepare_repository(
+        &bare,
+        &url,
+        behind,
+        &behind_root.join("bench/repo.reference"),
+        &current,
+    );
+    let tip = git(&bare, &["rev-parse", "HEAD"]);
+    let branch = git(&bare, &["symbolic-ref", "--short", "HEAD"]);
 
     let replay =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/bk-default-checkout.sh");
@@ -167,10 +162,18 @@ fn main() {
             };
             let took = started.elapsed();
             assert!(ok, "{} failed in run {run}", case.name);
+            let phases = (i < 2).then(|| {
+                let d = &sandbox.record()["durations_ms"];
+                (
+                    d["fetch"].as_u64().unwrap(),
+                    d["checkout"].as_u64().unwrap(),
+                )
+            });
             case.samples.push(Sample {
                 took,
                 bytes: server.bytes_sent(),
                 pack_bytes: server.pack_bytes_sent(),
+                phases,
             });
         }
     }
@@ -180,8 +183,15 @@ fn main() {
     }
 }
 
-/// The repository under test, as a bare repository at `bare`; returns its description.
-fn prepare_repository(bare: &Path) -> String {
+/// The repository under test, as a bare repository at `bare`, with a mirror `behind` commits
+/// behind its default branch and an up-to-date one; returns its description.
+fn prepare_repository(
+    bare: &Path,
+    url: &str,
+    behind: usize,
+    behind_mirror: &Path,
+    current_mirror: &Path,
+) -> String {
     if let Ok(source) = std::env::var("BENCH_REPO") {
         std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
         git(
@@ -189,6 +199,14 @@ fn prepare_repository(bare: &Path) -> String {
             &["clone", "-q", "--mirror", &source, bare.to_str().unwrap()],
         );
         git(bare, &["config", "uploadpack.allowAnySHA1InWant", "true"]);
+        // The stale mirror is cloned while the default branch pointed `behind` commits back
+        // (other refs may still hold some of the newer commits).
+        let branch = git(bare, &["symbolic-ref", "HEAD"]);
+        let tip = git(bare, &["rev-parse", "HEAD"]);
+        git(bare, &["update-ref", &branch, &format!("{tip}~{behind}")]);
+        clone_mirror(url, behind_mirror);
+        git(bare, &["update-ref", &branch, &tip]);
+        clone_mirror(url, current_mirror);
         let commits = git(bare, &["rev-list", "--count", "HEAD"]);
         let files = git(bare, &["ls-tree", "-r", "--name-only", "HEAD"])
             .lines()
@@ -203,7 +221,17 @@ fn prepare_repository(bare: &Path) -> String {
         pulls: env_or("BENCH_PULLS", 5_000),
     };
     let started = Instant::now();
-    synthetic::generate(bare, shape);
+    // Every ref lies in the older history, so the stale mirror lacks exactly the new commits.
+    synthetic::generate(
+        bare,
+        Shape {
+            commits: shape.commits - behind,
+            ..shape
+        },
+    );
+    clone_mirror(url, behind_mirror);
+    synthetic::extend(bare, shape, behind);
+    clone_mirror(url, current_mirror);
     format!(
         "generated repository: {} files, {} commits, {} branches, {} tags, {} pull-request refs ({:.1}s to generate)",
         shape.files,
@@ -278,6 +306,26 @@ fn report(cases: &[Case]) {
             replay_ratio,
             median(case.samples.iter().map(|s| s.bytes).collect()),
             median(case.samples.iter().map(|s| s.pack_bytes).collect()),
+        );
+    }
+    println!();
+    for case in cases
+        .iter()
+        .filter(|c| c.samples.iter().any(|s| s.phases.is_some()))
+    {
+        let phase = |f: fn((u64, u64)) -> u64| {
+            median(
+                case.samples
+                    .iter()
+                    .filter_map(|s| s.phases.map(f))
+                    .collect(),
+            )
+        };
+        println!(
+            "{}: median fetch {} ms, checkout {} ms (the hook's own record)",
+            case.name,
+            phase(|p| p.0),
+            phase(|p| p.1)
         );
     }
     let hook_current = by_name("hook, mirror up to date");
