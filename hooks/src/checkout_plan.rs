@@ -24,7 +24,8 @@ pub struct CheckoutPlan {
     pub repo: RepoUrl,
     pub target: Target,
     pub checkout_dir: PathBuf,
-    pub mirrors_root: PathBuf,
+    /// `None` when mirrors are turned off (`BUILDKITE_GIT_MIRRORS_PATH` set but empty).
+    pub mirrors_root: Option<PathBuf>,
     pub mode: MirrorMode,
     pub attempts: u32,
     pub attempt_timeout: Option<Duration>,
@@ -72,7 +73,7 @@ impl CheckoutPlan {
             repo,
             target,
             checkout_dir,
-            mirrors_root: s.mirrors_path,
+            mirrors_root: (!s.mirrors_path.is_empty()).then(|| PathBuf::from(s.mirrors_path)),
             mode: s.mirror_checkout_mode,
             attempts: s.checkout_attempts,
             attempt_timeout: (s.checkout_timeout > 0)

@@ -35,7 +35,7 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
         "~~~ :git: Checking out {} with the mirror volume",
         plan.repo
     );
-    let choice = mirror_select::choose(&plan.mirrors_root, &plan.repo);
+    let choice = mirror_select::choose(plan.mirrors_root.as_deref(), &plan.repo);
     let inspected = started.elapsed();
     match (&choice.mirror, &choice.miss_reason) {
         (Some(m), _) => tracing::info!(

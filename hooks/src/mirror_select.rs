@@ -21,12 +21,15 @@ pub struct MirrorChoice {
 /// Looks at the manifest's path, then the reference layout, then the stock agent's, and takes
 /// the first that passes inspection. A broken candidate does not stop the search: the stock
 /// agent's mirror may still be good when ours is not.
-pub fn choose(root: &Path, url: &RepoUrl) -> MirrorChoice {
+pub fn choose(root: Option<&Path>, url: &RepoUrl) -> MirrorChoice {
     let miss = |reason: String| MirrorChoice {
         mirror: None,
         source: None,
         age_secs: None,
         miss_reason: Some(reason),
+    };
+    let Some(root) = root else {
+        return miss("BUILDKITE_GIT_MIRRORS_PATH is set but empty, which turns mirrors off".into());
     };
     if !root.is_dir() {
         return miss(format!(

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use stateless_core::checkout_record::RECORD_PATH_ENV;
 use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
 
@@ -33,9 +33,9 @@ pub struct Settings {
     #[arg(long, env = "BUILDKITE_BUILD_CHECKOUT_PATH")]
     pub checkout_path: Option<PathBuf>,
 
-    /// Root of the mirror volume.
+    /// Root of the mirror volume. Set but empty: no mirror, as the agent reads it.
     #[arg(long, env = "BUILDKITE_GIT_MIRRORS_PATH", default_value = DEFAULT_MIRRORS_PATH)]
-    pub mirrors_path: PathBuf,
+    pub mirrors_path: String,
 
     /// `reference` borrows objects from the mirror for the job's life; `dissociate` copies the
     /// objects the checkout needs, so the checkout outlives the mirror.
@@ -67,6 +67,25 @@ pub struct Settings {
     /// The agent binary used for `env set` and `meta-data` (found on PATH).
     #[arg(long, env = "BUILDKITE_AGENT_BIN", default_value = "buildkite-agent")]
     pub agent_bin: PathBuf,
+}
+
+/// Variables whose empty value means something other than "the default".
+const EMPTY_IS_MEANINGFUL: &[&str] = &["BUILDKITE_REPO", "BUILDKITE_GIT_MIRRORS_PATH"];
+
+impl Settings {
+    /// Parses flags and the environment. An agent passes settings nobody set as empty variables;
+    /// for those the default applies, where clap alone would reject the empty value. Called
+    /// first thing in `main`, before any thread exists, so changing the environment is safe.
+    pub fn from_args_and_env() -> Settings {
+        for arg in Settings::command().get_arguments() {
+            let Some(name) = arg.get_env() else { continue };
+            let empty = std::env::var_os(name).is_some_and(|v| v.is_empty());
+            if empty && !EMPTY_IS_MEANINGFUL.iter().any(|m| name == *m) {
+                std::env::remove_var(name);
+            }
+        }
+        Settings::parse()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -193,3 +193,33 @@ fn a_previous_checkout_is_replaced() {
     assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), upstream.head());
     assert!(!sandbox.checkout.join("build-output.o").exists());
 }
+
+/// The agent passes settings nobody set as empty variables: they mean the default, and an
+/// empty mirrors path turns mirrors off, as the agent reads it.
+#[test]
+fn empty_settings_mean_their_defaults_and_an_empty_mirrors_path_means_no_mirror() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    let url = format!("file://{}", upstream.bare.display());
+    sandbox.mirror(&url, "acme/widgets.reference");
+    let mut hook = sandbox.hook().job(&url, &upstream.head(), "main");
+    for var in [
+        "BUILDKITE_GIT_MIRRORS_PATH",
+        "BUILDKITE_CHECKOUT_ATTEMPTS",
+        "BUILDKITE_GIT_CHECKOUT_TIMEOUT",
+        "BUILDKITE_GIT_MIRROR_CHECKOUT_MODE",
+        "STATELESS_AGENT_STALL_TIMEOUT",
+    ] {
+        hook = hook.env(var, "");
+    }
+
+    let out = hook.run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    let record = sandbox.record();
+    assert_eq!(record["mirror"]["status"], "miss");
+    assert!(record["mirror"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("turns mirrors off"));
+}

@@ -2,12 +2,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use hooks::settings::Settings;
 use hooks::{signal_exit_code, Interrupts};
 
 fn main() -> ExitCode {
-    let settings = Settings::parse();
+    let settings = Settings::from_args_and_env();
     hooks::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
