@@ -216,12 +216,9 @@ impl<'a> Checkout<'a> {
         // A clone keeps no reflogs for `origin/*` either; hundreds of branches would mean
         // hundreds of extra files.
         cmd.config("core.logAllRefUpdates", "false")
-            .args([
-                "fetch",
-                "--progress",
-                "--no-tags",
-                "--no-show-forced-updates",
-            ])
+            // Quiet: one line per new branch would flood the job log on a repository with
+            // thousands. Progress stays on: it is how a stall is told from a slow transfer.
+            .args(["fetch", "--quiet", "--progress", "--no-tags"])
             .operands(["origin"])
             .args(sha.as_deref())
             .args([HEADS_REFSPEC, TAGS_REFSPEC]);

@@ -55,7 +55,7 @@ pub fn record(
     }
 }
 
-/// `checked out 1a2b3c4 in 0.41s: mirror hit (acme/widgets.reference, 2m old, had the commit), 0 B fetched, fetch 0.12s ‖ checkout 0.38s, 1 attempt`
+/// `checked out 1a2b3c4 in 0.41s: mirror hit (/buildkite-git-references/acme/widgets.reference, 2m old), 0 B fetched, fetch 0.12s ‖ checkout 0.38s, 1 attempt`
 pub fn line(r: &CheckoutRecord) -> String {
     let commit = r
         .commit
@@ -64,7 +64,7 @@ pub fn line(r: &CheckoutRecord) -> String {
     let m = &r.mirror;
     let mirror = match m.status {
         MirrorStatus::Hit => format!(
-            "mirror hit ({}{}{})",
+            "mirror hit ({}{})",
             m.path
                 .as_ref()
                 .map_or(String::new(), |p| p.display().to_string()),
@@ -72,11 +72,6 @@ pub fn line(r: &CheckoutRecord) -> String {
                 ", {} old",
                 humantime::format_duration(Duration::from_secs(a))
             )),
-            if m.had_commit {
-                ", had the commit"
-            } else {
-                ", fetched the missing commits"
-            },
         ),
         MirrorStatus::Miss => "no mirror".to_string(),
         MirrorStatus::Fallback => "mirror abandoned, checked out without it".to_string(),
