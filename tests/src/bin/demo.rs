@@ -97,9 +97,10 @@ fn main() {
         );
     }
     println!(
-        "\nThe last checkout is in {} (HEAD detached at {}, origin/* and tags like a clone).",
-        sandbox.checkout.display(),
-        &new_tip[..12]
+        "\nThe last checkout: HEAD detached at {}, {} branches under origin/*, {} tags, as a clone leaves them.",
+        &new_tip[..12],
+        sandbox.git(&["branch", "-r"]).lines().count(),
+        sandbox.git(&["tag"]).lines().count(),
     );
     println!(
         "Its record, for agent-wrapper: {}",
