@@ -90,9 +90,4 @@ impl CheckoutRecord {
         tmp.persist(path).map_err(|e| e.error)?;
         Ok(())
     }
-
-    pub fn read(path: &Path) -> std::io::Result<CheckoutRecord> {
-        let text = std::fs::read_to_string(path)?;
-        serde_json::from_str(&text).map_err(std::io::Error::other)
-    }
 }

@@ -132,14 +132,6 @@ impl RepoUrl {
         &self.raw
     }
 
-    pub fn transport(&self) -> Transport {
-        self.transport
-    }
-
-    pub fn has_credentials(&self) -> bool {
-        self.credentials.is_some()
-    }
-
     /// The secrets this URL carries (the whole userinfo and its password), for [`Redactor`].
     pub fn secrets(&self) -> Vec<String> {
         let Some(userinfo) = &self.credentials else {
@@ -352,7 +344,7 @@ mod tests {
             "/srv/git/acme/widgets.git",
         ] {
             let u = url(form);
-            assert_eq!(u.transport(), Transport::File);
+            assert_eq!(u.transport, Transport::File);
             assert_eq!(
                 u.reference_dir().unwrap(),
                 PathBuf::from("acme/widgets.reference")
