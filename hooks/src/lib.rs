@@ -56,11 +56,13 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
     }
     let attempt = outcome.result?;
     let commit = attempt.commit.to_string();
+    // The real path, which the alternates name: a container that mounts BUILDKITE_REPO_MIRROR
+    // (the docker-compose plugin does) must see the generation this checkout borrows from.
     let mirror_path = choice
         .mirror
         .as_ref()
         .filter(|_| outcome.fallback_reason.is_none())
-        .map(|m| m.path.display().to_string())
+        .map(|m| m.real_path.display().to_string())
         .unwrap_or_default();
     let agent = Agent {
         bin: &plan.agent_bin,

@@ -82,7 +82,7 @@ fn up_to_date_mirror_checks_out_with_no_object_transfer_and_looks_like_a_clone()
     assert_eq!(record["attempts"], 1);
     assert_eq!(
         s.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(),
-        mirror.to_str().unwrap()
+        mirror.canonicalize().unwrap().to_str().unwrap()
     );
     assert_eq!(s.sandbox.exported("BUILDKITE_COMMIT").unwrap(), commit);
     assert_eq!(
@@ -234,6 +234,11 @@ fn a_mirror_published_through_a_symlink_is_borrowed_by_its_real_path() {
             .join("objects")
             .to_str()
             .unwrap()
+    );
+    assert_eq!(
+        s.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(),
+        generation.canonicalize().unwrap().to_str().unwrap(),
+        "what a container must mount for the alternates to resolve"
     );
 }
 
