@@ -194,6 +194,17 @@ impl Sandbox {
         found
     }
 
+    /// Fails the test unless the checkout borrows objects from `mirror`, named by its real path.
+    pub fn assert_borrows_from(&self, mirror: &Path) {
+        let alternates =
+            std::fs::read_to_string(self.checkout.join(".git/objects/info/alternates"))
+                .expect("the checkout has an alternates file");
+        assert_eq!(
+            Path::new(alternates.trim()),
+            mirror.canonicalize().unwrap().join("objects")
+        );
+    }
+
     /// Fails the test when the hook left a process running.
     pub fn assert_no_leftover_processes(&self) {
         let left = self.leftover_processes();

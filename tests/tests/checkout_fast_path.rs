@@ -48,17 +48,7 @@ fn up_to_date_mirror_checks_out_with_no_object_transfer_and_looks_like_a_clone()
         s.sandbox.git(&["rev-parse", "v1.0.0^{commit}"]),
         s.upstream.rev("v1.0.0^{commit}")
     );
-    let alternates =
-        std::fs::read_to_string(s.sandbox.checkout.join(".git/objects/info/alternates")).unwrap();
-    assert_eq!(
-        alternates.trim(),
-        mirror
-            .canonicalize()
-            .unwrap()
-            .join("objects")
-            .to_str()
-            .unwrap()
-    );
+    s.sandbox.assert_borrows_from(&mirror);
     // No object crossed the wire: refs were listed, nothing was fetched.
     assert_eq!(
         s.server.pack_bytes_sent(),
@@ -224,17 +214,7 @@ fn a_mirror_published_through_a_symlink_is_borrowed_by_its_real_path() {
     let out = s.checkout(&s.upstream.head(), "main");
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let alternates =
-        std::fs::read_to_string(s.sandbox.checkout.join(".git/objects/info/alternates")).unwrap();
-    assert_eq!(
-        alternates.trim(),
-        generation
-            .canonicalize()
-            .unwrap()
-            .join("objects")
-            .to_str()
-            .unwrap()
-    );
+    s.sandbox.assert_borrows_from(&generation);
     assert_eq!(
         s.sandbox.exported("BUILDKITE_REPO_MIRROR").unwrap(),
         generation.canonicalize().unwrap().to_str().unwrap(),
