@@ -37,9 +37,10 @@ impl Git {
     /// `$GIT` when set, else the first `git` on `PATH`.
     pub fn locate() -> Result<Git, GitNotFound> {
         if let Some(explicit) = std::env::var_os("GIT").filter(|v| !v.is_empty()) {
-            return Ok(Git {
-                program: explicit.into(),
-            });
+            let program = PathBuf::from(explicit);
+            return is_executable(&program)
+                .then_some(Git { program })
+                .ok_or(GitNotFound);
         }
         let path = std::env::var_os("PATH").ok_or(GitNotFound)?;
         std::env::split_paths(&path)
@@ -66,17 +67,6 @@ impl Git {
             shown: vec!["git".into()],
         }
     }
-
-    /// A command on a bare repository, named explicitly: `safe.bareRepository=explicit` refuses
-    /// implicit ones, and cwd inside a mirror of another uid trips "dubious ownership".
-    pub fn bare(&self, git_dir: &Path) -> GitCommand {
-        let parent = git_dir.parent().unwrap_or(Path::new("/"));
-        let mut command = self.command(parent);
-        command
-            .arg_os("--git-dir".as_ref())
-            .arg_os(git_dir.as_os_str());
-        command
-    }
 }
 
 /// A git command line under construction. `shown` is what logs print: it never includes values
@@ -89,19 +79,15 @@ pub struct GitCommand {
 
 impl GitCommand {
     pub fn arg(&mut self, arg: &str) -> &mut Self {
-        self.arg_os(arg.as_ref())
+        self.cmd.arg(arg);
+        self.shown.push(arg.to_string());
+        self
     }
 
     pub fn args<'a>(&mut self, args: impl IntoIterator<Item = &'a str>) -> &mut Self {
         for a in args {
             self.arg(a);
         }
-        self
-    }
-
-    fn arg_os(&mut self, arg: &OsStr) -> &mut Self {
-        self.cmd.arg(arg);
-        self.shown.push(arg.to_string_lossy().into_owned());
         self
     }
 

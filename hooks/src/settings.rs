@@ -14,7 +14,8 @@ use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
 /// Install it as the agent's global `checkout` hook. It reads the job environment the agent
 /// sets, leaves HEAD detached at the commit with `origin/*` branches and tags like a clone, and
 /// falls back to a checkout without the mirror whenever the mirror is missing or unusable.
-#[derive(Debug, Parser)]
+// No `Debug`: `repo` may hold credentials, and nothing should be able to print it whole.
+#[derive(Parser)]
 #[command(name = "checkout-hook", version)]
 pub struct Settings {
     /// Repository to check out. Empty: no checkout, as the agent does.

@@ -223,3 +223,52 @@ fn empty_settings_mean_their_defaults_and_an_empty_mirrors_path_means_no_mirror(
         .unwrap()
         .contains("turns mirrors off"));
 }
+
+/// An image without git (or a wrong `GIT`) fails fast with what to install, not six retries.
+#[test]
+fn a_missing_git_is_a_configuration_error() {
+    let sandbox = Sandbox::new();
+    let out = sandbox
+        .hook()
+        .job("https://example.com/acme/widgets.git", "HEAD", "main")
+        .env("GIT", "/nonexistent/git")
+        .run();
+    assert_eq!(out.code(), Some(2), "{}", out.log());
+    assert!(out.log().contains("git was not found"), "{}", out.log());
+    assert!(out.log().contains("set GIT to its path"), "{}", out.log());
+}
+
+/// A checkout directory that cannot be created: the error names it and what to check.
+#[test]
+fn an_unusable_checkout_directory_says_where_and_what_to_check() {
+    let sandbox = Sandbox::new();
+    let upstream = sandbox.upstream("acme/widgets.git");
+    let blocker = sandbox.dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+
+    let out = sandbox
+        .hook()
+        .job(
+            &format!("file://{}", upstream.bare.display()),
+            &upstream.head(),
+            "main",
+        )
+        .env("BUILDKITE_BUILD_CHECKOUT_PATH", blocker.join("checkout"))
+        .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
+        .run();
+
+    assert_eq!(out.code(), Some(1), "{}", out.log());
+    let log = out.log();
+    assert!(
+        log.contains(&format!(
+            "cannot prepare the checkout in {}",
+            blocker.join("checkout").display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains("check that the build directory is writable"),
+        "{log}"
+    );
+    assert_eq!(sandbox.record()["attempts"], 2);
+}
