@@ -148,6 +148,14 @@ impl Mirror {
         self.repo.find_commit(commit).is_ok()
     }
 
+    /// The branch the mirror's HEAD names (`main` for `refs/heads/main`): the remote's default
+    /// branch as of the mirror's last refresh, which is what a clone's `origin/HEAD` points at.
+    pub fn default_branch(&self) -> Option<String> {
+        let head = self.repo.find_reference("HEAD").ok()?;
+        let target = head.symbolic_target().ok()??;
+        target.strip_prefix("refs/heads/").map(str::to_string)
+    }
+
     /// The objects directory to write into a new repository's alternates.
     pub fn objects_dir(&self) -> PathBuf {
         self.real_path.join("objects")

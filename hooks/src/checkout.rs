@@ -15,14 +15,15 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use git2::{ConfigLevel, Oid, Repository, RepositoryInitOptions};
 use stateless_core::checkout_record::MirrorStatus;
-use stateless_core::git_command::Git;
+use stateless_core::git_command::{Git, GitCommand};
 use stateless_core::git_runner::{self, RunOptions};
 use stateless_core::mirror_inspect::Mirror;
 use stateless_core::repo_url::Redactor;
 
 use crate::checkout_plan::{CheckoutPlan, Target};
 use crate::error::{classify, CheckoutError, FailureKind, Step};
-use crate::settings::MirrorMode;
+use crate::settings::{MirrorMode, SparseMode};
+use crate::ssh::SshSetup;
 
 /// What a clone fetches: every branch as `origin/*`, and every tag.
 const HEADS_REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
@@ -50,13 +51,14 @@ pub struct CheckoutRun {
 
 pub struct Checkout<'a> {
     git: &'a Git,
-    plan: &'a CheckoutPlan,
-    local: RunOptions,
-    network: RunOptions,
+    pub(crate) plan: &'a CheckoutPlan,
+    ssh: &'a SshSetup,
+    pub(crate) local: RunOptions,
+    pub(crate) network: RunOptions,
 }
 
 impl<'a> Checkout<'a> {
-    pub fn new(git: &'a Git, plan: &'a CheckoutPlan) -> Self {
+    pub fn new(git: &'a Git, plan: &'a CheckoutPlan, ssh: &'a SshSetup) -> Self {
         let local = RunOptions {
             stall_timeout: None,
             redactor: Redactor::new(plan.repo.secrets()),
@@ -68,6 +70,7 @@ impl<'a> Checkout<'a> {
         Checkout {
             git,
             plan,
+            ssh,
             local,
             network,
         }
@@ -138,25 +141,37 @@ impl<'a> Checkout<'a> {
 
     async fn attempt(&self, mirror: Option<&Mirror>) -> Result<Attempt, CheckoutError> {
         let dir = &self.plan.checkout_dir;
-        let repo = self.init_repository(mirror)?;
+        let repo = self.prepare(mirror).await?;
+        let present = |oid: Oid| mirror.is_some_and(|m| m.has_commit(oid));
         let (commit, had_commit, fetch, checkout) = match &self.plan.target {
-            Target::Commit(oid) if mirror.is_some_and(|m| m.has_commit(*oid)) => {
-                let ((), fetch, (), checkout) =
-                    try_join_timed(self.fetch(None), self.checkout(*oid)).await?;
+            // The common case: the mirror has the commit, so the checkout need not wait for the
+            // network. Only the extra refs (a pull request's, a custom refspec) and the
+            // branches and tags are fetched, alongside.
+            Target::Commit(oid) if present(*oid) => {
+                let specs = self.target_specs_without(*oid);
+                let joined = try_join_timed(self.fetch(&specs), self.checkout(*oid)).await;
+                let (fetch, checkout) = match joined {
+                    Ok(((), fetch, (), checkout)) => (fetch, checkout),
+                    Err(e) if e.kind() == FailureKind::NotFound => {
+                        let ((), fetch) = timed(self.fetch_all_heads_and_tags(&e)).await?;
+                        let ((), checkout) = timed(self.checkout(*oid)).await?;
+                        (fetch, checkout)
+                    }
+                    Err(e) => return Err(e),
+                };
                 (*oid, true, fetch, checkout)
             }
-            Target::Commit(oid) => {
-                let ((), fetch) = timed(self.fetch_commit(&repo, *oid)).await?;
-                let ((), checkout) = timed(self.checkout(*oid)).await?;
-                (*oid, false, fetch, checkout)
-            }
-            Target::BranchHead(branch) => {
-                let ((), fetch) = timed(self.fetch(None)).await?;
-                let oid = self.branch_tip(&repo, branch)?;
-                let ((), checkout) = timed(self.checkout(oid)).await?;
-                (oid, false, fetch, checkout)
+            target => {
+                let (commit, fetch) = timed(self.fetch_target(&repo, target)).await?;
+                let ((), checkout) = timed(self.checkout(commit)).await?;
+                (commit, false, fetch, checkout)
             }
         };
+        self.set_default_branch(&repo, mirror).await;
+        self.update_submodules().await?;
+        if self.plan.lfs {
+            self.lfs_checkout().await?;
+        }
         let bytes_fetched = object_bytes(&dir.join(".git/objects"));
         if let (Some(_), MirrorMode::Dissociate) = (mirror, self.plan.mode) {
             self.dissociate().await?;
@@ -174,31 +189,128 @@ impl<'a> Checkout<'a> {
         })
     }
 
-    /// An empty checkout directory holding a new repository configured like a clone of the
-    /// job's repository, borrowing from `mirror`.
+    /// The fetch's target refspecs, minus the commit the mirror already has (and all of them
+    /// with `BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS`).
+    fn target_specs_without(&self, present: Oid) -> Vec<String> {
+        if self.plan.skip_fetch_existing_commits {
+            tracing::info!("commit {present} is already in the mirror; not fetching it");
+            return Vec::new();
+        }
+        let sha = present.to_string();
+        let specs = self.plan.target_refspecs.iter();
+        specs.filter(|s| **s != sha).cloned().collect()
+    }
+
+    /// Fetches what the target names, with the branches and tags, and resolves the commit to
+    /// check out. When the server lacks a named ref or will not serve the SHA by id, fetches
+    /// all branches and tags and looks for the commit there, as the agent does.
+    async fn fetch_target(&self, repo: &Repository, target: &Target) -> Result<Oid, CheckoutError> {
+        match self.fetch(&self.plan.target_refspecs).await {
+            Err(e) if e.kind() == FailureKind::NotFound && *target != Target::FetchHead => {
+                self.fetch_all_heads_and_tags(&e).await?;
+            }
+            other => other?,
+        }
+        self.resolve(repo, target)
+    }
+
+    async fn fetch_all_heads_and_tags(&self, why: &CheckoutError) -> Result<(), CheckoutError> {
+        tracing::info!("{why}; fetching all branches and tags instead");
+        self.fetch(&[]).await
+    }
+
+    /// The commit `target` names, now that the fetch is done.
+    fn resolve(&self, repo: &Repository, target: &Target) -> Result<Oid, CheckoutError> {
+        match target {
+            Target::Commit(oid) => repo
+                .find_commit(*oid)
+                .map(|c| c.id())
+                .map_err(|_| self.not_found(format!("commit {oid}"))),
+            Target::ShortCommit(short) => repo
+                .revparse_single(&format!("{short}^{{commit}}"))
+                .map(|o| o.id())
+                .map_err(|e| match e.code() {
+                    git2::ErrorCode::Ambiguous => CheckoutError::AmbiguousCommit(short.clone()),
+                    _ => self.not_found(format!("commit {short}")),
+                }),
+            Target::FetchHead => {
+                fetch_head(repo).ok_or_else(|| self.not_found(self.plan.target_refspecs.join(" ")))
+            }
+        }
+    }
+
+    /// The new repository in the emptied checkout directory: created in-process and configured
+    /// like a clone, or, for clone flags the fast path cannot express, made by a real
+    /// `git clone --reference` with those flags.
+    async fn prepare(&self, mirror: Option<&Mirror>) -> Result<Repository, CheckoutError> {
+        let dir = &self.plan.checkout_dir;
+        if !self.plan.clean_checkout && holds_other_files(dir) {
+            return Err(CheckoutError::NotACheckoutDir { path: dir.clone() });
+        }
+        empty_directory(dir).map_err(|e| self.prepare_error(e.to_string()))?;
+        let repo = match &self.plan.clone_flags.unmapped {
+            None => self.init_repository(mirror)?,
+            Some(flag) => {
+                tracing::info!("clone flag {flag} has no fast-path equivalent; running git clone");
+                self.real_clone(mirror).await?
+            }
+        };
+        if let Some(sparse) = &self.plan.sparse {
+            let mut cmd = self.command();
+            cmd.args(["sparse-checkout", "set"]).arg(match sparse.mode {
+                SparseMode::Cone => "--cone",
+                SparseMode::NoCone => "--no-cone",
+            });
+            cmd.args(sparse.paths.iter().map(String::as_str));
+            self.git_step(Step::Sparse, cmd, &self.local).await?;
+        }
+        Ok(repo)
+    }
+
+    async fn real_clone(&self, mirror: Option<&Mirror>) -> Result<Repository, CheckoutError> {
+        let reference = mirror.map(|m| m.real_path.display().to_string());
+        let mut cmd = self.command();
+        cmd.args(["clone", "--progress"])
+            .args(self.plan.clone_flags.words.iter().map(String::as_str));
+        if let Some(path) = &reference {
+            cmd.args(["--reference", path]);
+        }
+        cmd.operands([self.plan.repo.as_git_arg(), "."]);
+        self.git_step(Step::Clone, cmd, &self.network).await?;
+        let fail = |e: &dyn std::fmt::Display| self.prepare_error(e.to_string());
+        let repo = Repository::open(&self.plan.checkout_dir).map_err(|e| fail(&e))?;
+        self.configure(&repo).map_err(|e| fail(&e))?;
+        Ok(repo)
+    }
+
+    /// A new repository configured like a clone of the job's repository, borrowing from
+    /// `mirror`.
     fn init_repository(&self, mirror: Option<&Mirror>) -> Result<Repository, CheckoutError> {
         let dir = &self.plan.checkout_dir;
         let fail = |e: &dyn std::fmt::Display| self.prepare_error(e.to_string());
-        if holds_other_files(dir) {
-            return Err(CheckoutError::NotACheckoutDir { path: dir.clone() });
-        }
-        empty_directory(dir).map_err(|e| fail(&e))?;
         let mut options = RepositoryInitOptions::new();
         // No template: sample hooks are never run, and copying them costs time on every job.
         options.no_reinit(true).external_template(false);
         let repo = Repository::init_opts(dir, &options).map_err(|e| fail(&e))?;
+        let flags = &self.plan.clone_flags;
         let set = || -> Result<(), git2::Error> {
             let mut config = repo.config()?.open_level(ConfigLevel::Local)?;
             config.set_str("remote.origin.url", self.plan.repo.as_git_arg())?;
-            config.set_str("remote.origin.fetch", HEADS_REFSPEC)?;
-            config.set_str("core.alternateRefsPrefixes", "refs/heads/ refs/tags/")?;
-            config.set_i32("checkout.workers", checkout_workers())?;
-            // A one-job checkout never benefits from gc; it would only compete with the build.
-            config.set_i32("gc.auto", 0)?;
-            config.set_bool("maintenance.auto", false)?;
+            config.set_str("remote.origin.fetch", &self.heads_refspec())?;
+            if flags.no_tags {
+                config.set_str("remote.origin.tagOpt", "--no-tags")?;
+            }
+            if let Some(filter) = &flags.filter {
+                config.set_bool("remote.origin.promisor", true)?;
+                config.set_str("remote.origin.partialclonefilter", filter)?;
+            }
+            for (key, value) in &flags.config {
+                config.set_str(key, value)?;
+            }
             Ok(())
         };
         set().map_err(|e| fail(&e))?;
+        self.configure(&repo).map_err(|e| fail(&e))?;
         if let Some(mirror) = mirror {
             let info = dir.join(".git/objects/info");
             std::fs::create_dir_all(&info).map_err(|e| fail(&e))?;
@@ -208,71 +320,138 @@ impl<'a> Checkout<'a> {
         Ok(repo)
     }
 
-    /// Updates `origin/*` and tags as a clone would, plus `commit` when given. With the
-    /// objects already borrowed from the mirror, git transfers refs only.
-    async fn fetch(&self, commit: Option<Oid>) -> Result<(), CheckoutError> {
-        let sha = commit.map(|c| c.to_string());
-        let mut cmd = self.git.command(&self.plan.checkout_dir);
+    /// What every checkout gets, however its repository was made.
+    fn configure(&self, repo: &Repository) -> Result<(), git2::Error> {
+        let mut config = repo.config()?.open_level(ConfigLevel::Local)?;
+        config.set_str("core.alternateRefsPrefixes", "refs/heads/ refs/tags/")?;
+        config.set_i32("checkout.workers", checkout_workers())?;
+        // A one-job checkout never benefits from gc; it would only compete with the build.
+        config.set_i32("gc.auto", 0)?;
+        config.set_bool("maintenance.auto", false)
+    }
+
+    /// Where a clone keeps branches: all of them, or the build's with `--single-branch`.
+    fn heads_refspec(&self) -> String {
+        match self.plan.clone_flags.single_branch {
+            true => format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.plan.branch),
+            false => HEADS_REFSPEC.to_string(),
+        }
+    }
+
+    /// Fetches `specs` first (so the first becomes `FETCH_HEAD`, as in the agent's fetch), then
+    /// `origin/*` and tags as a clone has them. With the objects already borrowed from the
+    /// mirror, git transfers refs only.
+    async fn fetch(&self, specs: &[String]) -> Result<(), CheckoutError> {
+        let heads = self.heads_refspec();
+        let mut cmd = self.command();
         // A clone keeps no reflogs for `origin/*` either; hundreds of branches would mean
         // hundreds of extra files.
         cmd.config("core.logAllRefUpdates", "false")
             // Quiet: one line per new branch would flood the job log on a repository with
             // thousands. Progress stays on: it is how a stall is told from a slow transfer.
             .args(["fetch", "--quiet", "--progress", "--no-tags"])
+            .args(self.plan.clone_flags.fetch_args.iter().map(String::as_str))
+            .args(self.plan.fetch_flags.iter().flatten().map(String::as_str))
             .operands(["origin"])
-            .args(sha.as_deref())
-            .args([HEADS_REFSPEC, TAGS_REFSPEC]);
+            .args(specs.iter().map(String::as_str))
+            .arg(&heads);
+        if !self.plan.clone_flags.no_tags {
+            cmd.arg(TAGS_REFSPEC);
+        }
         self.git_step(Step::Fetch, cmd, &self.network).await
     }
 
-    /// Fetches `commit` with the refs; when the server will not serve it by id, fetches all
-    /// branches and tags and looks for it there, as the agent's default checkout does.
-    async fn fetch_commit(&self, repo: &Repository, commit: Oid) -> Result<(), CheckoutError> {
-        match self.fetch(Some(commit)).await {
-            Err(e) if e.kind() == FailureKind::NotFound => {
-                tracing::info!(
-                    "the server does not serve {commit} by id; fetching all branches and tags"
-                );
-                self.fetch(None).await?;
-                match repo.find_commit(commit) {
-                    Ok(_) => Ok(()),
-                    Err(_) => Err(self.not_found(format!("commit {commit}"))),
-                }
+    /// `origin/HEAD` and a local branch for the remote's default branch, as a clone leaves them,
+    /// for pipelines that ask git which branch is the default. The mirror's HEAD names it
+    /// without a request; without a mirror the server is asked. Never fatal.
+    async fn set_default_branch(&self, repo: &Repository, mirror: Option<&Mirror>) {
+        let branch = match mirror.and_then(Mirror::default_branch) {
+            Some(branch) => Some(branch),
+            None => self.remote_default_branch().await,
+        };
+        let Some(branch) = branch else { return };
+        let tracking = format!("refs/remotes/origin/{branch}");
+        let Ok(tip) = repo.refname_to_id(&tracking) else {
+            return;
+        };
+        let local = format!("refs/heads/{branch}");
+        let set = || -> Result<(), git2::Error> {
+            repo.reference_symbolic("refs/remotes/origin/HEAD", &tracking, true, "clone")?;
+            if repo.find_reference(&local).is_err() {
+                repo.reference(&local, tip, false, "clone")?;
+                let mut config = repo.config()?.open_level(ConfigLevel::Local)?;
+                config.set_str(&format!("branch.{branch}.remote"), "origin")?;
+                config.set_str(&format!("branch.{branch}.merge"), &local)?;
             }
-            other => other,
+            Ok(())
+        };
+        if let Err(e) = set() {
+            tracing::warn!("could not set origin/HEAD to {branch}: {e}");
         }
     }
 
-    fn branch_tip(&self, repo: &Repository, branch: &str) -> Result<Oid, CheckoutError> {
-        repo.find_reference(&format!("refs/remotes/origin/{branch}"))
-            .and_then(|r| r.peel_to_commit())
-            .map(|c| c.id())
-            .map_err(|_| self.not_found(format!("branch {branch}")))
+    async fn remote_default_branch(&self) -> Option<String> {
+        let mut cmd = self.command();
+        cmd.args(["ls-remote", "--symref"])
+            .operands(["origin", "HEAD"]);
+        let out = git_runner::run(cmd, &self.network).await.ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("ref: refs/heads/")?.strip_suffix("\tHEAD"))
+            .map(str::to_string)
     }
 
     async fn checkout(&self, commit: Oid) -> Result<(), CheckoutError> {
-        let mut cmd = self.git.command(&self.plan.checkout_dir);
+        let mut cmd = self.command();
         cmd.config("advice.detachedHead", "false")
-            .args(["checkout", "--force", "--detach"])
-            // A validated hex object id: it cannot be read as an option.
-            .arg(&commit.to_string());
+            .arg("checkout")
+            .args(self.plan.checkout_flags.iter().map(String::as_str))
+            // A validated hex object id, then `--`: it can only be read as the commit.
+            .args([commit.to_string().as_str(), "--"]);
         self.git_step(Step::Checkout, cmd, &self.local).await
     }
 
     /// What `clone --dissociate` does: copy every borrowed object into the checkout's own
     /// store, then stop borrowing.
     async fn dissociate(&self) -> Result<(), CheckoutError> {
-        let mut cmd = self.git.command(&self.plan.checkout_dir);
+        let mut cmd = self.command();
         cmd.args(["repack", "-a", "-d", "-q"]);
         self.git_step(Step::Dissociate, cmd, &self.local).await?;
         let alternates = self.plan.checkout_dir.join(".git/objects/info/alternates");
         std::fs::remove_file(&alternates).map_err(|e| self.prepare_error(e.to_string()))
     }
 
-    async fn git_step(
+    /// LFS files, after a checkout that left pointers in their place: smudging is off during
+    /// it, as in the agent, so LFS trouble shows as its own step.
+    async fn lfs_checkout(&self) -> Result<(), CheckoutError> {
+        for (args, options) in [
+            (["lfs", "install", "--local"].as_slice(), &self.local),
+            (["lfs", "fetch"].as_slice(), &self.network),
+            (["lfs", "checkout"].as_slice(), &self.local),
+        ] {
+            let mut cmd = self.command();
+            cmd.args(args.iter().copied());
+            self.git_step(Step::Lfs, cmd, options).await?;
+        }
+        Ok(())
+    }
+
+    /// A git command in the checkout, with the job's SSH and LFS settings.
+    pub(crate) fn command(&self) -> GitCommand {
+        let mut cmd = self.git.command(&self.plan.checkout_dir);
+        if let Some((key, value)) = self.ssh.env() {
+            cmd.env(key, value);
+        }
+        if self.plan.lfs {
+            cmd.env("GIT_LFS_SKIP_SMUDGE", "1");
+        }
+        cmd
+    }
+
+    pub(crate) async fn git_step(
         &self,
         step: Step,
-        cmd: stateless_core::git_command::GitCommand,
+        cmd: GitCommand,
         options: &RunOptions,
     ) -> Result<(), CheckoutError> {
         git_runner::run(cmd, options)
@@ -286,14 +465,14 @@ impl<'a> Checkout<'a> {
             })
     }
 
-    fn not_found(&self, what: String) -> CheckoutError {
+    pub(crate) fn not_found(&self, what: String) -> CheckoutError {
         CheckoutError::NotFound {
             what,
             repo: self.plan.repo.redacted(),
         }
     }
 
-    fn prepare_error(&self, detail: String) -> CheckoutError {
+    pub(crate) fn prepare_error(&self, detail: String) -> CheckoutError {
         CheckoutError::Prepare {
             path: self.plan.checkout_dir.clone(),
             detail,
@@ -345,6 +524,18 @@ fn empty_directory(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The commit the first line of `FETCH_HEAD` names (a tag is peeled), as `git rev-parse
+/// FETCH_HEAD^{commit}` would give. libgit2 does not read `FETCH_HEAD` as a reference.
+fn fetch_head(repo: &Repository) -> Option<Oid> {
+    let text = std::fs::read_to_string(repo.path().join("FETCH_HEAD")).ok()?;
+    let oid = Oid::from_str(text.lines().next()?.split('\t').next()?).ok()?;
+    repo.find_object(oid, None)
+        .ok()?
+        .peel_to_commit()
+        .ok()
+        .map(|c| c.id())
 }
 
 /// Bytes in the checkout's own object store: what the fetch wrote beyond the mirror.

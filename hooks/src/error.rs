@@ -13,16 +13,24 @@ use crate::checkout_plan::ConfigError;
 /// The step of a checkout attempt that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
+    Clone,
+    Sparse,
     Fetch,
     Checkout,
+    Submodules,
+    Lfs,
     Dissociate,
 }
 
 impl std::fmt::Display for Step {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Step::Clone => "cloning",
+            Step::Sparse => "setting up the sparse checkout of",
             Step::Fetch => "fetching",
             Step::Checkout => "checking out",
+            Step::Submodules => "checking out the submodules of",
+            Step::Lfs => "fetching the LFS files of",
             Step::Dissociate => "copying objects out of the mirror",
         })
     }
@@ -43,6 +51,8 @@ pub enum CheckoutError {
     },
     #[error("{what} was not found on {repo} (asked for it directly, then fetched all branches and tags); check BUILDKITE_COMMIT and BUILDKITE_BRANCH, or push the commit")]
     NotFound { what: String, repo: String },
+    #[error("BUILDKITE_COMMIT {0:?} is an abbreviation of more than one object; pass more digits or the full SHA")]
+    AmbiguousCommit(String),
     #[error("a checkout attempt ran longer than BUILDKITE_GIT_CHECKOUT_TIMEOUT ({}s) and was stopped; raise the timeout or check the server", after.as_secs())]
     TimedOut { after: Duration },
     #[error("the checkout directory {} holds files but no git checkout; refusing to delete them. Set BUILDKITE_BUILD_CHECKOUT_PATH to the job's own checkout directory", path.display())]
@@ -125,7 +135,8 @@ impl CheckoutError {
         match self {
             CheckoutError::Config(_)
             | CheckoutError::GitNotFound(_)
-            | CheckoutError::NotACheckoutDir { .. } => FailureKind::Config,
+            | CheckoutError::NotACheckoutDir { .. }
+            | CheckoutError::AmbiguousCommit(_) => FailureKind::Config,
             CheckoutError::Git { kind, .. } => *kind,
             CheckoutError::NotFound { .. } => FailureKind::NotFound,
             CheckoutError::TimedOut { .. } => FailureKind::Network,

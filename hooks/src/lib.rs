@@ -5,12 +5,16 @@
 pub mod checkout;
 pub mod checkout_plan;
 pub mod error;
+pub mod git_flags;
 pub mod job_api;
 pub mod logging;
 pub mod mirror_select;
 pub mod settings;
+pub mod ssh;
+mod submodules;
 mod summary;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -18,19 +22,28 @@ use stateless_core::git_command::Git;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::checkout::Checkout;
-use crate::checkout_plan::CheckoutPlan;
+use crate::checkout_plan::{CheckoutPlan, ConfigError};
 use crate::error::CheckoutError;
 use crate::job_api::Agent;
 use crate::settings::Settings;
+use crate::ssh::SshSetup;
 
 /// Plans, checks out, records, and reports back to the agent.
 pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
+    if settings.skip_checkout {
+        tracing::info!("BUILDKITE_SKIP_CHECKOUT is set: not checking out");
+        return Ok(());
+    }
     let Some(plan) = CheckoutPlan::from_settings(settings)? else {
         tracing::info!("BUILDKITE_REPO is empty: nothing to check out");
         return Ok(());
     };
     let started = Instant::now();
     let git = Git::locate()?;
+    if plan.lfs && !lfs_installed(&git).await {
+        return Err(ConfigError::LfsMissing.into());
+    }
+    let ssh = SshSetup::prepare(&plan.ssh)?;
     tracing::info!(
         "~~~ :git: Checking out {} with the mirror volume",
         plan.repo
@@ -46,7 +59,9 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
         (None, Some(why)) => tracing::warn!("checking out without a mirror: {why}"),
         (None, None) => {}
     }
-    let outcome = Checkout::new(&git, &plan).run(choice.mirror.as_ref()).await;
+    let outcome = Checkout::new(&git, &plan, &ssh)
+        .run(choice.mirror.as_ref())
+        .await;
     let record = summary::record(&plan, &choice, &outcome, inspected, started.elapsed());
     if let Err(e) = record.write(&plan.record_path) {
         tracing::warn!(
@@ -78,6 +93,16 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
     );
     tracing::info!("{}", summary::line(&record));
     Ok(())
+}
+
+/// Whether `git lfs` runs: checked before anything else, so a missing git-lfs fails the job at
+/// once with the fix, not after a full checkout.
+async fn lfs_installed(git: &Git) -> bool {
+    let mut cmd = git.command(Path::new("."));
+    cmd.args(["lfs", "version"]);
+    stateless_core::git_runner::run(cmd, &Default::default())
+        .await
+        .is_ok()
 }
 
 /// SIGTERM and SIGINT, caught from before any git starts: the agent cancels a job by signalling

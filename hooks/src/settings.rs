@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, Parser, ValueEnum};
 use stateless_core::checkout_record::RECORD_PATH_ENV;
 use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
@@ -22,13 +23,107 @@ pub struct Settings {
     #[arg(long, env = "BUILDKITE_REPO", default_value = "")]
     pub repo: String,
 
-    /// Full 40-character commit SHA, or HEAD to build the tip of BUILDKITE_BRANCH.
+    /// Commit SHA (full, or abbreviated to at least 4 digits), or HEAD to build the tip of
+    /// BUILDKITE_BRANCH.
     #[arg(long, env = "BUILDKITE_COMMIT", default_value = "HEAD")]
     pub commit: String,
 
-    /// Branch being built; names the commit when BUILDKITE_COMMIT is HEAD.
+    /// Branch being built (a tag's name for tag builds); fetched when BUILDKITE_COMMIT is HEAD.
     #[arg(long, env = "BUILDKITE_BRANCH", default_value = "")]
     pub branch: String,
+
+    /// Custom refspecs to fetch instead of the commit, space-separated.
+    #[arg(long, env = "BUILDKITE_REFSPEC", default_value = "")]
+    pub refspec: String,
+
+    /// Pull request number, or `false`. GitHub pull requests fetch `refs/pull/N/head` with the
+    /// commit, so a force-pushed head still builds.
+    #[arg(long, env = "BUILDKITE_PULL_REQUEST", default_value = "false")]
+    pub pull_request: String,
+
+    /// The pipeline's provider (`github`, …): pull-request refs exist only on GitHub.
+    #[arg(long, env = "BUILDKITE_PIPELINE_PROVIDER", default_value = "")]
+    pub pipeline_provider: String,
+
+    /// Fetch `refs/pull/N/merge` instead of `refs/pull/N/head`.
+    #[arg(long, env = "BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC", default_value = "false", value_parser = BoolishValueParser::new())]
+    pub pull_request_using_merge_refspec: bool,
+
+    /// Flags for `git clone`, in git's syntax. Those the fast path can express are mapped onto
+    /// it (docs/checkout-hook.md has the table); any other makes the hook run a real
+    /// `git clone --reference` with them.
+    #[arg(
+        long,
+        env = "BUILDKITE_GIT_CLONE_FLAGS",
+        default_value = "-v",
+        allow_hyphen_values = true
+    )]
+    pub clone_flags: String,
+
+    /// Flags for `git fetch`. The agent's default (`-v --prune`) is replaced by quiet progress:
+    /// `-v` would print a line per branch, and a fresh directory has nothing to prune.
+    #[arg(long, env = "BUILDKITE_GIT_FETCH_FLAGS", default_value = DEFAULT_FETCH_FLAGS, allow_hyphen_values = true)]
+    pub fetch_flags: String,
+
+    /// Flags for `git checkout`.
+    #[arg(
+        long,
+        env = "BUILDKITE_GIT_CHECKOUT_FLAGS",
+        default_value = "-f",
+        allow_hyphen_values = true
+    )]
+    pub checkout_flags: String,
+
+    /// Flags for `git clean`. Checked, but there is nothing to clean: every checkout starts in an
+    /// emptied directory.
+    #[arg(
+        long,
+        env = "BUILDKITE_GIT_CLEAN_FLAGS",
+        default_value = "-ffxdq",
+        allow_hyphen_values = true
+    )]
+    pub clean_flags: String,
+
+    /// Check out submodules, each borrowing from its own mirror when the volume has one.
+    #[arg(long, env = "BUILDKITE_GIT_SUBMODULES", default_value = "true", value_parser = BoolishValueParser::new())]
+    pub submodules: bool,
+
+    /// Comma-separated `key=value` git config for submodule clones.
+    #[arg(long, env = "BUILDKITE_GIT_SUBMODULE_CLONE_CONFIG", default_value = "")]
+    pub submodule_clone_config: String,
+
+    /// Comma-separated paths (cone mode) or patterns (no-cone) for a sparse checkout.
+    #[arg(long, env = "BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS", default_value = "")]
+    pub sparse_checkout_paths: String,
+
+    /// How the sparse paths are read: `cone` (directories) or `no-cone` (patterns).
+    #[arg(long, env = "BUILDKITE_GIT_SPARSE_CHECKOUT_MODE", value_enum, default_value_t = SparseMode::Cone)]
+    pub sparse_checkout_mode: SparseMode,
+
+    /// Fetch and check out Git LFS files after the checkout (smudging is skipped during it).
+    #[arg(long, env = "BUILDKITE_GIT_LFS_ENABLED", default_value = "false", value_parser = BoolishValueParser::new())]
+    pub lfs_enabled: bool,
+
+    /// Do not fetch the commit (or refspec) when the mirror already has it.
+    #[arg(long, env = "BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS", default_value = "false", value_parser = BoolishValueParser::new())]
+    pub skip_fetch_existing_commits: bool,
+
+    /// Empty the checkout directory even when it holds files that are not a checkout.
+    #[arg(long, env = "BUILDKITE_CLEAN_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new())]
+    pub clean_checkout: bool,
+
+    /// Do nothing at all.
+    #[arg(long, env = "BUILDKITE_SKIP_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new())]
+    pub skip_checkout: bool,
+
+    /// Private key for SSH remotes: the key itself, or the path of a file holding it.
+    #[arg(long, env = "BUILDKITE_GIT_SSH_KEY", hide_env_values = true)]
+    pub ssh_key: Option<String>,
+
+    /// Accept an SSH host's key on first contact (`StrictHostKeyChecking=accept-new`, the
+    /// agent's 4.x behaviour); `false` accepts only hosts already in known_hosts.
+    #[arg(long, env = "BUILDKITE_SSH_KEYSCAN", default_value = "true", value_parser = BoolishValueParser::new())]
+    pub ssh_keyscan: bool,
 
     /// Where to check out; defaults to the current directory, as the agent runs hooks there.
     #[arg(long, env = "BUILDKITE_BUILD_CHECKOUT_PATH")]
@@ -87,6 +182,15 @@ impl Settings {
         }
         Settings::parse()
     }
+}
+
+/// The agent's default fetch flags, which the hook replaces with quiet progress.
+pub const DEFAULT_FETCH_FLAGS: &str = "-v --prune";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SparseMode {
+    Cone,
+    NoCone,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
