@@ -216,7 +216,12 @@ impl<'a> Checkout<'a> {
 
     async fn fetch_all_heads_and_tags(&self, why: &CheckoutError) -> Result<(), CheckoutError> {
         tracing::info!("{why}; fetching all branches and tags instead");
-        self.fetch(&[]).await
+        // After a real clone, `fetch` adds no refspecs of its own: name them.
+        let all = match self.plan.clone_flags.unmapped {
+            Some(_) => vec![HEADS_REFSPEC.to_string(), TAGS_REFSPEC.to_string()],
+            None => Vec::new(),
+        };
+        self.fetch(&all).await
     }
 
     /// The commit `target` names, now that the fetch is done.
@@ -296,7 +301,7 @@ impl<'a> Checkout<'a> {
         let set = || -> Result<(), git2::Error> {
             let mut config = repo.config()?.open_level(ConfigLevel::Local)?;
             config.set_str("remote.origin.url", self.plan.repo.as_git_arg())?;
-            config.set_str("remote.origin.fetch", &self.heads_refspec())?;
+            config.set_str("remote.origin.fetch", HEADS_REFSPEC)?;
             if flags.no_tags {
                 config.set_str("remote.origin.tagOpt", "--no-tags")?;
             }
@@ -330,33 +335,34 @@ impl<'a> Checkout<'a> {
         config.set_bool("maintenance.auto", false)
     }
 
-    /// Where a clone keeps branches: all of them, or the build's with `--single-branch`.
-    fn heads_refspec(&self) -> String {
-        match self.plan.clone_flags.single_branch {
-            true => format!("+refs/heads/{0}:refs/remotes/origin/{0}", self.plan.branch),
-            false => HEADS_REFSPEC.to_string(),
-        }
-    }
-
     /// Fetches `specs` first (so the first becomes `FETCH_HEAD`, as in the agent's fetch), then
     /// `origin/*` and tags as a clone has them. With the objects already borrowed from the
-    /// mirror, git transfers refs only.
+    /// mirror, git transfers refs only. After a real clone, which made those refs, only `specs`
+    /// are fetched, as the agent does.
     async fn fetch(&self, specs: &[String]) -> Result<(), CheckoutError> {
-        let heads = self.heads_refspec();
+        let cloned = self.plan.clone_flags.unmapped.is_some();
+        if cloned && specs.is_empty() {
+            return Ok(());
+        }
         let mut cmd = self.command();
         // A clone keeps no reflogs for `origin/*` either; hundreds of branches would mean
         // hundreds of extra files.
         cmd.config("core.logAllRefUpdates", "false")
             // Quiet: one line per new branch would flood the job log on a repository with
             // thousands. Progress stays on: it is how a stall is told from a slow transfer.
-            .args(["fetch", "--quiet", "--progress", "--no-tags"])
-            .args(self.plan.clone_flags.fetch_args.iter().map(String::as_str))
-            .args(self.plan.fetch_flags.iter().flatten().map(String::as_str))
+            .args(["fetch", "--quiet", "--progress"]);
+        if !cloned {
+            cmd.arg("--no-tags")
+                .args(self.plan.clone_flags.fetch_args.iter().map(String::as_str));
+        }
+        cmd.args(self.plan.fetch_flags.iter().flatten().map(String::as_str))
             .operands(["origin"])
-            .args(specs.iter().map(String::as_str))
-            .arg(&heads);
-        if !self.plan.clone_flags.no_tags {
-            cmd.arg(TAGS_REFSPEC);
+            .args(specs.iter().map(String::as_str));
+        if !cloned {
+            cmd.arg(HEADS_REFSPEC);
+            if !self.plan.clone_flags.no_tags {
+                cmd.arg(TAGS_REFSPEC);
+            }
         }
         self.git_step(Step::Fetch, cmd, &self.network).await
     }

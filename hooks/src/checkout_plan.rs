@@ -31,8 +31,6 @@ pub struct CheckoutPlan {
     /// What the fetch names besides branches and tags, first (so it becomes `FETCH_HEAD`): the
     /// custom refspec, the pull-request ref, the branch for `HEAD` builds, or the SHA.
     pub target_refspecs: Vec<String>,
-    /// The build's branch, for `--single-branch`.
-    pub branch: String,
     pub checkout_dir: PathBuf,
     /// `None` when mirrors are turned off (`BUILDKITE_GIT_MIRRORS_PATH` set but empty).
     pub mirrors_root: Option<PathBuf>,
@@ -104,8 +102,6 @@ pub enum ConfigError {
     SubmoduleConfig(String),
     #[error("BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS entry {0:?} starts with '-'; name paths inside the repository")]
     SparsePath(String),
-    #[error("BUILDKITE_GIT_CLONE_FLAGS has --single-branch but BUILDKITE_BRANCH is empty; set the branch or drop the flag")]
-    SingleBranchWithoutBranch,
     #[error(transparent)]
     Flags(#[from] FlagsError),
     #[error("BUILDKITE_GIT_SSH_KEY is neither a private key nor the path of a key file; set it to the key's contents or its path")]
@@ -145,9 +141,6 @@ impl CheckoutPlan {
             "BUILDKITE_GIT_CLONE_FLAGS",
             &s.clone_flags,
         )?);
-        if clone_flags.single_branch && s.branch.is_empty() {
-            return Err(ConfigError::SingleBranchWithoutBranch);
-        }
         let fetch_flags = (s.fetch_flags != DEFAULT_FETCH_FLAGS)
             .then(|| git_flags::split("BUILDKITE_GIT_FETCH_FLAGS", &s.fetch_flags))
             .transpose()?;
@@ -169,7 +162,6 @@ impl CheckoutPlan {
             repo,
             target,
             target_refspecs,
-            branch: s.branch,
             checkout_dir,
             mirrors_root: (!s.mirrors_path.is_empty()).then(|| PathBuf::from(s.mirrors_path)),
             mode: s.mirror_checkout_mode,

@@ -25,14 +25,13 @@ pub fn split(name: &'static str, value: &str) -> Result<Vec<String>, FlagsError>
 /// What `BUILDKITE_GIT_CLONE_FLAGS` asks of the checkout.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CloneFlags {
-    /// Extra arguments for every fetch (`--depth=1`, `--filter=blob:none`, …).
+    /// Extra arguments for every fetch (`--filter=blob:none`, `--depth=1` with
+    /// `--no-single-branch`, …).
     pub fetch_args: Vec<String>,
     /// `-c key=value` / `--config key=value`: set in the new repository, as clone does.
     pub config: Vec<(String, String)>,
     /// `--filter`: the repository becomes a partial clone of origin.
     pub filter: Option<String>,
-    /// `--single-branch`: fetch only the build's branch.
-    pub single_branch: bool,
     /// `--no-tags`: fetch no tags.
     pub no_tags: bool,
     /// The first flag the fast path cannot express: the hook then runs a real `git clone` with
@@ -53,6 +52,9 @@ const OUTPUT_FLAGS: &[&str] = &[
     "--no-single-branch",
 ];
 
+// `--single-branch` is not mapped on purpose: clone then takes the *remote's default* branch,
+// which the fast path cannot know before fetching.
+
 /// Flags that limit history; each takes a value (`--depth 1` or `--depth=1`), passed on to fetch.
 const SHALLOW_FLAGS: &[&str] = &["--depth", "--shallow-since", "--shallow-exclude"];
 
@@ -68,7 +70,6 @@ impl CloneFlags {
             let mut value = || inline.clone().or_else(|| rest.next().cloned());
             match name {
                 n if OUTPUT_FLAGS.contains(&n) => {}
-                "--single-branch" => flags.single_branch = true,
                 "--no-tags" => flags.no_tags = true,
                 n if SHALLOW_FLAGS.contains(&n) => match value() {
                     Some(v) => flags.fetch_args.push(format!("{n}={v}")),
@@ -93,6 +94,15 @@ impl CloneFlags {
                 }
             }
         }
+        // Like clone, a history limit implies --single-branch unless told otherwise.
+        let shallow = flags
+            .fetch_args
+            .iter()
+            .find(|a| !a.starts_with("--filter="));
+        if let (Some(flag), false) = (shallow, words.iter().any(|w| w == "--no-single-branch")) {
+            let name = flag.split('=').next().unwrap_or(flag).to_string();
+            flags.unmapped.get_or_insert(name);
+        }
         flags.words = words;
         flags
     }
@@ -115,7 +125,7 @@ mod tests {
 
     #[test]
     fn history_limits_filters_and_config_map_onto_fetch() {
-        let f = parse("-v --depth 1 --filter=blob:none -c 'user.name=A B' --config=x.y=z --no-tags --single-branch");
+        let f = parse("-v --no-single-branch --depth 1 --filter=blob:none -c 'user.name=A B' --config=x.y=z --no-tags");
         assert_eq!(f.fetch_args, ["--depth=1", "--filter=blob:none"]);
         assert_eq!(f.filter.as_deref(), Some("blob:none"));
         assert_eq!(
@@ -125,7 +135,7 @@ mod tests {
                 ("x.y".into(), "z".into())
             ]
         );
-        assert!(f.no_tags && f.single_branch);
+        assert!(f.no_tags);
         assert_eq!(f.unmapped, None);
     }
 
@@ -136,6 +146,11 @@ mod tests {
             Some("--recurse-submodules")
         );
         assert_eq!(parse("--depth").unmapped.as_deref(), Some("--depth"));
+        assert_eq!(
+            parse("--single-branch").unmapped.as_deref(),
+            Some("--single-branch")
+        );
+        assert_eq!(parse("--depth=1").unmapped.as_deref(), Some("--depth"));
         assert_eq!(parse("-c novalue").unmapped.as_deref(), Some("-c"));
     }
 

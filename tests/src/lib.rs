@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod git;
 pub mod git_daemon;
 pub mod http_server;
+pub mod parity;
 pub mod sandbox;
 pub mod scenario;
 pub mod standin_agent;

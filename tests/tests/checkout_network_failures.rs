@@ -163,7 +163,8 @@ fn a_branch_the_server_does_not_have_fails_with_the_same_code() {
 
     assert_eq!(out.code(), Some(3), "{}", out.log());
     assert!(
-        out.log().contains("couldn't find remote ref no-such-branch"),
+        out.log()
+            .contains("couldn't find remote ref no-such-branch"),
         "{}",
         out.log()
     );
