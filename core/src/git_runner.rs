@@ -174,19 +174,25 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// Splits git's stderr into lines. A segment ended by `\r` is a progress meter redraw: it proves
-/// liveness but is neither echoed nor kept.
+/// Splits git's stderr into lines. A segment ended by a lone `\r` is a progress meter redraw: it
+/// proves liveness but is neither echoed nor kept. `\r\n` ends a line (ssh writes its errors,
+/// "Host key verification failed.", that way).
 #[derive(Default)]
 struct StderrLines {
     partial: Vec<u8>,
     tail: Vec<String>,
+    /// The last byte was `\r`: a redraw, unless `\n` follows.
+    after_cr: bool,
 }
 
 impl StderrLines {
     fn push(&mut self, bytes: &[u8], redactor: &Redactor) {
         for &b in bytes {
+            if std::mem::take(&mut self.after_cr) && b != b'\n' {
+                self.partial.clear();
+            }
             match b {
-                b'\r' => self.partial.clear(),
+                b'\r' => self.after_cr = true,
                 b'\n' => self.emit(redactor),
                 _ => self.partial.push(b),
             }
@@ -246,13 +252,11 @@ mod tests {
         let mut lines = StderrLines::default();
         let r = Redactor::default();
         lines.push(
-            b"Receiving objects:  1%\rReceiving objects: 50%\rdone.\nfatal: x",
+            b"Receiving objects:  1%\rReceiving objects: 50%\rdone.\nHost key failed.\r",
             &r,
         );
+        lines.push(b"\nfatal: x", &r);
         lines.finish(&r);
-        assert_eq!(
-            lines.tail,
-            vec!["done.".to_string(), "fatal: x".to_string()]
-        );
+        assert_eq!(lines.tail, ["done.", "Host key failed.", "fatal: x"]);
     }
 }

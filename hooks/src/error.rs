@@ -97,6 +97,13 @@ const NETWORK_MARKERS: &[&str] = &[
     "expected flush after",
 ];
 
+/// ssh's wording when the job's host keys or SSH key are wrong: retrying cannot help.
+const SSH_CONFIG_MARKERS: &[&str] = &[
+    "Host key verification failed",
+    "Permission denied (publickey",
+    "REMOTE HOST IDENTIFICATION HAS CHANGED",
+];
+
 /// git's wording when the server does not have what we asked for.
 const NOT_FOUND_MARKERS: &[&str] = &[
     "not our ref",
@@ -112,6 +119,7 @@ pub fn classify(failure: &GitFailure) -> FailureKind {
         GitFailure::Stalled { .. } => FailureKind::Network,
         GitFailure::Spawn { .. } => FailureKind::Config,
         GitFailure::Exited { .. } if any(NOT_FOUND_MARKERS) => FailureKind::NotFound,
+        GitFailure::Exited { .. } if any(SSH_CONFIG_MARKERS) => FailureKind::Config,
         GitFailure::Exited { .. } if any(NETWORK_MARKERS) => FailureKind::Network,
         GitFailure::Exited { .. } => FailureKind::Local,
     }
@@ -126,7 +134,9 @@ fn hint(kind: FailureKind) -> &'static str {
         FailureKind::Local => {
             "check free space in the build directory; if it persists, repopulate the mirror"
         }
-        FailureKind::Config => "check that git is installed and runnable",
+        FailureKind::Config => {
+            "check that git runs, and for SSH remotes the host's key in known_hosts (or BUILDKITE_SSH_KEYSCAN) and BUILDKITE_GIT_SSH_KEY"
+        }
     }
 }
 

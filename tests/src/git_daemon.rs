@@ -1,9 +1,9 @@
 //! `git daemon` on loopback, serving a server root over the `git://` protocol.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+
+use crate::loopback::{free_port, wait_until_listening};
 
 pub struct GitDaemon {
     port: u16,
@@ -12,12 +12,7 @@ pub struct GitDaemon {
 
 impl GitDaemon {
     pub fn start(root: &Path) -> GitDaemon {
-        // Ask the kernel for a free port, then hand it to the daemon.
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let child = crate::git::command(root)
             .args([
                 "daemon",
@@ -33,14 +28,7 @@ impl GitDaemon {
             .stderr(Stdio::null())
             .spawn()
             .expect("git daemon starts");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "git daemon did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_listening(port, "git daemon");
         GitDaemon { port, child }
     }
 

@@ -60,6 +60,8 @@ pub fn stock_name(url: &str) -> String {
 /// state for the reference side.
 pub struct Parity {
     pub served: Served,
+    /// The job's `BUILDKITE_REPO`.
+    pub url: String,
     pub state: MirrorState,
     pub reference_checkout: PathBuf,
     pub reference_agent: PathBuf,
@@ -74,14 +76,20 @@ impl Parity {
     }
 
     /// A parity fixture around an already served repository (extend it before calling).
-    pub fn around(mut served: Served, state: MirrorState) -> Parity {
+    pub fn around(served: Served, state: MirrorState) -> Parity {
+        let url = served.url.clone();
+        Parity::around_url(served, url, state)
+    }
+
+    /// The same, with the job's repository reached at `url` (e.g. over SSH).
+    pub fn around_url(mut served: Served, url: String, state: MirrorState) -> Parity {
         let bare = served.upstream.bare.clone();
         let feature = served.upstream.rev("feature");
         let main = served.upstream.rev("main");
         git(&bare, &["update-ref", "refs/pull/1/head", &feature]);
         git(&bare, &["update-ref", "refs/pull/1/merge", &main]);
         if state != MirrorState::Absent {
-            served.mirror(&stock_name(&served.url));
+            served.sandbox.mirror_of(&bare, &url, &stock_name(&url));
         }
         if state == MirrorState::Stale {
             served.upstream.advance(2);
@@ -92,6 +100,7 @@ impl Parity {
         std::fs::create_dir_all(&reference_checkout).unwrap();
         Parity {
             served,
+            url,
             state,
             reference_checkout,
             reference_agent,
@@ -108,7 +117,7 @@ impl Parity {
         let script = reference_script()?;
         let sandbox = self.sandbox();
         std::fs::create_dir_all(&self.reference_checkout).unwrap();
-        let mut hook = sandbox.hook().env("BUILDKITE_REPO", &self.served.url);
+        let mut hook = sandbox.hook().env("BUILDKITE_REPO", &self.url);
         for (k, v) in env {
             hook = hook.env(k, v);
         }
@@ -129,7 +138,7 @@ impl Parity {
             .env("BUILDKITE_GIT_MIRRORS_PATH", &sandbox.mirrors)
             .env("BUILDKITE_STANDIN_STATE", &self.reference_agent)
             .env("BUILDKITE_AGENT_ACCESS_TOKEN", "standin-access-token")
-            .env("BUILDKITE_REPO", &self.served.url);
+            .env("BUILDKITE_REPO", &self.url);
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -105,6 +105,14 @@ impl Sandbox {
         path
     }
 
+    /// A bare mirror cloned from the local repository `source` but naming `url` as its origin,
+    /// as if populated from `url` (for transports the fixture git cannot reach, like SSH).
+    pub fn mirror_of(&self, source: &Path, url: &str, relative: &str) -> PathBuf {
+        let path = self.mirror(source.to_str().unwrap(), relative);
+        git(&path, &["config", "remote.origin.url", url]);
+        path
+    }
+
     /// The checkout hook with this sandbox's environment; add the job's variables.
     pub fn hook(&self) -> Hook {
         let mut cmd = Command::new(bin("checkout-hook"));
