@@ -172,7 +172,10 @@ impl Settings {
     /// Parses flags and the environment. An agent passes settings nobody set as empty variables;
     /// for those the default applies, where clap alone would reject the empty value. Called
     /// first thing in `main`, before any thread exists, so changing the environment is safe.
-    pub fn from_args_and_env() -> Settings {
+    /// A bad value is reported by the variable's name: hooks get their input from the
+    /// environment, and `--submodules` would mean nothing to whoever set
+    /// `BUILDKITE_GIT_SUBMODULES`.
+    pub fn from_args_and_env() -> Result<Settings, clap::Error> {
         for arg in Settings::command().get_arguments() {
             let Some(name) = arg.get_env() else { continue };
             let empty = std::env::var_os(name).is_some_and(|v| v.is_empty());
@@ -180,7 +183,37 @@ impl Settings {
                 std::env::remove_var(name);
             }
         }
-        Settings::parse()
+        Settings::try_parse().map_err(naming_the_variable)
+    }
+}
+
+/// Rewrites clap's "invalid value for '--flag'" as one line naming the environment variable,
+/// when the value came from there.
+fn naming_the_variable(error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
+        error.get(ContextKind::InvalidArg),
+        error.get(ContextKind::InvalidValue),
+    ) else {
+        return error;
+    };
+    let long = arg.split_whitespace().next().unwrap_or("");
+    let command = Settings::command();
+    let env = command
+        .get_arguments()
+        .find(|a| a.get_long().is_some_and(|l| long == format!("--{l}")))
+        .and_then(|a| a.get_env())
+        .filter(|name| std::env::var_os(name).is_some_and(|v| v == value.as_str()));
+    match env {
+        // `raw`: one line, without clap's usage text.
+        Some(name) => clap::Error::raw(
+            ErrorKind::ValueValidation,
+            format!(
+                "{} has the invalid value {value:?}; see `checkout-hook --help` for what it accepts\n",
+                name.to_string_lossy()
+            ),
+        ),
+        None => error,
     }
 }
 

@@ -6,7 +6,11 @@ use hooks::settings::Settings;
 use hooks::{signal_exit_code, Interrupts};
 
 fn main() -> ExitCode {
-    let settings = Settings::from_args_and_env();
+    let settings = match Settings::from_args_and_env() {
+        Ok(settings) => settings,
+        // --help, --version, or input to fix: clap prints it and exits 0 or 2.
+        Err(e) => e.exit(),
+    };
     hooks::logging::init();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
