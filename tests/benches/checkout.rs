@@ -7,7 +7,9 @@
 //!
 //! Environment: `BENCH_RUNS` (5), `BENCH_REPO` (any repository path or URL to use instead of the
 //! generated one), `BENCH_FILES` (20000), `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (500),
-//! `BENCH_TAGS` (200), `BENCH_PULLS` (5000 `refs/pull/N/head`), `BENCH_BEHIND` (200 commits), `BENCH_KEEP` (keep the work directory).
+//! `BENCH_TAGS` (200), `BENCH_PULLS` (5000 `refs/pull/N/head`), `BENCH_BEHIND` (200 commits), `BENCH_KEEP` (keep the work directory),
+//! `BENCH_BASELINE_HOOK` (another build of `checkout-hook`, e.g. the previous release: adds a
+//! "baseline hook" row and checks that this build is at most 5 % slower on the common path).
 //!
 //! Everything lives under `BENCH_TMPDIR` (default `/dev/shm`, a tmpfs).
 //! Every checkout goes into a new empty directory; old trees are moved aside, not deleted, until
@@ -21,6 +23,9 @@ use stateless_e2e::git::{command, git};
 use stateless_e2e::http_server::GitHttpServer;
 use stateless_e2e::sandbox::Sandbox;
 use stateless_e2e::synthetic::{self, Shape};
+
+/// The row of `BENCH_BASELINE_HOOK`, run on the up-to-date mirror.
+const BASELINE: &str = "baseline hook (BENCH_BASELINE_HOOK), mirror up to date";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -83,6 +88,7 @@ fn main() {
     }
     eprintln!("{describe}; {runs} runs per case");
 
+    let baseline = std::env::var_os("BENCH_BASELINE_HOOK").map(PathBuf::from);
     let mut cases: Vec<Case> = [
         "hook, mirror up to date",
         "hook, mirror behind",
@@ -90,6 +96,7 @@ fn main() {
         "replay (agent default), mirror behind",
         "plain git clone",
         "floor: git archive | tar -x",
+        BASELINE,
     ]
     .into_iter()
     .map(|name| Case {
@@ -100,7 +107,7 @@ fn main() {
 
     for run in 0..runs {
         for (i, case) in cases.iter_mut().enumerate() {
-            if !have_replay && (i == 2 || i == 3) {
+            if (!have_replay && (i == 2 || i == 3)) || (i == 6 && baseline.is_none()) {
                 continue;
             }
             sandbox.fresh_checkout_dir();
@@ -108,10 +115,13 @@ fn main() {
             server.reset_counters();
             let started = Instant::now();
             let ok = match i {
-                0 | 1 => {
-                    let mirrors = if i == 0 { &current_root } else { &behind_root };
-                    let out = sandbox
-                        .hook()
+                0 | 1 | 6 => {
+                    let mirrors = if i == 1 { &behind_root } else { &current_root };
+                    let hook = match (i, &baseline) {
+                        (6, Some(program)) => sandbox.hook_binary(program),
+                        _ => sandbox.hook(),
+                    };
+                    let out = hook
                         .job(&url, &tip, &branch)
                         .env("BUILDKITE_GIT_MIRRORS_PATH", mirrors)
                         .run();
@@ -146,7 +156,7 @@ fn main() {
                     .status()
                     .unwrap()
                     .success(),
-                _ => Command::new("sh")
+                5 => Command::new("sh")
                     .args([
                         "-c",
                         "git --git-dir=\"$1\" archive \"$2\" | tar -x -C \"$3\"",
@@ -159,10 +169,11 @@ fn main() {
                     .status()
                     .unwrap()
                     .success(),
+                _ => unreachable!("one arm per case"),
             };
             let took = started.elapsed();
             assert!(ok, "{} failed in run {run}", case.name);
-            let phases = (i < 2).then(|| {
+            let phases = matches!(i, 0 | 1 | 6).then(|| {
                 let d = &sandbox.record()["durations_ms"];
                 (
                     d["fetch"].as_u64().unwrap(),
@@ -352,6 +363,11 @@ fn report(cases: &[Case]) {
         "hook behind / replay behind",
         paired(hook_behind, replay_for(hook_behind)),
         0.75,
+    );
+    check(
+        "hook up to date / baseline hook",
+        paired(hook_current, find(BASELINE)),
+        1.05,
     );
     let pack = hook_current
         .samples

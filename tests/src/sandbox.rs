@@ -115,7 +115,12 @@ impl Sandbox {
 
     /// The checkout hook with this sandbox's environment; add the job's variables.
     pub fn hook(&self) -> Hook {
-        let mut cmd = Command::new(bin("checkout-hook"));
+        self.hook_binary(&bin("checkout-hook"))
+    }
+
+    /// Another build of the checkout hook (a benchmark's baseline) with the same environment.
+    pub fn hook_binary(&self, program: &Path) -> Hook {
+        let mut cmd = Command::new(program);
         cmd.env_clear()
             .current_dir(&self.checkout)
             .env(

@@ -10,7 +10,9 @@ use stateless_e2e::parity::{MirrorState, Parity};
 use stateless_e2e::scenario::Served;
 
 /// Random-looking bytes that only LFS can deliver.
-const ASSET: &[u8] = &[0x89, b'P', b'N', b'G', 0, 1, 2, 3, 0xff, 0xfe, 42, 7, 0, 0, 9];
+const ASSET: &[u8] = &[
+    0x89, b'P', b'N', b'G', 0, 1, 2, 3, 0xff, 0xfe, 42, 7, 0, 0, 9,
+];
 
 fn lfs_installed() -> bool {
     let ok = stateless_e2e::git::command(Path::new("/"))
@@ -100,5 +102,8 @@ fn lfs_enabled_without_git_lfs_fails_at_once_naming_the_fix() {
 
     assert_eq!(out.code(), Some(2), "{}", out.log());
     assert!(out.log().contains("install git-lfs"), "{}", out.log());
-    assert!(!p.sandbox().checkout.join(".git").exists(), "nothing was checked out");
+    assert!(
+        !p.sandbox().checkout.join(".git").exists(),
+        "nothing was checked out"
+    );
 }

@@ -265,3 +265,31 @@ fn nothing_to_check_out() {
         }
     }
 }
+
+#[test]
+fn dissociate_mode_leaves_a_checkout_that_needs_no_mirror() {
+    in_every_mirror_state(|p| {
+        let main = p.served.upstream.rev("main");
+        let mut env = job(&main, "main");
+        env.push(("BUILDKITE_GIT_MIRROR_CHECKOUT_MODE", "dissociate"));
+        let Some(c) = p.compare(&env) else { return };
+        c.assert_same();
+        for side in [&c.ours, &c.reference] {
+            assert!(!side.checkout.join(".git/objects/info/alternates").exists());
+        }
+    });
+}
+
+#[test]
+fn a_clean_checkout_may_empty_a_directory_that_is_not_a_checkout() {
+    let p = Parity::new(MirrorState::UpToDate);
+    let main = p.served.upstream.rev("main");
+    for dir in [&p.sandbox().checkout, &p.reference_checkout] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("left-behind.txt"), "from another job").unwrap();
+    }
+    let mut env = job(&main, "main");
+    env.push(("BUILDKITE_CLEAN_CHECKOUT", "true"));
+    let Some(c) = p.compare(&env) else { return };
+    assert!(!c.assert_same().tree.contains_key("left-behind.txt"));
+}
