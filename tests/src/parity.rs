@@ -107,6 +107,12 @@ impl Parity {
         }
     }
 
+    /// Fresh checkout directories on both sides, for another job on the same fixture.
+    pub fn next_job(&self) {
+        self.sandbox().fresh_checkout_dir();
+        let _ = std::fs::remove_dir_all(&self.reference_checkout);
+    }
+
     pub fn sandbox(&self) -> &Sandbox {
         &self.served.sandbox
     }
@@ -124,20 +130,12 @@ impl Parity {
         let ours = hook.run();
 
         let mut cmd = Command::new("bash");
-        cmd.arg(script)
-            .env_clear()
+        sandbox
+            .job_environment(cmd.arg(script))
             .current_dir(&self.reference_checkout)
-            .env(
-                "PATH",
-                format!("{}:/usr/local/bin:/usr/bin:/bin", sandbox.bin.display()),
-            )
-            .env("HOME", &sandbox.home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", sandbox.home.join(".gitconfig"))
             .env("CHECKOUT_DIR", &self.reference_checkout)
             .env("BUILDKITE_GIT_MIRRORS_PATH", &sandbox.mirrors)
             .env("BUILDKITE_STANDIN_STATE", &self.reference_agent)
-            .env("BUILDKITE_AGENT_ACCESS_TOKEN", "standin-access-token")
             .env("BUILDKITE_REPO", &self.url);
         for (k, v) in env {
             cmd.env(k, v);

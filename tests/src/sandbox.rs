@@ -121,21 +121,13 @@ impl Sandbox {
     /// Another build of the checkout hook (a benchmark's baseline) with the same environment.
     pub fn hook_binary(&self, program: &Path) -> Hook {
         let mut cmd = Command::new(program);
-        cmd.env_clear()
+        self.job_environment(&mut cmd)
             .current_dir(&self.checkout)
-            .env(
-                "PATH",
-                format!("{}:/usr/local/bin:/usr/bin:/bin", self.bin.display()),
-            )
-            .env("HOME", &self.home)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"))
             .env("BUILDKITE_BUILD_CHECKOUT_PATH", &self.checkout)
             .env("BUILDKITE_GIT_MIRRORS_PATH", &self.mirrors)
             .env("STATELESS_AGENT_CHECKOUT_RECORD", &self.record)
             .env("STATELESS_AGENT_RETRY_DELAY", "50ms")
             .env("BUILDKITE_STANDIN_STATE", &self.agent_state)
-            .env("BUILDKITE_AGENT_ACCESS_TOKEN", "standin-access-token")
             .env(
                 "BUILDKITE_AGENT_JOB_API_SOCKET",
                 self.dir.path().join("job-api.sock"),
@@ -144,6 +136,20 @@ impl Sandbox {
             .env("STATELESS_E2E_MARKER", &self.marker)
             .stdin(Stdio::null());
         Hook { cmd }
+    }
+
+    /// A job's environment and nothing else: the stand-in agent first on PATH, a HOME and git
+    /// config of the sandbox's own, the agent's access token.
+    pub fn job_environment<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env_clear()
+            .env(
+                "PATH",
+                format!("{}:/usr/local/bin:/usr/bin:/bin", self.bin.display()),
+            )
+            .env("HOME", &self.home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", self.home.join(".gitconfig"))
+            .env("BUILDKITE_AGENT_ACCESS_TOKEN", "standin-access-token")
     }
 
     /// Moves the checkout directory aside and makes a new empty one, as a new pod has. Deleting

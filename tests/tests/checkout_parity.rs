@@ -47,8 +47,7 @@ fn an_older_commit_and_a_short_sha() {
     in_every_mirror_state(|p| {
         let older = p.served.upstream.rev("main~1");
         for commit in [older.clone(), older[..7].to_string()] {
-            p.sandbox().fresh_checkout_dir();
-            std::fs::remove_dir_all(&p.reference_checkout).unwrap();
+            p.next_job();
             let Some(c) = p.compare(&job(&commit, "main")) else {
                 return;
             };
@@ -187,8 +186,7 @@ fn clone_flags_without_a_fast_path_equivalent_run_a_real_clone() {
     in_every_mirror_state(|p| {
         let older = p.served.upstream.rev("main~1");
         for flags in ["-v --single-branch", "--depth=1", "--no-hardlinks -q"] {
-            p.sandbox().fresh_checkout_dir();
-            std::fs::remove_dir_all(&p.reference_checkout).unwrap();
+            p.next_job();
             let mut env = job(&older, "main");
             env.push(("BUILDKITE_GIT_CLONE_FLAGS", flags));
             let Some(c) = p.compare(&env) else { return };
@@ -228,8 +226,7 @@ fn sparse_checkouts_in_cone_and_no_cone_mode() {
                 vec!["--no-cone", "/docs/", "/README.md"],
             ),
         ] {
-            p.sandbox().fresh_checkout_dir();
-            std::fs::remove_dir_all(&p.reference_checkout).unwrap();
+            p.next_job();
             let mut env = job(&main, "main");
             env.extend([
                 ("BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS", paths),

@@ -39,8 +39,7 @@ fn ssh_checkouts_match_the_default_checkout_and_trust_the_host_on_first_contact(
         let main = p.served.upstream.rev("main");
         let ssh = ssh_command(&p, Some(&sshd.client_key));
         for (commit, branch) in [(main.as_str(), "main"), ("HEAD", "feature")] {
-            p.sandbox().fresh_checkout_dir();
-            let _ = std::fs::remove_dir_all(&p.reference_checkout);
+            p.next_job();
             let Some(c) = p.compare(&[
                 ("BUILDKITE_COMMIT", commit),
                 ("BUILDKITE_BRANCH", branch),
