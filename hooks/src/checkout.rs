@@ -143,31 +143,40 @@ impl<'a> Checkout<'a> {
         let dir = &self.plan.checkout_dir;
         let repo = self.prepare(mirror).await?;
         let present = |oid: Oid| mirror.is_some_and(|m| m.has_commit(oid));
-        let (commit, had_commit, fetch, checkout) = match &self.plan.target {
-            // The common case: the mirror has the commit, so the checkout need not wait for the
-            // network. Only the extra refs (a pull request's, a custom refspec) and the
-            // branches and tags are fetched, alongside.
-            Target::Commit(oid) if present(*oid) => {
-                let specs = self.target_specs_without(*oid);
-                let joined = try_join_timed(self.fetch(&specs), self.checkout(*oid)).await;
-                let (fetch, checkout) = match joined {
-                    Ok(((), fetch, (), checkout)) => (fetch, checkout),
-                    Err(e) if e.kind() == FailureKind::NotFound => {
-                        let ((), fetch) = timed(self.fetch_all_heads_and_tags(&e)).await?;
-                        let ((), checkout) = timed(self.checkout(*oid)).await?;
-                        (fetch, checkout)
-                    }
-                    Err(e) => return Err(e),
-                };
-                (*oid, true, fetch, checkout)
-            }
-            target => {
-                let (commit, fetch) = timed(self.fetch_target(&repo, target)).await?;
-                let ((), checkout) = timed(self.checkout(commit)).await?;
-                (commit, false, fetch, checkout)
-            }
+        let fetch_and_checkout = async {
+            Ok(match &self.plan.target {
+                // The common case: the mirror has the commit, so the checkout need not wait for
+                // the network. Only the extra refs (a pull request's, a custom refspec) and the
+                // branches and tags are fetched, alongside.
+                Target::Commit(oid) if present(*oid) => {
+                    let specs = self.target_specs_without(*oid);
+                    let joined = try_join_timed(self.fetch(&specs), self.checkout(*oid)).await;
+                    let (fetch, checkout) = match joined {
+                        Ok(((), fetch, (), checkout)) => (fetch, checkout),
+                        Err(e) if e.kind() == FailureKind::NotFound => {
+                            let ((), fetch) = timed(self.fetch_all_heads_and_tags(&e)).await?;
+                            let ((), checkout) = timed(self.checkout(*oid)).await?;
+                            (fetch, checkout)
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    (*oid, true, fetch, checkout)
+                }
+                target => {
+                    let (commit, fetch) = timed(self.fetch_target(&repo, target)).await?;
+                    let ((), checkout) = timed(self.checkout(commit)).await?;
+                    (commit, false, fetch, checkout)
+                }
+            })
         };
-        self.set_default_branch(&repo, mirror).await;
+        // Which branch is the default costs a request only without a mirror: overlap it with
+        // the fetch, and drop it if the fetch fails.
+        let default_branch = async { Ok(self.default_branch(mirror).await) };
+        let ((commit, had_commit, fetch, checkout), default_branch) =
+            tokio::try_join!(fetch_and_checkout, default_branch)?;
+        if let Some(branch) = default_branch {
+            self.set_default_branch(&repo, &branch);
+        }
         self.update_submodules().await?;
         if self.plan.lfs {
             self.lfs_checkout().await?;
@@ -367,15 +376,18 @@ impl<'a> Checkout<'a> {
         self.git_step(Step::Fetch, cmd, &self.network).await
     }
 
-    /// `origin/HEAD` and a local branch for the remote's default branch, as a clone leaves them,
-    /// for pipelines that ask git which branch is the default. The mirror's HEAD names it
-    /// without a request; without a mirror the server is asked. Never fatal.
-    async fn set_default_branch(&self, repo: &Repository, mirror: Option<&Mirror>) {
-        let branch = match mirror.and_then(Mirror::default_branch) {
+    /// The remote's default branch. The mirror's HEAD names it without a request; without a
+    /// mirror the server is asked.
+    async fn default_branch(&self, mirror: Option<&Mirror>) -> Option<String> {
+        match mirror.and_then(Mirror::default_branch) {
             Some(branch) => Some(branch),
             None => self.remote_default_branch().await,
-        };
-        let Some(branch) = branch else { return };
+        }
+    }
+
+    /// `origin/HEAD` and a local branch for the remote's default branch, as a clone leaves them,
+    /// for pipelines that ask git which branch is the default. Never fatal.
+    fn set_default_branch(&self, repo: &Repository, branch: &str) {
         let tracking = format!("refs/remotes/origin/{branch}");
         let Ok(tip) = repo.refname_to_id(&tracking) else {
             return;

@@ -129,11 +129,11 @@ impl CheckoutPlan {
             return Err(ConfigError::Branch(s.branch));
         }
         let target = parse_target(&s.commit)?;
-        if target == Target::FetchHead && s.branch.is_empty() && s.refspec.is_empty() {
-            return Err(ConfigError::HeadWithoutBranch);
-        }
         let pull_request = github_pull_request(&s)?;
         let target_refspecs = target_refspecs(&s, &target, pull_request)?;
+        if target == Target::FetchHead && target_refspecs.iter().all(String::is_empty) {
+            return Err(ConfigError::HeadWithoutBranch);
+        }
         if s.checkout_attempts == 0 {
             return Err(ConfigError::Attempts);
         }
