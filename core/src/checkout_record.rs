@@ -1,7 +1,6 @@
 //! The machine-readable record of one checkout, written by the checkout hook and read by
 //! agent-wrapper for its exit report. It holds no secret: URLs are stored without credentials.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -82,12 +81,6 @@ pub struct PhaseDurations {
 impl CheckoutRecord {
     /// Writes the record atomically (temporary file, then rename), creating the directory.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-        serde_json::to_writer_pretty(&mut tmp, self)?;
-        tmp.write_all(b"\n")?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        Ok(())
+        crate::atomic_file::write_json(path, self)
     }
 }

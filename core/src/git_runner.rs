@@ -27,6 +27,9 @@ pub struct RunOptions {
     /// report progress (`fetch --progress`): a silent local command is not stalled.
     pub stall_timeout: Option<Duration>,
     pub redactor: Redactor,
+    /// Log git's latest progress line this often, so a long clone shows in a non-interactive
+    /// log (a Kubernetes Job's) that it is alive. Progress redraws are otherwise dropped.
+    pub progress_every: Option<Duration>,
 }
 
 /// A command that exited 0.
@@ -128,6 +131,7 @@ pub async fn run(command: GitCommand, options: &RunOptions) -> Result<Finished, 
     let stall = options.stall_timeout;
     let mut deadline = stall.map(|d| Instant::now() + d);
     let mut chunk = [0u8; 8192];
+    let mut next_report = options.progress_every.map(|d| Instant::now() + d);
     let stalled = |lines: StderrLines| GitFailure::Stalled {
         command: shown.clone(),
         after: stall.unwrap_or_default(),
@@ -144,6 +148,12 @@ pub async fn run(command: GitCommand, options: &RunOptions) -> Result<Finished, 
                 }
             },
             _ = sleep_until(deadline) => return Err(stalled(lines)),
+            _ = sleep_until(next_report) => {
+                if let Some(progress) = lines.take_progress() {
+                    tracing::info!(target: "git", "{}", options.redactor.apply(&progress));
+                }
+                next_report = options.progress_every.map(|d| Instant::now() + d);
+            }
         }
     }
     lines.finish(&options.redactor);
@@ -183,13 +193,15 @@ struct StderrLines {
     tail: Vec<String>,
     /// The last byte was `\r`: a redraw, unless `\n` follows.
     after_cr: bool,
+    /// The latest progress redraw not yet reported.
+    progress: Vec<u8>,
 }
 
 impl StderrLines {
     fn push(&mut self, bytes: &[u8], redactor: &Redactor) {
         for &b in bytes {
             if std::mem::take(&mut self.after_cr) && b != b'\n' {
-                self.partial.clear();
+                self.progress = std::mem::take(&mut self.partial);
             }
             match b {
                 b'\r' => self.after_cr = true,
@@ -197,6 +209,12 @@ impl StderrLines {
                 _ => self.partial.push(b),
             }
         }
+    }
+
+    fn take_progress(&mut self) -> Option<String> {
+        let progress = std::mem::take(&mut self.progress);
+        let text = String::from_utf8_lossy(&progress).trim().to_string();
+        (!text.is_empty()).then_some(text)
     }
 
     fn finish(&mut self, redactor: &Redactor) {

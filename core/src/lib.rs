@@ -1,7 +1,8 @@
 //! What the checkout hook and populate-mirror share: repository URLs and their redaction, the
-//! mirror volume's layout and manifest, cheap mirror inspection, the checkout record, and the one
-//! way we build and run git.
+//! mirror volume's layout and manifest, cheap mirror inspection, the checkout record, atomic
+//! files, and the one way we build and run git.
 
+pub mod atomic_file;
 pub mod checkout_record;
 pub mod git_command;
 pub mod git_runner;

@@ -21,16 +21,37 @@ pub struct Manifest {
     pub repositories: Vec<ManifestEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ManifestEntry {
     /// The repository URL, credentials removed.
     pub url: String,
     /// The published mirror, relative to the root (the path readers use; it may be a symlink
     /// to the current generation).
     pub path: String,
-    /// Unix seconds of the fetch that produced the published generation.
+    /// Unix seconds of the last fetch that confirmed the published generation is current.
     #[serde(default)]
     pub fetched_at: Option<u64>,
+    /// The published generation's number (populate-mirror's layout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_branch: Option<String>,
+    /// The default branch's commit in the published generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_commit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ref_count: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// How long the last refresh took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_duration_ms: Option<u64>,
+    /// `ok`, `unchanged` or `failed` for the last refresh; a failed refresh leaves the previous
+    /// generation published and says why in `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +80,11 @@ impl Manifest {
         serde_json::from_str(&text)
             .map(Some)
             .map_err(|source| ManifestError::Parse { path, source })
+    }
+
+    /// Writes `root/manifest.json` atomically.
+    pub fn write(&self, root: &Path) -> std::io::Result<()> {
+        crate::atomic_file::write_json(&root.join(MANIFEST_FILE), self)
     }
 
     /// The entry for `url` (compared by [`RepoUrl::identity`]) whose path stays inside the root.
@@ -92,6 +118,7 @@ mod tests {
             url: url.into(),
             path: path.into(),
             fetched_at: Some(1),
+            ..Default::default()
         }
     }
 

@@ -88,6 +88,7 @@ mod tests {
                 url: "git@github.com:acme/widgets.git".into(),
                 path: "gen/acme-widgets".into(),
                 fetched_at: Some(42),
+                ..Default::default()
             }],
         };
         let got = candidates(Path::new("/m"), &url, Some(&manifest));

@@ -60,8 +60,8 @@ pub struct Checkout<'a> {
 impl<'a> Checkout<'a> {
     pub fn new(git: &'a Git, plan: &'a CheckoutPlan, ssh: &'a SshSetup) -> Self {
         let local = RunOptions {
-            stall_timeout: None,
             redactor: Redactor::new(plan.repo.secrets()),
+            ..RunOptions::default()
         };
         let network = RunOptions {
             stall_timeout: Some(plan.stall_timeout),
