@@ -4,6 +4,7 @@
 
 pub mod atomic_file;
 pub mod checkout_record;
+pub mod failure_kind;
 pub mod git_command;
 pub mod git_runner;
 pub mod manifest;

@@ -15,13 +15,14 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use git2::{ConfigLevel, Oid, Repository, RepositoryInitOptions};
 use stateless_core::checkout_record::MirrorStatus;
+use stateless_core::failure_kind::{classify, FailureKind};
 use stateless_core::git_command::{Git, GitCommand};
 use stateless_core::git_runner::{self, RunOptions};
 use stateless_core::mirror_inspect::Mirror;
 use stateless_core::repo_url::Redactor;
 
 use crate::checkout_plan::{CheckoutPlan, Target};
-use crate::error::{classify, CheckoutError, FailureKind, Step};
+use crate::error::{CheckoutError, Step};
 use crate::settings::{MirrorMode, SparseMode};
 use crate::ssh::SshSetup;
 
