@@ -3,6 +3,7 @@
 //! old content or the new, never half of it.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use serde::Serialize;
@@ -14,6 +15,10 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     serde_json::to_writer_pretty(&mut tmp, value)?;
     tmp.write_all(b"\n")?;
+    // Readable by everyone, like a file git writes: pods read the volume as other users, and a
+    // temporary file starts as 0600.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())

@@ -7,6 +7,7 @@ pub mod checkout_record;
 pub mod failure_kind;
 pub mod git_command;
 pub mod git_runner;
+pub mod interrupts;
 pub mod manifest;
 pub mod mirror_inspect;
 pub mod mirror_layout;

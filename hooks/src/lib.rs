@@ -15,11 +15,9 @@ mod submodules;
 mod summary;
 
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::Instant;
 
 use stateless_core::git_command::Git;
-use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::checkout::Checkout;
 use crate::checkout_plan::{CheckoutPlan, ConfigError};
@@ -103,34 +101,4 @@ async fn lfs_installed(git: &Git) -> bool {
     stateless_core::git_runner::run(cmd, &Default::default())
         .await
         .is_ok()
-}
-
-/// SIGTERM and SIGINT, caught from before any git starts: the agent cancels a job by signalling
-/// the hook, and a hook that died by the signal's default action would leave its git children
-/// (in their own process groups) running.
-pub struct Interrupts {
-    term: Signal,
-    int: Signal,
-}
-
-impl Interrupts {
-    pub fn install() -> std::io::Result<Interrupts> {
-        Ok(Interrupts {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    /// The number of the first signal received.
-    pub async fn recv(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.term.recv() => SignalKind::terminate().as_raw_value(),
-            _ = self.int.recv() => SignalKind::interrupt().as_raw_value(),
-        }
-    }
-}
-
-/// Death by signal N is reported as 128+N, like a shell.
-pub fn signal_exit_code(signal: i32) -> ExitCode {
-    ExitCode::from(128u8.saturating_add(signal as u8))
 }

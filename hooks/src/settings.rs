@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
-use clap::{CommandFactory, Parser, ValueEnum};
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 use stateless_core::checkout_record::RECORD_PATH_ENV;
 use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
 
@@ -46,7 +46,7 @@ pub struct Settings {
     pub pipeline_provider: String,
 
     /// Fetch `refs/pull/N/merge` instead of `refs/pull/N/head`.
-    #[arg(long, env = "BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub pull_request_using_merge_refspec: bool,
 
     /// Flags for `git clone`, in git's syntax. Those the fast path can express are mapped onto
@@ -85,7 +85,7 @@ pub struct Settings {
     pub clean_flags: String,
 
     /// Check out submodules, each borrowing from its own mirror when the volume has one.
-    #[arg(long, env = "BUILDKITE_GIT_SUBMODULES", default_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_GIT_SUBMODULES", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub submodules: bool,
 
     /// Comma-separated `key=value` git config for submodule clones.
@@ -101,19 +101,19 @@ pub struct Settings {
     pub sparse_checkout_mode: SparseMode,
 
     /// Fetch and check out Git LFS files after the checkout (smudging is skipped during it).
-    #[arg(long, env = "BUILDKITE_GIT_LFS_ENABLED", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_GIT_LFS_ENABLED", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub lfs_enabled: bool,
 
     /// Do not fetch the commit (or refspec) when the mirror already has it.
-    #[arg(long, env = "BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub skip_fetch_existing_commits: bool,
 
     /// Empty the checkout directory even when it holds files that are not a checkout.
-    #[arg(long, env = "BUILDKITE_CLEAN_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_CLEAN_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub clean_checkout: bool,
 
     /// Do nothing at all.
-    #[arg(long, env = "BUILDKITE_SKIP_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_SKIP_CHECKOUT", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub skip_checkout: bool,
 
     /// Private key for SSH remotes: the key itself, or the path of a file holding it.
@@ -122,7 +122,7 @@ pub struct Settings {
 
     /// Accept an SSH host's key on first contact (`StrictHostKeyChecking=accept-new`, the
     /// agent's 4.x behaviour); `false` accepts only hosts already in known_hosts.
-    #[arg(long, env = "BUILDKITE_SSH_KEYSCAN", default_value = "true", value_parser = BoolishValueParser::new())]
+    #[arg(long, env = "BUILDKITE_SSH_KEYSCAN", default_value = "true", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub ssh_keyscan: bool,
 
     /// Where to check out; defaults to the current directory, as the agent runs hooks there.

@@ -42,6 +42,8 @@ struct State {
     /// One entry per request: `GET info/refs`, `ls-refs`, `fetch`, …
     log: Mutex<Vec<String>>,
     faults: Mutex<VecDeque<(On, Fault)>>,
+    /// `Authorization` every request must carry, when set.
+    required_auth: Mutex<Option<String>>,
     shutdown: AtomicBool,
 }
 
@@ -89,6 +91,14 @@ impl GitHttpServer {
             self.addr,
             path.trim_start_matches('/')
         )
+    }
+
+    /// Answers 401 to any request without HTTP basic credentials `userinfo` (`user:password`),
+    /// as a private repository's server does.
+    pub fn require_credentials(&self, userinfo: &str) {
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(userinfo);
+        *self.state.required_auth.lock().unwrap() = Some(format!("Basic {encoded}"));
     }
 
     /// Applies `fault` to the next `times` requests matching `on`.
@@ -188,6 +198,12 @@ fn serve(stream: TcpStream, root: &Path, state: &State) -> std::io::Result<()> {
         fault,
         sent: 0,
     };
+    let required = state.required_auth.lock().unwrap().clone();
+    if required.is_some_and(|auth| request.header("Authorization") != Some(auth.as_str())) {
+        return out.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
+    }
     if let Some(Fault::Status(code)) = fault {
         let body = format!("injected failure {code}\n");
         return out.write_all(

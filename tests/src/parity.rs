@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::git::{git, output};
-use crate::sandbox::{HookOutput, Sandbox};
+use crate::sandbox::{Finished, Sandbox};
 use crate::scenario::Served;
 
 /// The replay of the agent's default checkout, or `None` (with a message) when `../shared` is
@@ -141,7 +141,7 @@ impl Parity {
             cmd.env(k, v);
         }
         let out = cmd.output().expect("bash runs the reference script");
-        let reference = HookOutput {
+        let reference = Finished {
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -163,7 +163,7 @@ impl Parity {
 
 /// One side's run.
 pub struct Side {
-    pub output: HookOutput,
+    pub output: Finished,
     pub checkout: PathBuf,
     pub agent: PathBuf,
 }

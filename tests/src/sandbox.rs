@@ -114,12 +114,12 @@ impl Sandbox {
     }
 
     /// The checkout hook with this sandbox's environment; add the job's variables.
-    pub fn hook(&self) -> Hook {
+    pub fn hook(&self) -> Invocation {
         self.hook_binary(&bin("checkout-hook"))
     }
 
     /// Another build of the checkout hook (a benchmark's baseline) with the same environment.
-    pub fn hook_binary(&self, program: &Path) -> Hook {
+    pub fn hook_binary(&self, program: &Path) -> Invocation {
         let mut cmd = Command::new(program);
         self.job_environment(&mut cmd)
             .current_dir(&self.checkout)
@@ -135,7 +135,19 @@ impl Sandbox {
             .env("BUILDKITE_AGENT_JOB_API_TOKEN", "standin-job-api-token")
             .env("STATELESS_E2E_MARKER", &self.marker)
             .stdin(Stdio::null());
-        Hook { cmd }
+        Invocation { cmd }
+    }
+
+    /// populate-mirror writing this sandbox's mirror root; add URLs with `args`.
+    pub fn populate_mirror(&self) -> Invocation {
+        let mut cmd = Command::new(bin("populate-mirror"));
+        self.job_environment(&mut cmd)
+            .current_dir(self.dir.path())
+            .env("BUILDKITE_GIT_MIRRORS_PATH", &self.mirrors)
+            .env("POPULATE_MIRROR_RETRY_DELAY", "50ms")
+            .env("STATELESS_E2E_MARKER", &self.marker)
+            .stdin(Stdio::null());
+        Invocation { cmd }
     }
 
     /// A job's environment and nothing else: the stand-in agent first on PATH, a HOME and git
@@ -248,18 +260,18 @@ impl Sandbox {
     }
 }
 
-/// The checkout hook about to run.
-pub struct Hook {
+/// One of our binaries about to run, in a sandbox's environment.
+pub struct Invocation {
     cmd: Command,
 }
 
-pub struct HookOutput {
+pub struct Finished {
     pub status: ExitStatus,
     pub stdout: String,
     pub stderr: String,
 }
 
-impl HookOutput {
+impl Finished {
     /// All the hook printed, for asserting what a log shows.
     pub fn log(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
@@ -270,10 +282,43 @@ impl HookOutput {
     }
 }
 
-impl Hook {
+impl Invocation {
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.cmd.env(key, value);
         self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.arg(arg);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd.args(args);
+        self
+    }
+
+    /// Runs inside a mount namespace where `dir` is bind-mounted read-only onto itself, as a
+    /// pod mounts the mirror volume. Exits 99 if the mount turned out writable.
+    pub fn with_read_only(self, dir: &Path) -> Invocation {
+        let dir = dir.display();
+        let script = format!(
+            "mount --bind {dir} {dir} && mount -o remount,bind,ro {dir} && touch {dir}/probe 2>/dev/null && exit 99; exec \"$@\""
+        );
+        self.wrapped(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+            "sh",
+        ])
     }
 
     /// The job: repository, commit and branch.
@@ -283,9 +328,9 @@ impl Hook {
             .env("BUILDKITE_BRANCH", branch)
     }
 
-    pub fn run(mut self) -> HookOutput {
+    pub fn run(mut self) -> Finished {
         let out = self.cmd.output().expect("checkout-hook runs");
-        HookOutput {
+        Finished {
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -302,7 +347,7 @@ impl Hook {
 
     /// The same hook run through `wrapper` (e.g. `unshare --mount sh -c …`), with the same
     /// environment and directory; the hook's path is appended to `wrapper`'s arguments.
-    pub fn wrapped(self, wrapper: &[&str]) -> Hook {
+    pub fn wrapped(self, wrapper: &[&str]) -> Invocation {
         let mut cmd = Command::new(wrapper[0]);
         cmd.args(&wrapper[1..])
             .arg(self.cmd.get_program())
@@ -317,6 +362,6 @@ impl Hook {
                 cmd.env(key, value);
             }
         }
-        Hook { cmd }
+        Invocation { cmd }
     }
 }

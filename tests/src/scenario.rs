@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::fixture::Upstream;
 use crate::http_server::GitHttpServer;
-use crate::sandbox::{Hook, HookOutput, Sandbox};
+use crate::sandbox::{Finished, Invocation, Sandbox};
 
 pub struct Served {
     /// Declared first so it stops before the sandbox's files go away.
@@ -36,12 +36,12 @@ impl Served {
     }
 
     /// The checkout hook for `commit` on `branch` of the served repository, to add settings to.
-    pub fn hook(&self, commit: &str, branch: &str) -> Hook {
+    pub fn hook(&self, commit: &str, branch: &str) -> Invocation {
         self.sandbox.hook().job(&self.url, commit, branch)
     }
 
     /// Runs the checkout hook for `commit` on `branch` of the served repository.
-    pub fn checkout(&self, commit: &str, branch: &str) -> HookOutput {
+    pub fn checkout(&self, commit: &str, branch: &str) -> Finished {
         self.hook(commit, branch).run()
     }
 }

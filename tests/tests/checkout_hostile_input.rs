@@ -178,24 +178,11 @@ fn checkout_from_a_read_only_bind_mount_of_the_mirror() {
     let server = GitHttpServer::start(&sandbox.server_root);
     let url = server.url("acme/widgets.git");
     sandbox.mirror(&url, "acme/widgets.reference");
-    let root = sandbox.mirrors.to_str().unwrap();
-    let script = format!(
-        "mount --bind {root} {root} && mount -o remount,bind,ro {root} && touch {root}/probe 2>/dev/null && exit 99; exec \"$@\""
-    );
 
     let out = sandbox
         .hook()
         .job(&url, &upstream.head(), "main")
-        .wrapped(&[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-            "sh",
-        ])
+        .with_read_only(&sandbox.mirrors)
         .run();
 
     assert_ne!(out.code(), Some(99), "the mount was writable");

@@ -2,7 +2,7 @@
 //! log and the record say why.
 
 use stateless_e2e::git::git;
-use stateless_e2e::sandbox::HookOutput;
+use stateless_e2e::sandbox::Finished;
 use stateless_e2e::scenario::Served;
 
 const REPO: &str = "acme/widgets.git";
@@ -22,7 +22,7 @@ fn case() -> Case {
 }
 
 impl Case {
-    fn run(&self) -> HookOutput {
+    fn run(&self) -> Finished {
         self.s
             .sandbox
             .hook()
@@ -31,7 +31,7 @@ impl Case {
     }
 
     /// The checkout succeeded, is right, and the record says `status` because of `why`.
-    fn assert_checked_out(&self, out: &HookOutput, status: &str, why: &str) {
+    fn assert_checked_out(&self, out: &Finished, status: &str, why: &str) {
         assert_eq!(out.code(), Some(0), "{}", out.log());
         assert_eq!(self.s.sandbox.git(&["rev-parse", "HEAD"]), self.commit);
         assert_eq!(self.s.sandbox.git(&["status", "--porcelain"]), "");

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use hooks::settings::Settings;
-use hooks::{signal_exit_code, Interrupts};
+use stateless_core::interrupts::{signal_exit_code, Interrupts};
 
 fn main() -> ExitCode {
     let settings = match Settings::from_args_and_env() {

@@ -1,0 +1,258 @@
+//! populate-mirror benchmark: against plain git doing the same job, in the same rounds, on
+//! repositories served over smart HTTP on loopback.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p stateless-e2e --bench populate`
+//!
+//! Cases (each round runs every pair back to back; ratios are medians of per-round ratios):
+//! - first populate of one large repository vs `git clone --mirror` of it;
+//! - first populate of N small repositories (concurrency 4) vs `git clone --mirror` of each in turn;
+//! - a refresh with nothing new, all repositories, vs `git ls-remote` of each in turn;
+//! - a refresh with `BENCH_NEW_COMMITS` (200) new commits on the large repository vs
+//!   `git fetch --prune` in a `--mirror` clone.
+//!
+//! Environment: `BENCH_RUNS` (5), `BENCH_REPOS` (4 small repositories), `BENCH_FILES` (20000),
+//! `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (200), `BENCH_TAGS` (100), `BENCH_NEW_COMMITS` (200),
+//! `BENCH_TMPDIR` (`/dev/shm`). Pull-request refs are left out: populate-mirror skips them by
+//! default, and `clone --mirror` would copy them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stateless_e2e::git::{command, git};
+use stateless_e2e::http_server::GitHttpServer;
+use stateless_e2e::sandbox::{bin, Sandbox};
+use stateless_e2e::synthetic::{self, Shape};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Pair {
+    name: &'static str,
+    baseline: &'static str,
+    target: f64,
+    ours: Vec<Duration>,
+    theirs: Vec<Duration>,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let tmp = std::env::var("BENCH_TMPDIR").unwrap_or_else(|_| "/dev/shm".into());
+    if Path::new(&tmp).is_dir() {
+        std::env::set_var("TMPDIR", &tmp);
+    }
+    let runs = env_or("BENCH_RUNS", 5);
+    let small_count = env_or("BENCH_REPOS", 4);
+    let new_commits = env_or("BENCH_NEW_COMMITS", 200);
+    let sandbox = Sandbox::new();
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let large_shape = Shape {
+        files: env_or("BENCH_FILES", 20_000),
+        commits: env_or("BENCH_COMMITS", 3_000),
+        branches: env_or("BENCH_BRANCHES", 200),
+        tags: env_or("BENCH_TAGS", 100),
+        pulls: 0,
+    };
+    let small_shape = Shape {
+        files: 2_000,
+        commits: 500,
+        branches: 20,
+        tags: 10,
+        pulls: 0,
+    };
+    let started = Instant::now();
+    let large_bare = sandbox.server_root.join("bench/large.git");
+    let old_tip = synthetic::generate(&large_bare, large_shape);
+    let new_tip = synthetic::extend(&large_bare, large_shape, new_commits);
+    git(&large_bare, &["update-ref", "refs/heads/main", &old_tip]);
+    let large = server.url("bench/large.git");
+    let small: Vec<String> = (0..small_count)
+        .map(|i| {
+            let name = format!("bench/small-{i}.git");
+            synthetic::generate(&sandbox.server_root.join(&name), small_shape);
+            server.url(&name)
+        })
+        .collect();
+    eprintln!(
+        "large: {} files, {} commits (+{new_commits}), {} branches, {} tags; {small_count} small: {} files, {} commits; generated in {:.1}s; {runs} rounds",
+        large_shape.files,
+        large_shape.commits,
+        large_shape.branches,
+        large_shape.tags,
+        small_shape.files,
+        small_shape.commits,
+        started.elapsed().as_secs_f64()
+    );
+
+    let mut pairs = [
+        Pair {
+            name: "first populate, 1 large repository",
+            baseline: "git clone --mirror",
+            target: 1.1,
+            ours: vec![],
+            theirs: vec![],
+        },
+        Pair {
+            name: "first populate, small repositories",
+            baseline: "git clone --mirror, one after another",
+            target: 1.0,
+            ours: vec![],
+            theirs: vec![],
+        },
+        Pair {
+            name: "refresh, nothing new, all repositories",
+            baseline: "git ls-remote, one after another",
+            target: 1.5,
+            ours: vec![],
+            theirs: vec![],
+        },
+        Pair {
+            name: "refresh, new commits on the large repository",
+            baseline: "git fetch --prune in a --mirror clone",
+            target: f64::INFINITY,
+            ours: vec![],
+            theirs: vec![],
+        },
+    ];
+    let work = sandbox.dir.path().join("work");
+    let mut all = vec![large.clone()];
+    all.extend(small.iter().cloned());
+    for round in 0..runs {
+        let dir = work.join(round.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join("root");
+        let clones = dir.join("clones");
+        std::fs::create_dir_all(&clones).unwrap();
+        git(&large_bare, &["update-ref", "refs/heads/main", &old_tip]);
+
+        pairs[0]
+            .ours
+            .push(time(|| populate(&sandbox, &root, &[&large])));
+        pairs[0]
+            .theirs
+            .push(time(|| clone_mirror(&large, &clones.join("large.git"))));
+
+        let small_refs: Vec<&str> = small.iter().map(String::as_str).collect();
+        pairs[1]
+            .ours
+            .push(time(|| populate(&sandbox, &root, &small_refs)));
+        pairs[1].theirs.push(time(|| {
+            for (i, url) in small.iter().enumerate() {
+                clone_mirror(url, &clones.join(format!("small-{i}.git")));
+            }
+        }));
+
+        let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        pairs[2]
+            .ours
+            .push(time(|| populate(&sandbox, &root, &all_refs)));
+        pairs[2].theirs.push(time(|| {
+            for url in &all {
+                git(&dir, &["ls-remote", url]);
+            }
+        }));
+
+        git(&large_bare, &["update-ref", "refs/heads/main", &new_tip]);
+        pairs[3]
+            .ours
+            .push(time(|| populate(&sandbox, &root, &[&large])));
+        pairs[3].theirs.push(time(|| {
+            git(
+                &clones.join("large.git"),
+                &["fetch", "-q", "--prune", "origin"],
+            );
+        }));
+    }
+
+    println!();
+    println!("| case | populate-mirror (median) | baseline | baseline (median) | ratio (median of rounds) | target |");
+    println!("|---|---:|---|---:|---:|---|");
+    for pair in &pairs {
+        let ratio = median(
+            pair.ours
+                .iter()
+                .zip(&pair.theirs)
+                .map(|(a, b)| (a.as_secs_f64() / b.as_secs_f64() * 1e6) as u64)
+                .collect(),
+        ) as f64
+            / 1e6;
+        let target = if pair.target.is_finite() {
+            format!(
+                "≤ {}: {}",
+                pair.target,
+                if ratio <= pair.target {
+                    "met"
+                } else {
+                    "MISSED"
+                }
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {} | {:.0} ms | {} | {:.0} ms | {ratio:.2} | {target} |",
+            pair.name,
+            ms(&pair.ours),
+            pair.baseline,
+            ms(&pair.theirs),
+        );
+    }
+}
+
+fn populate(sandbox: &Sandbox, root: &Path, urls: &[&str]) {
+    let out = std::process::Command::new(bin("populate-mirror"))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &sandbox.home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", sandbox.home.join(".gitconfig"))
+        .env(
+            "POPULATE_MIRROR_LOG",
+            std::env::var("BENCH_POPULATE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .arg("--root")
+        .arg(root)
+        .args(urls)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        if line.contains("published generation") {
+            eprintln!("{line}");
+        }
+    }
+}
+
+fn clone_mirror(url: &str, path: &PathBuf) {
+    let ok = command(path.parent().unwrap())
+        .args(["clone", "-q", "--mirror", url])
+        .arg(path)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "clone --mirror {url}");
+}
+
+fn time(f: impl FnOnce()) -> Duration {
+    let started = Instant::now();
+    f();
+    started.elapsed()
+}
+
+fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn ms(samples: &[Duration]) -> f64 {
+    median(samples.to_vec()).as_secs_f64() * 1000.0
+}
