@@ -2,6 +2,7 @@
 //! the start, so that dropping the work in progress kills those groups, instead of the default
 //! action ending us and leaving git running.
 
+use std::future::Future;
 use std::process::ExitCode;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -32,4 +33,34 @@ impl Interrupts {
 /// Death by signal N is reported as 128+N, like a shell.
 pub fn signal_exit_code(signal: i32) -> ExitCode {
     ExitCode::from(128u8.saturating_add(signal as u8))
+}
+
+/// A binary's whole run: `work` on a current-thread runtime, until it finishes or SIGTERM/SIGINT
+/// arrives. On a signal `work` is dropped — which kills the git process groups it started — then
+/// `interrupted` is told the signal, and the exit code is 128+N. `program` names the binary in the
+/// one message that cannot go through its log.
+pub fn run_until_interrupted(
+    program: &str,
+    work: impl Future<Output = ExitCode>,
+    interrupted: impl FnOnce(i32),
+) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let outcome = runtime.and_then(|rt| {
+        rt.block_on(async {
+            let mut interrupts = Interrupts::install()?;
+            Ok(tokio::select! {
+                code = work => code,
+                signal = interrupts.recv() => {
+                    interrupted(signal);
+                    signal_exit_code(signal)
+                }
+            })
+        })
+    });
+    outcome.unwrap_or_else(|e: std::io::Error| {
+        eprintln!("{program}: cannot start: {e}");
+        ExitCode::from(1)
+    })
 }

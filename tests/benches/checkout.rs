@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stateless_e2e::bench::{env_or, median, paired_ratio};
 use stateless_e2e::git::{command, git};
 use stateless_e2e::http_server::GitHttpServer;
 use stateless_e2e::sandbox::Sandbox;
@@ -26,13 +27,6 @@ use stateless_e2e::synthetic::{self, Shape};
 
 /// The row of `BENCH_BASELINE_HOOK`, run on the up-to-date mirror.
 const BASELINE: &str = "baseline hook (BENCH_BASELINE_HOOK), mirror up to date";
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Sample {
     took: Duration,
@@ -270,11 +264,6 @@ fn hermetic_env(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
-fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
-    values.sort();
-    values[values.len() / 2]
-}
-
 /// Ratios are medians of per-round ratios: each round runs every case once, back to back, so a
 /// round's ratio cancels the machine's drift between rounds (seen here: the floor itself moving
 /// from 370 ms to 590 ms between runs of this benchmark).
@@ -293,14 +282,8 @@ fn report(cases: &[Case]) {
         })
     };
     let paired = |a: &Case, b: Option<&Case>| -> Option<f64> {
-        let b = b?;
-        let ratios: Vec<u64> = a
-            .samples
-            .iter()
-            .zip(&b.samples)
-            .map(|(x, y)| (x.took.as_secs_f64() / y.took.as_secs_f64() * 1e6) as u64)
-            .collect();
-        Some(median(ratios) as f64 / 1e6)
+        let took = |c: &Case| c.samples.iter().map(|s| s.took).collect::<Vec<_>>();
+        Some(paired_ratio(&took(a), &took(b?)))
     };
     let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}"));
 

@@ -18,17 +18,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use stateless_e2e::bench::{env_or, median, paired_ratio};
 use stateless_e2e::git::{command, git};
 use stateless_e2e::http_server::GitHttpServer;
 use stateless_e2e::sandbox::{bin, Sandbox};
 use stateless_e2e::synthetic::{self, Shape};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Pair {
     name: &'static str,
@@ -173,14 +167,7 @@ fn main() {
     println!("| case | populate-mirror (median) | baseline | baseline (median) | ratio (median of rounds) | target |");
     println!("|---|---:|---|---:|---:|---|");
     for pair in &pairs {
-        let ratio = median(
-            pair.ours
-                .iter()
-                .zip(&pair.theirs)
-                .map(|(a, b)| (a.as_secs_f64() / b.as_secs_f64() * 1e6) as u64)
-                .collect(),
-        ) as f64
-            / 1e6;
+        let ratio = paired_ratio(&pair.ours, &pair.theirs);
         let target = if pair.target.is_finite() {
             format!(
                 "≤ {}: {}",
@@ -246,11 +233,6 @@ fn time(f: impl FnOnce()) -> Duration {
     let started = Instant::now();
     f();
     started.elapsed()
-}
-
-fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
-    values.sort();
-    values[values.len() / 2]
 }
 
 fn ms(samples: &[Duration]) -> f64 {

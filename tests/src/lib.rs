@@ -2,6 +2,7 @@
 //! a sandbox per scenario, and the stand-in `buildkite-agent`. Shared by the tests under
 //! `tests/`, the demo and the benchmarks.
 
+pub mod bench;
 pub mod fixture;
 pub mod git;
 pub mod git_daemon;

@@ -470,20 +470,13 @@ fn a_second_run_while_one_holds_the_volume_is_refused() {
     let _ = first.wait();
 }
 
+/// Every regular file under `dir`.
 fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let meta = entry.path().symlink_metadata().unwrap();
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if meta.is_file() {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
+    Sandbox::snapshot(dir)
+        .into_iter()
+        .map(|(path, _, _)| path)
+        .filter(|p| p.symlink_metadata().is_ok_and(|m| m.is_file()))
+        .collect()
 }
 
 #[test]
@@ -516,4 +509,36 @@ fn a_generation_with_broken_history_is_never_published() {
         entry["generation"], 1,
         "the entry still names the published generation"
     );
+}
+
+#[test]
+fn credentials_given_by_environment_fetch_and_stay_off_the_volume() {
+    use base64::Engine;
+    let s = Served::new(REPO);
+    s.server.require_credentials("ci:env-t0ken");
+    let header = format!(
+        "Authorization: Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("ci:env-t0ken")
+    );
+
+    let out = s
+        .sandbox
+        .populate_mirror()
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+        .env("GIT_CONFIG_VALUE_0", &header)
+        .arg(&s.url)
+        .run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    for file in walk(&s.sandbox.mirrors) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !bytes
+                .windows(9)
+                .any(|w| w == b"env-t0ken" || w == &header.as_bytes()[..9]),
+            "{} holds the credential",
+            file.display()
+        );
+    }
 }

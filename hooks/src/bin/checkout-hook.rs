@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use hooks::settings::Settings;
-use stateless_core::interrupts::{signal_exit_code, Interrupts};
+use stateless_core::interrupts::run_until_interrupted;
 
 fn main() -> ExitCode {
     let settings = match Settings::from_args_and_env() {
@@ -12,26 +12,17 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     hooks::logging::init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let outcome = runtime.and_then(|rt| {
-        rt.block_on(async {
-            let mut interrupts = Interrupts::install()?;
-            Ok(tokio::select! {
-                result = hooks::run(settings) => result.map_or_else(|e| {
+    run_until_interrupted(
+        "checkout-hook",
+        async {
+            hooks::run(settings).await.map_or_else(
+                |e| {
                     tracing::error!("{e}");
                     e.exit_code()
-                }, |()| ExitCode::SUCCESS),
-                signal = interrupts.recv() => {
-                    tracing::warn!("checkout interrupted by signal {signal}; stopped git");
-                    signal_exit_code(signal)
-                }
-            })
-        })
-    });
-    outcome.unwrap_or_else(|e| {
-        eprintln!("checkout-hook: cannot start the async runtime: {e}");
-        ExitCode::from(1)
-    })
+                },
+                |()| ExitCode::SUCCESS,
+            )
+        },
+        |signal| tracing::warn!("checkout interrupted by signal {signal}; stopped git"),
+    )
 }

@@ -1,35 +1,27 @@
 //! The mirror volume's Job. See `populate-mirror --help` and docs/populate-mirror.md.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use populate_mirror::settings::Settings;
 use populate_mirror::{PopulateError, Summary};
-use stateless_core::interrupts::{signal_exit_code, Interrupts};
+use stateless_core::interrupts::run_until_interrupted;
 
 fn main() -> ExitCode {
-    let settings = Settings::parse();
-    populate_mirror::logging::init();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build();
-    let outcome = runtime.and_then(|rt| {
-        rt.block_on(async {
-            let mut interrupts = Interrupts::install()?;
-            Ok(tokio::select! {
-                result = populate_mirror::run(settings) => exit_code(result),
-                signal = interrupts.recv() => {
-                    // Dropping the run killed every git it started and removed what was staged.
-                    tracing::warn!("stopped by signal {signal}; nothing unpublished was left on the volume");
-                    signal_exit_code(signal)
-                }
-            })
-        })
-    });
-    outcome.unwrap_or_else(|e| {
-        eprintln!("populate-mirror: cannot start the async runtime: {e}");
-        ExitCode::from(5)
-    })
+    let mut settings = Settings::parse();
+    if populate_mirror::logging::init() {
+        // A person is watching: show git's progress every couple of seconds, not every 30.
+        settings.progress_interval = settings.progress_interval.min(Duration::from_secs(2));
+    }
+    run_until_interrupted(
+        "populate-mirror",
+        async { exit_code(populate_mirror::run(settings).await) },
+        // Dropping the run killed every git it started and removed what was staged.
+        |signal| {
+            tracing::warn!("stopped by signal {signal}; nothing unpublished was left on the volume")
+        },
+    )
 }
 
 /// The exit codes `docs/populate-mirror.md` documents, decided here only.
