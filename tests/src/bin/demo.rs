@@ -1,5 +1,6 @@
-//! The demo: the checkout hook on a generated repository served over loopback, without a mirror,
-//! with an up-to-date mirror, and with a mirror behind the server. No Buildkite account needed:
+//! The demo: populate-mirror fills a mirror volume from a generated repository served over
+//! loopback, then the checkout hook checks out without a mirror, with the up-to-date mirror, with
+//! the mirror behind the server, and after populate-mirror's refresh. No Buildkite account needed:
 //! the stand-in agent receives the exports and meta-data.
 
 use std::time::Instant;
@@ -27,10 +28,37 @@ fn main() {
     let server = GitHttpServer::start(&sandbox.server_root);
     let url = server.url("demo/sample.git");
     println!("Serving it over smart HTTP (git http-backend) at {url}");
-    let mirror = sandbox.mirror(&url, "demo/sample.reference");
+    let populate = || {
+        let out = sandbox
+            .populate_mirror()
+            .env("POPULATE_MIRROR_LOG", "warn")
+            .arg(&url)
+            .run();
+        assert_eq!(
+            out.code(),
+            Some(0),
+            "populate-mirror failed:\n{}",
+            out.log()
+        );
+        let manifest = std::fs::read_to_string(sandbox.mirrors.join("manifest.json")).unwrap();
+        let entry: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        let entry = &entry["repositories"][0];
+        println!(
+            "populate-mirror: {} → generation {} ({}, {} refs, {} bytes)",
+            entry["path"],
+            entry["generation"],
+            entry["status"],
+            entry["ref_count"],
+            entry["size_bytes"]
+        );
+    };
+    populate();
     println!(
-        "Mirror volume: {} (a bare mirror, as populate-mirror makes them)\n",
-        mirror.display()
+        "Mirror volume: {}/demo/sample.reference -> {}\n",
+        sandbox.mirrors.display(),
+        std::fs::read_link(sandbox.mirrors.join("demo/sample.reference"))
+            .unwrap()
+            .display()
     );
 
     let mut rows = Vec::new();
@@ -82,6 +110,13 @@ fn main() {
     let new_tip = synthetic::extend(&bare, SHAPE, 50);
     run(
         "3. mirror 50 commits behind: only the missing commits are fetched",
+        &new_tip,
+        &sandbox.mirrors,
+    );
+    println!();
+    populate();
+    run(
+        "4. after populate-mirror's refresh: borrowed from the new generation",
         &new_tip,
         &sandbox.mirrors,
     );
