@@ -79,6 +79,11 @@ pub struct PhaseDurations {
 }
 
 impl CheckoutRecord {
+    /// The record at `path`, if there is a readable one.
+    pub fn load(path: &Path) -> Option<CheckoutRecord> {
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
     /// Writes the record atomically (temporary file, then rename), creating the directory.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         crate::atomic_file::write_json(path, self)

@@ -8,6 +8,7 @@ pub mod failure_kind;
 pub mod git_command;
 pub mod git_runner;
 pub mod interrupts;
+pub mod job_record;
 pub mod manifest;
 pub mod mirror_inspect;
 pub mod mirror_layout;

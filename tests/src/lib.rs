@@ -13,4 +13,5 @@ pub mod sandbox;
 pub mod scenario;
 pub mod sshd;
 pub mod standin_agent;
+pub mod standin_start;
 pub mod synthetic;

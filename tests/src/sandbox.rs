@@ -36,6 +36,9 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The agent token the wrapper's scenarios use; it must never appear in any output.
+pub const AGENT_TOKEN: &str = "s3cret-agent-t0ken";
+
 pub struct Sandbox {
     pub dir: TempDir,
     pub server_root: PathBuf,
@@ -148,6 +151,43 @@ impl Sandbox {
             .env("STATELESS_E2E_MARKER", &self.marker)
             .stdin(Stdio::null());
         Invocation { cmd }
+    }
+
+    /// agent-wrapper running the stand-in agent with this sandbox's hooks (checkout-hook as
+    /// `checkout`, job-hook as `environment` and `pre-exit`), build path, records and
+    /// termination log. Add the job with `BUILDKITE_STANDIN_*` variables.
+    pub fn agent_wrapper(&self) -> Invocation {
+        let hooks = self.dir.path().join("hooks");
+        if !hooks.exists() {
+            std::fs::create_dir_all(&hooks).unwrap();
+            for (name, binary) in [
+                ("checkout", "checkout-hook"),
+                ("environment", "job-hook"),
+                ("pre-exit", "job-hook"),
+            ] {
+                std::os::unix::fs::symlink(bin(binary), hooks.join(name)).unwrap();
+            }
+        }
+        let mut cmd = Command::new(bin("agent-wrapper"));
+        self.job_environment(&mut cmd)
+            .current_dir(self.dir.path())
+            .env("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN)
+            .env("BUILDKITE_BUILD_PATH", self.dir.path().join("builds"))
+            .env("BUILDKITE_HOOKS_PATH", &hooks)
+            .env("BUILDKITE_GIT_MIRRORS_PATH", &self.mirrors)
+            .env("BUILDKITE_STANDIN_STATE", &self.agent_state)
+            .env("BUILDKITE_STANDIN_SIGNAL_GRACE", "1")
+            .env("AGENT_WRAPPER_STATE_DIR", self.record.parent().unwrap())
+            .env("AGENT_WRAPPER_TERMINATION_LOG", self.termination_log())
+            .env("STATELESS_AGENT_RETRY_DELAY", "50ms")
+            .env("STATELESS_E2E_MARKER", &self.marker)
+            .stdin(Stdio::null());
+        Invocation { cmd }
+    }
+
+    /// Where agent-wrapper writes its Kubernetes termination message.
+    pub fn termination_log(&self) -> PathBuf {
+        self.dir.path().join("termination-log")
     }
 
     /// A job's environment and nothing else: the stand-in agent first on PATH, a HOME and git
@@ -288,6 +328,11 @@ impl Invocation {
         self
     }
 
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.cmd.env_remove(key);
+        self
+    }
+
     pub fn arg(mut self, arg: impl AsRef<std::ffi::OsStr>) -> Self {
         self.cmd.arg(arg);
         self
@@ -300,6 +345,12 @@ impl Invocation {
     {
         self.cmd.args(args);
         self
+    }
+
+    /// Runs as PID 1 of a new PID namespace (with its own /proc), as a container's entrypoint.
+    /// Signals for the PID 1 must go to [`namespace_init`]'s pid, not to `unshare`.
+    pub fn as_pid1(self) -> Invocation {
+        self.wrapped(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
     }
 
     /// Runs inside a mount namespace where `dir` is bind-mounted read-only onto itself, as a
@@ -364,4 +415,22 @@ impl Invocation {
         }
         Invocation { cmd }
     }
+}
+
+/// The PID 1 of the namespace `unshare --fork` (the `child`) created, as the parent namespace
+/// numbers it.
+pub fn namespace_init(child: &Child) -> nix::unistd::Pid {
+    let path = format!("/proc/{0}/task/{0}/children", child.id());
+    for _ in 0..500 {
+        let listed = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(pid) = listed
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+        {
+            return nix::unistd::Pid::from_raw(pid);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("unshare started no child");
 }

@@ -10,7 +10,8 @@
 //!
 //! State lives in `$BUILDKITE_STANDIN_STATE`: `meta-data/<key>` and `env/<NAME>` files, plus
 //! `calls.log`, one line per invocation, so tests can assert what a hook asked for.
-//! Not modelled yet: `start` and the job lifecycle (agent-wrapper's issue adds them).
+//! - `start`: one agent lifetime running at most one job through the hooks; see
+//!   [`crate::standin_start`] for exactly what it models.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ pub fn main() -> ExitCode {
     match words.as_slice() {
         ["meta-data", rest @ ..] => meta_data(&state, rest),
         ["env", rest @ ..] => env(&state, rest),
+        ["start", rest @ ..] => crate::standin_start::start(&state, rest),
         _ => fail(&format!(
             "the stand-in agent does not model `{}`",
             args.join(" ")

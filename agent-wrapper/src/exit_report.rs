@@ -1,0 +1,358 @@
+//! How the pod ended, said once on every exit path: one JSON line on stdout (for the log) and
+//! the same record in the Kubernetes termination message file (at most 4096 bytes, the kubelet's
+//! limit), plus the exit code. `Ending::exit_code` is the one place exit codes are decided;
+//! docs/agent-wrapper.md's table is its documentation, and the Kubernetes manifests'
+//! `podFailurePolicy` is checked against it.
+
+use std::path::Path;
+
+use serde::Serialize;
+use stateless_core::checkout_record::CheckoutRecord;
+use stateless_core::job_record::JobRecord;
+
+use crate::supervisor::{AgentEnd, Escalation, StopCause, Supervision};
+
+/// The kubelet keeps at most this much of a termination message.
+pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
+
+/// Exit codes of the wrapper's own outcomes. The agent's own codes pass through otherwise.
+pub mod code {
+    /// An internal error of the wrapper.
+    pub const INTERNAL: u8 = 70;
+    /// Bad configuration: arguments, the token, the build path.
+    pub const CONFIG: u8 = 78;
+    /// The watchdog stopped an agent that did not exit after its job.
+    pub const WATCHDOG: u8 = 80;
+    /// The pod was stopped before any job started.
+    pub const INTERRUPTED_BEFORE_JOB: u8 = 81;
+    /// The agent could not be executed: not executable.
+    pub const AGENT_NOT_EXECUTABLE: u8 = 126;
+    /// The agent could not be executed: not found.
+    pub const AGENT_NOT_FOUND: u8 = 127;
+}
+
+/// How the pod ended.
+#[derive(Debug)]
+pub enum Ending {
+    /// The agent ran and exited (or was stopped).
+    Supervised(Supervision),
+    Config(String),
+    AgentNotFound(String),
+    AgentNotExecutable(String),
+    Internal(String),
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub version: u32,
+    pub wrapper_version: &'static str,
+    /// Machine-readable: `job-finished`, `idle-timeout`, `stopped`, `interrupted-before-job`,
+    /// `watchdog`, `agent-failed`, `agent-killed`, `agent-not-found`, `agent-not-executable`,
+    /// `config-error`, `internal-error`.
+    pub reason: &'static str,
+    /// One sentence for a person.
+    pub message: String,
+    pub exit_code: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_signal: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signals_forwarded: Vec<i32>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub leftover_processes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<CheckoutSummary>,
+    pub duration_ms: u64,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The part of the checkout record a person reading a pod's status wants.
+#[derive(Debug, Serialize)]
+pub struct CheckoutSummary {
+    pub outcome: String,
+    pub commit: Option<String>,
+    pub mirror: String,
+    pub attempts: u32,
+    pub total_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl CheckoutSummary {
+    pub fn from_record(record: CheckoutRecord) -> CheckoutSummary {
+        let to_text = |v: serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        CheckoutSummary {
+            outcome: to_text(serde_json::to_value(record.outcome).unwrap_or_default()),
+            commit: record.commit,
+            mirror: to_text(serde_json::to_value(record.mirror.status).unwrap_or_default()),
+            attempts: record.attempts,
+            total_ms: record.durations_ms.total,
+            error: record.error,
+        }
+    }
+}
+
+impl Ending {
+    /// The exit code and the report's reason and message.
+    pub fn classify(&self) -> (u8, &'static str, String) {
+        let supervision = match self {
+            Ending::Config(m) => return (code::CONFIG, "config-error", m.clone()),
+            Ending::AgentNotFound(m) => {
+                return (code::AGENT_NOT_FOUND, "agent-not-found", m.clone())
+            }
+            Ending::AgentNotExecutable(m) => {
+                return (
+                    code::AGENT_NOT_EXECUTABLE,
+                    "agent-not-executable",
+                    m.clone(),
+                )
+            }
+            Ending::Internal(m) => return (code::INTERNAL, "internal-error", m.clone()),
+            Ending::Supervised(s) => s,
+        };
+        let job_started = supervision
+            .job
+            .as_ref()
+            .is_some_and(|j| j.started_at.is_some());
+        let job_finished = supervision
+            .job
+            .as_ref()
+            .is_some_and(|j| j.finished_at.is_some());
+        let agent_code = match supervision.agent {
+            AgentEnd::Exited(c) => c.clamp(0, 255) as u8,
+            AgentEnd::Signaled(s) => 128u8.saturating_add(s as u8),
+        };
+        match (supervision.stop, supervision.agent) {
+            (Some(StopCause::Watchdog), _) => (
+                code::WATCHDOG,
+                "watchdog",
+                "the agent did not exit after its job and was stopped by the watchdog".into(),
+            ),
+            (Some(StopCause::Signal(s)), _) if !job_started => (
+                code::INTERRUPTED_BEFORE_JOB,
+                "interrupted-before-job",
+                format!("the pod was stopped (signal {s}) before any job started"),
+            ),
+            (Some(StopCause::Signal(s)), end) => {
+                let how = match supervision.escalation {
+                    Some(Escalation::Quit) => "the job was cancelled at the stop deadline",
+                    Some(Escalation::Kill) => "the agent was killed after the stop deadline",
+                    _ if job_finished => "the job finished first",
+                    _ => "the agent stopped",
+                };
+                (
+                    agent_code,
+                    "stopped",
+                    format!(
+                        "the pod was stopped (signal {s}); {how}; agent {}",
+                        describe(end)
+                    ),
+                )
+            }
+            (None, AgentEnd::Exited(0)) if job_finished || job_started => {
+                (0, "job-finished", "the agent ran its job and exited".into())
+            }
+            (None, AgentEnd::Exited(0)) => (
+                0,
+                "idle-timeout",
+                "no job arrived before the idle timeout; the agent exited".into(),
+            ),
+            (None, end @ AgentEnd::Exited(_)) => (
+                agent_code,
+                "agent-failed",
+                format!("the agent failed: {}", describe(end)),
+            ),
+            (None, end @ AgentEnd::Signaled(_)) => (
+                agent_code,
+                "agent-killed",
+                format!("the agent died: {}", describe(end)),
+            ),
+        }
+    }
+
+    pub fn report(self, checkout: Option<CheckoutRecord>, duration_ms: u64) -> Report {
+        let (exit_code, reason, message) = self.classify();
+        let mut report = Report {
+            version: 1,
+            wrapper_version: env!("CARGO_PKG_VERSION"),
+            reason,
+            message,
+            exit_code,
+            agent_exit_code: None,
+            agent_signal: None,
+            stop: None,
+            signals_forwarded: Vec::new(),
+            leftover_processes: 0,
+            job: None,
+            checkout: checkout.map(CheckoutSummary::from_record),
+            duration_ms,
+        };
+        if let Ending::Supervised(s) = self {
+            match s.agent {
+                AgentEnd::Exited(c) => report.agent_exit_code = Some(c),
+                AgentEnd::Signaled(sig) => report.agent_signal = Some(sig),
+            }
+            report.stop = s.stop.map(|cause| {
+                let escalation = s
+                    .escalation
+                    .map_or(String::new(), |e| format!(", escalated to {e:?}"));
+                match cause {
+                    StopCause::Signal(n) => format!("signal {n}{escalation}"),
+                    StopCause::Watchdog => format!("watchdog{escalation}"),
+                }
+            });
+            report.signals_forwarded = s.forwarded;
+            report.leftover_processes = s.leftovers;
+            report.job = s.job;
+        }
+        report
+    }
+}
+
+fn describe(end: AgentEnd) -> String {
+    match end {
+        AgentEnd::Exited(c) => format!("exited with {c}"),
+        AgentEnd::Signaled(s) => format!("was killed by signal {s}"),
+    }
+}
+
+impl Report {
+    /// The report as one line of JSON of at most `TERMINATION_MESSAGE_LIMIT` bytes: the checkout
+    /// summary, then the message, are shortened if needed.
+    pub fn to_line(&mut self) -> String {
+        let line = |r: &Report| serde_json::to_string(r).unwrap_or_else(|_| "{}".into());
+        let mut text = line(self);
+        if text.len() > TERMINATION_MESSAGE_LIMIT {
+            if let Some(c) = &mut self.checkout {
+                c.error = c.error.take().map(|e| truncate(&e, 200));
+            }
+            text = line(self);
+        }
+        if text.len() > TERMINATION_MESSAGE_LIMIT {
+            self.checkout = None;
+            self.message = truncate(&self.message, 500);
+            text = line(self);
+        }
+        text
+    }
+
+    /// Prints the line on stdout and writes it to `termination_log`; an unwritable path warns.
+    pub fn emit(mut self, termination_log: &Path) {
+        let text = self.to_line();
+        println!("{text}");
+        if let Err(e) = std::fs::write(termination_log, &text) {
+            tracing::warn!(
+                "could not write the termination message to {}: {e}",
+                termination_log.display()
+            );
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervised(agent: AgentEnd, stop: Option<StopCause>, job: Option<(bool, bool)>) -> Ending {
+        Ending::Supervised(Supervision {
+            agent,
+            stop,
+            escalation: None,
+            forwarded: vec![],
+            leftovers: 0,
+            job: job.map(|(started, finished)| JobRecord {
+                version: 1,
+                job_id: Some("j".into()),
+                started_at: started.then_some(1),
+                finished_at: finished.then_some(2),
+                command_exit_status: finished.then_some(1),
+            }),
+        })
+    }
+
+    #[test]
+    fn each_ending_has_its_code() {
+        let cases = [
+            (
+                supervised(AgentEnd::Exited(0), None, Some((true, true))),
+                0,
+                "job-finished",
+            ),
+            (
+                supervised(AgentEnd::Exited(0), None, None),
+                0,
+                "idle-timeout",
+            ),
+            (
+                supervised(AgentEnd::Exited(3), None, None),
+                3,
+                "agent-failed",
+            ),
+            (
+                supervised(AgentEnd::Signaled(9), None, None),
+                137,
+                "agent-killed",
+            ),
+            (
+                supervised(
+                    AgentEnd::Exited(0),
+                    Some(StopCause::Watchdog),
+                    Some((true, true)),
+                ),
+                80,
+                "watchdog",
+            ),
+            (
+                supervised(AgentEnd::Exited(0), Some(StopCause::Signal(15)), None),
+                81,
+                "interrupted-before-job",
+            ),
+            (
+                supervised(
+                    AgentEnd::Exited(0),
+                    Some(StopCause::Signal(15)),
+                    Some((true, false)),
+                ),
+                0,
+                "stopped",
+            ),
+            (Ending::Config("x".into()), 78, "config-error"),
+            (Ending::AgentNotFound("x".into()), 127, "agent-not-found"),
+            (
+                Ending::AgentNotExecutable("x".into()),
+                126,
+                "agent-not-executable",
+            ),
+            (Ending::Internal("x".into()), 70, "internal-error"),
+        ];
+        for (ending, code, reason) in cases {
+            let (c, r, _) = ending.classify();
+            assert_eq!((c, r), (code, reason), "{ending:?}");
+        }
+    }
+
+    #[test]
+    fn a_report_never_exceeds_the_termination_message_limit() {
+        let mut report = Ending::Internal("x".repeat(10_000)).report(None, 1);
+        assert!(report.to_line().len() <= TERMINATION_MESSAGE_LIMIT);
+    }
+}

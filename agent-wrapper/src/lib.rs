@@ -1,0 +1,138 @@
+//! agent-wrapper: the container's PID 1 for one Buildkite job. This library is all of it but the
+//! thin `main`; docs/agent-wrapper.md describes the behaviour and the exit codes.
+
+pub mod agent_process;
+pub mod exit_report;
+pub mod preflight;
+pub mod settings;
+pub mod supervisor;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::Command;
+
+use stateless_core::checkout_record::RECORD_PATH_ENV;
+use stateless_core::job_record::JOB_RECORD_PATH_ENV;
+
+use crate::agent_process::SpawnError;
+use crate::exit_report::Ending;
+use crate::preflight::PreflightError;
+use crate::settings::Settings;
+use crate::supervisor::{SuperviseError, Timings};
+use nix::sys::signalfd::SignalFd;
+
+/// The wrapper's own log lines go to stderr: JSON when stdout is not a terminal (a pod's log),
+/// text when it is. The agent's output passes through untouched.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENT_WRAPPER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false);
+    if std::io::stdout().is_terminal() {
+        builder.without_time().init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+/// Where the records of this pod's job go.
+pub struct Records {
+    pub checkout: PathBuf,
+    pub job: PathBuf,
+}
+
+impl Records {
+    pub fn in_dir(settings: &Settings) -> Records {
+        let dir = settings
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("stateless-agent"));
+        Records {
+            checkout: dir.join("checkout-record.json"),
+            job: supervisor::job_record_path(&dir),
+        }
+    }
+}
+
+/// Preflight, start the agent, supervise it to the end. `signals` must have been taken first
+/// thing in `main` ([`supervisor::take_signals`]).
+pub fn run(
+    settings: &Settings,
+    records: &Records,
+    signals: Result<SignalFd, SuperviseError>,
+) -> Ending {
+    let signals = match signals {
+        Ok(signals) => signals,
+        Err(e) => return Ending::Internal(e.to_string()),
+    };
+    if !is_pid1() {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(
+                "cannot become a subreaper ({e}); orphans of the agent will not be reaped here"
+            );
+        }
+    }
+    agent_process::close_inherited_fds();
+    let preflight = || -> Result<PathBuf, PreflightError> {
+        preflight::check_token()?;
+        let agent = preflight::resolve_agent(&settings.agent)?;
+        preflight::check_build_path(settings.build_path.as_deref())?;
+        Ok(agent)
+    };
+    let agent = match preflight() {
+        Ok(agent) => agent,
+        Err(e @ PreflightError::AgentNotFound(_)) => return Ending::AgentNotFound(e.to_string()),
+        Err(e @ PreflightError::AgentNotExecutable(_)) => {
+            return Ending::AgentNotExecutable(e.to_string())
+        }
+        Err(e) => return Ending::Config(e.to_string()),
+    };
+    preflight::log_mirror_volume(&settings.mirrors_path);
+    for record in [&records.checkout, &records.job] {
+        if let Some(dir) = record.parent() {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                return Ending::Config(format!(
+                    "cannot create the record directory {} ({e}); set AGENT_WRAPPER_STATE_DIR to a writable directory",
+                    dir.display()
+                ));
+            }
+        }
+        // A record left by an earlier run in this directory must not describe this pod.
+        let _ = std::fs::remove_file(record);
+    }
+    let mut command = Command::new(&agent);
+    command
+        .args(["start", "--disconnect-after-job"])
+        .arg("--disconnect-after-idle-timeout")
+        .arg(settings.idle_timeout.as_secs().to_string())
+        .args(&settings.agent_args)
+        .env(RECORD_PATH_ENV, &records.checkout)
+        .env(JOB_RECORD_PATH_ENV, &records.job);
+    let pid = match agent_process::spawn(command, &agent) {
+        Ok(pid) => pid,
+        Err(e @ SpawnError::NotFound { .. }) => return Ending::AgentNotFound(e.to_string()),
+        Err(e @ SpawnError::NotExecutable { .. }) => {
+            return Ending::AgentNotExecutable(e.to_string())
+        }
+    };
+    tracing::info!(
+        pid = pid.as_raw(),
+        "started {} start --disconnect-after-job",
+        agent.display()
+    );
+    let timings = Timings {
+        stop_deadline: settings.stop_deadline,
+        cancel_grace: settings.cancel_grace,
+        watchdog: settings.watchdog,
+    };
+    match supervisor::supervise(signals, pid, &records.job, &timings) {
+        Ok(supervision) => Ending::Supervised(supervision),
+        Err(e) => Ending::Internal(e.to_string()),
+    }
+}
+
+fn is_pid1() -> bool {
+    std::process::id() == 1
+}

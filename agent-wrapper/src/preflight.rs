@@ -1,0 +1,121 @@
+//! Checks before the agent starts, each failing fast with one line that names the fix: the token
+//! is there, the agent can be executed, the build path is writable. The mirror volume's state is
+//! only logged: a job can check out without it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use stateless_core::manifest::Manifest;
+
+/// The variable the agent reads its registration token from.
+pub const TOKEN_ENV: &str = "BUILDKITE_AGENT_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error("{TOKEN_ENV} is not set; give the pod the agent token (a Secret as an env var, or file:///path/to/token)")]
+    NoToken,
+    #[error("{TOKEN_ENV} names {path}, which {problem}; mount the token Secret there", path = .0.display(), problem = .1)]
+    TokenFile(PathBuf, &'static str),
+    #[error("the agent {} was not found; install buildkite-agent in the image or set AGENT_WRAPPER_AGENT", .0.display())]
+    AgentNotFound(PathBuf),
+    #[error("the agent {} is not executable; fix its permissions in the image", .0.display())]
+    AgentNotExecutable(PathBuf),
+    #[error("BUILDKITE_BUILD_PATH is not set; set it to a writable directory (an emptyDir)")]
+    NoBuildPath,
+    #[error("the build path {path} is not writable ({source}); mount a writable volume there (an emptyDir)", path = .0.display(), source = .1)]
+    BuildPathNotWritable(PathBuf, std::io::Error),
+}
+
+/// The token is present; its value is never read into a log, only checked for presence.
+pub fn check_token() -> Result<(), PreflightError> {
+    let token = std::env::var_os(TOKEN_ENV).filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Err(PreflightError::NoToken);
+    };
+    let Some(path) = token.to_str().and_then(|t| t.strip_prefix("file://")) else {
+        return Ok(());
+    };
+    let path = PathBuf::from(path);
+    match std::fs::metadata(&path) {
+        Err(_) => Err(PreflightError::TokenFile(path, "does not exist")),
+        Ok(m) if m.len() == 0 => Err(PreflightError::TokenFile(path, "is empty")),
+        Ok(_) if std::fs::File::open(&path).is_err() => {
+            Err(PreflightError::TokenFile(path, "cannot be read"))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The agent's path, resolved on PATH when it has no `/`.
+pub fn resolve_agent(agent: &Path) -> Result<PathBuf, PreflightError> {
+    let candidates: Vec<PathBuf> = if agent.components().count() > 1 {
+        vec![agent.to_path_buf()]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|d| d.join(agent))
+            .collect()
+    };
+    let found = candidates.into_iter().find(|p| p.is_file());
+    match found {
+        None => Err(PreflightError::AgentNotFound(agent.to_path_buf())),
+        Some(p)
+            if p.metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o111 == 0) =>
+        {
+            Err(PreflightError::AgentNotExecutable(p))
+        }
+        Some(p) => Ok(p),
+    }
+}
+
+/// The build path exists (created if missing) and accepts a file.
+pub fn check_build_path(build_path: Option<&Path>) -> Result<(), PreflightError> {
+    let dir = build_path.ok_or(PreflightError::NoBuildPath)?;
+    let fail = |e| PreflightError::BuildPathNotWritable(dir.to_path_buf(), e);
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".agent-wrapper-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Logs whether the mirror volume is mounted, read-only, and how old its manifest is.
+pub fn log_mirror_volume(root: &Path) {
+    if !root.is_dir() {
+        tracing::warn!(
+            mirrors = %root.display(),
+            "no mirror volume at {}; checkouts will fetch everything from the server",
+            root.display()
+        );
+        return;
+    }
+    let read_only = nix::sys::statvfs::statvfs(root)
+        .map(|s| s.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+        .unwrap_or(false);
+    let age = Manifest::load(root).ok().flatten().map(|m| {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        now.saturating_sub(m.generated_at)
+    });
+    if !read_only {
+        tracing::warn!(mirrors = %root.display(), "the mirror volume is writable; mount it read-only in agent pods");
+    }
+    match age {
+        Some(age) => tracing::info!(
+            mirrors = %root.display(),
+            read_only,
+            manifest_age_secs = age,
+            "mirror volume at {}: manifest {age}s old",
+            root.display()
+        ),
+        None => tracing::info!(
+            mirrors = %root.display(),
+            read_only,
+            "mirror volume at {}: no manifest",
+            root.display()
+        ),
+    }
+}
