@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use stateless_core::checkout_record::RECORD_PATH_ENV;
-use stateless_core::job_record::JOB_RECORD_PATH_ENV;
+use stateless_core::job_record::{JOB_EVENTS_PATH_ENV, JOB_RECORD_PATH_ENV};
 
 use crate::agent_process::SpawnError;
 use crate::exit_report::Ending;
@@ -23,12 +23,16 @@ use nix::sys::signalfd::SignalFd;
 
 /// The wrapper's own log lines go to stderr: JSON when stdout is not a terminal (a pod's log),
 /// text when it is. The agent's output passes through untouched.
+/// `AGENT_WRAPPER_LOG` is a level (`debug`, `warn`, …): a level, not a filter expression,
+/// because the filter's regex engine would double the wrapper's resident memory.
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENT_WRAPPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("AGENT_WRAPPER_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing_subscriber::filter::LevelFilter>().ok())
+        .unwrap_or(tracing_subscriber::filter::LevelFilter::INFO);
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_target(false);
     if std::io::stdout().is_terminal() {
         builder.without_time().init();
@@ -41,6 +45,7 @@ pub fn init_logging() {
 pub struct Records {
     pub checkout: PathBuf,
     pub job: PathBuf,
+    pub job_events: PathBuf,
 }
 
 impl Records {
@@ -52,6 +57,7 @@ impl Records {
         Records {
             checkout: dir.join("checkout-record.json"),
             job: supervisor::job_record_path(&dir),
+            job_events: supervisor::job_events_path(&dir),
         }
     }
 }
@@ -91,7 +97,7 @@ pub fn run(
     };
     preflight::log_mirror_volume(&settings.mirrors_path);
     for record in [&records.checkout, &records.job] {
-        if let Some(dir) = record.parent() {
+        if let Some(dir) = record.parent().filter(|d| !d.is_dir()) {
             if let Err(e) = std::fs::create_dir_all(dir) {
                 return Ending::Config(format!(
                     "cannot create the record directory {} ({e}); set AGENT_WRAPPER_STATE_DIR to a writable directory",
@@ -109,7 +115,8 @@ pub fn run(
         .arg(settings.idle_timeout.as_secs().to_string())
         .args(&settings.agent_args)
         .env(RECORD_PATH_ENV, &records.checkout)
-        .env(JOB_RECORD_PATH_ENV, &records.job);
+        .env(JOB_RECORD_PATH_ENV, &records.job)
+        .env(JOB_EVENTS_PATH_ENV, &records.job_events);
     let pid = match agent_process::spawn(command, &agent) {
         Ok(pid) => pid,
         Err(e @ SpawnError::NotFound { .. }) => return Ending::AgentNotFound(e.to_string()),
@@ -127,7 +134,7 @@ pub fn run(
         cancel_grace: settings.cancel_grace,
         watchdog: settings.watchdog,
     };
-    match supervisor::supervise(signals, pid, &records.job, &timings) {
+    match supervisor::supervise(signals, pid, &records.job, &records.job_events, &timings) {
         Ok(supervision) => Ending::Supervised(supervision),
         Err(e) => Ending::Internal(e.to_string()),
     }

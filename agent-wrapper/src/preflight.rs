@@ -70,15 +70,19 @@ pub fn resolve_agent(agent: &Path) -> Result<PathBuf, PreflightError> {
     }
 }
 
-/// The build path exists (created if missing) and accepts a file.
+/// The build path exists (created if missing) and is writable: `access(W_OK)` also says so for
+/// a read-only mount, without writing a probe file on every pod start.
 pub fn check_build_path(build_path: Option<&Path>) -> Result<(), PreflightError> {
     let dir = build_path.ok_or(PreflightError::NoBuildPath)?;
     let fail = |e| PreflightError::BuildPathNotWritable(dir.to_path_buf(), e);
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    let probe = dir.join(format!(".agent-wrapper-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(fail)?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    nix::unistd::access(
+        dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .map_err(|errno| fail(errno.into()))
 }
 
 /// Logs whether the mirror volume is mounted, read-only, and how old its manifest is.

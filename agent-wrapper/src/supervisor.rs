@@ -1,5 +1,5 @@
 //! The PID-1 loop, in the manner of tini and catatonit: every signal the wrapper cares about is
-//! blocked and read from a signalfd, the job record's directory is watched with inotify, and one
+//! blocked and read from a signalfd, the job hook's notifications arrive on a FIFO, and one
 //! `poll` waits on both with the nearest deadline as its timeout. Nothing wakes the wrapper while
 //! the agent works and nothing is due: no timer ticks, no polling.
 //!
@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{kill, killpg, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -121,14 +120,10 @@ pub fn supervise(
     signals: SignalFd,
     agent: Pid,
     job_record: &Path,
+    job_events: &Path,
     timings: &Timings,
 ) -> Result<Supervision, SuperviseError> {
-    let watch_dir = job_record.parent().unwrap_or(Path::new("/"));
-    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
-    inotify.add_watch(
-        watch_dir,
-        AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_MOVED_TO,
-    )?;
+    let events = JobEvents::open(job_events)?;
     let mut state = Loop {
         agent,
         timings,
@@ -141,13 +136,13 @@ pub fn supervise(
         forwarded: Vec::new(),
         job: None,
     };
-    // The job may have ended before the watch existed.
+    // The job may have ended before the FIFO existed.
     state.job_record_changed();
     while state.end.is_none() {
         let timeout = state.timeout();
         let mut fds = [
             PollFd::new(signals.as_fd(), PollFlags::POLLIN),
-            PollFd::new(inotify.as_fd(), PollFlags::POLLIN),
+            PollFd::new(events.reader.as_fd(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, timeout) {
             Err(Errno::EINTR) => continue,
@@ -156,11 +151,7 @@ pub fn supervise(
         while let Some(info) = signals.read_signal()? {
             state.on_signal(info.ssi_signo as i32);
         }
-        if inotify.read_events().is_ok_and(|events| {
-            events
-                .iter()
-                .any(|e| e.name.as_deref() == job_record.file_name())
-        }) {
+        if events.drain() {
             state.job_record_changed();
         }
         state.on_time(Instant::now());
@@ -288,6 +279,51 @@ impl Loop<'_> {
     }
 }
 
+/// The FIFO the job hook writes a byte to after it updates the job record. A FIFO rather than
+/// inotify: closing an inotify instance costs milliseconds (an RCU grace period) on every exit,
+/// several times a minimal init's whole start-up.
+struct JobEvents {
+    reader: std::fs::File,
+    /// Held so the FIFO never reports end-of-file when a hook closes its end.
+    _writer: std::fs::File,
+}
+
+impl JobEvents {
+    fn open(path: &Path) -> Result<JobEvents, SuperviseError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(path);
+        nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        let open = |read: bool| {
+            std::fs::OpenOptions::new()
+                .read(read)
+                .write(!read)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(path)
+                .map_err(|e| SuperviseError(Errno::from_raw(e.raw_os_error().unwrap_or(0))))
+        };
+        let reader = open(true)?;
+        let writer = open(false)?;
+        Ok(JobEvents {
+            reader,
+            _writer: writer,
+        })
+    }
+
+    /// Whether a notification came; reads them all.
+    fn drain(&self) -> bool {
+        use std::io::Read;
+        let mut buf = [0u8; 64];
+        let mut any = false;
+        while let Ok(n) = (&self.reader).read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            any = true;
+        }
+        any
+    }
+}
+
 /// After the agent: TERM to every remaining child (orphans re-parented to us), a short grace
 /// with reaping, then KILL. Returns how many there were.
 fn terminate_leftovers(signals: &SignalFd) -> usize {
@@ -317,28 +353,33 @@ fn terminate_leftovers(signals: &SignalFd) -> usize {
     first.len()
 }
 
-/// Our live children, from /proc (as PID 1 or a subreaper, every orphan is one).
+/// Our live children (as PID 1 or a subreaper, every orphan is one), from the kernel's own list:
+/// no scan of every process on the machine.
 fn children() -> Vec<Pid> {
-    let me = std::process::id().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // `pid (comm) state ppid …`; comm may hold spaces or parentheses.
-            let after = &stat[stat.rfind(')')? + 2..];
-            let mut fields = after.split(' ');
-            let state = fields.next()?;
-            let ppid = fields.next()?;
-            (ppid == me && state != "Z").then_some(Pid::from_raw(pid))
-        })
+    let me = std::process::id();
+    let listed =
+        std::fs::read_to_string(format!("/proc/{me}/task/{me}/children")).unwrap_or_default();
+    listed
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .map(Pid::from_raw)
+        .filter(|pid| !is_zombie(*pid))
         .collect()
+}
+
+fn is_zombie(pid: Pid) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `pid (comm) state …`; comm may hold spaces or parentheses.
+    stat.rsplit_once(") ")
+        .is_none_or(|(_, rest)| rest.starts_with('Z'))
 }
 
 /// The state directory's job record path.
 pub fn job_record_path(state_dir: &Path) -> PathBuf {
     state_dir.join("job-record.json")
+}
+
+/// The state directory's FIFO for job notifications.
+pub fn job_events_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("job-events")
 }

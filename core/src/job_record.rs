@@ -1,7 +1,8 @@
 //! The record of the job a pod ran, written by the job hook (`job-hook`, installed as the agent's
 //! `environment` and `pre-exit` hooks) and read by agent-wrapper: when the job started, when it
-//! ended and how. The wrapper learns from the file's creation and update that the job finished,
-//! which arms its watchdog; its exit report carries the job's id and status.
+//! ended and how. After each update the hook writes a byte to the wrapper's FIFO
+//! (`AGENT_WRAPPER_JOB_EVENTS`), which wakes the wrapper to read the record: a finished job arms
+//! its watchdog. The exit report carries the job's id and status.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,23 @@ use serde::{Deserialize, Serialize};
 
 /// Where the record goes; the wrapper sets it for the agent, which passes it to hooks.
 pub const JOB_RECORD_PATH_ENV: &str = "STATELESS_AGENT_JOB_RECORD";
+
+/// The wrapper's FIFO for "the job record changed"; the hook skips it when unset or when no
+/// wrapper is reading.
+pub const JOB_EVENTS_PATH_ENV: &str = "AGENT_WRAPPER_JOB_EVENTS";
+
+/// Tells a reading wrapper that the record changed. Never blocks, never fails the hook.
+pub fn notify(events: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(events);
+    if let Ok(mut fifo) = fifo {
+        let _ = fifo.write_all(b"\n");
+    }
+}
 
 /// The default location, beside the checkout record.
 pub fn default_job_record_path() -> PathBuf {

@@ -5,7 +5,9 @@
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use stateless_core::job_record::{default_job_record_path, JobRecord, JOB_RECORD_PATH_ENV};
+use stateless_core::job_record::{
+    default_job_record_path, notify, JobRecord, JOB_EVENTS_PATH_ENV, JOB_RECORD_PATH_ENV,
+};
 
 fn main() -> ExitCode {
     let path = std::env::var_os(JOB_RECORD_PATH_ENV)
@@ -42,6 +44,9 @@ fn main() -> ExitCode {
     }
     if let Err(e) = record.write(&path) {
         eprintln!("⚠️  job-hook: could not write {}: {e}", path.display());
+    }
+    if let Some(events) = std::env::var_os(JOB_EVENTS_PATH_ENV).filter(|p| !p.is_empty()) {
+        notify(std::path::Path::new(&events));
     }
     ExitCode::SUCCESS
 }

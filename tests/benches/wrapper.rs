@@ -1,0 +1,211 @@
+//! agent-wrapper against tini and dumb-init (Debian packages), in the same run: start-up
+//! overhead of `X -- true` over `true` alone, resident memory while supervising (Pss, VmHWM), and
+//! voluntary wake-ups while the child sleeps.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench -p stateless-e2e --bench wrapper`
+//! (`BENCH_RUNS`, default 300 start-ups per init; `BENCH_TMPDIR`, default `/dev/shm`, holds the
+//! wrapper's records and termination message). Inits that are not installed are skipped with a
+//! note; `apt-get install tini dumb-init` adds them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stateless_e2e::bench::{env_or, median};
+use stateless_e2e::sandbox::{bin, Sandbox, AGENT_TOKEN};
+
+struct Init {
+    name: &'static str,
+    /// The command line before the child's.
+    prefix: Vec<String>,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let runs = env_or("BENCH_RUNS", 300);
+    // tmpfs, as in the other benchmarks: on this machine's ext4 with online discard, truncating
+    // the termination message file alone costs ~0.5 ms, which would be measured instead of the
+    // wrapper. (In a pod the kubelet's file is written once per pod.)
+    let tmp = std::env::var("BENCH_TMPDIR").unwrap_or_else(|_| "/dev/shm".into());
+    if Path::new(&tmp).is_dir() {
+        std::env::set_var("TMPDIR", &tmp);
+    }
+    let sandbox = Sandbox::new();
+    let wrapper = bin("agent-wrapper");
+    let mut inits = vec![Init {
+        name: "agent-wrapper",
+        prefix: vec![wrapper.display().to_string(), "--agent".into()],
+    }];
+    for (name, prefix) in [
+        ("tini", vec!["tini", "-s", "--"]),
+        ("dumb-init", vec!["dumb-init"]),
+    ] {
+        if Path::new("/usr/bin").join(name).exists() {
+            inits.push(Init {
+                name,
+                prefix: prefix.into_iter().map(String::from).collect(),
+            });
+        } else {
+            eprintln!("note: {name} is not installed; its rows are skipped");
+        }
+    }
+    let env = environment(&sandbox);
+
+    // Start-up: every init and `true` alone, interleaved round by round.
+    let truth = which("true");
+    let mut alone = Vec::new();
+    let mut startup: Vec<Vec<Duration>> = vec![Vec::new(); inits.len()];
+    for _ in 0..runs {
+        alone.push(time(&[truth.display().to_string()], &env));
+        for (i, init) in inits.iter().enumerate() {
+            let mut argv = init.prefix.clone();
+            argv.push(truth.display().to_string());
+            startup[i].push(time(&argv, &env));
+        }
+    }
+    let base = median(alone.clone());
+
+    println!();
+    println!("`true` alone: {:.2} ms (median of {runs})", ms(base));
+    println!();
+    println!("| init | `X true` median | overhead over `true` | Pss while supervising | VmHWM | voluntary wake-ups in 2 s idle |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut overheads = Vec::new();
+    let mut footprint = Vec::new();
+    for (i, init) in inits.iter().enumerate() {
+        let took = median(startup[i].clone());
+        let overhead = took.saturating_sub(base);
+        let (pss, hwm, wakeups) = supervising(init, &env);
+        println!(
+            "| {} | {:.2} ms | {:.2} ms | {pss} kB | {hwm} kB | {wakeups} |",
+            init.name,
+            ms(took),
+            ms(overhead)
+        );
+        overheads.push((init.name, overhead));
+        footprint.push((init.name, pss, wakeups));
+    }
+    println!();
+    let ours = overheads[0].1;
+    if let Some((_, tini)) = overheads.iter().find(|(n, _)| *n == "tini") {
+        let limit = *tini + Duration::from_micros(500);
+        println!(
+            "target overhead ≤ tini's + 0.5 ms ({:.2} ms): {:.2} ms {}",
+            ms(limit),
+            ms(ours),
+            verdict(ours <= limit)
+        );
+    }
+    let (_, pss, wakeups) = footprint[0];
+    println!("target Pss ≤ 1.5 MB: {pss} kB {}", verdict(pss <= 1536));
+    println!(
+        "target 0 idle wake-ups: {wakeups} {}",
+        verdict(wakeups == 0)
+    );
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// What agent-wrapper's preflight needs; the other inits ignore it.
+fn environment(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("PATH", "/usr/local/bin:/usr/bin:/bin".into()),
+        ("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN.into()),
+        ("BUILDKITE_BUILD_PATH", sandbox.dir.path().join("builds")),
+        (
+            "AGENT_WRAPPER_STATE_DIR",
+            sandbox.dir.path().join("records"),
+        ),
+        (
+            "AGENT_WRAPPER_TERMINATION_LOG",
+            sandbox.dir.path().join("termination-log"),
+        ),
+        ("BUILDKITE_GIT_MIRRORS_PATH", sandbox.mirrors.clone()),
+        ("AGENT_WRAPPER_LOG", "error".into()),
+    ]
+}
+
+fn time(argv: &[String], env: &[(&str, PathBuf)]) -> Duration {
+    let started = Instant::now();
+    let status = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(status.success(), "{argv:?} failed: {status}");
+    took
+}
+
+/// Pss and VmHWM (kB) of the init 1 s into supervising `sleep 3`, and its voluntary context
+/// switches over the next 2 s.
+fn supervising(init: &Init, env: &[(&str, PathBuf)]) -> (u64, u64, u64) {
+    let mut argv = init.prefix.clone();
+    argv.push(which("sleep").display().to_string());
+    if init.name == "dumb-init" || init.name == "tini" {
+        argv.push("3".into());
+    }
+    let sleeper = if init.name == "agent-wrapper" {
+        // The wrapper passes `start --disconnect-after-job …` to its agent: a script ignores them.
+        let script = std::env::temp_dir().join(format!("bench-sleeper-{}", std::process::id()));
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 3\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        argv.pop();
+        argv.push(script.display().to_string());
+        Some(script)
+    } else {
+        None
+    };
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let pid = child.id();
+    let field = |file: &str, name: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let pss = field("smaps_rollup", "Pss:");
+    let hwm = field("status", "VmHWM:");
+    let before = field("status", "voluntary_ctxt_switches:");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = field("status", "voluntary_ctxt_switches:");
+    let _ = child.wait();
+    if let Some(script) = sleeper {
+        let _ = std::fs::remove_file(script);
+    }
+    (pss, hwm, after.saturating_sub(before))
+}
+
+fn which(program: &str) -> PathBuf {
+    ["/usr/bin", "/bin"]
+        .iter()
+        .map(|d| Path::new(d).join(program))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{program} not found"))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
