@@ -533,7 +533,12 @@ fn a_signal_that_arrives_while_the_wrapper_starts_is_not_lost() {
         let init = namespace_init(&child);
         // As soon as the wrapper holds its signals (an init's signals that arrive before it has
         // a handler are dropped by the kernel, for any init), typically before the agent runs.
+        // (unshare's child blocks TERM itself until it execs: check it is the wrapper already.)
         wait_for("the wrapper to take its signals", || {
+            let exe = std::fs::read_link(format!("/proc/{init}/exe")).unwrap_or_default();
+            if !exe.ends_with("agent-wrapper") {
+                return false;
+            }
             let status =
                 std::fs::read_to_string(format!("/proc/{init}/status")).unwrap_or_default();
             status
