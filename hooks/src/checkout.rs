@@ -221,7 +221,23 @@ impl<'a> Checkout<'a> {
             }
             other => other?,
         }
-        self.resolve(repo, target)
+        self.resolve(repo, target).await
+    }
+
+    /// What git makes of an abbreviation: like `git checkout`, it prefers the commit when other
+    /// objects share the prefix, which libgit2 would call ambiguous.
+    async fn resolve_short(&self, short: &str) -> Result<Oid, CheckoutError> {
+        let mut cmd = self.command();
+        cmd.args(["rev-parse", "--verify", "--end-of-options"])
+            .arg(&format!("{short}^{{commit}}"));
+        match git_runner::run(cmd, &self.local).await {
+            Ok(done) => Oid::from_str(String::from_utf8_lossy(&done.stdout).trim())
+                .map_err(|_| self.not_found(format!("commit {short}"))),
+            Err(failure) if failure.stderr_contains("is ambiguous") => {
+                Err(CheckoutError::AmbiguousCommit(short.to_string()))
+            }
+            Err(_) => Err(self.not_found(format!("commit {short}"))),
+        }
     }
 
     async fn fetch_all_heads_and_tags(&self, why: &CheckoutError) -> Result<(), CheckoutError> {
@@ -235,19 +251,13 @@ impl<'a> Checkout<'a> {
     }
 
     /// The commit `target` names, now that the fetch is done.
-    fn resolve(&self, repo: &Repository, target: &Target) -> Result<Oid, CheckoutError> {
+    async fn resolve(&self, repo: &Repository, target: &Target) -> Result<Oid, CheckoutError> {
         match target {
             Target::Commit(oid) => repo
                 .find_commit(*oid)
                 .map(|c| c.id())
                 .map_err(|_| self.not_found(format!("commit {oid}"))),
-            Target::ShortCommit(short) => repo
-                .revparse_single(&format!("{short}^{{commit}}"))
-                .map(|o| o.id())
-                .map_err(|e| match e.code() {
-                    git2::ErrorCode::Ambiguous => CheckoutError::AmbiguousCommit(short.clone()),
-                    _ => self.not_found(format!("commit {short}")),
-                }),
+            Target::ShortCommit(short) => self.resolve_short(short).await,
             Target::FetchHead => {
                 fetch_head(repo).ok_or_else(|| self.not_found(self.plan.target_refspecs.join(" ")))
             }

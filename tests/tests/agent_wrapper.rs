@@ -584,3 +584,39 @@ fn an_idle_wrapper_never_wakes_up() {
     assert_eq!(after - before, 0, "wake-ups while the agent slept");
     assert_eq!(finish(child).code(), Some(0));
 }
+
+#[test]
+fn an_agent_that_ignores_term_and_quit_is_killed_after_the_deadline() {
+    let s = Sandbox::new();
+    let ready = s.dir.path().join("ready");
+    let agent = fake_agent(
+        &s,
+        "stubborn-agent",
+        &format!(
+            "trap '' TERM QUIT INT; touch {}; while :; do sleep 0.05; done",
+            ready.display()
+        ),
+    );
+    let child = wrapper(&s)
+        .env("AGENT_WRAPPER_AGENT", &agent)
+        .env("AGENT_WRAPPER_STOP_DEADLINE", "300ms")
+        .env("AGENT_WRAPPER_CANCEL_GRACE", "300ms")
+        .as_pid1()
+        .spawn();
+    let init = namespace_init(&child);
+    wait_for("the agent", || ready.exists());
+
+    let started = Instant::now();
+    signal(init, Signal::SIGTERM);
+    let out = finish(child);
+
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "killed promptly"
+    );
+    assert_eq!(out.code(), Some(81), "{}", out.log());
+    let r = report(&s, &out);
+    assert!(r["stop"].as_str().unwrap().contains("Kill"), "{r}");
+    assert_eq!(r["agent_signal"], 9, "{r}");
+    s.assert_no_leftover_processes();
+}

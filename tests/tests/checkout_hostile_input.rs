@@ -317,3 +317,56 @@ fn an_unusable_checkout_directory_says_where_and_what_to_check() {
     );
     assert_eq!(sandbox.record()["attempts"], 2);
 }
+
+/// Abbreviations are resolved as git resolves them: a prefix shared by two commits is refused
+/// (exit 2, "pass more digits"); a prefix a commit shares only with trees or blobs names the commit,
+/// as `git checkout` would.
+#[test]
+fn an_abbreviation_is_refused_only_when_commits_share_it() {
+    use std::collections::HashMap;
+    let sandbox = Sandbox::new();
+    let bare = sandbox.server_root.join("acme/many.git");
+    let shape = stateless_e2e::synthetic::Shape {
+        files: 300,
+        commits: 1500,
+        branches: 1,
+        tags: 0,
+        pulls: 0,
+    };
+    stateless_e2e::synthetic::generate(&bare, shape);
+    let server = GitHttpServer::start(&sandbox.server_root);
+    let url = server.url("acme/many.git");
+    let objects = stateless_e2e::git::git(
+        &bare,
+        &[
+            "cat-file",
+            "--batch-all-objects",
+            "--batch-check=%(objectname) %(objecttype)",
+        ],
+    );
+    let mut by_prefix: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+    for line in objects.lines() {
+        let (id, kind) = line.split_once(' ').unwrap();
+        by_prefix.entry(&id[..4]).or_default().push((id, kind));
+    }
+    let commits = |v: &Vec<(&str, &str)>| v.iter().filter(|(_, k)| *k == "commit").count();
+    let ambiguous = by_prefix
+        .iter()
+        .find(|(_, v)| commits(v) >= 2)
+        .map(|(p, _)| *p);
+    let shared = by_prefix
+        .iter()
+        .find(|(_, v)| commits(v) == 1 && v.len() >= 2)
+        .map(|(p, v)| (*p, v.iter().find(|(_, k)| *k == "commit").unwrap().0));
+
+    let ambiguous = ambiguous.expect("1,500 commits share some 4-digit prefix");
+    let out = sandbox.hook().job(&url, ambiguous, "main").run();
+    assert_eq!(out.code(), Some(2), "{}", out.log());
+    assert!(out.log().contains("more digits"), "{}", out.log());
+
+    let (prefix, commit) = shared.expect("a commit shares a prefix with a tree or blob");
+    sandbox.fresh_checkout_dir();
+    let out = sandbox.hook().job(&url, prefix, "main").run();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(sandbox.git(&["rev-parse", "HEAD"]), commit);
+}

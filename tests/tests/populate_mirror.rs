@@ -542,3 +542,21 @@ fn credentials_given_by_environment_fetch_and_stay_off_the_volume() {
         );
     }
 }
+
+#[test]
+fn a_manifest_that_cannot_be_written_is_its_own_exit_code() {
+    let s = Served::new(REPO);
+    // A directory where the manifest goes: the rename over it fails.
+    std::fs::create_dir_all(s.sandbox.mirrors.join("manifest.json/blocked")).unwrap();
+
+    let out = populate(&s, &[]);
+
+    assert_eq!(out.code(), Some(5), "{}", out.log());
+    assert!(
+        out.log().contains("cannot write the manifest"),
+        "{}",
+        out.log()
+    );
+    // The mirror itself was published: readers find it by its layout name.
+    assert_published_mirror_is_whole(&s.sandbox);
+}
