@@ -429,20 +429,28 @@ fn the_agent_starts_with_a_clean_signal_state_only_three_fds_and_its_own_process
 #[test]
 fn orphans_are_reaped_and_leftovers_are_stopped_when_the_agent_exits() {
     let s = Sandbox::new();
+    let spawned = s.dir.path().join("orphans-spawned");
     let agent = fake_agent(
         &s,
         "orphaning-agent",
-        "i=0; while [ $i -lt 2000 ]; do (sleep 0.2 &); i=$((i+1)); done\n\
-         sleep 3\n\
-         (sleep 300 &); (sleep 300 &); (trap '' TERM; sleep 300 &)\n\
-         exit 0",
+        &format!(
+            "i=0; while [ $i -lt 2000 ]; do (sleep 0.2 &); i=$((i+1)); done\n\
+             touch {}\n\
+             sleep 4\n\
+             (sleep 300 &); (sleep 300 &); (trap '' TERM; sleep 300 &)\n\
+             exit 0",
+            spawned.display()
+        ),
     );
     let child = wrapper(&s)
         .env("AGENT_WRAPPER_AGENT", &agent)
         .as_pid1()
         .spawn();
     let init = namespace_init(&child);
-    std::thread::sleep(Duration::from_millis(2000));
+    // Every orphan has exited 0.2 s after the last was spawned; a second later none may be left
+    // unreaped.
+    wait_for("the orphans to be spawned", || spawned.exists());
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(
         zombies_in_namespace(init),
         0,
@@ -453,8 +461,10 @@ fn orphans_are_reaped_and_leftovers_are_stopped_when_the_agent_exits() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
+    // The agent sleeps ≤ 4 s more, then leftovers get TERM (and KILL after 2 s for the one
+    // ignoring it).
     assert!(
-        started.elapsed() < Duration::from_secs(8),
+        started.elapsed() < Duration::from_secs(15),
         "the wrapper did not linger"
     );
     assert_eq!(report(&s, &out)["leftover_processes"], 3);
