@@ -630,3 +630,36 @@ fn an_agent_that_ignores_term_and_quit_is_killed_after_the_deadline() {
     assert_eq!(r["agent_signal"], 9, "{r}");
     s.assert_no_leftover_processes();
 }
+
+#[test]
+fn the_wrapper_exits_right_after_the_agent() {
+    let s = Sandbox::new();
+    let stamp = s.dir.path().join("agent-exit");
+    // The agent's last act: the time (ns since the epoch) just before it exits.
+    let agent = fake_agent(
+        &s,
+        "quick-agent",
+        &format!("sleep 0.3; date +%s%N > {}", stamp.display()),
+    );
+    let mut lags = Vec::new();
+    for _ in 0..10 {
+        let out = wrapper(&s)
+            .env("AGENT_WRAPPER_AGENT", &agent)
+            .as_pid1()
+            .run();
+        let ended = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        assert_eq!(out.code(), Some(0), "{}", out.log());
+        let agent_ended: u128 = std::fs::read_to_string(&stamp)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        lags.push(Duration::from_nanos((ended - agent_ended) as u64));
+    }
+    lags.sort();
+    // The median, through unshare and the test's pipes, on a shared 2-core machine.
+    assert!(lags[5] < Duration::from_millis(50), "{lags:?}");
+}
