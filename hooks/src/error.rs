@@ -43,7 +43,7 @@ pub enum CheckoutError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     GitNotFound(#[from] GitNotFound),
-    #[error("{step} {repo} failed: {failure}; {}", hint(*kind))]
+    #[error("{step} {repo} failed: {failure}; {}", hint(*step, *kind))]
     Git {
         step: Step,
         repo: String,
@@ -62,7 +62,10 @@ pub enum CheckoutError {
     Prepare { path: PathBuf, detail: String },
 }
 
-fn hint(kind: FailureKind) -> &'static str {
+fn hint(step: Step, kind: FailureKind) -> &'static str {
+    if step == Step::Lfs && kind != FailureKind::Network {
+        return "check that the LFS server (lfs.url, .lfsconfig) has the objects and the job's credentials reach it";
+    }
     match kind {
         FailureKind::Network => {
             "check that the server is reachable from the pod and the credentials are valid"
@@ -97,13 +100,15 @@ impl CheckoutError {
     }
 
     /// A git failure that a damaged mirror can cause: redo the attempt without it.
+    /// LFS objects never come from the mirror, so an LFS failure does not blame it.
     pub fn blames_mirror(&self) -> bool {
         matches!(
             self,
             CheckoutError::Git {
                 kind: FailureKind::Local,
+                step,
                 ..
-            }
+            } if *step != Step::Lfs
         )
     }
 

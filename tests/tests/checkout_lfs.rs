@@ -107,3 +107,29 @@ fn lfs_enabled_without_git_lfs_fails_at_once_naming_the_fix() {
         "nothing was checked out"
     );
 }
+
+#[test]
+fn an_lfs_object_missing_from_the_store_fails_the_checkout_naming_the_step() {
+    if !lfs_installed() {
+        return;
+    }
+    let p = with_lfs(MirrorState::UpToDate);
+    let store = p.served.upstream.bare.join("lfs");
+    std::fs::remove_dir_all(&store).unwrap();
+    let main = p.served.upstream.rev("main");
+
+    let out = p
+        .served
+        .hook(&main, "main")
+        .env("BUILDKITE_GIT_LFS_ENABLED", "true")
+        .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
+        .run();
+
+    assert_eq!(out.code(), Some(1), "{}", out.log());
+    let last = out.log().lines().last().unwrap_or_default().to_string();
+    assert!(last.contains("fetching the LFS files of"), "{last}");
+    assert!(last.contains("LFS server"), "{last}");
+    // LFS objects never come from the mirror: it was not abandoned for this.
+    assert_eq!(p.sandbox().record()["mirror"]["status"], "hit");
+    p.sandbox().assert_no_leftover_processes();
+}

@@ -560,3 +560,31 @@ fn a_manifest_that_cannot_be_written_is_its_own_exit_code() {
     // The mirror itself was published: readers find it by its layout name.
     assert_published_mirror_is_whole(&s.sandbox);
 }
+
+#[test]
+fn a_stalled_transfer_is_killed_and_retried_and_a_refresh_past_its_timeout_is_stopped() {
+    use stateless_e2e::http_server::{Fault, On};
+    let s = Served::new(REPO);
+    s.server.inject(On::PackTransfer, Fault::StallAfter(100), 1);
+
+    let out = populate(&s, &["--stall-timeout", "1s", "--attempts", "2"]);
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(out.log().contains("made no progress"), "{}", out.log());
+    assert!(out.log().contains("retrying"), "{}", out.log());
+    assert_published_mirror_is_whole(&s.sandbox);
+
+    let mut s = Served::new(REPO);
+    s.upstream.advance(1);
+    s.server.inject(On::AnyRequest, Fault::StallAfter(0), 1);
+    let started = std::time::Instant::now();
+    let out = populate(&s, &["--stall-timeout", "60s", "--timeout", "1s"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(out.code(), Some(3), "{}", out.log());
+    let entry = &manifest(&s.sandbox)["repositories"][0];
+    assert!(
+        entry["error"].as_str().unwrap().contains("--timeout"),
+        "{entry}"
+    );
+    s.sandbox.assert_no_leftover_processes();
+}
