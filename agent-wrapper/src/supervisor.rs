@@ -335,22 +335,42 @@ fn terminate_leftovers(signals: &SignalFd) -> usize {
     for pid in &first {
         let _ = kill(*pid, Signal::SIGTERM);
     }
-    let deadline = Instant::now() + LEFTOVER_GRACE;
-    while Instant::now() < deadline && !children().is_empty() {
-        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
-        let _ = poll(&mut fds, PollTimeout::from(50u16));
-        while let Ok(Some(_)) = signals.read_signal() {}
+    if !reap_until_gone(signals, LEFTOVER_GRACE) {
+        for pid in children() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        // Bounded too: a process stuck in uninterruptible sleep must not keep the pod alive.
+        if !reap_until_gone(signals, LEFTOVER_GRACE) {
+            tracing::warn!("leftover processes survived SIGKILL; exiting without them");
+        }
+    }
+    first.len()
+}
+
+/// Reaps children as they exit, for at most `limit`; whether none is left.
+fn reap_until_gone(signals: &SignalFd, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
         while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             if status == WaitStatus::StillAlive {
                 break;
             }
         }
+        if children().is_empty() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // Woken by SIGCHLD, or at the deadline.
+        let mut fds = [PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX),
+        );
+        while let Ok(Some(_)) = signals.read_signal() {}
     }
-    for pid in children() {
-        let _ = kill(pid, Signal::SIGKILL);
-    }
-    while waitpid(None, None).is_ok() {}
-    first.len()
 }
 
 /// Our live children (as PID 1 or a subreaper, every orphan is one), from the kernel's own list:

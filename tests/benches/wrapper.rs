@@ -133,16 +133,20 @@ fn environment(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
     ]
 }
 
-fn time(argv: &[String], env: &[(&str, PathBuf)]) -> Duration {
-    let started = Instant::now();
-    let status = Command::new(&argv[0])
-        .args(&argv[1..])
+/// `argv` with exactly `env`, its output discarded.
+fn command(argv: &[String], env: &[(&str, PathBuf)]) -> Command {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .env_clear()
         .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn time(argv: &[String], env: &[(&str, PathBuf)]) -> Duration {
+    let started = Instant::now();
+    let status = command(argv, env).status().unwrap();
     let took = started.elapsed();
     assert!(status.success(), "{argv:?} failed: {status}");
     took
@@ -152,30 +156,19 @@ fn time(argv: &[String], env: &[(&str, PathBuf)]) -> Duration {
 /// switches over the next 2 s.
 fn supervising(init: &Init, env: &[(&str, PathBuf)]) -> (u64, u64, u64) {
     let mut argv = init.prefix.clone();
-    argv.push(which("sleep").display().to_string());
-    if init.name == "dumb-init" || init.name == "tini" {
-        argv.push("3".into());
-    }
-    let sleeper = if init.name == "agent-wrapper" {
-        // The wrapper passes `start --disconnect-after-job …` to its agent: a script ignores them.
+    // The wrapper passes `start --disconnect-after-job …` to its agent: a script ignores them.
+    let sleeper = (init.name == "agent-wrapper").then(|| {
         let script = std::env::temp_dir().join(format!("bench-sleeper-{}", std::process::id()));
         std::fs::write(&script, "#!/bin/sh\nexec sleep 3\n").unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
-        argv.pop();
-        argv.push(script.display().to_string());
-        Some(script)
-    } else {
-        None
-    };
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (*k, v)))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        script
+    });
+    match &sleeper {
+        Some(script) => argv.push(script.display().to_string()),
+        None => argv.extend([which("sleep").display().to_string(), "3".into()]),
+    }
+    let mut child = command(&argv, env).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let pid = child.id();
     let field = |file: &str, name: &str| -> u64 {
