@@ -3,6 +3,7 @@
 //! `tests/`, the demo and the benchmarks.
 
 pub mod bench;
+pub mod container;
 pub mod fixture;
 pub mod git;
 pub mod git_daemon;

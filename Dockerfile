@@ -1,0 +1,47 @@
+# The stateless agent image: the official Buildkite agent image plus agent-wrapper (PID 1), the
+# checkout and job hooks, and populate-mirror. Both bases are build arguments so the image can be
+# built against local stand-ins (tests/tests/container_image.rs does) or a pinned digest.
+#
+#   podman build -t stateless-agent .          # or: docker build -t stateless-agent .
+#
+# The runtime base must be glibc-based: the default Alpine agent image cannot run these binaries.
+ARG BUILDER_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG AGENT_IMAGE=docker.io/buildkite/agent:3-ubuntu-24.04
+
+FROM ${BUILDER_IMAGE} AS builder
+WORKDIR /src
+# Dependencies first: this layer is rebuilt only when a manifest or Cargo.lock changes.
+COPY Cargo.toml Cargo.lock ./
+COPY agent-wrapper/Cargo.toml agent-wrapper/
+COPY core/Cargo.toml core/
+COPY hooks/Cargo.toml hooks/
+COPY populate-mirror/Cargo.toml populate-mirror/
+COPY tests/Cargo.toml tests/
+COPY image/dependency-stubs.sh image/
+RUN image/dependency-stubs.sh \
+ && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \
+ && rm -rf */src */benches
+COPY agent-wrapper agent-wrapper
+COPY core core
+COPY hooks hooks
+COPY populate-mirror populate-mirror
+COPY tests tests
+# COPY keeps the context's modification times, which can be older than the stubs' builds.
+RUN find */src -name '*.rs' -exec touch {} + \
+ && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \
+ && mkdir /out \
+ && cp target/release/agent-wrapper target/release/checkout-hook target/release/job-hook \
+       target/release/populate-mirror /out/
+
+FROM ${AGENT_IMAGE}
+COPY --from=builder /out/ /usr/local/bin/
+COPY image/buildkite-agent.cfg /buildkite/buildkite-agent.cfg
+COPY image/install.sh /tmp/install.sh
+RUN sh /tmp/install.sh && rm /tmp/install.sh
+ENV BUILDKITE_AGENT_CONFIG=/buildkite/buildkite-agent.cfg \
+    BUILDKITE_BUILD_PATH=/buildkite/builds \
+    BUILDKITE_HOOKS_PATH=/buildkite/hooks
+# Not root: nothing here needs it (docs/operating.md, "The image").
+USER 10001:10001
+WORKDIR /buildkite
+ENTRYPOINT ["/usr/local/bin/agent-wrapper"]

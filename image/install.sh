@@ -1,0 +1,19 @@
+#!/bin/sh
+# Runs once as root while the image is built: the unprivileged user, the agent's directories and
+# the global hooks.
+set -eu
+# uid 10001: clear of the base image's own users (Ubuntu's 1000) and of host users.
+if ! getent passwd buildkite >/dev/null; then
+  useradd --uid 10001 --user-group --create-home --shell /bin/bash buildkite
+fi
+mkdir -p /buildkite/builds /buildkite/plugins /buildkite/hooks /buildkite-git-references
+chown buildkite:buildkite /buildkite/builds /buildkite/plugins
+# Global hooks stay root-owned: a job must not be able to change the next one's checkout.
+# The agent (3.85 or later) runs compiled hooks directly; job-hook tells its phase by its name.
+ln -sf /usr/local/bin/checkout-hook /buildkite/hooks/checkout
+ln -sf /usr/local/bin/job-hook /buildkite/hooks/environment
+ln -sf /usr/local/bin/job-hook /buildkite/hooks/pre-exit
+# Fail the build now, not in a pod, if the binaries cannot run on this base (e.g. musl).
+for bin in agent-wrapper checkout-hook populate-mirror; do
+  /usr/local/bin/$bin --version >/dev/null
+done

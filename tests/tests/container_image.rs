@@ -1,0 +1,150 @@
+//! The image as a fleet runs it, in a real container runtime (podman with runc): the project's
+//! Dockerfile built against local stand-ins for its bases, populate-mirror filling a mirror
+//! directory mounted read-write, and agent pods with that directory mounted read-only, one job
+//! each, ending the ways docs/agent-wrapper.md documents. These never skip: without podman they
+//! fail with the command that installs it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stateless_e2e::container::{agent_image, Container, Podman, IMAGE, IMAGE_UID};
+use stateless_e2e::sandbox::AGENT_TOKEN;
+use stateless_e2e::scenario::Served;
+
+fn podman() -> &'static Podman {
+    agent_image(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-image"))
+}
+
+/// A served repository and a mirror directory populate-mirror filled from a container, owned by
+/// the image's user as a claim mounted with `fsGroup` is.
+fn populated() -> (Served, PathBuf) {
+    let s = Served::new("acme/widgets.git");
+    let mirrors = s.sandbox.dir.path().join("volume");
+    std::fs::create_dir(&mirrors).unwrap();
+    std::os::unix::fs::chown(&mirrors, Some(IMAGE_UID), Some(IMAGE_UID)).unwrap();
+    let out = podman()
+        .container(IMAGE)
+        .mount(&mirrors, "/buildkite-git-references", false)
+        .entrypoint("populate-mirror")
+        .arg(&s.url)
+        .run();
+    assert_eq!(out.code(), Some(0), "populate-mirror: {}", out.log());
+    assert!(mirrors.join("manifest.json").is_file());
+    assert!(mirrors.join("acme/widgets.reference").is_symlink());
+    (s, mirrors)
+}
+
+/// An agent pod for one job of the served repository: the mirror mounted read-only and the
+/// termination message file mounted where the kubelet puts it.
+fn agent_pod<'p>(s: &Served, mirrors: &Path, termination_log: &Path) -> Container<'p> {
+    std::fs::write(termination_log, "").unwrap();
+    // The kubelet makes the file writable by any user.
+    std::fs::set_permissions(
+        termination_log,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    podman()
+        .container(IMAGE)
+        .mount(mirrors, "/buildkite-git-references", true)
+        .mount(termination_log, "/dev/termination-log", false)
+        .env("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN)
+        .env("BUILDKITE_STANDIN_JOB_AFTER", "0.1")
+        .env("BUILDKITE_STANDIN_SIGNAL_GRACE", "2")
+        .env("BUILDKITE_REPO", &s.url)
+        .env("BUILDKITE_COMMIT", &s.upstream.head())
+        .env("BUILDKITE_BRANCH", "main")
+}
+
+/// The report the wrapper left in the termination message file.
+fn termination_message(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(!text.contains(AGENT_TOKEN), "the token leaked: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
+}
+
+#[test]
+fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
+    let (s, mirrors) = populated();
+    let before = std::fs::read_link(mirrors.join("acme/widgets.reference")).unwrap();
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+
+    let out = agent_pod(&s, &mirrors, &termination_log)
+        .env(
+            "BUILDKITE_STANDIN_COMMAND",
+            // The job sees the checkout, and cannot write to the mirror volume.
+            "test -f README.md && ! touch /buildkite-git-references/x 2>/dev/null && echo built",
+        )
+        .run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(out.stdout.contains("built"), "{}", out.log());
+    let report = termination_message(&termination_log);
+    assert_eq!(report["reason"], "job-finished");
+    assert_eq!(report["exit_code"], 0);
+    assert_eq!(report["job"]["command_exit_status"], 0);
+    assert_eq!(report["checkout"]["outcome"], "succeeded");
+    assert_eq!(report["checkout"]["mirror"], "hit");
+    assert_eq!(report["checkout"]["commit"], s.upstream.head().as_str());
+    let last_line = out.stdout.lines().last().unwrap_or_default();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(last_line).ok(),
+        Some(report),
+        "the report is also the last line on stdout"
+    );
+    assert!(!out.log().contains(AGENT_TOKEN));
+    assert_eq!(
+        std::fs::read_link(mirrors.join("acme/widgets.reference")).unwrap(),
+        before
+    );
+    assert!(!mirrors.join("x").exists());
+}
+
+#[test]
+fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline() {
+    let (s, mirrors) = populated();
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+    let pod = agent_pod(&s, &mirrors, &termination_log)
+        .env("AGENT_WRAPPER_STOP_DEADLINE", "3s")
+        .env("AGENT_WRAPPER_CANCEL_GRACE", "5s")
+        .env("BUILDKITE_STANDIN_COMMAND", "echo job-running; sleep 300")
+        .start();
+    pod.wait_for_output("job-running", Duration::from_secs(60));
+
+    let stopping = Instant::now();
+    // A grace period longer than deadline + cancel grace, as the Job template sets it.
+    pod.stop(Duration::from_secs(30));
+    let code = pod.wait();
+    let took = stopping.elapsed();
+
+    // The agent cancelled the job at the deadline and exited 0 itself: not killed by podman.
+    assert_eq!(code, 0, "{}", pod.logs());
+    assert!(
+        took >= Duration::from_secs(3) && took < Duration::from_secs(20),
+        "stopped after {took:?}"
+    );
+    let report = termination_message(&termination_log);
+    assert_eq!(report["reason"], "stopped", "{report}");
+    assert_eq!(report["stop"], "signal 15, escalated to Quit", "{report}");
+    assert_eq!(report["signals_forwarded"], serde_json::json!([15]));
+    assert!(report["job"]["started_at"].is_u64(), "{report}");
+    assert_eq!(report["checkout"]["mirror"], "hit");
+}
+
+#[test]
+fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
+    let (s, mirrors) = populated();
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+    let out = agent_pod(&s, &mirrors, &termination_log)
+        .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job")
+        .env("BUILDKITE_STANDIN_COMMAND", "true")
+        .env("AGENT_WRAPPER_WATCHDOG", "1s")
+        .env("AGENT_WRAPPER_CANCEL_GRACE", "1s")
+        .run();
+
+    assert_eq!(out.code(), Some(80), "{}", out.log());
+    let report = termination_message(&termination_log);
+    assert_eq!(report["reason"], "watchdog");
+    assert_eq!(report["exit_code"], 80);
+    assert_eq!(report["job"]["command_exit_status"], 0);
+}
