@@ -29,6 +29,29 @@ pub mod code {
     pub const AGENT_NOT_EXECUTABLE: u8 = 126;
     /// The agent could not be executed: not found.
     pub const AGENT_NOT_FOUND: u8 = 127;
+
+    /// The codes above. An agent exiting with one of them is reported as 1, so that a pod's
+    /// code alone says what happened and a `podFailurePolicy` can act on it.
+    pub const RESERVED: [u8; 6] = [
+        INTERNAL,
+        CONFIG,
+        WATCHDOG,
+        INTERRUPTED_BEFORE_JOB,
+        AGENT_NOT_EXECUTABLE,
+        AGENT_NOT_FOUND,
+    ];
+
+    /// Whether a Job should replace a pod that exited with `code`: the "retry the pod?" column
+    /// of docs/agent-wrapper.md's table, which image/k8s/agent-job.yaml's `podFailurePolicy`
+    /// encodes (tests/tests/kubernetes_manifests.rs checks every code). No for success, for
+    /// configuration and image faults that a new pod would repeat, and for pods that ran their
+    /// job or were stopped before one.
+    pub fn retry_pod(code: u8) -> bool {
+        !matches!(
+            code,
+            0 | CONFIG | WATCHDOG | INTERRUPTED_BEFORE_JOB | AGENT_NOT_EXECUTABLE | AGENT_NOT_FOUND
+        )
+    }
 }
 
 /// How the pod ended.
@@ -127,6 +150,7 @@ impl Ending {
             .as_ref()
             .is_some_and(|j| j.finished_at.is_some());
         let agent_code = match supervision.agent {
+            AgentEnd::Exited(c) if code::RESERVED.contains(&(c.clamp(0, 255) as u8)) => 1,
             AgentEnd::Exited(c) => c.clamp(0, 255) as u8,
             AgentEnd::Signaled(s) => 128u8.saturating_add(s as u8),
         };
@@ -290,6 +314,26 @@ mod tests {
     }
 
     #[test]
+    fn retry_pod_is_the_tables_last_column() {
+        let rows = [
+            (0, false),
+            (1, true),
+            (3, true),
+            (137, true),
+            (143, true),
+            (code::INTERNAL, true),
+            (code::CONFIG, false),
+            (code::WATCHDOG, false),
+            (code::INTERRUPTED_BEFORE_JOB, false),
+            (code::AGENT_NOT_EXECUTABLE, false),
+            (code::AGENT_NOT_FOUND, false),
+        ];
+        for (exit_code, retry) in rows {
+            assert_eq!(code::retry_pod(exit_code), retry, "{exit_code}");
+        }
+    }
+
+    #[test]
     fn each_ending_has_its_code() {
         let cases = [
             (
@@ -305,6 +349,11 @@ mod tests {
             (
                 supervised(AgentEnd::Exited(3), None, None),
                 3,
+                "agent-failed",
+            ),
+            (
+                supervised(AgentEnd::Exited(78), None, None),
+                1,
                 "agent-failed",
             ),
             (

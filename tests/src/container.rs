@@ -121,12 +121,8 @@ fn build_agent_image(state: &Path) -> Podman {
     // Both trees at once: debootstrap mostly waits on the network.
     let (agent_tree, builder_tree) = std::thread::scope(|s| {
         let agent = s.spawn(|| debootstrap(&rootfs.join("agent"), "git,ca-certificates"));
-        let builder = s.spawn(|| {
-            debootstrap(
-                &rootfs.join("builder"),
-                "git,ca-certificates,gcc,libc6-dev",
-            )
-        });
+        let builder =
+            s.spawn(|| debootstrap(&rootfs.join("builder"), "git,ca-certificates,gcc,libc6-dev"));
         (agent.join().unwrap(), builder.join().unwrap())
     });
 
@@ -192,10 +188,7 @@ fn build_agent_image(state: &Path) -> Podman {
         "podman build of the Dockerfile failed:\n{}",
         out.log()
     );
-    eprintln!(
-        "container image {IMAGE} ready in {:.0?}",
-        started.elapsed()
-    );
+    eprintln!("container image {IMAGE} ready in {:.0?}", started.elapsed());
     podman
 }
 
@@ -207,7 +200,11 @@ fn debootstrap(tree: &Path, include: &str) -> PathBuf {
     }
     let _ = std::fs::remove_dir_all(tree);
     let out = Command::new("debootstrap")
-        .args(["--variant=minbase", &format!("--include={include}"), "bookworm"])
+        .args([
+            "--variant=minbase",
+            &format!("--include={include}"),
+            "bookworm",
+        ])
         .arg(tree)
         .output()
         .expect("debootstrap runs");
@@ -274,7 +271,10 @@ fn import(podman: &Podman, tree: &Path, tag: &str, changes: &[&str]) {
         .status()
         .unwrap();
     assert!(status.success(), "tar of {} failed", tree.display());
-    assert!(import.wait().unwrap().success(), "podman import {tag} failed");
+    assert!(
+        import.wait().unwrap().success(),
+        "podman import {tag} failed"
+    );
 }
 
 fn finished(out: Output) -> Finished {
@@ -303,8 +303,10 @@ impl<'p> Container<'p> {
     /// Mounts `host` at `path`; `read_only` as a pod mounts the mirror claim.
     pub fn mount(mut self, host: &Path, path: &str, read_only: bool) -> Self {
         let mode = if read_only { ":ro" } else { "" };
-        self.args
-            .extend(["--volume".into(), format!("{}:{path}{mode}", host.display())]);
+        self.args.extend([
+            "--volume".into(),
+            format!("{}:{path}{mode}", host.display()),
+        ]);
         self
     }
 
@@ -340,13 +342,11 @@ impl<'p> Container<'p> {
 
     /// Starts it in the background; the container is removed when the handle drops.
     pub fn start(self) -> Running<'p> {
-        let id = self.podman.ok(
-            &self
-                .run_args(true)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
+        let id = self.podman.ok(&self
+            .run_args(true)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
         Running {
             podman: self.podman,
             id: id.trim().to_string(),

@@ -1,0 +1,294 @@
+//! The example Kubernetes manifests in `image/k8s/` parsed as the API server's types
+//! (`k8s-openapi`), and checked against what the binaries and the image actually do: the agent
+//! Job's `podFailurePolicy` against agent-wrapper's exit-code table for every code, its grace
+//! period against the wrapper's stop deadline, the mirror volume read-only for agents and
+//! writable for populate-mirror.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use agent_wrapper::exit_report::code::retry_pod;
+use k8s_openapi::api::batch::v1::{CronJob, Job, JobSpec, PodFailurePolicy};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PersistentVolumeClaim, PodSpec};
+use k8s_openapi::Resource;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use stateless_e2e::container::IMAGE_UID;
+
+const MIRRORS_PATH: &str = "/buildkite-git-references";
+const CLAIM: &str = "buildkite-git-mirrors";
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// Every document of every manifest, by kind, as JSON.
+fn documents() -> BTreeMap<&'static str, Vec<(String, serde_json::Value)>> {
+    let mut by_kind: BTreeMap<&'static str, Vec<_>> = BTreeMap::new();
+    let dir = workspace().join("image/k8s");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()));
+            let kind = match value["kind"].as_str() {
+                Some(Job::KIND) => Job::KIND,
+                Some(CronJob::KIND) => CronJob::KIND,
+                Some(PersistentVolumeClaim::KIND) => PersistentVolumeClaim::KIND,
+                Some(ConfigMap::KIND) => ConfigMap::KIND,
+                other => panic!("{}: unexpected kind {other:?}", path.display()),
+            };
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            by_kind.entry(kind).or_default().push((name, value));
+        }
+    }
+    by_kind
+}
+
+/// `value` as `T`, refusing any field `T` does not have: a misspelt field would otherwise be
+/// dropped in silence, here as by `kubectl apply`.
+fn typed<T: DeserializeOwned + serde::Serialize>(file: &str, value: &serde_json::Value) -> T {
+    let typed: T = serde_json::from_value(value.clone())
+        .unwrap_or_else(|e| panic!("{file}: not a valid {}: {e}", std::any::type_name::<T>()));
+    assert_eq!(
+        &serde_json::to_value(&typed).unwrap(),
+        value,
+        "{file}: fields the Kubernetes type does not have (or a value of the wrong type)"
+    );
+    typed
+}
+
+fn jobs() -> Vec<(String, Job)> {
+    documents()[Job::KIND]
+        .iter()
+        .map(|(file, v)| (file.clone(), typed(file, v)))
+        .collect()
+}
+
+fn job(file: &str) -> JobSpec {
+    let (_, job) = jobs().into_iter().find(|(f, _)| f == file).unwrap();
+    job.spec.unwrap()
+}
+
+fn pod(spec: &JobSpec) -> &PodSpec {
+    spec.template.spec.as_ref().unwrap()
+}
+
+fn container<'s>(spec: &'s JobSpec, name: &str) -> &'s Container {
+    pod(spec)
+        .containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn env<'c>(container: &'c Container, name: &str) -> Option<&'c str> {
+    container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+/// What the Job controller does with a pod whose container `name` exited with `code`, reading
+/// the exit-code rules the way it does: the first rule that matches decides; none means Count.
+fn decision(policy: &PodFailurePolicy, container: &str, code: i32) -> String {
+    for rule in &policy.rules {
+        let Some(on) = &rule.on_exit_codes else {
+            continue; // A pod-condition rule: not about exit codes.
+        };
+        if on.container_name.as_deref().is_some_and(|c| c != container) {
+            continue;
+        }
+        let listed = on.values.contains(&code);
+        let matches = match on.operator.as_str() {
+            "In" => listed,
+            "NotIn" => !listed,
+            other => panic!("unknown operator {other}"),
+        };
+        if matches {
+            return rule.action.clone();
+        }
+    }
+    "Count".into()
+}
+
+#[test]
+fn every_manifest_parses_as_the_kubernetes_types() {
+    let docs = documents();
+    for (file, v) in &docs[Job::KIND] {
+        typed::<Job>(file, v);
+    }
+    for (file, v) in &docs[CronJob::KIND] {
+        typed::<CronJob>(file, v);
+    }
+    for (file, v) in &docs[PersistentVolumeClaim::KIND] {
+        typed::<PersistentVolumeClaim>(file, v);
+    }
+    for (file, v) in &docs[ConfigMap::KIND] {
+        typed::<ConfigMap>(file, v);
+    }
+}
+
+#[test]
+fn the_agent_jobs_failure_policy_is_the_wrappers_exit_code_table() {
+    let spec = job("agent-job.yaml");
+    let policy = spec
+        .pod_failure_policy
+        .as_ref()
+        .expect("a podFailurePolicy");
+    // A podFailurePolicy needs pods that are never restarted in place.
+    assert_eq!(pod(&spec).restart_policy.as_deref(), Some("Never"));
+    for code in 1..=255u8 {
+        let expected = if retry_pod(code) { "Count" } else { "FailJob" };
+        assert_eq!(
+            decision(policy, "agent", code.into()),
+            expected,
+            "exit code {code}: docs/agent-wrapper.md says {}",
+            if retry_pod(code) {
+                "replace the pod"
+            } else {
+                "fail the Job"
+            }
+        );
+    }
+}
+
+#[test]
+fn the_agents_grace_period_covers_the_wrappers_stop_deadline_and_cancel() {
+    let spec = job("agent-job.yaml");
+    let agent = container(&spec, "agent");
+    let setting = |name| {
+        let value = env(agent, name).unwrap_or_else(|| panic!("the template sets {name}"));
+        humantime::parse_duration(value).unwrap()
+    };
+    // TERM → the job may finish until the deadline → cancel → the agent exits within the grace;
+    // the report needs a moment after that. SIGKILL before it loses the report.
+    let needed = setting("AGENT_WRAPPER_STOP_DEADLINE")
+        + setting("AGENT_WRAPPER_CANCEL_GRACE")
+        + Duration::from_secs(5);
+    let grace = Duration::from_secs(
+        pod(&spec)
+            .termination_grace_period_seconds
+            .expect("terminationGracePeriodSeconds") as u64,
+    );
+    assert!(
+        grace >= needed && grace <= needed + Duration::from_secs(30),
+        "terminationGracePeriodSeconds {grace:?}; the wrapper needs {needed:?}"
+    );
+    assert!(spec.active_deadline_seconds.is_some());
+    assert!(spec.ttl_seconds_after_finished.is_some());
+    assert_eq!(
+        agent.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    assert_eq!(
+        agent.command, None,
+        "agent-wrapper is the image's ENTRYPOINT"
+    );
+}
+
+#[test]
+fn agents_mount_the_mirror_read_only_and_build_on_an_empty_dir() {
+    let spec = job("agent-job.yaml");
+    let agent = container(&spec, "agent");
+    let mounts = agent.volume_mounts.as_ref().unwrap();
+    let mirrors = mounts
+        .iter()
+        .find(|m| m.mount_path == MIRRORS_PATH)
+        .unwrap();
+    assert_eq!(mirrors.read_only, Some(true));
+    let volume = |name: &str| {
+        pod(&spec)
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap()
+            .clone()
+    };
+    let claim = volume(&mirrors.name).persistent_volume_claim.unwrap();
+    assert_eq!(claim.claim_name, CLAIM);
+    assert_eq!(
+        claim.read_only,
+        Some(true),
+        "the claim itself is read-only too"
+    );
+
+    // The build path is the image's (Dockerfile), on an emptyDir: nothing outlives the pod.
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
+    let builds = mounts
+        .iter()
+        .find(|m| dockerfile.contains(&format!("BUILDKITE_BUILD_PATH={}", m.mount_path)))
+        .expect("the build path is mounted");
+    assert!(volume(&builds.name).empty_dir.is_some());
+
+    let security = pod(&spec).security_context.as_ref().unwrap();
+    assert_eq!(security.run_as_user, Some(IMAGE_UID.into()));
+    assert_eq!(security.run_as_non_root, Some(true));
+}
+
+#[test]
+fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_pod() {
+    let docs = documents();
+    let (file, cron) = &docs[CronJob::KIND][0];
+    let cron: CronJob = typed(file, cron);
+    let cron = cron.spec.unwrap();
+    assert_eq!(cron.concurrency_policy.as_deref(), Some("Forbid"));
+    let refresh = cron.job_template.spec.unwrap();
+    let initial = job("populate-job.yaml");
+    assert_eq!(
+        refresh, initial,
+        "populate-job.yaml is the CronJob's job template: keep them the same"
+    );
+
+    let populate = container(&initial, "populate-mirror");
+    assert_eq!(
+        populate.command.as_deref(),
+        Some(&["/usr/local/bin/populate-mirror".to_string()][..])
+    );
+    let mirrors = populate
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == MIRRORS_PATH)
+        .unwrap();
+    assert_ne!(mirrors.read_only, Some(true));
+    let security = pod(&initial).security_context.as_ref().unwrap();
+    assert_eq!(
+        security.fs_group,
+        Some(IMAGE_UID.into()),
+        "the claim is writable by the image's user"
+    );
+    // populate-mirror's codes that a retry cannot fix: 2 bad input, 4 locked by another run.
+    let policy = initial.pod_failure_policy.as_ref().unwrap();
+    for code in 1..=255 {
+        let expected = if [2, 4].contains(&code) {
+            "FailJob"
+        } else {
+            "Count"
+        };
+        assert_eq!(
+            decision(policy, "populate-mirror", code),
+            expected,
+            "{code}"
+        );
+    }
+
+    let claims = &docs[PersistentVolumeClaim::KIND];
+    let (file, claim) = &claims[0];
+    let claim: PersistentVolumeClaim = typed(file, claim);
+    assert_eq!(claim.metadata.name.as_deref(), Some(CLAIM));
+    assert!(
+        claim
+            .spec
+            .unwrap()
+            .access_modes
+            .unwrap()
+            .contains(&"ReadWriteMany".to_string()),
+        "agents on every node read it while populate-mirror writes"
+    );
+}
