@@ -20,12 +20,12 @@ COPY tests/Cargo.toml tests/
 COPY image/dependency-stubs.sh image/
 RUN image/dependency-stubs.sh \
  && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \
- && rm -rf */src */benches
+ && rm -rf agent-wrapper/src core/src hooks/src populate-mirror/src
+# The test crate keeps its stubs: the image does not build it, so editing tests reuses the layers.
 COPY agent-wrapper agent-wrapper
 COPY core core
 COPY hooks hooks
 COPY populate-mirror populate-mirror
-COPY tests tests
 # COPY keeps the context's modification times, which can be older than the stubs' builds.
 RUN find */src -name '*.rs' -exec touch {} + \
  && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \

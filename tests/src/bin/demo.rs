@@ -1,7 +1,9 @@
-//! The demo: populate-mirror fills a mirror volume from a generated repository served over
-//! loopback, then the checkout hook checks out without a mirror, with the up-to-date mirror, with
-//! the mirror behind the server, and after populate-mirror's refresh. No Buildkite account needed:
-//! the stand-in agent receives the exports and meta-data.
+//! The demo, the whole flow on one machine: populate-mirror fills a mirror volume from a
+//! generated repository served over loopback; the checkout hook checks out without a mirror, with
+//! the up-to-date mirror, with the mirror behind the server, and after populate-mirror's refresh;
+//! then agent-wrapper runs one job of the stand-in agent as a pod would, the mirror mounted
+//! read-only, and prints its exit report. No Buildkite account needed: the stand-in agent models
+//! the real one's contract. Needs root, for the PID and mount namespaces.
 
 use std::time::Instant;
 
@@ -137,8 +139,32 @@ fn main() {
         sandbox.git(&["branch", "-r"]).lines().count(),
         sandbox.git(&["tag"]).lines().count(),
     );
+
     println!(
-        "Its record, for agent-wrapper: {}",
-        std::fs::read_to_string(&sandbox.record).unwrap()
+        "\n── 5. one whole job, as a pod runs it: agent-wrapper as PID 1 of its own PID namespace\n   \
+         runs the stand-in buildkite-agent; its checkout hook borrows from the mirror, mounted read-only"
+    );
+    let out = sandbox
+        .agent_wrapper()
+        .env("BUILDKITE_STANDIN_JOB_AFTER", "0")
+        .env(
+            "BUILDKITE_STANDIN_COMMAND",
+            "git log -1 --format='   the job builds %h: %s'",
+        )
+        .job(&url, &new_tip, "main")
+        .with_read_only(&sandbox.mirrors)
+        .as_pid1()
+        .run();
+    let report = out.stdout.lines().last().unwrap_or_default();
+    for line in out.stdout.lines().filter(|l| l.starts_with("   the job")) {
+        println!("{line}");
+    }
+    assert_eq!(out.code(), Some(0), "the demo job failed:\n{}", out.log());
+    let report: serde_json::Value = serde_json::from_str(report).expect("the exit report");
+    println!(
+        "   the pod exits {} ({}); the exit report, also in the termination message file:\n{}",
+        report["exit_code"],
+        report["reason"].as_str().unwrap_or_default(),
+        serde_json::to_string_pretty(&report).unwrap()
     );
 }
