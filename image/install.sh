@@ -6,7 +6,7 @@ set -eu
 if ! getent passwd buildkite >/dev/null; then
   useradd --uid 10001 --user-group --create-home --shell /bin/bash buildkite
 fi
-mkdir -p /buildkite/builds /buildkite/plugins /buildkite/hooks /buildkite-git-references
+mkdir -p /buildkite/builds /buildkite/plugins /buildkite/hooks
 chown buildkite:buildkite /buildkite/builds /buildkite/plugins
 # Global hooks stay root-owned: a job must not be able to change the next one's checkout.
 # The agent (3.85 or later) runs compiled hooks directly; job-hook tells its phase by its name.

@@ -11,6 +11,9 @@ use stateless_e2e::container::{agent_image, Container, Podman, IMAGE, IMAGE_UID}
 use stateless_e2e::sandbox::AGENT_TOKEN;
 use stateless_e2e::scenario::Served;
 
+/// Where the image's checkout hook looks for the mirror volume.
+const MIRRORS: &str = "/buildkite-git-references";
+
 fn podman() -> &'static Podman {
     agent_image(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-image"))
 }
@@ -24,7 +27,7 @@ fn populated() -> (Served, PathBuf) {
     std::os::unix::fs::chown(&mirrors, Some(IMAGE_UID), Some(IMAGE_UID)).unwrap();
     let out = podman()
         .container(IMAGE)
-        .mount(&mirrors, "/buildkite-git-references", false)
+        .mount(&mirrors, MIRRORS, false)
         .entrypoint("populate-mirror")
         .arg(&s.url)
         .run();
@@ -34,9 +37,9 @@ fn populated() -> (Served, PathBuf) {
     (s, mirrors)
 }
 
-/// An agent pod for one job of the served repository: the mirror mounted read-only and the
-/// termination message file mounted where the kubelet puts it.
-fn agent_pod<'p>(s: &Served, mirrors: &Path, termination_log: &Path) -> Container<'p> {
+/// An agent pod for one job of the served repository, with the termination message file mounted
+/// where the kubelet puts it.
+fn agent_pod<'p>(s: &Served, termination_log: &Path) -> Container<'p> {
     std::fs::write(termination_log, "").unwrap();
     // The kubelet makes the file writable by any user.
     std::fs::set_permissions(
@@ -46,7 +49,6 @@ fn agent_pod<'p>(s: &Served, mirrors: &Path, termination_log: &Path) -> Containe
     .unwrap();
     podman()
         .container(IMAGE)
-        .mount(mirrors, "/buildkite-git-references", true)
         .mount(termination_log, "/dev/termination-log", false)
         .env("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN)
         .env("BUILDKITE_STANDIN_JOB_AFTER", "0.1")
@@ -69,7 +71,8 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
     let before = std::fs::read_link(mirrors.join("acme/widgets.reference")).unwrap();
     let termination_log = s.sandbox.dir.path().join("termination-log");
 
-    let out = agent_pod(&s, &mirrors, &termination_log)
+    let out = agent_pod(&s, &termination_log)
+        .mount(&mirrors, MIRRORS, true)
         .env(
             "BUILDKITE_STANDIN_COMMAND",
             // The job sees the checkout, and cannot write to the mirror volume.
@@ -104,7 +107,8 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
 fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline() {
     let (s, mirrors) = populated();
     let termination_log = s.sandbox.dir.path().join("termination-log");
-    let pod = agent_pod(&s, &mirrors, &termination_log)
+    let pod = agent_pod(&s, &termination_log)
+        .mount(&mirrors, MIRRORS, true)
         .env("AGENT_WRAPPER_STOP_DEADLINE", "3s")
         .env("AGENT_WRAPPER_CANCEL_GRACE", "5s")
         .env("BUILDKITE_STANDIN_COMMAND", "echo job-running; sleep 300")
@@ -135,7 +139,8 @@ fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline()
 fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
     let (s, mirrors) = populated();
     let termination_log = s.sandbox.dir.path().join("termination-log");
-    let out = agent_pod(&s, &mirrors, &termination_log)
+    let out = agent_pod(&s, &termination_log)
+        .mount(&mirrors, MIRRORS, true)
         .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job")
         .env("BUILDKITE_STANDIN_COMMAND", "true")
         .env("AGENT_WRAPPER_WATCHDOG", "1s")
@@ -147,4 +152,62 @@ fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
     assert_eq!(report["reason"], "watchdog");
     assert_eq!(report["exit_code"], 80);
     assert_eq!(report["job"]["command_exit_status"], 0);
+}
+
+#[test]
+fn a_pod_without_a_token_fails_at_once_with_the_configuration_code() {
+    let s = Served::new("acme/widgets.git");
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+    let out = agent_pod(&s, &termination_log)
+        .env("BUILDKITE_AGENT_TOKEN", "")
+        .run();
+
+    assert_eq!(out.code(), Some(78), "{}", out.log());
+    let report = termination_message(&termination_log);
+    assert_eq!(report["reason"], "config-error");
+    assert!(
+        report["message"]
+            .as_str()
+            .unwrap()
+            .contains("BUILDKITE_AGENT_TOKEN"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
+    let s = Served::new("acme/widgets.git");
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+    let out = agent_pod(&s, &termination_log)
+        .env("BUILDKITE_STANDIN_COMMAND", "test -f README.md")
+        .run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.stderr
+            .contains("no mirror volume at /buildkite-git-references"),
+        "{}",
+        out.stderr
+    );
+    let report = termination_message(&termination_log);
+    assert_eq!(report["checkout"]["outcome"], "succeeded");
+    assert_eq!(report["checkout"]["mirror"], "miss");
+}
+
+#[test]
+fn a_mirror_volume_mounted_writable_is_warned_about() {
+    let (s, mirrors) = populated();
+    let termination_log = s.sandbox.dir.path().join("termination-log");
+    let out = agent_pod(&s, &termination_log)
+        .mount(&mirrors, MIRRORS, false)
+        .env("BUILDKITE_STANDIN_COMMAND", "true")
+        .run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.stderr
+            .contains("the mirror volume is writable; mount it read-only in agent pods"),
+        "{}",
+        out.stderr
+    );
 }
