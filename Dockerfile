@@ -45,3 +45,6 @@ ENV BUILDKITE_AGENT_CONFIG=/buildkite/buildkite-agent.cfg \
 USER 10001:10001
 WORKDIR /buildkite
 ENTRYPOINT ["/usr/local/bin/agent-wrapper"]
+# The agent image's CMD is `start`; the wrapper adds that itself, and takes extra agent
+# arguments after `--`.
+CMD []

@@ -126,8 +126,9 @@ fn build_agent_image(state: &Path) -> Podman {
         (agent.join().unwrap(), builder.join().unwrap())
     });
 
-    // The agent base: the stand-in where the official image has the real agent, and the
-    // directory the stand-in keeps its meta-data and Job API state in.
+    // The agent base: the stand-in where the official image has the real agent, the official
+    // image's entrypoint and command, and where the stand-in keeps its meta-data and Job API
+    // state.
     std::fs::copy(
         bin("buildkite-agent"),
         agent_tree.join("usr/local/bin/buildkite-agent"),
@@ -137,7 +138,11 @@ fn build_agent_image(state: &Path) -> Podman {
         &podman,
         &agent_tree,
         AGENT_BASE,
-        &["ENV BUILDKITE_STANDIN_STATE=/tmp/buildkite-standin"],
+        &[
+            r#"ENTRYPOINT ["/usr/local/bin/buildkite-agent"]"#,
+            r#"CMD ["start"]"#,
+            "ENV BUILDKITE_STANDIN_STATE=/tmp/buildkite-standin",
+        ],
     );
 
     // The builder base: this machine's toolchain, tagged by its version so it is made once.
