@@ -79,7 +79,6 @@ impl Podman {
             podman: self,
             args: vec!["--network".into(), "host".into()],
             image: image.into(),
-            command: Vec::new(),
         }
     }
 }
@@ -296,7 +295,6 @@ pub struct Container<'p> {
     podman: &'p Podman,
     args: Vec<String>,
     image: String,
-    command: Vec<String>,
 }
 
 impl<'p> Container<'p> {
@@ -320,17 +318,11 @@ impl<'p> Container<'p> {
         self
     }
 
-    pub fn arg(mut self, arg: &str) -> Self {
-        self.command.push(arg.into());
-        self
-    }
-
     fn run_args(&self, detach: bool) -> Vec<String> {
         let mut args = vec!["run".to_string()];
         args.push(if detach { "--detach" } else { "--rm" }.into());
         args.extend(self.args.iter().cloned());
         args.push(self.image.clone());
-        args.extend(self.command.iter().cloned());
         args
     }
 

@@ -25,11 +25,23 @@ fn populated() -> (Served, PathBuf) {
     let mirrors = s.sandbox.dir.path().join("volume");
     std::fs::create_dir(&mirrors).unwrap();
     std::os::unix::fs::chown(&mirrors, Some(IMAGE_UID), Some(IMAGE_UID)).unwrap();
+    // As image/k8s/populate-job.yaml runs it: the repository list from a mounted ConfigMap.
+    let list = s.sandbox.dir.path().join("populate-config");
+    std::fs::create_dir(&list).unwrap();
+    std::fs::write(
+        list.join("repositories"),
+        format!("# served on loopback\n{}\n", s.url),
+    )
+    .unwrap();
     let out = podman()
         .container(IMAGE)
         .mount(&mirrors, MIRRORS, false)
-        .entrypoint("populate-mirror")
-        .arg(&s.url)
+        .mount(&list, "/etc/populate-mirror", true)
+        .env(
+            "POPULATE_MIRROR_REPOS_FILE",
+            "/etc/populate-mirror/repositories",
+        )
+        .entrypoint("/usr/local/bin/populate-mirror")
         .run();
     assert_eq!(out.code(), Some(0), "populate-mirror: {}", out.log());
     assert!(mirrors.join("manifest.json").is_file());
