@@ -87,8 +87,11 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
         .mount(&mirrors, MIRRORS, true)
         .env(
             "BUILDKITE_STANDIN_COMMAND",
-            // The job sees the checkout, and cannot write to the mirror volume.
-            "test -f README.md && ! touch /buildkite-git-references/x 2>/dev/null && echo built",
+            // The job sees the checkout, runs as the image's user, and can change neither the
+            // mirror volume nor the global hooks the next job would run.
+            "test -f README.md && test \"$(id -u)\" = 10001 \
+             && ! touch /buildkite-git-references/x 2>/dev/null \
+             && ! ln -sf /bin/true /buildkite/hooks/checkout 2>/dev/null && echo built",
         )
         .run();
 
