@@ -384,6 +384,92 @@ fn every_forwarded_signal_reaches_the_agent_once_in_order_and_job_control_does_n
 }
 
 #[test]
+fn fault_signals_sent_to_pid1_are_not_forwarded_and_do_not_end_it() {
+    let s = Sandbox::new();
+    let log = s.dir.path().join("signals.log");
+    let ready = s.dir.path().join("ready");
+    let faults = ["SEGV", "BUS", "FPE", "ILL", "ABRT", "TRAP", "SYS"];
+    let agent = fake_agent(
+        &s,
+        "trapping-agent",
+        &format!(
+            "for sig in {all}; do trap \"echo $sig >> {log}\" $sig; done\n\
+             trap 'echo TERM >> {log}; exit 0' TERM\n\
+             touch {ready}\n\
+             while :; do sleep 0.05; done",
+            all = faults.join(" "),
+            log = log.display(),
+            ready = ready.display()
+        ),
+    );
+    let child = wrapper(&s)
+        .env("AGENT_WRAPPER_AGENT", &agent)
+        .as_pid1()
+        .spawn();
+    let init = namespace_init(&child);
+    wait_for("the agent", || ready.exists());
+
+    for sig in [
+        Signal::SIGSEGV,
+        Signal::SIGBUS,
+        Signal::SIGFPE,
+        Signal::SIGILL,
+        Signal::SIGABRT,
+        Signal::SIGTRAP,
+        Signal::SIGSYS,
+    ] {
+        signal(init, sig);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::fs::metadata(format!("/proc/{init}")).is_ok(),
+        "PID 1 survived"
+    );
+    signal(init, Signal::SIGTERM);
+    let out = finish(child);
+
+    assert_eq!(out.code(), Some(81), "{}", out.log());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "TERM\n");
+    assert_eq!(
+        report(&s, &out)["signals_forwarded"],
+        serde_json::json!([15])
+    );
+}
+
+#[test]
+fn forwarding_to_an_agent_that_has_just_died_is_not_fatal() {
+    let s = Sandbox::new();
+    let ready = s.dir.path().join("ready");
+    // The first HUP ends the agent; the burst behind it finds it exiting, a zombie or gone.
+    let agent = fake_agent(
+        &s,
+        "short-lived-agent",
+        &format!(
+            "trap 'exit 7' HUP\ntouch {}\nwhile :; do sleep 0.05; done",
+            ready.display()
+        ),
+    );
+    let child = wrapper(&s)
+        .env("AGENT_WRAPPER_AGENT", &agent)
+        .as_pid1()
+        .spawn();
+    let init = namespace_init(&child);
+    wait_for("the agent", || ready.exists());
+
+    for _ in 0..50 {
+        if kill(init, Signal::SIGHUP).is_err() {
+            break; // The wrapper has already exited.
+        }
+    }
+    let out = finish(child);
+
+    assert_eq!(out.code(), Some(7), "{}", out.log());
+    let r = report(&s, &out);
+    assert_eq!(r["reason"], "agent-failed");
+    assert_eq!(r["agent_exit_code"], 7);
+}
+
+#[test]
 fn the_agent_starts_with_a_clean_signal_state_only_three_fds_and_its_own_process_group() {
     let s = Sandbox::new();
     let out_file = s.dir.path().join("child-state");
