@@ -31,6 +31,38 @@ fn fake_agent(sandbox: &Sandbox, name: &str, script: &str) -> PathBuf {
     path
 }
 
+/// A fake agent whose `setup` (traps) runs first, then it says it is ready and idles; the wrapper
+/// runs it as PID 1 with `settings`. Returns once the agent is ready, with the namespace's init.
+fn start_ready_agent(s: &Sandbox, setup: &str, settings: &[(&str, &str)]) -> (Child, Pid) {
+    let ready = s.dir.path().join("ready");
+    let agent = fake_agent(
+        s,
+        "scripted-agent",
+        &format!(
+            "{setup}\ntouch {}\nwhile :; do sleep 0.05; done",
+            ready.display()
+        ),
+    );
+    let mut wrapper = wrapper(s).env("AGENT_WRAPPER_AGENT", &agent);
+    for (key, value) in settings {
+        wrapper = wrapper.env(key, value);
+    }
+    let child = wrapper.as_pid1().spawn();
+    let init = namespace_init(&child);
+    wait_for("the agent", || ready.exists());
+    (child, init)
+}
+
+/// Traps that append each of `signals` to `log` as it arrives, and exit 0 on TERM after logging it.
+fn log_signals(signals: &[&str], log: &Path) -> String {
+    format!(
+        "for sig in {}; do trap \"echo $sig >> {log}\" $sig; done\n\
+         trap 'echo TERM >> {log}; exit 0' TERM",
+        signals.join(" "),
+        log = log.display()
+    )
+}
+
 fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !ready() {
@@ -326,25 +358,13 @@ fn an_agent_that_lingers_after_its_job_is_stopped_by_the_watchdog() {
 fn every_forwarded_signal_reaches_the_agent_once_in_order_and_job_control_does_not_stop_pid1() {
     let s = Sandbox::new();
     let log = s.dir.path().join("signals.log");
-    let ready = s.dir.path().join("ready");
-    let agent = fake_agent(
-        &s,
-        "trapping-agent",
-        &format!(
-            "for sig in HUP USR1 USR2 WINCH QUIT INT TSTP TTIN TTOU CHLD; do trap \"echo $sig >> {log}\" $sig; done\n\
-             trap 'echo TERM >> {log}; exit 0' TERM\n\
-             touch {ready}\n\
-             while :; do sleep 0.05; done",
-            log = log.display(),
-            ready = ready.display()
-        ),
+    let traps = log_signals(
+        &[
+            "HUP", "USR1", "USR2", "WINCH", "QUIT", "INT", "TSTP", "TTIN", "TTOU", "CHLD",
+        ],
+        &log,
     );
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_AGENT", &agent)
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the agent", || ready.exists());
+    let (child, init) = start_ready_agent(&s, &traps, &[]);
 
     let order = [
         Signal::SIGHUP,
@@ -387,27 +407,8 @@ fn every_forwarded_signal_reaches_the_agent_once_in_order_and_job_control_does_n
 fn fault_signals_sent_to_pid1_are_not_forwarded_and_do_not_end_it() {
     let s = Sandbox::new();
     let log = s.dir.path().join("signals.log");
-    let ready = s.dir.path().join("ready");
-    let faults = ["SEGV", "BUS", "FPE", "ILL", "ABRT", "TRAP", "SYS"];
-    let agent = fake_agent(
-        &s,
-        "trapping-agent",
-        &format!(
-            "for sig in {all}; do trap \"echo $sig >> {log}\" $sig; done\n\
-             trap 'echo TERM >> {log}; exit 0' TERM\n\
-             touch {ready}\n\
-             while :; do sleep 0.05; done",
-            all = faults.join(" "),
-            log = log.display(),
-            ready = ready.display()
-        ),
-    );
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_AGENT", &agent)
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the agent", || ready.exists());
+    let traps = log_signals(&["SEGV", "BUS", "FPE", "ILL", "ABRT", "TRAP", "SYS"], &log);
+    let (child, init) = start_ready_agent(&s, &traps, &[]);
 
     for sig in [
         Signal::SIGSEGV,
@@ -439,22 +440,8 @@ fn fault_signals_sent_to_pid1_are_not_forwarded_and_do_not_end_it() {
 #[test]
 fn forwarding_to_an_agent_that_has_just_died_is_not_fatal() {
     let s = Sandbox::new();
-    let ready = s.dir.path().join("ready");
     // The first HUP ends the agent; the burst behind it finds it exiting, a zombie or gone.
-    let agent = fake_agent(
-        &s,
-        "short-lived-agent",
-        &format!(
-            "trap 'exit 7' HUP\ntouch {}\nwhile :; do sleep 0.05; done",
-            ready.display()
-        ),
-    );
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_AGENT", &agent)
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the agent", || ready.exists());
+    let (child, init) = start_ready_agent(&s, "trap 'exit 7' HUP", &[]);
 
     for _ in 0..50 {
         if kill(init, Signal::SIGHUP).is_err() {
@@ -684,23 +671,14 @@ fn an_idle_wrapper_never_wakes_up() {
 #[test]
 fn an_agent_that_ignores_term_and_quit_is_killed_after_the_deadline() {
     let s = Sandbox::new();
-    let ready = s.dir.path().join("ready");
-    let agent = fake_agent(
+    let (child, init) = start_ready_agent(
         &s,
-        "stubborn-agent",
-        &format!(
-            "trap '' TERM QUIT INT; touch {}; while :; do sleep 0.05; done",
-            ready.display()
-        ),
+        "trap '' TERM QUIT INT",
+        &[
+            ("AGENT_WRAPPER_STOP_DEADLINE", "300ms"),
+            ("AGENT_WRAPPER_CANCEL_GRACE", "300ms"),
+        ],
     );
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_AGENT", &agent)
-        .env("AGENT_WRAPPER_STOP_DEADLINE", "300ms")
-        .env("AGENT_WRAPPER_CANCEL_GRACE", "300ms")
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the agent", || ready.exists());
 
     let started = Instant::now();
     signal(init, Signal::SIGTERM);

@@ -49,19 +49,25 @@ fn populated() -> (Served, PathBuf) {
     (s, mirrors)
 }
 
+/// The host side of the pod's termination message file.
+fn termination_log(s: &Served) -> PathBuf {
+    s.sandbox.dir.path().join("termination-log")
+}
+
 /// An agent pod for one job of the served repository, with the termination message file mounted
 /// where the kubelet puts it.
-fn agent_pod<'p>(s: &Served, termination_log: &Path) -> Container<'p> {
-    std::fs::write(termination_log, "").unwrap();
+fn agent_pod<'p>(s: &Served) -> Container<'p> {
+    let termination_log = termination_log(s);
+    std::fs::write(&termination_log, "").unwrap();
     // The kubelet makes the file writable by any user.
     std::fs::set_permissions(
-        termination_log,
+        &termination_log,
         std::os::unix::fs::PermissionsExt::from_mode(0o666),
     )
     .unwrap();
     podman()
         .container(IMAGE)
-        .mount(termination_log, "/dev/termination-log", false)
+        .mount(&termination_log, "/dev/termination-log", false)
         .env("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN)
         .env("BUILDKITE_STANDIN_JOB_AFTER", "0.1")
         .env("BUILDKITE_STANDIN_SIGNAL_GRACE", "2")
@@ -71,8 +77,8 @@ fn agent_pod<'p>(s: &Served, termination_log: &Path) -> Container<'p> {
 }
 
 /// The report the wrapper left in the termination message file.
-fn termination_message(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap();
+fn termination_message(s: &Served) -> serde_json::Value {
+    let text = std::fs::read_to_string(termination_log(s)).unwrap();
     assert!(!text.contains(AGENT_TOKEN), "the token leaked: {text}");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"))
 }
@@ -81,9 +87,8 @@ fn termination_message(path: &Path) -> serde_json::Value {
 fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
     let (s, mirrors) = populated();
     let before = std::fs::read_link(mirrors.join("acme/widgets.reference")).unwrap();
-    let termination_log = s.sandbox.dir.path().join("termination-log");
 
-    let out = agent_pod(&s, &termination_log)
+    let out = agent_pod(&s)
         .mount(&mirrors, MIRRORS, true)
         .env(
             "BUILDKITE_STANDIN_COMMAND",
@@ -97,7 +102,7 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
     assert!(out.stdout.contains("built"), "{}", out.log());
-    let report = termination_message(&termination_log);
+    let report = termination_message(&s);
     assert_eq!(report["reason"], "job-finished");
     assert_eq!(report["exit_code"], 0);
     assert_eq!(report["job"]["command_exit_status"], 0);
@@ -121,8 +126,7 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
 #[test]
 fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline() {
     let (s, mirrors) = populated();
-    let termination_log = s.sandbox.dir.path().join("termination-log");
-    let pod = agent_pod(&s, &termination_log)
+    let pod = agent_pod(&s)
         .mount(&mirrors, MIRRORS, true)
         .env("AGENT_WRAPPER_STOP_DEADLINE", "3s")
         .env("AGENT_WRAPPER_CANCEL_GRACE", "5s")
@@ -142,7 +146,7 @@ fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline()
         took >= Duration::from_secs(3) && took < Duration::from_secs(20),
         "stopped after {took:?}"
     );
-    let report = termination_message(&termination_log);
+    let report = termination_message(&s);
     assert_eq!(report["reason"], "stopped", "{report}");
     assert_eq!(report["stop"], "signal 15, escalated to Quit", "{report}");
     assert_eq!(report["signals_forwarded"], serde_json::json!([15]));
@@ -153,8 +157,7 @@ fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline()
 #[test]
 fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
     let (s, mirrors) = populated();
-    let termination_log = s.sandbox.dir.path().join("termination-log");
-    let out = agent_pod(&s, &termination_log)
+    let out = agent_pod(&s)
         .mount(&mirrors, MIRRORS, true)
         .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job")
         .env("BUILDKITE_STANDIN_COMMAND", "true")
@@ -163,7 +166,7 @@ fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
         .run();
 
     assert_eq!(out.code(), Some(80), "{}", out.log());
-    let report = termination_message(&termination_log);
+    let report = termination_message(&s);
     assert_eq!(report["reason"], "watchdog");
     assert_eq!(report["exit_code"], 80);
     assert_eq!(report["job"]["command_exit_status"], 0);
@@ -172,13 +175,10 @@ fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
 #[test]
 fn a_pod_without_a_token_fails_at_once_with_the_configuration_code() {
     let s = Served::new("acme/widgets.git");
-    let termination_log = s.sandbox.dir.path().join("termination-log");
-    let out = agent_pod(&s, &termination_log)
-        .env("BUILDKITE_AGENT_TOKEN", "")
-        .run();
+    let out = agent_pod(&s).env("BUILDKITE_AGENT_TOKEN", "").run();
 
     assert_eq!(out.code(), Some(78), "{}", out.log());
-    let report = termination_message(&termination_log);
+    let report = termination_message(&s);
     assert_eq!(report["reason"], "config-error");
     assert!(
         report["message"]
@@ -192,8 +192,7 @@ fn a_pod_without_a_token_fails_at_once_with_the_configuration_code() {
 #[test]
 fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
     let s = Served::new("acme/widgets.git");
-    let termination_log = s.sandbox.dir.path().join("termination-log");
-    let out = agent_pod(&s, &termination_log)
+    let out = agent_pod(&s)
         .env("BUILDKITE_STANDIN_COMMAND", "test -f README.md")
         .run();
 
@@ -204,7 +203,7 @@ fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
         "{}",
         out.stderr
     );
-    let report = termination_message(&termination_log);
+    let report = termination_message(&s);
     assert_eq!(report["checkout"]["outcome"], "succeeded");
     assert_eq!(report["checkout"]["mirror"], "miss");
 }
@@ -212,8 +211,7 @@ fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
 #[test]
 fn a_mirror_volume_mounted_writable_is_warned_about() {
     let (s, mirrors) = populated();
-    let termination_log = s.sandbox.dir.path().join("termination-log");
-    let out = agent_pod(&s, &termination_log)
+    let out = agent_pod(&s)
         .mount(&mirrors, MIRRORS, false)
         .env("BUILDKITE_STANDIN_COMMAND", "true")
         .run();
