@@ -27,6 +27,11 @@ pub struct CheckoutRecord {
     pub outcome: Outcome,
     /// The one-line error when the checkout failed.
     pub error: Option<String>,
+    /// Why it failed (`not-found`, `network`, `local`, `config`, `timeout`,
+    /// `commit-verification`, `stale-merge-ref`): the exit status follows the agent's, which
+    /// is 128 for most of these, so the cause is kept here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
     pub mirror: MirrorUse,
     pub attempts: u32,
     /// Bytes of objects written into the checkout's own object store (0 when the mirror had all).

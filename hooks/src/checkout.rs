@@ -30,6 +30,12 @@ use crate::ssh::SshSetup;
 const HEADS_REFSPEC: &str = "+refs/heads/*:refs/remotes/origin/*";
 const TAGS_REFSPEC: &str = "+refs/tags/*:refs/tags/*";
 
+/// Paths per `git lfs checkout`, as the agent batches them.
+const LFS_CHECKOUT_BATCH: usize = 1000;
+
+/// The agent's tries for `refs/pull/N/head` at HEAD (`internal/job/git.go`, about 2m17s).
+const PULL_REQUEST_REF_TRIES: u32 = 10;
+
 /// A finished attempt.
 #[derive(Debug)]
 pub struct Attempt {
@@ -83,38 +89,49 @@ impl<'a> Checkout<'a> {
     pub async fn run(&self, mirror: Option<&Mirror>) -> CheckoutRun {
         let attempts = Cell::new(0u32);
         let abandoned: RefCell<Option<String>> = RefCell::new(None);
+        let limit = self.attempt_limit();
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.plan.retry_delay)
             .with_factor(2.0)
+            // The agent's 10 tries for a pull request's head ref span about 2m17s: 1, 2, 4, 8,
+            // 16 s, then 26 s each. Six ordinary attempts never reach the cap.
+            .with_max_delay(self.plan.retry_delay * 26)
             .with_jitter()
-            .with_max_times(self.plan.attempts as usize - 1);
+            .with_max_times(limit.max(self.plan.attempts) as usize - 1);
         let result = (|| async {
             attempts.set(attempts.get() + 1);
             let with_mirror = mirror.filter(|_| abandoned.borrow().is_none());
             let Some(m) = with_mirror else {
-                return self.timed_attempt(None).await;
+                return self.timed_attempt(None, attempts.get()).await;
             };
-            match self.timed_attempt(Some(m)).await {
+            match self.timed_attempt(Some(m), attempts.get()).await {
                 Err(e) if e.blames_mirror() => {
                     tracing::warn!(
                         "the checkout failed with the mirror ({e}); redoing it without the mirror"
                     );
                     *abandoned.borrow_mut() = Some(e.to_string());
-                    self.timed_attempt(None).await
+                    self.timed_attempt(None, attempts.get()).await
                 }
                 other => other,
             }
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
-        .when(CheckoutError::is_retryable)
+        .when(|e| e.is_retryable() && attempts.get() < self.limit_for(e))
         .notify(|e, wait| {
-            tracing::warn!(
-                "checkout attempt {}/{} failed: {e}; retrying in {:.1}s",
-                attempts.get(),
-                self.plan.attempts,
-                wait.as_secs_f64()
-            )
+            let of = self.limit_for(e);
+            match e.kind() {
+                FailureKind::NotFound => tracing::warn!(
+                    "checkout attempt {}/{of}: {e}; GitHub can deliver a build before a fresh push or a new pull request's ref can be fetched, so waiting {:.1}s for it to appear",
+                    attempts.get(),
+                    wait.as_secs_f64()
+                ),
+                _ => tracing::warn!(
+                    "checkout attempt {}/{of} failed: {e}; retrying in {:.1}s",
+                    attempts.get(),
+                    wait.as_secs_f64()
+                ),
+            }
         })
         .await;
         let fallback_reason = abandoned.into_inner();
@@ -131,16 +148,40 @@ impl<'a> Checkout<'a> {
         }
     }
 
-    async fn timed_attempt(&self, mirror: Option<&Mirror>) -> Result<Attempt, CheckoutError> {
-        match self.plan.attempt_timeout {
-            Some(limit) => tokio::time::timeout(limit, self.attempt(mirror))
-                .await
-                .unwrap_or(Err(CheckoutError::TimedOut { after: limit })),
-            None => self.attempt(mirror).await,
+    /// The most attempts any failure gets: a pull request's head ref fetched at HEAD gets the
+    /// agent's 10 tries, since GitHub makes it asynchronously.
+    fn attempt_limit(&self) -> u32 {
+        match self.plan.waits_for_pull_request_ref {
+            true => self.plan.attempts.max(PULL_REQUEST_REF_TRIES),
+            false => self.plan.attempts,
         }
     }
 
-    async fn attempt(&self, mirror: Option<&Mirror>) -> Result<Attempt, CheckoutError> {
+    fn limit_for(&self, e: &CheckoutError) -> u32 {
+        match e.kind() {
+            FailureKind::NotFound => self.attempt_limit(),
+            _ => self.plan.attempts,
+        }
+    }
+
+    async fn timed_attempt(
+        &self,
+        mirror: Option<&Mirror>,
+        number: u32,
+    ) -> Result<Attempt, CheckoutError> {
+        match self.plan.attempt_timeout {
+            Some(limit) => tokio::time::timeout(limit, self.attempt(mirror, number))
+                .await
+                .unwrap_or(Err(CheckoutError::TimedOut { after: limit })),
+            None => self.attempt(mirror, number).await,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        mirror: Option<&Mirror>,
+        number: u32,
+    ) -> Result<Attempt, CheckoutError> {
         let dir = &self.plan.checkout_dir;
         let repo = self.prepare(mirror).await?;
         let present = |oid: Oid| mirror.is_some_and(|m| m.has_commit(oid));
@@ -163,15 +204,30 @@ impl<'a> Checkout<'a> {
                     };
                     (*oid, true, fetch, checkout)
                 }
-                target => {
-                    let (commit, fetch) = timed(self.fetch_target(&repo, target)).await?;
+                Target::Commit(oid) => {
+                    // The agent tries the remote mirror on the first attempt only.
+                    if number == 1 {
+                        self.fetch_from_remote_mirror(*oid).await;
+                    }
+                    let (commit, fetch) = timed(self.fetch_target(&repo, mirror)).await?;
+                    let ((), checkout) = timed(self.checkout(commit)).await?;
+                    (commit, false, fetch, checkout)
+                }
+                Target::Named(name) => {
+                    let ((), fetch) = timed(self.fetch_named(name)).await?;
+                    let (commit, checkout) = timed(self.checkout_named(&repo, name)).await?;
+                    (commit, false, fetch, checkout)
+                }
+                _ => {
+                    let (commit, fetch) = timed(self.fetch_target(&repo, mirror)).await?;
                     let ((), checkout) = timed(self.checkout(commit)).await?;
                     (commit, false, fetch, checkout)
                 }
             })
         };
         // Which branch is the default costs a request only without a mirror: overlap it with
-        // the fetch, and drop it if the fetch fails.
+        // the fetch, and drop it if the fetch fails. A HEAD build without a branch needs it
+        // first, to know what to fetch.
         let default_branch = async { Ok(self.default_branch(mirror).await) };
         let ((commit, had_commit, fetch, checkout), default_branch) =
             tokio::try_join!(fetch_and_checkout, default_branch)?;
@@ -182,6 +238,7 @@ impl<'a> Checkout<'a> {
         if self.plan.lfs {
             self.lfs_checkout().await?;
         }
+        self.verify_commit(commit).await?;
         let bytes_fetched = object_bytes(&dir.join(".git/objects"));
         if let (Some(_), MirrorMode::Dissociate) = (mirror, self.plan.mode) {
             self.dissociate().await?;
@@ -214,14 +271,93 @@ impl<'a> Checkout<'a> {
     /// Fetches what the target names, with the branches and tags, and resolves the commit to
     /// check out. When the server lacks a named ref or will not serve the SHA by id, fetches
     /// all branches and tags and looks for the commit there, as the agent does.
-    async fn fetch_target(&self, repo: &Repository, target: &Target) -> Result<Oid, CheckoutError> {
-        match self.fetch(&self.plan.target_refspecs).await {
+    async fn fetch_target(
+        &self,
+        repo: &Repository,
+        mirror: Option<&Mirror>,
+    ) -> Result<Oid, CheckoutError> {
+        let target = &self.plan.target;
+        let specs = match target {
+            Target::DefaultBranch => {
+                match self.default_branch(mirror).await {
+                    Some(branch) => {
+                        tracing::info!("BUILDKITE_BRANCH is empty: building the remote's default branch, {branch}");
+                        vec![branch]
+                    }
+                    None => return Err(self.not_found("the remote's default branch (HEAD)".into())),
+                }
+            }
+            _ => self.plan.target_refspecs.clone(),
+        };
+        match self.fetch(&specs).await {
             Err(e) if e.kind() == FailureKind::NotFound && *target != Target::FetchHead => {
                 self.fetch_all_heads_and_tags(&e).await?;
             }
             other => other?,
         }
-        self.resolve(repo, target).await
+        let commit = self.resolve(repo, target).await?;
+        if let Some(expected) = &self.plan.merge_head {
+            self.check_merge_head(repo, commit, expected)?;
+        }
+        Ok(commit)
+    }
+
+    /// A branch or tag name as `BUILDKITE_COMMIT`: fetched by name (falling back to all branches
+    /// and tags when the server has no such ref), as the agent does.
+    async fn fetch_named(&self, name: &str) -> Result<(), CheckoutError> {
+        match self.fetch(&self.plan.target_refspecs).await {
+            Err(e) if e.kind() == FailureKind::NotFound => self.fetch_all_heads_and_tags(&e).await,
+            other => other,
+        }
+        .map_err(|e| match e.kind() {
+            FailureKind::NotFound => self.not_found(format!("ref {name}")),
+            _ => e,
+        })
+    }
+
+    /// `git checkout NAME`, as the agent runs it: a branch becomes a local branch tracking
+    /// `origin/NAME`, a tag a detached HEAD. The commit is whatever HEAD then is.
+    async fn checkout_named(&self, repo: &Repository, name: &str) -> Result<Oid, CheckoutError> {
+        let mut cmd = self.command();
+        // A validated ref name (never an option), without `--`, which would stop git from
+        // creating the tracking branch.
+        cmd.config("advice.detachedHead", "false")
+            .arg("checkout")
+            .args(self.plan.checkout_flags.iter().map(String::as_str))
+            .arg(name);
+        match self.git_step(Step::Checkout, cmd, &self.local).await {
+            Err(e) if e.kind() == FailureKind::Local => Err(self.not_found(format!("ref {name}"))),
+            other => other,
+        }?;
+        repo.head()
+            .ok()
+            .and_then(|h| h.peel_to_commit().ok())
+            .map(|c| c.id())
+            .ok_or_else(|| self.not_found(format!("ref {name}")))
+    }
+
+    /// The merge ref GitHub made may predate the pull request's last push: its second parent
+    /// must be the head the build is for (the agent's `validateGithubPRMergeHead`, main after
+    /// v3.137). A stale one is fetched again on the next attempt.
+    fn check_merge_head(
+        &self,
+        repo: &Repository,
+        merge: Oid,
+        expected: &str,
+    ) -> Result<(), CheckoutError> {
+        let actual = repo
+            .find_commit(merge)
+            .ok()
+            .and_then(|c| c.parent_id(1).ok())
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "a commit with fewer than two parents".into());
+        if actual.eq_ignore_ascii_case(expected) {
+            return Ok(());
+        }
+        Err(CheckoutError::StaleMergeRef {
+            expected: expected.to_string(),
+            actual,
+        })
     }
 
     /// What git makes of an abbreviation: like `git checkout`, it prefers the commit when other
@@ -258,7 +394,9 @@ impl<'a> Checkout<'a> {
                 .map(|c| c.id())
                 .map_err(|_| self.not_found(format!("commit {oid}"))),
             Target::ShortCommit(short) => self.resolve_short(short).await,
-            Target::FetchHead => {
+            // Checked out by name instead (`checkout_named`).
+            Target::Named(name) => Err(self.not_found(format!("ref {name}"))),
+            Target::FetchHead | Target::DefaultBranch => {
                 fetch_head(repo).ok_or_else(|| self.not_found(self.plan.target_refspecs.join(" ")))
             }
         }
@@ -359,11 +497,33 @@ impl<'a> Checkout<'a> {
     /// `origin/*` and tags as a clone has them. With the objects already borrowed from the
     /// mirror, git transfers refs only. After a real clone, which made those refs, only `specs`
     /// are fetched, as the agent does.
+    ///
+    /// The user's `BUILDKITE_GIT_FETCH_FLAGS` apply to `specs` only: in the agent the branches
+    /// and tags come from the clone, which they never touch, so `--depth` must not shallow every
+    /// `origin/*` and `-v` must not list every branch. They then take a fetch of their own,
+    /// after the branches and tags, so that `FETCH_HEAD` is still the target.
     async fn fetch(&self, specs: &[String]) -> Result<(), CheckoutError> {
         let cloned = self.plan.clone_flags.unmapped.is_some();
-        if cloned && specs.is_empty() {
-            return Ok(());
+        match (&self.plan.fetch_flags, cloned) {
+            (_, true) if specs.is_empty() => Ok(()),
+            (Some(flags), false) if !specs.is_empty() => {
+                self.fetch_with(&[], &[], true).await?;
+                self.fetch_with(specs, flags, false).await
+            }
+            (Some(_), false) => self.fetch_with(&[], &[], true).await,
+            (flags, cloned) => {
+                let flags = flags.as_deref().unwrap_or_default();
+                self.fetch_with(specs, flags, !cloned).await
+            }
         }
+    }
+
+    async fn fetch_with(
+        &self,
+        specs: &[String],
+        user_flags: &[String],
+        heads_and_tags: bool,
+    ) -> Result<(), CheckoutError> {
         let mut cmd = self.command();
         // A clone keeps no reflogs for `origin/*` either; hundreds of branches would mean
         // hundreds of extra files.
@@ -371,14 +531,16 @@ impl<'a> Checkout<'a> {
             // Quiet: one line per new branch would flood the job log on a repository with
             // thousands. Progress stays on: it is how a stall is told from a slow transfer.
             .args(["fetch", "--quiet", "--progress"]);
-        if !cloned {
+        if heads_and_tags {
             cmd.arg("--no-tags")
                 .args(self.plan.clone_flags.fetch_args.iter().map(String::as_str));
+        } else if specs.is_empty() {
+            return Ok(());
         }
-        cmd.args(self.plan.fetch_flags.iter().flatten().map(String::as_str))
+        cmd.args(user_flags.iter().map(String::as_str))
             .operands(["origin"])
             .args(specs.iter().map(String::as_str));
-        if !cloned {
+        if heads_and_tags {
             cmd.arg(HEADS_REFSPEC);
             if !self.plan.clone_flags.no_tags {
                 cmd.arg(TAGS_REFSPEC);
@@ -451,18 +613,69 @@ impl<'a> Checkout<'a> {
     }
 
     /// LFS files, after a checkout that left pointers in their place: smudging is off during
-    /// it, as in the agent, so LFS trouble shows as its own step.
+    /// it, as in the agent, so LFS trouble shows as its own step. In a sparse checkout only the
+    /// sparse working tree's files are fetched and checked out, as the agent does: cone
+    /// directories scope both, no-cone patterns (which `--include` cannot express) scope the
+    /// checkout to the LFS files present in the working tree, so excluded files stay out.
     async fn lfs_checkout(&self) -> Result<(), CheckoutError> {
-        for (args, options) in [
-            (["lfs", "install", "--local"].as_slice(), &self.local),
-            (["lfs", "fetch"].as_slice(), &self.network),
-            (["lfs", "checkout"].as_slice(), &self.local),
-        ] {
-            let mut cmd = self.command();
-            cmd.args(args.iter().copied());
-            self.git_step(Step::Lfs, cmd, options).await?;
+        let mut install = self.command();
+        install.args(["lfs", "install", "--local"]);
+        self.git_step(Step::Lfs, install, &self.local).await?;
+        let sparse = self.plan.sparse.as_ref();
+        let cone = sparse.filter(|s| s.mode == SparseMode::Cone);
+        let mut fetch = self.command();
+        fetch.args(["lfs", "fetch"]);
+        if let Some(cone) = cone {
+            fetch.arg(&format!("--include={}", cone.paths.join(",")));
+        }
+        self.git_step(Step::Lfs, fetch, &self.network).await?;
+        let paths = match (sparse, cone) {
+            (None, _) => None,
+            (Some(_), Some(cone)) => Some(cone.paths.clone()),
+            (Some(_), None) => Some(self.materialized_lfs_paths().await?),
+        };
+        let Some(paths) = paths else {
+            let mut checkout = self.command();
+            checkout.args(["lfs", "checkout"]);
+            return self.git_step(Step::Lfs, checkout, &self.local).await;
+        };
+        for batch in paths.chunks(LFS_CHECKOUT_BATCH) {
+            let mut checkout = self.command();
+            checkout
+                .args(["lfs", "checkout"])
+                .operands(batch.iter().map(String::as_str));
+            self.git_step(Step::Lfs, checkout, &self.local).await?;
         }
         Ok(())
+    }
+
+    /// LFS files in the sparse working tree: those `git lfs ls-files` lists that are not marked
+    /// skip-worktree (the agent's `materializedLFSPaths`).
+    async fn materialized_lfs_paths(&self) -> Result<Vec<String>, CheckoutError> {
+        let listed = |args: &'static [&'static str]| async move {
+            let mut cmd = self.command();
+            cmd.args(args.iter().copied());
+            git_runner::run(cmd, &self.local)
+                .await
+                .map(|done| String::from_utf8_lossy(&done.stdout).into_owned())
+                .map_err(|failure| CheckoutError::Git {
+                    step: Step::Lfs,
+                    repo: self.plan.repo.redacted(),
+                    kind: classify(&failure),
+                    failure,
+                })
+        };
+        let index = listed(&["ls-files", "-t", "-z"]).await?;
+        let skipped: std::collections::HashSet<&str> = index
+            .split('\0')
+            .filter_map(|e| e.strip_prefix("S "))
+            .collect();
+        let lfs = listed(&["lfs", "ls-files", "-n"]).await?;
+        Ok(lfs
+            .lines()
+            .filter(|p| !p.is_empty() && !skipped.contains(p))
+            .map(String::from)
+            .collect())
     }
 
     /// A git command in the checkout, with the job's SSH and LFS settings.

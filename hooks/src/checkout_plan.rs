@@ -19,9 +19,36 @@ pub enum Target {
     /// An abbreviated SHA: servers do not serve those by id, so it is looked up among the
     /// fetched branches and tags (and the mirror).
     ShortCommit(String),
+    /// A branch or tag name given as `BUILDKITE_COMMIT` (the REST API takes "ref, SHA or
+    /// tag"): fetched, then checked out by name, as the agent runs `git checkout NAME`.
+    Named(String),
     /// Whatever the first fetched refspec names: the branch (or tag) for `BUILDKITE_COMMIT=HEAD`,
     /// or the custom refspec or pull-request ref. The agent checks out `FETCH_HEAD`.
     FetchHead,
+    /// `HEAD` with no branch: the remote's default branch, which the agent's bare
+    /// `git fetch origin` leaves in `FETCH_HEAD`.
+    DefaultBranch,
+}
+
+/// Whether and how the commit is checked to be on its branch (`BUILDKITE_GIT_COMMIT_VERIFICATION`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verification {
+    Off,
+    /// Turned on, but this build is not one the agent verifies; the reason is logged.
+    Skipped(String),
+    /// Verify the commit against `branch`; `strict` fails the checkout when it is not on it.
+    Check {
+        branch: String,
+        strict: bool,
+    },
+}
+
+/// Whether the commit is first fetched from `BUILDKITE_GIT_REMOTE_MIRROR_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteMirror {
+    /// Not used, with the agent's reason (`no-url`, `not-https`, …) for its log line.
+    Skipped(&'static str),
+    Try(RepoUrl),
 }
 
 #[derive(Debug)]
@@ -52,6 +79,13 @@ pub struct CheckoutPlan {
     /// `BUILDKITE_CLEAN_CHECKOUT`: the user allows emptying a directory that is not a checkout.
     pub clean_checkout: bool,
     pub ssh: SshOptions,
+    pub verification: Verification,
+    /// A pull request's head ref fetched at HEAD: GitHub makes it asynchronously, so a missing
+    /// one is waited for longer (the agent's 10 tries).
+    pub waits_for_pull_request_ref: bool,
+    /// For a HEAD build of a merge ref: the pull request head its second parent must be.
+    pub merge_head: Option<String>,
+    pub remote_mirror: RemoteMirror,
 }
 
 /// Submodules are checked out (`BUILDKITE_GIT_SUBMODULES`), with this config for their clones.
@@ -91,9 +125,11 @@ pub enum ConfigError {
     #[error("BUILDKITE_COMMIT is HEAD but BUILDKITE_BRANCH is empty; set the branch to build or a full commit SHA")]
     HeadWithoutBranch,
     #[error(
-        "BUILDKITE_COMMIT {0:?} is not a commit SHA (4 to 40 hex digits) or HEAD; pass the commit's SHA"
+        "BUILDKITE_COMMIT {0:?} is not a commit SHA, a branch or tag name, or HEAD; pass the commit's SHA"
     )]
     Commit(String),
+    #[error("BUILDKITE_COMMIT {0:?} names a SHA-256 object; the checkout hook supports SHA-1 repositories only, so remove the hook for this pipeline or pass a SHA-1 commit")]
+    Sha256(String),
     #[error("BUILDKITE_PULL_REQUEST {0:?} is not a pull request number or false; check the build's pull request")]
     PullRequest(String),
     #[error("BUILDKITE_REFSPEC {0:?} is not a refspec git accepts; check the pipeline's refspec")]
@@ -112,8 +148,6 @@ pub enum ConfigError {
     LfsMissing,
     #[error("BUILDKITE_BRANCH {0:?} is not a valid branch name; check the branch the build was created for")]
     Branch(String),
-    #[error("BUILDKITE_CHECKOUT_ATTEMPTS must be at least 1")]
-    Attempts,
     #[error("cannot determine the checkout directory ({0}); set BUILDKITE_BUILD_CHECKOUT_PATH")]
     CheckoutDir(std::io::Error),
 }
@@ -125,19 +159,19 @@ impl CheckoutPlan {
             return Ok(None);
         }
         let repo = RepoUrl::parse(&s.repo)?;
-        if !s.branch.is_empty() && !is_valid_branch(&s.branch) {
+        let pull_request = github_pull_request(&s)?;
+        let mut target = parse_target(&s.commit)?;
+        // The branch is fetched only for a HEAD build without a refspec or pull request: only
+        // then must it be a ref name. Elsewhere a fork's `owner:branch` is normal.
+        let fetches_branch =
+            target == Target::FetchHead && s.refspec.is_empty() && pull_request.is_none();
+        if fetches_branch && s.branch.is_empty() {
+            target = Target::DefaultBranch;
+        } else if fetches_branch && !is_valid_branch(&s.branch) {
             return Err(ConfigError::Branch(s.branch));
         }
-        let target = parse_target(&s.commit)?;
-        let pull_request = github_pull_request(&s)?;
         let target_refspecs = target_refspecs(&s, &target, pull_request)?;
-        if target == Target::FetchHead && target_refspecs.iter().all(String::is_empty) {
-            return Err(ConfigError::HeadWithoutBranch);
-        }
-        if s.checkout_attempts == 0 {
-            return Err(ConfigError::Attempts);
-        }
-        let clone_flags = CloneFlags::parse(git_flags::split(
+        let mut clone_flags = CloneFlags::parse(git_flags::split(
             "BUILDKITE_GIT_CLONE_FLAGS",
             &s.clone_flags,
         )?);
@@ -154,6 +188,21 @@ impl CheckoutPlan {
         if let Some(bad) = sparse_paths.iter().find(|p| p.starts_with('-')) {
             return Err(ConfigError::SparsePath(bad.clone()));
         }
+        if !sparse_paths.is_empty() {
+            // The agent's sparse clone is blobless unless the user chose a filter: objects
+            // outside the sparse paths are never downloaded, even when the mirror misses.
+            clone_flags.ensure_filter("blob:none");
+        }
+        let verification = verification(&s, &target);
+        let remote_mirror = remote_mirror(&s, &target, fetch_flags.as_deref());
+        let at_head = target == Target::FetchHead;
+        let merge_head = (at_head && pull_request.is_some() && s.pull_request_using_merge_refspec)
+            .then(|| s.pull_request_head_commit.clone())
+            .filter(|c| !c.is_empty());
+        let waits_for_pull_request_ref = at_head
+            && pull_request.is_some()
+            && !s.pull_request_using_merge_refspec
+            && s.refspec.is_empty();
         let checkout_dir = match s.checkout_path {
             Some(dir) => dir,
             None => std::env::current_dir().map_err(ConfigError::CheckoutDir)?,
@@ -187,8 +236,82 @@ impl CheckoutPlan {
                 key: s.ssh_key.filter(|k| !k.is_empty()),
                 accept_new_hosts: s.ssh_keyscan,
             },
+            verification,
+            waits_for_pull_request_ref,
+            merge_head,
+            remote_mirror,
         }))
     }
+}
+
+/// The agent's `verifyCommit` (internal/job/commit_verification.go, v3.137): which builds are
+/// verified. `off` is 4.x's spelling of "no check"; any other unknown value verifies and warns,
+/// as v3 does.
+fn verification(s: &Settings, target: &Target) -> Verification {
+    let mode = s.commit_verification.as_str();
+    if mode.is_empty() || mode == "off" {
+        return Verification::Off;
+    }
+    let skip = |why: String| Verification::Skipped(why);
+    if matches!(target, Target::FetchHead | Target::DefaultBranch) {
+        return skip("commit is HEAD".into());
+    }
+    if s.branch.is_empty() {
+        return skip("no branch specified".into());
+    }
+    if !s.tag.is_empty() {
+        return skip(format!("tag build ({})", s.tag));
+    }
+    if s.pull_request != "false" && !s.pull_request.is_empty() {
+        return skip(format!("pull request build (#{})", s.pull_request));
+    }
+    if !s.refspec.is_empty() {
+        return skip(format!("custom refspec is set ({})", s.refspec));
+    }
+    Verification::Check {
+        branch: s.branch.clone(),
+        strict: mode == "strict",
+    }
+}
+
+/// The agent's `resolveRemoteMirrorAttempt` (internal/job/checkout_remote_mirror.go, v3.137), for
+/// a fresh checkout: which builds may take their commit from the remote mirror.
+fn remote_mirror(s: &Settings, target: &Target, fetch_flags: Option<&[String]>) -> RemoteMirror {
+    use RemoteMirror::Skipped;
+    if s.remote_mirror_url.is_empty() {
+        return Skipped("no-url");
+    }
+    let url = match RepoUrl::parse(&s.remote_mirror_url) {
+        Ok(url) if s.remote_mirror_url.starts_with("https://") => url,
+        _ => return Skipped("not-https"),
+    };
+    if !matches!(target, Target::Commit(_)) {
+        return Skipped("not-full-object-id");
+    }
+    if s.branch.is_empty() {
+        return Skipped("empty-branch");
+    }
+    let component = s.branch.replace(|c: char| !c.is_ascii_alphanumeric(), "-");
+    if component.len() > 240 {
+        return Skipped("branch-too-long");
+    }
+    if !s.refspec.is_empty() {
+        return Skipped("custom-refspec");
+    }
+    if !s.tag.is_empty() {
+        return Skipped("tag-build");
+    }
+    if s.pull_request_using_merge_refspec {
+        return Skipped("pull-request-merge-ref");
+    }
+    let refmap = fetch_flags
+        .into_iter()
+        .flatten()
+        .any(|f| f.starts_with("--ref"));
+    if s.pull_request != "false" && refmap {
+        return Skipped("pull-request-refmap");
+    }
+    RemoteMirror::Try(url)
 }
 
 fn parse_target(commit: &str) -> Result<Target, ConfigError> {
@@ -200,7 +323,10 @@ fn parse_target(commit: &str) -> Result<Target, ConfigError> {
         40 if is_hex => Oid::from_str(commit)
             .map(Target::Commit)
             .map_err(|_| ConfigError::Commit(commit.to_string())),
+        64 if is_hex => Err(ConfigError::Sha256(commit.to_string())),
         4..=39 if is_hex => Ok(Target::ShortCommit(commit.to_ascii_lowercase())),
+        // Like the agent's `gitCheckRefFormat`: a name git accepts as a ref, never an option.
+        _ if is_valid_ref_name(commit) => Ok(Target::Named(commit.to_string())),
         _ => Err(ConfigError::Commit(commit.to_string())),
     }
 }
@@ -247,6 +373,7 @@ fn target_refspecs(
     }
     Ok(match target {
         Target::FetchHead => vec![s.branch.clone()],
+        Target::Named(name) => vec![name.clone()],
         _ => sha.into_iter().collect(),
     })
 }
@@ -278,6 +405,11 @@ fn is_valid_branch(branch: &str) -> bool {
     !branch.starts_with('-') && git2::Reference::is_valid_name(&format!("refs/heads/{branch}"))
 }
 
+/// A branch, tag or full ref name (`main`, `v1.0`, `refs/tags/v1.0`).
+fn is_valid_ref_name(name: &str) -> bool {
+    is_valid_branch(name) || (name.starts_with("refs/") && git2::Reference::is_valid_name(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,17 +426,26 @@ mod tests {
             Target::ShortCommit("abcd123".into())
         );
         assert_eq!(parse_target("HEAD").unwrap(), Target::FetchHead);
+        for name in [
+            "main",
+            "v1.0.0",
+            "release/2026",
+            "refs/tags/v1",
+            "abc",
+            "0123456g",
+        ] {
+            assert_eq!(parse_target(name).unwrap(), Target::Named(name.into()));
+        }
+        let sha256 = "a".repeat(64);
+        assert!(parse_target(&sha256)
+            .unwrap_err()
+            .to_string()
+            .contains("SHA-256"));
     }
 
     #[test]
     fn option_like_or_malformed_values_are_refused() {
-        for commit in [
-            "--upload-pack=touch /tmp/x",
-            "-f",
-            "abc",
-            "main",
-            "0123456g",
-        ] {
+        for commit in ["--upload-pack=touch /tmp/x", "-f", "a..b", "x y", "x\ny"] {
             let err = parse_target(commit).unwrap_err().to_string();
             assert!(err.contains("BUILDKITE_COMMIT"), "{commit:?}: {err}");
         }

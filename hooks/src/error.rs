@@ -11,6 +11,9 @@ use stateless_core::git_runner::GitFailure;
 
 use crate::checkout_plan::ConfigError;
 
+/// git's status for a fatal error (`die()`), which the agent passes on.
+const GIT_FATAL: u8 = 128;
+
 /// The step of a checkout attempt that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -50,8 +53,12 @@ pub enum CheckoutError {
         kind: FailureKind,
         failure: GitFailure,
     },
-    #[error("{what} was not found on {repo} (asked for it directly, then fetched all branches and tags); check BUILDKITE_COMMIT and BUILDKITE_BRANCH, or push the commit")]
+    #[error("{what} was not found on {repo} (asked for it directly, then fetched all branches and tags){}; check BUILDKITE_COMMIT and BUILDKITE_BRANCH, or push the commit", merge_hint(what))]
     NotFound { what: String, repo: String },
+    #[error("the merge commit GitHub made for this pull request does not match the build's pull request head: expected {expected}, got {actual}; this is possibly due to a merge conflict, or GitHub being unable to create the merge ref automatically")]
+    StaleMergeRef { expected: String, actual: String },
+    #[error("commit verification failed: commit {commit} is not on branch {branch:?}; the build's commit must be reachable from its branch (BUILDKITE_GIT_COMMIT_VERIFICATION=strict)")]
+    NotOnBranch { commit: String, branch: String },
     #[error("BUILDKITE_COMMIT {0:?} is an abbreviation of more than one object; pass more digits or the full SHA")]
     AmbiguousCommit(String),
     #[error("a checkout attempt ran longer than BUILDKITE_GIT_CHECKOUT_TIMEOUT ({}s) and was stopped; raise the timeout or check the server", after.as_secs())]
@@ -60,6 +67,15 @@ pub enum CheckoutError {
     NotACheckoutDir { path: PathBuf },
     #[error("cannot prepare the checkout in {}: {detail}; check that the build directory is writable and has free space", path.display())]
     Prepare { path: PathBuf, detail: String },
+}
+
+/// The agent's hint for a pull request's merge ref that cannot be fetched.
+fn merge_hint(what: &str) -> &'static str {
+    if what.contains("/merge") {
+        ". This is possibly due to a merge conflict, or GitHub being unable to create the merge ref automatically"
+    } else {
+        ""
+    }
 }
 
 fn hint(step: Step, kind: FailureKind) -> &'static str {
@@ -86,17 +102,22 @@ impl CheckoutError {
             CheckoutError::Config(_)
             | CheckoutError::GitNotFound(_)
             | CheckoutError::NotACheckoutDir { .. }
-            | CheckoutError::AmbiguousCommit(_) => FailureKind::Config,
+            | CheckoutError::AmbiguousCommit(_)
+            | CheckoutError::NotOnBranch { .. } => FailureKind::Config,
             CheckoutError::Git { kind, .. } => *kind,
-            CheckoutError::NotFound { .. } => FailureKind::NotFound,
+            CheckoutError::NotFound { .. } | CheckoutError::StaleMergeRef { .. } => {
+                FailureKind::NotFound
+            }
             CheckoutError::TimedOut { .. } => FailureKind::Network,
             CheckoutError::Prepare { .. } => FailureKind::Local,
         }
     }
 
-    /// Worth another attempt: everything but a missing commit and input the user must fix.
+    /// Worth another attempt: everything but input the user must fix. A commit or ref the
+    /// server does not have is retried too: GitHub can deliver the webhook before the commit or
+    /// `refs/pull/N/head` can be fetched, and the agent retries those for the same reason.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self.kind(), FailureKind::NotFound | FailureKind::Config)
+        self.kind() != FailureKind::Config
     }
 
     /// A git failure that a damaged mirror can cause: redo the attempt without it.
@@ -112,13 +133,40 @@ impl CheckoutError {
         )
     }
 
-    /// The hook's exit code: 2 for input to fix, 3 for a commit the server does not have, 1
-    /// for a checkout that failed after its retries. (128+N for signal N is decided in main.)
+    /// The hook's exit status, the agent's default checkout's for the same failure, so that
+    /// `retry: automatic: exit_status` rules keep matching (docs/checkout-hook.md has the table):
+    /// git's own status when a git command failed (128 for nearly every fetch or checkout
+    /// failure), 128 for a commit that is not on the server or an attempt stopped by its
+    /// timeout, and 1 for anything else. The cause stays in the log line and the record.
+    /// (128+N for signal N is decided in `interrupts`.)
     pub fn exit_code(&self) -> ExitCode {
-        ExitCode::from(match self.kind() {
-            FailureKind::Config => 2,
-            FailureKind::NotFound => 3,
-            FailureKind::Network | FailureKind::Local => 1,
+        ExitCode::from(match self {
+            CheckoutError::Git {
+                failure: GitFailure::Exited { status, .. },
+                ..
+            } => status.code().map_or(GIT_FATAL, |c| c.clamp(1, 255) as u8),
+            CheckoutError::Git {
+                failure: GitFailure::Stalled { .. },
+                ..
+            }
+            | CheckoutError::NotFound { .. }
+            | CheckoutError::TimedOut { .. } => GIT_FATAL,
+            _ => 1,
         })
+    }
+
+    /// The cause, for the record: what a retry rule cannot tell apart by exit status.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            CheckoutError::NotOnBranch { .. } => "commit-verification",
+            CheckoutError::StaleMergeRef { .. } => "stale-merge-ref",
+            CheckoutError::TimedOut { .. } => "timeout",
+            _ => match self.kind() {
+                FailureKind::Config => "config",
+                FailureKind::NotFound => "not-found",
+                FailureKind::Network => "network",
+                FailureKind::Local => "local",
+            },
+        }
     }
 }

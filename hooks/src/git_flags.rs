@@ -106,6 +106,18 @@ impl CloneFlags {
         flags.words = words;
         flags
     }
+
+    /// A partial clone with `filter` unless the user chose a filter of their own, as the agent's
+    /// sparse clone adds `--sparse --filter=blob:none`.
+    pub fn ensure_filter(&mut self, filter: &str) {
+        if self.filter.is_some() {
+            return;
+        }
+        self.filter = Some(filter.to_string());
+        self.fetch_args.push(format!("--filter={filter}"));
+        self.words
+            .extend(["--sparse".to_string(), format!("--filter={filter}")]);
+    }
 }
 
 #[cfg(test)]

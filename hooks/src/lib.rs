@@ -4,11 +4,13 @@
 
 pub mod checkout;
 pub mod checkout_plan;
+mod commit_verification;
 pub mod error;
 pub mod git_flags;
 pub mod job_api;
 pub mod logging;
 pub mod mirror_select;
+mod remote_mirror;
 pub mod settings;
 pub mod ssh;
 mod submodules;

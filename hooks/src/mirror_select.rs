@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use stateless_core::manifest::Manifest;
 use stateless_core::mirror_inspect::{Mirror, MirrorProblem};
-use stateless_core::mirror_layout::{candidates, LayoutSource};
+use stateless_core::mirror_layout::{candidates, LayoutSource, DEFAULT_MIRRORS_PATH};
 use stateless_core::repo_url::RepoUrl;
 
 /// The outcome of looking for a mirror.
@@ -29,7 +29,13 @@ pub fn choose(root: Option<&Path>, url: &RepoUrl) -> MirrorChoice {
         miss_reason: Some(reason),
     };
     let Some(root) = root else {
-        return miss("BUILDKITE_GIT_MIRRORS_PATH is set but empty, which turns mirrors off".into());
+        // The agent passes an empty value whenever `git-mirrors-path` is not configured: a
+        // volume mounted at the default path then goes unused, silently but for this line.
+        let mounted = Path::new(DEFAULT_MIRRORS_PATH).is_dir();
+        return miss(match mounted {
+            true => format!("BUILDKITE_GIT_MIRRORS_PATH is empty, which turns mirrors off, but a mirror volume is mounted at {DEFAULT_MIRRORS_PATH}; set git-mirrors-path=\"{DEFAULT_MIRRORS_PATH}\" in the agent's configuration"),
+            false => "BUILDKITE_GIT_MIRRORS_PATH is empty, which turns mirrors off; set git-mirrors-path in the agent's configuration to use a mirror volume".into(),
+        });
     };
     if !root.is_dir() {
         return miss(format!(

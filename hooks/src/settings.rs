@@ -23,14 +23,20 @@ pub struct Settings {
     #[arg(long, env = "BUILDKITE_REPO", default_value = "")]
     pub repo: String,
 
-    /// Commit SHA (full, or abbreviated to at least 4 digits), or HEAD to build the tip of
-    /// BUILDKITE_BRANCH.
+    /// Commit SHA (full, or abbreviated to at least 4 digits), a branch or tag name (checked
+    /// out as `git checkout NAME` would), or HEAD to build the tip of BUILDKITE_BRANCH (the
+    /// remote's default branch when that is empty).
     #[arg(long, env = "BUILDKITE_COMMIT", default_value = "HEAD")]
     pub commit: String,
 
-    /// Branch being built (a tag's name for tag builds); fetched when BUILDKITE_COMMIT is HEAD.
+    /// Branch being built. Fetched only for HEAD builds, and used by commit verification;
+    /// otherwise never read, so a fork's `owner:branch` is fine.
     #[arg(long, env = "BUILDKITE_BRANCH", default_value = "")]
     pub branch: String,
+
+    /// The tag being built, for tag builds: commit verification and the remote mirror skip them.
+    #[arg(long, env = "BUILDKITE_TAG", default_value = "")]
+    pub tag: String,
 
     /// Custom refspecs to fetch instead of the commit, space-separated.
     #[arg(long, env = "BUILDKITE_REFSPEC", default_value = "")]
@@ -48,6 +54,21 @@ pub struct Settings {
     /// Fetch `refs/pull/N/merge` instead of `refs/pull/N/head`.
     #[arg(long, env = "BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC", default_value = "false", value_parser = BoolishValueParser::new(), action = ArgAction::Set)]
     pub pull_request_using_merge_refspec: bool,
+
+    /// The pull request's head commit. For a HEAD build of the merge ref, the merge commit's
+    /// second parent must be this commit, or the merge ref is stale and is fetched again.
+    #[arg(long, env = "BUILDKITE_PULL_REQUEST_HEAD_COMMIT", default_value = "")]
+    pub pull_request_head_commit: String,
+
+    /// `warn` or `strict`: check that the commit is on BUILDKITE_BRANCH (`off` or empty: no
+    /// check). `strict` fails the checkout when it is not; `warn` only says so.
+    #[arg(long, env = "BUILDKITE_GIT_COMMIT_VERIFICATION", default_value = "")]
+    pub commit_verification: String,
+
+    /// An HTTPS mirror of the repository to fetch the commit from first (the pipeline's
+    /// `clone_mirror_url`); anything it lacks still comes from BUILDKITE_REPO.
+    #[arg(long, env = "BUILDKITE_GIT_REMOTE_MIRROR_URL", default_value = "")]
+    pub remote_mirror_url: String,
 
     /// Flags for `git clone`, in git's syntax. Those the fast path can express are mapped onto
     /// it (docs/checkout-hook.md has the table); any other makes the hook run a real
@@ -139,7 +160,7 @@ pub struct Settings {
     pub mirror_checkout_mode: MirrorMode,
 
     /// Checkout attempts before giving up (the agent's default is 6).
-    #[arg(long, env = "BUILDKITE_CHECKOUT_ATTEMPTS", default_value_t = 6)]
+    #[arg(long, env = "BUILDKITE_CHECKOUT_ATTEMPTS", default_value_t = DEFAULT_ATTEMPTS)]
     pub checkout_attempts: u32,
 
     /// Seconds one attempt may take; 0 means no limit.
@@ -163,10 +184,28 @@ pub struct Settings {
     /// The agent binary used for `env set` and `meta-data` (found on PATH).
     #[arg(long, env = "BUILDKITE_AGENT_BIN", default_value = "buildkite-agent")]
     pub agent_bin: PathBuf,
+
+    /// Values ignored in favour of their defaults, as the agent ignores them (one line each).
+    #[arg(skip)]
+    pub warnings: Vec<String>,
 }
 
 /// Variables whose empty value means something other than "the default".
 const EMPTY_IS_MEANINGFUL: &[&str] = &["BUILDKITE_REPO", "BUILDKITE_GIT_MIRRORS_PATH"];
+
+/// Booleans and numbers: a value the agent cannot read is ignored with a warning and the default
+/// applies (the agent's `internal/job/config.go` does the same), rather than failing the job.
+const TOLERATED: &[&str] = &[
+    "BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC",
+    "BUILDKITE_GIT_SUBMODULES",
+    "BUILDKITE_GIT_LFS_ENABLED",
+    "BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS",
+    "BUILDKITE_CLEAN_CHECKOUT",
+    "BUILDKITE_SKIP_CHECKOUT",
+    "BUILDKITE_SSH_KEYSCAN",
+    "BUILDKITE_CHECKOUT_ATTEMPTS",
+    "BUILDKITE_GIT_CHECKOUT_TIMEOUT",
+];
 
 impl Settings {
     /// Parses flags and the environment. An agent passes settings nobody set as empty variables;
@@ -183,39 +222,60 @@ impl Settings {
                 std::env::remove_var(name);
             }
         }
-        Settings::try_parse().map_err(naming_the_variable)
+        let mut warnings = Vec::new();
+        loop {
+            match Settings::try_parse() {
+                Ok(mut settings) => {
+                    if settings.checkout_attempts == 0 {
+                        warnings.push("BUILDKITE_CHECKOUT_ATTEMPTS is 0; using the agent's default of 6 attempts".to_string());
+                        settings.checkout_attempts = DEFAULT_ATTEMPTS;
+                    }
+                    settings.warnings = warnings;
+                    return Ok(settings);
+                }
+                Err(error) => match invalid_env_value(&error) {
+                    Some((name, value)) if TOLERATED.contains(&name.as_str()) => {
+                        warnings.push(format!(
+                            "{name} has the invalid value {value:?}; ignoring it and using the default, as the agent does"
+                        ));
+                        std::env::remove_var(&name);
+                    }
+                    Some((name, value)) => {
+                        // `raw`: one line, without clap's usage text.
+                        return Err(clap::Error::raw(
+                            clap::error::ErrorKind::ValueValidation,
+                            format!("{name} has the invalid value {value:?}; see `checkout-hook --help` for what it accepts\n"),
+                        ));
+                    }
+                    None => return Err(error),
+                },
+            }
+        }
     }
 }
 
-/// Rewrites clap's "invalid value for '--flag'" as one line naming the environment variable,
-/// when the value came from there.
-fn naming_the_variable(error: clap::Error) -> clap::Error {
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
+/// The environment variable, and its value, behind clap's "invalid value for '--flag'", when the
+/// value came from there.
+fn invalid_env_value(error: &clap::Error) -> Option<(String, String)> {
+    use clap::error::{ContextKind, ContextValue};
     let (Some(ContextValue::String(arg)), Some(ContextValue::String(value))) = (
         error.get(ContextKind::InvalidArg),
         error.get(ContextKind::InvalidValue),
     ) else {
-        return error;
+        return None;
     };
     let long = arg.split_whitespace().next().unwrap_or("");
     let command = Settings::command();
-    let env = command
+    let name = command
         .get_arguments()
         .find(|a| a.get_long().is_some_and(|l| long == format!("--{l}")))
         .and_then(|a| a.get_env())
-        .filter(|name| std::env::var_os(name).is_some_and(|v| v == value.as_str()));
-    match env {
-        // `raw`: one line, without clap's usage text.
-        Some(name) => clap::Error::raw(
-            ErrorKind::ValueValidation,
-            format!(
-                "{} has the invalid value {value:?}; see `checkout-hook --help` for what it accepts\n",
-                name.to_string_lossy()
-            ),
-        ),
-        None => error,
-    }
+        .filter(|name| std::env::var_os(name).is_some_and(|v| v == value.as_str()))?;
+    Some((name.to_string_lossy().into_owned(), value.clone()))
 }
+
+/// The agent's `checkout-attempts` default, also used for a value of 0 or less.
+const DEFAULT_ATTEMPTS: u32 = 6;
 
 /// The agent's default fetch flags, which the hook replaces with quiet progress.
 pub const DEFAULT_FETCH_FLAGS: &str = "-v --prune";

@@ -21,6 +21,12 @@ impl Checkout<'_> {
         if !dir.join(".gitmodules").is_file() {
             return Ok(());
         }
+        if self.plan.sparse.is_some() {
+            // As the agent: a sparse checkout is for a part of the tree, and initialising
+            // every submodule would defeat it.
+            tracing::warn!("Submodule initialization skipped during sparse checkout");
+            return Ok(());
+        }
         let Some(settings) = &self.plan.submodules else {
             tracing::warn!("this repository has submodules, but BUILDKITE_GIT_SUBMODULES is false; not checking them out");
             return Ok(());

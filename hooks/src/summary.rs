@@ -29,6 +29,7 @@ pub fn record(
             Outcome::Failed
         },
         error: run.result.as_ref().err().map(ToString::to_string),
+        cause: run.result.as_ref().err().map(|e| e.cause().to_string()),
         mirror: MirrorUse {
             status: run.mirror_status,
             reason: run

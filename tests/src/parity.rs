@@ -42,6 +42,14 @@ pub enum MirrorState {
 }
 
 impl MirrorState {
+    /// Runs `case` on a new fixture in every mirror state.
+    pub fn each(case: impl Fn(&Parity)) {
+        for state in MirrorState::ALL {
+            eprintln!("mirror: {state:?}");
+            case(&Parity::new(state));
+        }
+    }
+
     pub const ALL: [MirrorState; 3] = [
         MirrorState::Absent,
         MirrorState::UpToDate,

@@ -1,5 +1,6 @@
 //! The server misbehaves: transient failures are retried with backoff, stalls are detected and
-//! killed, a missing commit is final, and the final error names the URL (redacted) and the cause.
+//! killed, a missing commit is waited for as long as the agent waits, and the final error names
+//! the URL (redacted) and the cause. Exit statuses are git's, as the agent passes them on (128).
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ fn unreachable_server_is_retried_then_fails_naming_url_and_cause() {
         .env("BUILDKITE_CHECKOUT_ATTEMPTS", "3")
         .run();
 
-    assert_eq!(out.code(), Some(1), "{}", out.log());
+    assert_eq!(out.code(), Some(128), "{}", out.log());
     let log = out.log();
     assert!(
         log.contains("http://***@127.0.0.1:1/acme/widgets.git"),
@@ -106,7 +107,7 @@ fn a_server_that_never_answers_fails_after_the_attempts() {
         .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
         .run();
 
-    assert_eq!(out.code(), Some(1), "{}", out.log());
+    assert_eq!(out.code(), Some(128), "{}", out.log());
     assert!(out.log().contains("made no progress"), "{}", out.log());
     assert!(out.log().contains(&s.url), "{}", out.log());
     s.sandbox.assert_no_leftover_processes();
@@ -124,7 +125,7 @@ fn the_per_attempt_timeout_stops_a_slow_attempt() {
         .env("BUILDKITE_CHECKOUT_ATTEMPTS", "2")
         .run();
 
-    assert_eq!(out.code(), Some(1), "{}", out.log());
+    assert_eq!(out.code(), Some(128), "{}", out.log());
     assert!(
         out.log()
             .contains("ran longer than BUILDKITE_GIT_CHECKOUT_TIMEOUT (1s)"),
@@ -136,13 +137,13 @@ fn the_per_attempt_timeout_stops_a_slow_attempt() {
 }
 
 #[test]
-fn a_commit_the_server_does_not_have_fails_at_once_with_its_own_exit_code() {
+fn a_commit_the_server_does_not_have_is_waited_for_then_fails_with_gits_status() {
     let s = Served::new(REPO);
     let missing = "0123456789abcdef0123456789abcdef01234567";
 
     let out = s.checkout(missing, "main");
 
-    assert_eq!(out.code(), Some(3), "{}", out.log());
+    assert_eq!(out.code(), Some(128), "{}", out.log());
     assert!(
         out.log()
             .contains(&format!("commit {missing} was not found on {}", s.url)),
@@ -154,7 +155,22 @@ fn a_commit_the_server_does_not_have_fails_at_once_with_its_own_exit_code() {
         "{}",
         out.log()
     );
-    assert_eq!(s.sandbox.record()["attempts"], 1, "not retried");
+    // As long as the agent waits: its six attempts, each saying what it waits for.
+    let record = s.sandbox.record();
+    assert_eq!(record["attempts"], 6, "{record}");
+    assert_eq!(record["cause"], "not-found", "{record}");
+    assert_eq!(
+        out.log().matches("waiting").count(),
+        5,
+        "one line per wait: {}",
+        out.log()
+    );
+    assert!(
+        out.log()
+            .contains("GitHub can deliver a build before a fresh push"),
+        "{}",
+        out.log()
+    );
 }
 
 #[test]
@@ -163,7 +179,7 @@ fn a_branch_the_server_does_not_have_fails_with_the_same_code() {
 
     let out = s.sandbox.hook().job(&s.url, "HEAD", "no-such-branch").run();
 
-    assert_eq!(out.code(), Some(3), "{}", out.log());
+    assert_eq!(out.code(), Some(128), "{}", out.log());
     assert!(
         out.log()
             .contains("couldn't find remote ref no-such-branch"),

@@ -7,21 +7,13 @@
 use stateless_e2e::git::git;
 use stateless_e2e::parity::{MirrorState, Parity};
 
-/// Runs `case` once per mirror state.
-fn in_every_mirror_state(case: impl Fn(&Parity)) {
-    for state in MirrorState::ALL {
-        eprintln!("mirror: {state:?}");
-        case(&Parity::new(state));
-    }
-}
-
 fn job<'a>(commit: &'a str, branch: &'a str) -> Vec<(&'static str, &'a str)> {
     vec![("BUILDKITE_COMMIT", commit), ("BUILDKITE_BRANCH", branch)]
 }
 
 #[test]
 fn a_full_sha() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let main = p.served.upstream.rev("main");
         let Some(c) = p.compare(&job(&main, "main")) else {
             return;
@@ -44,7 +36,7 @@ fn a_full_sha() {
 
 #[test]
 fn an_older_commit_and_a_short_sha() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let older = p.served.upstream.rev("main~1");
         for commit in [older.clone(), older[..7].to_string()] {
             p.next_job();
@@ -63,13 +55,13 @@ fn an_older_commit_and_a_short_sha() {
 
 #[test]
 fn the_tip_of_a_branch_and_of_a_tag() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let Some(c) = p.compare(&job("HEAD", "feature")) else {
             return;
         };
         assert_eq!(c.assert_same().head, p.served.upstream.rev("feature"));
     });
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let mut env = job("HEAD", "v1.0.0");
         env.push(("BUILDKITE_TAG", "v1.0.0"));
         let Some(c) = p.compare(&env) else { return };
@@ -82,7 +74,7 @@ fn the_tip_of_a_branch_and_of_a_tag() {
 
 #[test]
 fn a_custom_refspec() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let mut env = job("HEAD", "main");
         env.push(("BUILDKITE_REFSPEC", "refs/heads/feature"));
         let Some(c) = p.compare(&env) else { return };
@@ -92,7 +84,7 @@ fn a_custom_refspec() {
 
 #[test]
 fn a_github_pull_request_by_head_and_by_merge_ref() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let feature = p.served.upstream.rev("feature");
         let mut env = job(&feature, "feature");
         env.extend([
@@ -102,7 +94,7 @@ fn a_github_pull_request_by_head_and_by_merge_ref() {
         let Some(c) = p.compare(&env) else { return };
         assert_eq!(c.assert_same().head, feature);
     });
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let mut env = job("HEAD", "feature");
         env.extend([
             ("BUILDKITE_PULL_REQUEST", "1"),
@@ -117,7 +109,7 @@ fn a_github_pull_request_by_head_and_by_merge_ref() {
 
 #[test]
 fn a_force_pushed_pull_request_still_builds_its_commit() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let up = &p.served.upstream;
         let bare = &up.bare;
         // The build's commit is no longer the PR's head and no branch holds it.
@@ -144,7 +136,7 @@ fn a_force_pushed_pull_request_still_builds_its_commit() {
 
 #[test]
 fn pull_request_refs_only_on_github() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let main = p.served.upstream.rev("main");
         let mut env = job(&main, "main");
         env.extend([
@@ -158,7 +150,7 @@ fn pull_request_refs_only_on_github() {
 
 #[test]
 fn git_flag_settings_mapped_onto_the_fast_path() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let main = p.served.upstream.rev("main");
         let mut env = job(&main, "main");
         env.extend([
@@ -183,7 +175,7 @@ fn git_flag_settings_mapped_onto_the_fast_path() {
 
 #[test]
 fn clone_flags_without_a_fast_path_equivalent_run_a_real_clone() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let older = p.served.upstream.rev("main~1");
         for flags in ["-v --single-branch", "--depth=1", "--no-hardlinks -q"] {
             p.next_job();
@@ -199,7 +191,7 @@ fn clone_flags_without_a_fast_path_equivalent_run_a_real_clone() {
 
 #[test]
 fn skipping_the_fetch_of_a_commit_the_mirror_has() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let feature = p.served.upstream.rev("feature");
         let Some(c) = p.compare(&[
             ("BUILDKITE_COMMIT", feature.as_str()),
@@ -216,7 +208,7 @@ fn skipping_the_fetch_of_a_commit_the_mirror_has() {
 
 #[test]
 fn sparse_checkouts_in_cone_and_no_cone_mode() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let main = p.served.upstream.rev("main");
         for (mode, paths, set_args) in [
             ("cone", "src", vec!["--cone", "src"]),
@@ -265,7 +257,7 @@ fn nothing_to_check_out() {
 
 #[test]
 fn dissociate_mode_leaves_a_checkout_that_needs_no_mirror() {
-    in_every_mirror_state(|p| {
+    MirrorState::each(|p| {
         let main = p.served.upstream.rev("main");
         let mut env = job(&main, "main");
         env.push(("BUILDKITE_GIT_MIRROR_CHECKOUT_MODE", "dissociate"));

@@ -8,10 +8,18 @@ use stateless_core::interrupts::run_until_interrupted;
 fn main() -> ExitCode {
     let settings = match Settings::from_args_and_env() {
         Ok(settings) => settings,
-        // --help, --version, or input to fix: clap prints it and exits 0 or 2.
+        // Input to fix: exit 1, as the agent does for a setting it refuses.
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::FAILURE;
+        }
+        // --help or --version.
         Err(e) => e.exit(),
     };
     hooks::logging::init();
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
     run_until_interrupted(
         "checkout-hook",
         async {

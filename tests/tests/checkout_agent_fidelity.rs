@@ -1,0 +1,343 @@
+//! What the agent's default checkout does and pipelines rely on, where the hook used to differ
+//! (the rows of `../shared/notes/agent-checkout-gap.md`, agent v3.137 and main 5c219808): fork
+//! pull requests, commits given by name, HEAD without a branch, commits and refs that are not on
+//! the server yet, commit verification, stale merge refs, custom fetch flags and values the
+//! agent tolerates. Each runs in parity with the replay of the default checkout
+//! (`../shared/bench/bk-default-checkout.sh`) wherever the replay covers it.
+
+use std::time::{Duration, Instant};
+
+use stateless_e2e::git::git;
+use stateless_e2e::parity::{MirrorState, Parity};
+use stateless_e2e::scenario::Served;
+
+const REPO: &str = "acme/widgets.git";
+const REFERENCE: &str = "acme/widgets.reference";
+
+fn job<'a>(commit: &'a str, branch: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![("BUILDKITE_COMMIT", commit), ("BUILDKITE_BRANCH", branch)]
+}
+
+/// Row 15: GitHub names a fork's branch `owner:branch` (the agent's own integration test uses
+/// `forker:update-test-txt`); the branch is never fetched for such a build, so it must not be
+/// refused.
+#[test]
+fn a_fork_pull_request_builds_with_its_owner_prefixed_branch() {
+    MirrorState::each(|p| {
+        let feature = p.served.upstream.rev("feature");
+        let mut env = job(&feature, "forker:update-test-txt");
+        env.extend([
+            ("BUILDKITE_PULL_REQUEST", "1"),
+            ("BUILDKITE_PIPELINE_PROVIDER", "github"),
+        ]);
+        let Some(c) = p.compare(&env) else { return };
+        assert_eq!(c.assert_same().head, feature);
+    });
+}
+
+/// Row 12: the REST API takes "ref, SHA or tag" as the commit; the agent fetches the name and
+/// runs `git checkout NAME` (a branch becomes a local branch, a tag a detached HEAD).
+#[test]
+fn a_branch_or_tag_name_as_the_commit() {
+    MirrorState::each(|p| {
+        for (commit, expected) in [
+            ("feature", "feature"),
+            ("main", "main"),
+            ("v1.0.0", "v1.0.0^{commit}"),
+        ] {
+            p.next_job();
+            let Some(c) = p.compare(&job(commit, "main")) else {
+                return;
+            };
+            let seen = c.assert_same();
+            assert_eq!(seen.head, p.served.upstream.rev(expected), "{commit}");
+        }
+        assert_eq!(
+            p.sandbox().exported("BUILDKITE_COMMIT").as_deref(),
+            Some(p.served.upstream.rev("v1.0.0^{commit}").as_str())
+        );
+    });
+}
+
+/// Row 16: HEAD with an empty branch builds the remote's default branch.
+#[test]
+fn head_without_a_branch_builds_the_default_branch() {
+    MirrorState::each(|p| {
+        let Some(c) = p.compare(&job("HEAD", "")) else {
+            return;
+        };
+        assert_eq!(c.assert_same().head, p.served.upstream.rev("main"));
+    });
+}
+
+/// Rows 24 and 10: the user's fetch flags are for the commit's fetch; the branches and tags came
+/// from the agent's clone, so `--depth` must not shallow `origin/*`.
+#[test]
+fn custom_fetch_flags_apply_to_the_commit_fetch_only() {
+    MirrorState::each(|p| {
+        let main = p.served.upstream.rev("main");
+        let mut env = job(&main, "main");
+        env.push(("BUILDKITE_GIT_FETCH_FLAGS", "-v --depth=1"));
+        let Some(c) = p.compare(&env) else { return };
+        c.assert_same();
+        let history = |side: &stateless_e2e::parity::Side| {
+            side.git(&["rev-list", "--count", "origin/feature"])
+        };
+        assert_eq!(history(&c.ours), history(&c.reference));
+        // `-v` on the commit's fetch only: no line per branch.
+        assert!(
+            !c.ours.output.log().contains("[new branch]"),
+            "{}",
+            c.ours.output.log()
+        );
+    });
+}
+
+/// A commit only `topic` holds, pushed as `topic`: on no other branch.
+fn commit_off_main(p: &Parity) -> String {
+    let up = &p.served.upstream;
+    let off = git(
+        &up.work,
+        &["commit-tree", "-p", "main", "-m", "Off main", "main^{tree}"],
+    );
+    git(
+        &up.work,
+        &["push", "-q", "origin", &format!("{off}:refs/heads/topic")],
+    );
+    off
+}
+
+/// Row 34: `BUILDKITE_GIT_COMMIT_VERIFICATION`. A commit on its branch passes; one that is not
+/// fails under `strict` (exit 1, not retried, as the agent) and only warns under `warn`.
+#[test]
+fn commit_verification_in_strict_and_warn_mode() {
+    MirrorState::each(|p| {
+        let older = p.served.upstream.rev("main~1");
+        let mut env = job(&older, "main");
+        env.push(("BUILDKITE_GIT_COMMIT_VERIFICATION", "strict"));
+        let Some(c) = p.compare(&env) else { return };
+        assert_eq!(c.assert_same().head, older);
+        assert!(
+            c.ours.output.log().contains("Verifying commit"),
+            "{}",
+            c.ours.output.log()
+        );
+        let refs = c.ours.git(&["for-each-ref", "refs/buildkite-agent/"]);
+        assert_eq!(refs, "", "the verification ref is removed");
+
+        let off = commit_off_main(p);
+        p.next_job();
+        let mut env = job(&off, "main");
+        env.push(("BUILDKITE_GIT_COMMIT_VERIFICATION", "strict"));
+        let c = p.compare(&env).unwrap();
+        // 1: the agent's status for this error (a plain error, internal/shell/shell.go
+        // `ExitCode`); the replay marks it with a status of its own (97).
+        assert_eq!(c.ours.output.code(), Some(1), "{}", c.ours.output.log());
+        assert_ne!(
+            c.reference.output.code(),
+            Some(0),
+            "{}",
+            c.reference.output.log()
+        );
+        let log = c.ours.output.log();
+        assert!(
+            log.contains(&format!("commit {off} is not on branch \"main\"")),
+            "{log}"
+        );
+        let record = p.sandbox().record();
+        assert_eq!(record["attempts"], 1, "a definite no is not retried");
+        assert_eq!(record["cause"], "commit-verification");
+
+        p.next_job();
+        let mut env = job(&off, "main");
+        env.push(("BUILDKITE_GIT_COMMIT_VERIFICATION", "warn"));
+        let c = p.compare(&env).unwrap();
+        assert_eq!(c.assert_same().head, off);
+        assert!(
+            c.ours.output.log().contains("commit verification failed"),
+            "{}",
+            c.ours.output.log()
+        );
+    });
+}
+
+/// Verification the agent skips (pull requests, tags, HEAD) is skipped with the agent's reason,
+/// and one that cannot be made (the branch is gone) only warns, even under `strict`.
+#[test]
+fn commit_verification_skipped_or_unavailable_never_blocks() {
+    let s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    let main = s.upstream.rev("main");
+    let out = s
+        .hook(&main, "feature")
+        .env("BUILDKITE_GIT_COMMIT_VERIFICATION", "strict")
+        .env("BUILDKITE_PULL_REQUEST", "4")
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.log()
+            .contains("Skipping commit verification: pull request build (#4)"),
+        "{}",
+        out.log()
+    );
+
+    s.sandbox.fresh_checkout_dir();
+    let out = s
+        .hook(&main, "deleted-branch")
+        .env("BUILDKITE_GIT_COMMIT_VERIFICATION", "strict")
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.log().contains("commit verification unavailable"),
+        "{}",
+        out.log()
+    );
+}
+
+/// Rows 45 and 10: GitHub can deliver the build before a fresh push can be fetched. The agent
+/// keeps trying across its attempts; so does the hook, saying what it waits for.
+#[test]
+fn a_fresh_push_not_yet_on_the_server_is_waited_for() {
+    let mut s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    // Committed, not yet pushed: the webhook arrived first.
+    let fresh = s.upstream.commit("late.txt", "late\n", "Pushed late");
+    let hook = s
+        .hook(&fresh, "main")
+        .env("STATELESS_AGENT_RETRY_DELAY", "200ms")
+        .spawn();
+    std::thread::sleep(Duration::from_millis(700));
+    s.upstream.publish();
+    let out = hook.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), fresh);
+    assert!(
+        log.contains(&format!("commit {fresh} was not found")),
+        "{log}"
+    );
+    assert!(log.contains("waiting"), "{log}");
+    let attempts = s.sandbox.record()["attempts"].as_u64().unwrap();
+    assert!((2..=6).contains(&attempts), "{attempts}");
+}
+
+/// Row 17: a new pull request's `refs/pull/N/head` is made by GitHub asynchronously; at HEAD the
+/// agent tries it 10 times (about 2m17s), past the six ordinary attempts.
+#[test]
+fn a_new_pull_requests_head_ref_is_waited_for_longer_than_six_attempts() {
+    let s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    let feature = s.upstream.rev("feature");
+    let delay = Duration::from_millis(100);
+    let started = Instant::now();
+    let hook = s
+        .hook("HEAD", "feature")
+        .env("BUILDKITE_PULL_REQUEST", "5")
+        .env("BUILDKITE_PIPELINE_PROVIDER", "github")
+        .env("STATELESS_AGENT_RETRY_DELAY", "100ms")
+        .spawn();
+    // Six attempts wait 0.1+0.2+0.4+0.8+1.6 s (with jitter, at most twice that): appear later.
+    std::thread::sleep(delay * 62);
+    git(
+        &s.upstream.bare,
+        &["update-ref", "refs/pull/5/head", &feature],
+    );
+    let out = hook.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+
+    assert_eq!(out.status.code(), Some(0), "{log}");
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), feature);
+    let attempts = s.sandbox.record()["attempts"].as_u64().unwrap();
+    assert!(attempts > 6, "{attempts}: {log}");
+    assert!(
+        log.contains("/10:"),
+        "counts to the agent's 10 tries: {log}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+}
+
+/// Row 19: at HEAD with the merge refspec, the merge commit's second parent must be the pull
+/// request head the build is for; a stale merge ref is fetched again, then fails with the
+/// agent's message.
+#[test]
+fn a_stale_merge_ref_is_refetched_then_fails_naming_the_cause() {
+    let s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    let bare = &s.upstream.bare;
+    let main = s.upstream.rev("main");
+    let feature = s.upstream.rev("feature");
+    let merge = git(
+        bare,
+        &[
+            "commit-tree",
+            "-p",
+            &main,
+            "-p",
+            &feature,
+            "-m",
+            "Merge",
+            "main^{tree}",
+        ],
+    );
+    git(bare, &["update-ref", "refs/pull/3/merge", &merge]);
+    let hook = |head: &str| {
+        s.hook("HEAD", "feature")
+            .env("BUILDKITE_PULL_REQUEST", "3")
+            .env("BUILDKITE_PIPELINE_PROVIDER", "github")
+            .env("BUILDKITE_PULL_REQUEST_USING_MERGE_REFSPEC", "true")
+            .env("BUILDKITE_PULL_REQUEST_HEAD_COMMIT", head)
+            .env("BUILDKITE_CHECKOUT_ATTEMPTS", "3")
+            .run()
+    };
+
+    let out = hook(&feature);
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), merge);
+
+    s.sandbox.fresh_checkout_dir();
+    let pushed_since = s.upstream.rev("main~2");
+    let out = hook(&pushed_since);
+    assert_eq!(out.code(), Some(1), "{}", out.log());
+    assert!(
+        out.log().contains(&format!(
+            "does not match the build's pull request head: expected {pushed_since}, got {feature}"
+        )),
+        "{}",
+        out.log()
+    );
+    assert!(
+        out.log().contains("possibly due to a merge conflict"),
+        "{}",
+        out.log()
+    );
+    let record = s.sandbox.record();
+    assert_eq!(record["attempts"], 3, "refetched, as the agent does");
+    assert_eq!(record["cause"], "stale-merge-ref");
+}
+
+/// Row 50: a boolean or number the agent cannot read is ignored with a warning and the default
+/// applies; attempts of 0 or less mean the agent's 6.
+#[test]
+fn values_the_agent_tolerates_are_warned_about_and_defaulted() {
+    let s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    let main = s.upstream.rev("main");
+    for (name, value) in [
+        ("BUILDKITE_GIT_SUBMODULES", "maybe"),
+        ("BUILDKITE_GIT_LFS_ENABLED", "perhaps"),
+        ("BUILDKITE_CHECKOUT_ATTEMPTS", "-2"),
+        ("BUILDKITE_CHECKOUT_ATTEMPTS", "0"),
+        ("BUILDKITE_GIT_CHECKOUT_TIMEOUT", "soon"),
+    ] {
+        s.sandbox.fresh_checkout_dir();
+        let out = s.hook(&main, "main").env(name, value).run();
+        assert_eq!(out.code(), Some(0), "{name}={value}: {}", out.log());
+        assert!(out.log().contains(name), "{name}={value}: {}", out.log());
+        assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), main);
+    }
+}
