@@ -454,6 +454,63 @@ mod tests {
         }
     }
 
+    fn settings(args: &[&str]) -> Settings {
+        use clap::Parser;
+        let base = ["checkout-hook", "--repo", "https://example.com/a/b.git"];
+        let branch = match args.contains(&"--branch") {
+            true => &[][..],
+            false => &["--branch", "main"][..],
+        };
+        Settings::try_parse_from(base.iter().chain(branch).chain(args)).unwrap()
+    }
+
+    #[test]
+    fn remote_mirror_eligibility_follows_the_agent() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let mirror = "https://mirror.example.com/a/b.git";
+        let reason = |args: &[&str]| {
+            let s = settings(args);
+            let target = parse_target(&s.commit).unwrap();
+            match remote_mirror(&s, &target, None) {
+                RemoteMirror::Skipped(why) => why,
+                RemoteMirror::Try(_) => "try",
+            }
+        };
+        assert_eq!(reason(&["--commit", sha]), "no-url");
+        assert_eq!(
+            reason(&["--commit", sha, "--remote-mirror-url", mirror]),
+            "try"
+        );
+        let http = "http://mirror.example.com/a/b.git";
+        assert_eq!(
+            reason(&["--commit", sha, "--remote-mirror-url", http]),
+            "not-https"
+        );
+        for (args, why) in [
+            (&["--commit", "0123abc"][..], "not-full-object-id"),
+            (&["--commit", "HEAD"], "not-full-object-id"),
+            (&["--commit", sha, "--branch", ""], "empty-branch"),
+            (
+                &["--commit", sha, "--refspec", "refs/heads/x"],
+                "custom-refspec",
+            ),
+            (&["--commit", sha, "--tag", "v1"], "tag-build"),
+            (
+                &[
+                    "--commit",
+                    sha,
+                    "--pull-request-using-merge-refspec",
+                    "true",
+                ],
+                "pull-request-merge-ref",
+            ),
+        ] {
+            let mut all = args.to_vec();
+            all.extend(["--remote-mirror-url", mirror]);
+            assert_eq!(reason(&all), why, "{args:?}");
+        }
+    }
+
     #[test]
     fn refspecs_are_ref_patterns_not_options() {
         for good in [

@@ -16,3 +16,4 @@ pub mod sshd;
 pub mod standin_agent;
 pub mod standin_start;
 pub mod synthetic;
+pub mod tls_front;

@@ -341,3 +341,102 @@ fn values_the_agent_tolerates_are_warned_about_and_defaulted() {
         assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), main);
     }
 }
+
+/// Row 36: a sparse checkout is a blobless partial clone, as the agent's `--sparse
+/// --filter=blob:none`: on a mirror miss, files outside the sparse paths are never downloaded.
+#[test]
+fn a_sparse_checkout_without_a_mirror_downloads_only_its_own_blobs() {
+    let s = Served::new(REPO);
+    // As GitHub and GitLab do.
+    git(
+        &s.upstream.bare,
+        &["config", "uploadpack.allowFilter", "true"],
+    );
+    let main = s.upstream.rev("main");
+
+    let out = s
+        .hook(&main, "main")
+        .env("BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS", "src")
+        .run();
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(s.sandbox.record()["mirror"]["status"], "miss");
+    assert_eq!(
+        s.sandbox
+            .git(&["config", "remote.origin.partialclonefilter"]),
+        "blob:none"
+    );
+    assert!(s.sandbox.checkout.join("src/lib.rs").exists());
+    let missing = s
+        .sandbox
+        .git(&["rev-list", "--objects", "--missing=print", "HEAD"]);
+    let guide = s.upstream.rev("main:docs/guide.md");
+    assert!(missing.contains(&format!("?{guide}")), "{missing}");
+}
+
+/// Row 33: `BUILDKITE_GIT_REMOTE_MIRROR_URL`. The commit the volume's mirror lacks comes from
+/// the HTTPS remote mirror on the first attempt, the repository itself supplies only refs; a
+/// remote mirror without the commit is a miss and the checkout still succeeds; plain HTTP is
+/// skipped, as the agent skips it.
+#[test]
+fn a_remote_mirror_supplies_the_commit_the_volume_lacks() {
+    use stateless_e2e::http_server::GitHttpServer;
+    use stateless_e2e::tls_front::TlsFront;
+
+    let mut s = Served::new(REPO);
+    s.mirror(REFERENCE);
+    let fresh = s.upstream.advance(3);
+    let remote_root = s.sandbox.dir.path().join("remote-mirror");
+    std::fs::create_dir_all(remote_root.join("acme")).unwrap();
+    git(
+        s.sandbox.dir.path(),
+        &[
+            "clone",
+            "-q",
+            "--mirror",
+            s.upstream.bare.to_str().unwrap(),
+            remote_root.join(REPO).to_str().unwrap(),
+        ],
+    );
+    let remote = GitHttpServer::start(&remote_root);
+    let Some(tls) = TlsFront::start(s.sandbox.dir.path(), &remote.url(REPO)) else {
+        return;
+    };
+    let with_remote_mirror = |s: &Served, commit: &str, url: &str| {
+        s.hook(commit, "main")
+            .env("BUILDKITE_GIT_REMOTE_MIRROR_URL", url)
+            .env("GIT_SSL_CAINFO", &tls.certificate)
+            .run()
+    };
+    s.server.reset_counters();
+
+    let out = with_remote_mirror(&s, &fresh, &tls.url(REPO));
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.log()
+            .contains("Remote Git mirror: outcome=hit site=fresh-clone"),
+        "{}",
+        out.log()
+    );
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), fresh);
+    assert!(remote.pack_bytes_sent() > 0);
+    assert_eq!(
+        s.server.pack_bytes_sent(),
+        0,
+        "the repository sent no objects"
+    );
+
+    // A commit the remote mirror does not have yet.
+    s.sandbox.fresh_checkout_dir();
+    let newer = s.upstream.advance(1);
+    let out = with_remote_mirror(&s, &newer, &tls.url(REPO));
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(out.log().contains("outcome=miss"), "{}", out.log());
+    assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), newer);
+
+    s.sandbox.fresh_checkout_dir();
+    let out = with_remote_mirror(&s, &newer, &remote.url(REPO));
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(out.log().contains("skip_reason=not-https"), "{}", out.log());
+}

@@ -134,3 +134,46 @@ fn an_lfs_object_missing_from_the_store_fails_the_checkout_naming_the_step() {
     assert_eq!(p.sandbox().record()["mirror"]["status"], "hit");
     p.sandbox().assert_no_leftover_processes();
 }
+
+/// Row 38 of the gap note: in a sparse checkout only the sparse working tree's LFS files are
+/// fetched and checked out, as the agent does. Cone directories scope the fetch too; no-cone
+/// patterns scope the checkout, so an excluded LFS file is never recreated.
+#[test]
+fn a_sparse_checkout_fetches_and_checks_out_only_its_own_lfs_files() {
+    if !lfs_installed() {
+        return;
+    }
+    let p = with_lfs(MirrorState::UpToDate);
+    let main = p.served.upstream.rev("main");
+    let checkout = p.sandbox().checkout.clone();
+    let lfs_objects = |dir: &Path| {
+        walkdir::WalkDir::new(dir.join(".git/lfs/objects"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .count()
+    };
+    for (mode, paths, logo_expected) in [
+        ("cone", "src", false),
+        ("cone", "assets", true),
+        ("no-cone", "/src/", false),
+        ("no-cone", "/assets/", true),
+    ] {
+        p.next_job();
+        let out = p
+            .served
+            .hook(&main, "main")
+            .env("BUILDKITE_GIT_LFS_ENABLED", "true")
+            .env("BUILDKITE_GIT_SPARSE_CHECKOUT_MODE", mode)
+            .env("BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS", paths)
+            .run();
+        assert_eq!(out.code(), Some(0), "{mode} {paths}: {}", out.log());
+        let logo = checkout.join("assets/logo.png");
+        assert_eq!(logo.exists(), logo_expected, "{mode} {paths}");
+        if logo_expected {
+            assert_eq!(std::fs::read(&logo).unwrap(), ASSET, "{mode} {paths}");
+        } else if mode == "cone" {
+            assert_eq!(lfs_objects(&checkout), 0, "{mode} {paths}: nothing fetched");
+        }
+    }
+}

@@ -114,3 +114,32 @@ fn a_damaged_submodule_mirror_is_bypassed() {
         )
     );
 }
+
+/// Row 37 of the gap note: a sparse checkout skips submodules with the agent's warning, in
+/// every mirror state (the replay has no sparse mode, so this is not a parity case).
+#[test]
+fn a_sparse_checkout_skips_submodules_as_the_agent_does() {
+    for state in MirrorState::ALL {
+        let (p, _) = with_submodule(state);
+        let main = p.served.upstream.rev("main");
+        let out = p
+            .served
+            .hook(&main, "main")
+            .env("BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS", "src")
+            .run();
+        assert_eq!(out.code(), Some(0), "{state:?}: {}", out.log());
+        assert!(
+            out.log()
+                .contains("Submodule initialization skipped during sparse checkout"),
+            "{state:?}: {}",
+            out.log()
+        );
+        let checkout = &p.sandbox().checkout;
+        assert!(checkout.join("src/lib.rs").exists(), "{state:?}");
+        assert!(
+            !checkout.join("vendor/gadgets/src/lib.rs").exists(),
+            "{state:?}"
+        );
+        assert!(!checkout.join(".git/modules").exists(), "{state:?}");
+    }
+}
