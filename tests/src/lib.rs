@@ -14,6 +14,7 @@ pub mod sandbox;
 pub mod scenario;
 pub mod sshd;
 pub mod standin_agent;
+pub mod standin_config;
 pub mod standin_start;
 pub mod synthetic;
 pub mod tls_front;

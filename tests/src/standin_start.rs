@@ -2,8 +2,10 @@
 //! (`../shared/notes/buildkite-agent-contract.md`).
 //!
 //! What it models:
-//! - `start` needs `BUILDKITE_AGENT_TOKEN` and a build path (`--build-path` or
-//!   `BUILDKITE_BUILD_PATH`), else it exits 1. `--disconnect-after-job`: exit 0 after one job,
+//! - `start` needs `BUILDKITE_AGENT_TOKEN` and a build path, else it exits 1. Its settings come
+//!   from flags, the environment and the configuration file, and each job's environment is
+//!   built from them, as buildkite-agent v3.137.0 does ([`crate::standin_config`] names the
+//!   files it follows). `--disconnect-after-job`: exit 0 after one job,
 //!   whether it passed or failed. `--disconnect-after-idle-timeout N`: exit 0 when no job arrived
 //!   for N seconds (0: never).
 //! - A job "arrives" `BUILDKITE_STANDIN_JOB_AFTER` seconds after start (unset: never). It runs the
@@ -11,9 +13,10 @@
 //!   pre-checkout, checkout (the global hook; the default checkout is not modelled), post-checkout,
 //!   pre-command, command (`BUILDKITE_STANDIN_COMMAND` through `sh -c`), post-command, pre-exit —
 //!   in `BUILDKITE_BUILD_CHECKOUT_PATH`, each in its own process group, with the job environment:
-//!   the agent's own minus `BUILDKITE_AGENT_TOKEN`, plus `BUILDKITE_JOB_ID`,
-//!   `BUILDKITE_BUILD_CHECKOUT_PATH`, `BUILDKITE_HOOK_PHASE`/`_PATH`/`_SCOPE`, an access token and
-//!   the Job API variables; what a hook exports with `env set` is seen by the later ones. A
+//!   the agent's own minus `BUILDKITE_AGENT_TOKEN`, overlaid by the job's (the backend's from
+//!   `BUILDKITE_STANDIN_JOB_ENV`, and every checkout setting of the agent's), plus
+//!   `BUILDKITE_JOB_ID`, `BUILDKITE_BUILD_CHECKOUT_PATH`, `BUILDKITE_HOOK_PHASE`/`_PATH`/`_SCOPE`
+//!   and the Job API variables; what a hook exports with `env set` is seen by the later ones. A
 //!   failing hook before the command fails the job; pre-exit always runs;
 //!   `BUILDKITE_COMMAND_EXIT_STATUS` reaches post-command and pre-exit.
 //! - Signals: the first TERM or INT is graceful (no new job; a running job finishes); the second
@@ -30,6 +33,8 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, SigSet, Signal};
+
+use crate::standin_config::AgentConfig;
 use nix::unistd::Pid;
 
 const PHASES: [&str; 8] = [
@@ -75,16 +80,17 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     {
         return fail("Missing token, set BUILDKITE_AGENT_TOKEN");
     }
-    let build_path = flag("--build-path")
-        .map(|p| p.to_string())
-        .or_else(|| std::env::var("BUILDKITE_BUILD_PATH").ok())
-        .filter(|p| !p.is_empty());
-    let Some(build_path) = build_path.map(PathBuf::from) else {
-        return fail("Missing build-path, set BUILDKITE_BUILD_PATH");
+    let config = match AgentConfig::load(args) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
     };
-    let hooks = flag("--hooks-path")
-        .map(|p| p.to_string())
-        .or_else(|| std::env::var("BUILDKITE_HOOKS_PATH").ok())
+    let build_path = config.get("build-path");
+    if build_path.is_empty() {
+        return fail("Missing build-path, set BUILDKITE_BUILD_PATH");
+    }
+    let build_path = PathBuf::from(build_path);
+    let hooks = Some(config.get("hooks-path"))
+        .filter(|h| !h.is_empty())
         .map(PathBuf::from);
     let idle = flag("--disconnect-after-idle-timeout")
         .and_then(|s| s.parse::<u64>().ok())
@@ -128,7 +134,7 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         }
     }
     let stopping_before = agent.terms > 0;
-    let outcome = agent.run_job(state, &build_path, hooks.as_deref());
+    let outcome = agent.run_job(state, &config, &build_path, hooks.as_deref());
     if let Err(code) = outcome {
         return code;
     }
@@ -192,22 +198,21 @@ impl Agent {
     fn run_job(
         &mut self,
         state: &Path,
+        config: &AgentConfig,
         build_path: &Path,
         hooks: Option<&Path>,
     ) -> Result<(), ExitCode> {
         let job_id = format!("standin-job-{}", std::process::id());
         let checkout = build_path.join("standin/pipeline");
         std::fs::create_dir_all(&checkout).map_err(|_| fail("cannot create the checkout"))?;
+        // The bootstrap's environment: the agent's own, overlaid by the job's.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.remove("BUILDKITE_AGENT_TOKEN");
+        env.extend(config.job_environment(backend_job_env()?));
         env.insert("BUILDKITE_JOB_ID".into(), job_id.clone());
         env.insert(
             "BUILDKITE_BUILD_CHECKOUT_PATH".into(),
             checkout.display().to_string(),
-        );
-        env.insert(
-            "BUILDKITE_AGENT_ACCESS_TOKEN".into(),
-            "standin-job-token".into(),
         );
         env.insert(
             "BUILDKITE_AGENT_JOB_API_SOCKET".into(),
@@ -345,6 +350,18 @@ fn signal_thread() -> Receiver<Signal> {
         }
     });
     rx
+}
+
+/// The environment Buildkite sends with the job (repository, commit, pipeline `env:`): the JSON
+/// object in the file `BUILDKITE_STANDIN_JOB_ENV` names, or nothing.
+fn backend_job_env() -> Result<BTreeMap<String, String>, ExitCode> {
+    let Some(path) = std::env::var_os("BUILDKITE_STANDIN_JOB_ENV") else {
+        return Ok(BTreeMap::new());
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| fail(&format!("reading the job env: {e}")))?;
+    serde_json::from_str(&text)
+        .map_err(|e| fail(&format!("the job env is not a JSON object of strings: {e}")))
 }
 
 fn fail(message: &str) -> ExitCode {
