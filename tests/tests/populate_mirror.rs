@@ -588,3 +588,86 @@ fn a_stalled_transfer_is_killed_and_retried_and_a_refresh_past_its_timeout_is_st
     );
     s.sandbox.assert_no_leftover_processes();
 }
+
+/// The same volume serves stock agents: each mirror is also published under the name the agent
+/// derives from the URL (`internal/job/checkout_mirror.go`), a symlink to the published path, so
+/// one rename switches both names. The replay of the agent's default checkout with
+/// `git-mirrors-skip-update` then borrows from the published generation.
+#[test]
+fn each_mirror_is_also_published_under_the_stock_agents_name() {
+    let mut s = Served::new(REPO);
+    let stock = stateless_e2e::parity::stock_name(&s.url);
+
+    let out = populate(&s, &[]);
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    let alias = s.sandbox.mirrors.join(&stock);
+    assert_eq!(std::fs::read_link(&alias).unwrap(), Path::new(PUBLISHED));
+    let resolved = |p: &Path| p.canonicalize().unwrap();
+    assert_eq!(
+        resolved(&alias),
+        resolved(&s.sandbox.mirrors.join(PUBLISHED))
+    );
+
+    let newer = s.upstream.advance(2);
+    let out = populate(&s, &[]);
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(resolved(&alias).ends_with(".generations/acme/widgets.reference/2"));
+    assert_eq!(git(&alias, &["rev-parse", "main"]), newer);
+
+    let Some(script) = stateless_e2e::parity::reference_script() else {
+        return;
+    };
+    let checkout = s.sandbox.dir.path().join("stock-checkout");
+    std::fs::create_dir_all(&checkout).unwrap();
+    let mut cmd = std::process::Command::new("bash");
+    let out = s
+        .sandbox
+        .job_environment(cmd.arg(script))
+        .current_dir(&checkout)
+        .env("CHECKOUT_DIR", &checkout)
+        .env("BUILDKITE_GIT_MIRRORS_PATH", &s.sandbox.mirrors)
+        .env("BUILDKITE_GIT_MIRRORS_SKIP_UPDATE", "true")
+        .env(
+            "BUILDKITE_STANDIN_STATE",
+            s.sandbox.dir.path().join("stock-agent"),
+        )
+        .env("BUILDKITE_REPO", &s.url)
+        .env("BUILDKITE_COMMIT", &newer)
+        .env("BUILDKITE_BRANCH", "main")
+        .output()
+        .unwrap();
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{log}");
+    let alternates =
+        std::fs::read_to_string(checkout.join(".git/objects/info/alternates")).unwrap();
+    assert!(
+        alternates.contains(".generations/acme/widgets.reference/2/objects"),
+        "{alternates}\n{log}"
+    );
+}
+
+/// A directory of the stock agent's own at that name is left alone, with a warning.
+#[test]
+fn a_stock_agents_own_mirror_at_that_name_is_left_alone() {
+    let s = Served::new(REPO);
+    let stock = stateless_e2e::parity::stock_name(&s.url);
+    let theirs = s.sandbox.mirrors.join(&stock);
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+
+    let out = populate(&s, &[]);
+
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(
+        out.log()
+            .contains("not published under the stock agent's name"),
+        "{}",
+        out.log()
+    );
+    assert!(theirs.is_dir() && !theirs.is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("HEAD")).unwrap(),
+        "ref: refs/heads/main\n"
+    );
+}
