@@ -185,6 +185,11 @@ impl<'a> Checkout<'a> {
         let dir = &self.plan.checkout_dir;
         let repo = self.prepare(mirror).await?;
         let present = |oid: Oid| mirror.is_some_and(|m| m.has_commit(oid));
+        // A HEAD build without a branch must know the default branch before it can fetch.
+        let known_default = match self.plan.target {
+            Target::DefaultBranch => Some(self.default_branch(mirror).await),
+            _ => None,
+        };
         let fetch_and_checkout = async {
             Ok(match &self.plan.target {
                 // The common case: the mirror has the commit, so the checkout need not wait for
@@ -209,7 +214,7 @@ impl<'a> Checkout<'a> {
                     if number == 1 {
                         self.fetch_from_remote_mirror(*oid).await;
                     }
-                    let (commit, fetch) = timed(self.fetch_target(&repo, mirror)).await?;
+                    let (commit, fetch) = timed(self.fetch_target(&repo, None)).await?;
                     let ((), checkout) = timed(self.checkout(commit)).await?;
                     (commit, false, fetch, checkout)
                 }
@@ -219,16 +224,21 @@ impl<'a> Checkout<'a> {
                     (commit, false, fetch, checkout)
                 }
                 _ => {
-                    let (commit, fetch) = timed(self.fetch_target(&repo, mirror)).await?;
+                    let default = known_default.clone().flatten();
+                    let (commit, fetch) = timed(self.fetch_target(&repo, default)).await?;
                     let ((), checkout) = timed(self.checkout(commit)).await?;
                     (commit, false, fetch, checkout)
                 }
             })
         };
         // Which branch is the default costs a request only without a mirror: overlap it with
-        // the fetch, and drop it if the fetch fails. A HEAD build without a branch needs it
-        // first, to know what to fetch.
-        let default_branch = async { Ok(self.default_branch(mirror).await) };
+        // the fetch, and drop it if the fetch fails.
+        let default_branch = async {
+            Ok(match &known_default {
+                Some(known) => known.clone(),
+                None => self.default_branch(mirror).await,
+            })
+        };
         let ((commit, had_commit, fetch, checkout), default_branch) =
             tokio::try_join!(fetch_and_checkout, default_branch)?;
         if let Some(branch) = default_branch {
@@ -274,12 +284,12 @@ impl<'a> Checkout<'a> {
     async fn fetch_target(
         &self,
         repo: &Repository,
-        mirror: Option<&Mirror>,
+        default_branch: Option<String>,
     ) -> Result<Oid, CheckoutError> {
         let target = &self.plan.target;
         let specs = match target {
             Target::DefaultBranch => {
-                match self.default_branch(mirror).await {
+                match default_branch {
                     Some(branch) => {
                         tracing::info!("BUILDKITE_BRANCH is empty: building the remote's default branch, {branch}");
                         vec![branch]
@@ -326,7 +336,9 @@ impl<'a> Checkout<'a> {
             .args(self.plan.checkout_flags.iter().map(String::as_str))
             .arg(name);
         match self.git_step(Step::Checkout, cmd, &self.local).await {
-            Err(e) if e.kind() == FailureKind::Local => Err(self.not_found(format!("ref {name}"))),
+            Err(CheckoutError::Git { failure, .. }) if failure.stderr_contains("did not match") => {
+                Err(self.not_found(format!("ref {name}")))
+            }
             other => other,
         }?;
         repo.head()

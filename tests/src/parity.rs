@@ -58,6 +58,11 @@ impl MirrorState {
 }
 
 /// The stock agent's mirror directory name for `url`.
+/// A job's commit and branch, for [`Parity::compare`].
+pub fn job<'a>(commit: &'a str, branch: &'a str) -> Vec<(&'static str, &'a str)> {
+    vec![("BUILDKITE_COMMIT", commit), ("BUILDKITE_BRANCH", branch)]
+}
+
 pub fn stock_name(url: &str) -> String {
     url.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })

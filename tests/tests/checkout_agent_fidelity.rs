@@ -8,15 +8,11 @@
 use std::time::{Duration, Instant};
 
 use stateless_e2e::git::git;
-use stateless_e2e::parity::{MirrorState, Parity};
+use stateless_e2e::parity::{job, MirrorState, Parity};
 use stateless_e2e::scenario::Served;
 
 const REPO: &str = "acme/widgets.git";
 const REFERENCE: &str = "acme/widgets.reference";
-
-fn job<'a>(commit: &'a str, branch: &'a str) -> Vec<(&'static str, &'a str)> {
-    vec![("BUILDKITE_COMMIT", commit), ("BUILDKITE_BRANCH", branch)]
-}
 
 /// Row 15: GitHub names a fork's branch `owner:branch` (the agent's own integration test uses
 /// `forker:update-test-txt`); the branch is never fetched for such a build, so it must not be
@@ -439,4 +435,24 @@ fn a_remote_mirror_supplies_the_commit_the_volume_lacks() {
     let out = with_remote_mirror(&s, &newer, &remote.url(REPO));
     assert_eq!(out.code(), Some(0), "{}", out.log());
     assert!(out.log().contains("skip_reason=not-https"), "{}", out.log());
+}
+
+/// A name that is neither a branch nor a tag anywhere is waited for like a missing commit, then
+/// fails with 128.
+#[test]
+fn a_commit_name_that_is_nowhere_fails_like_a_missing_commit() {
+    let s = Served::new(REPO);
+    s.mirror(REFERENCE);
+
+    let out = s.checkout("no-such-ref", "main");
+
+    assert_eq!(out.code(), Some(128), "{}", out.log());
+    assert!(
+        out.log().contains("ref no-such-ref was not found"),
+        "{}",
+        out.log()
+    );
+    let record = s.sandbox.record();
+    assert_eq!(record["cause"], "not-found");
+    assert_eq!(record["attempts"], 6);
 }

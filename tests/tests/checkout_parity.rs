@@ -5,11 +5,7 @@
 //! `origin/HEAD`, submodules, sparse state and the commit meta-data.
 
 use stateless_e2e::git::git;
-use stateless_e2e::parity::{MirrorState, Parity};
-
-fn job<'a>(commit: &'a str, branch: &'a str) -> Vec<(&'static str, &'a str)> {
-    vec![("BUILDKITE_COMMIT", commit), ("BUILDKITE_BRANCH", branch)]
-}
+use stateless_e2e::parity::{job, MirrorState, Parity};
 
 #[test]
 fn a_full_sha() {
