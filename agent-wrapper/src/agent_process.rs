@@ -1,5 +1,5 @@
 //! Starting the agent with a clean slate: default dispositions and an empty mask for every
-//! signal, only fds 0–2, its own process group.
+//! signal, only fds 0–2 (and an `fd://` token's), its own process group.
 //!
 //! Two traps from `../shared/notes/pid1.md` decide how: tokio's child handling races a
 //! `waitpid(-1)` reaper for the agent's status, so the agent is spawned with std and reaped only
@@ -28,15 +28,15 @@ pub enum SpawnError {
 }
 
 /// Marks every inherited fd above 2 close-on-exec, so the agent gets only stdin, stdout and
-/// stderr whatever the container runtime passed us.
-pub fn close_inherited_fds() {
+/// stderr whatever the container runtime passed us, and `keep` (an `fd://` token's descriptor).
+pub fn close_inherited_fds(keep: Option<i32>) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
         return;
     };
     let fds: Vec<i32> = entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .filter(|fd| *fd > 2)
+        .filter(|fd| *fd > 2 && Some(*fd) != keep)
         .collect();
     for fd in fds {
         // Not ours to own: only its flags change. A fd closed meanwhile (the directory listing's

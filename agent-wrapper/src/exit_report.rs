@@ -10,7 +10,7 @@ use serde::Serialize;
 use stateless_core::checkout_record::CheckoutRecord;
 use stateless_core::job_record::JobRecord;
 
-use crate::supervisor::{AgentEnd, Escalation, StopCause, Supervision};
+use crate::supervisor::{AgentEnd, Escalation, JobPhase, StopCause, Supervision};
 
 /// The kubelet keeps at most this much of a termination message.
 pub const TERMINATION_MESSAGE_LIMIT: usize = 4096;
@@ -69,9 +69,9 @@ pub enum Ending {
 pub struct Report {
     pub version: u32,
     pub wrapper_version: &'static str,
-    /// Machine-readable: `job-finished`, `idle-timeout`, `stopped`, `interrupted-before-job`,
-    /// `watchdog`, `agent-failed`, `agent-killed`, `agent-not-found`, `agent-not-executable`,
-    /// `config-error`, `internal-error`.
+    /// Machine-readable: `job-finished`, `job-not-run`, `idle-timeout`, `no-job`, `stopped`,
+    /// `interrupted-before-job`, `watchdog`, `agent-failed`, `agent-killed`, `agent-not-found`,
+    /// `agent-not-executable`, `config-error`, `internal-error`.
     pub reason: &'static str,
     /// One sentence for a person.
     pub message: String,
@@ -84,6 +84,10 @@ pub struct Report {
     pub stop: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub signals_forwarded: Vec<i32>,
+    /// Signals not forwarded because the agent could not handle them yet (HUP while it
+    /// registers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub signals_held: Vec<i32>,
     #[serde(skip_serializing_if = "is_zero")]
     pub leftover_processes: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,14 +145,17 @@ impl Ending {
             Ending::Internal(m) => return (code::INTERNAL, "internal-error", m.clone()),
             Ending::Supervised(s) => s,
         };
-        let job_started = supervision
+        let hooks_ran = supervision
             .job
             .as_ref()
             .is_some_and(|j| j.started_at.is_some());
-        let job_finished = supervision
-            .job
-            .as_ref()
-            .is_some_and(|j| j.finished_at.is_some());
+        // The agent held a job: its hooks said so, or its status did.
+        let job_started = hooks_ran || supervision.phase >= JobPhase::Running;
+        let job_finished = supervision.phase >= JobPhase::Reporting
+            || supervision
+                .job
+                .as_ref()
+                .is_some_and(|j| j.finished_at.is_some());
         let agent_code = match supervision.agent {
             AgentEnd::Exited(c) if code::RESERVED.contains(&(c.clamp(0, 255) as u8)) => 1,
             AgentEnd::Exited(c) => c.clamp(0, 255) as u8,
@@ -158,7 +165,15 @@ impl Ending {
             (Some(StopCause::Watchdog), _) => (
                 code::WATCHDOG,
                 "watchdog",
-                "the agent did not exit after its job and was stopped by the watchdog".into(),
+                "the agent finished its job (its result reported) but did not exit, and was stopped by the watchdog".into(),
+            ),
+            (Some(StopCause::NoJob), end) => (
+                agent_code,
+                "no-job",
+                format!(
+                    "no job started before the job deadline (a paused agent, or none scheduled); the agent was stopped and {}",
+                    describe(end)
+                ),
             ),
             (Some(StopCause::Signal(s)), _) if !job_started => (
                 code::INTERRUPTED_BEFORE_JOB,
@@ -168,9 +183,12 @@ impl Ending {
             (Some(StopCause::Signal(s)), end) => {
                 let how = match supervision.escalation {
                     Some(Escalation::Quit) => "the job was cancelled at the stop deadline",
-                    Some(Escalation::Kill) => "the agent was killed after the stop deadline",
-                    _ if job_finished => "the job finished first",
-                    _ => "the agent stopped",
+                    Some(Escalation::Kill) => "the agent was killed after its cancel window",
+                    Some(Escalation::Term) => {
+                        "the job finished and the agent, idle but not exiting, was stopped by the watchdog"
+                    }
+                    None if job_finished => "the job finished first",
+                    None => "the agent stopped",
                 };
                 (
                     agent_code,
@@ -181,9 +199,16 @@ impl Ending {
                     ),
                 )
             }
-            (None, AgentEnd::Exited(0)) if job_finished || job_started => {
+            (None, AgentEnd::Exited(0)) if hooks_ran => {
                 (0, "job-finished", "the agent ran its job and exited".into())
             }
+            // An idle timeout counts from the agent's first idle ping, after it registered, so
+            // an agent that leaves sooner, or was seen with a job, took a job and ran no hook.
+            (None, AgentEnd::Exited(0)) if job_started || supervision.exited_before_idle_timeout => (
+                0,
+                "job-not-run",
+                "the agent took a job but ran none of its hooks: a job refused before it started (signature, allowlist, a failing pre-bootstrap hook), or the agent was stopped from Buildkite".into(),
+            ),
             (None, AgentEnd::Exited(0)) => (
                 0,
                 "idle-timeout",
@@ -214,6 +239,7 @@ impl Ending {
             agent_signal: None,
             stop: None,
             signals_forwarded: Vec::new(),
+            signals_held: Vec::new(),
             leftover_processes: 0,
             job: None,
             checkout: checkout.map(CheckoutSummary::from_record),
@@ -231,9 +257,11 @@ impl Ending {
                 match cause {
                     StopCause::Signal(n) => format!("signal {n}{escalation}"),
                     StopCause::Watchdog => format!("watchdog{escalation}"),
+                    StopCause::NoJob => format!("job deadline{escalation}"),
                 }
             });
             report.signals_forwarded = s.forwarded;
+            report.signals_held = s.held;
             report.leftover_processes = s.leftovers;
             report.job = s.job;
         }
@@ -297,12 +325,26 @@ mod tests {
     use super::*;
 
     fn supervised(agent: AgentEnd, stop: Option<StopCause>, job: Option<(bool, bool)>) -> Ending {
+        with_phase(agent, stop, job, JobPhase::Waiting, false)
+    }
+
+    fn with_phase(
+        agent: AgentEnd,
+        stop: Option<StopCause>,
+        job: Option<(bool, bool)>,
+        phase: JobPhase,
+        exited_before_idle_timeout: bool,
+    ) -> Ending {
         Ending::Supervised(Supervision {
             agent,
             stop,
             escalation: None,
             forwarded: vec![],
+            held: vec![],
             leftovers: 0,
+            phase,
+            exited_before_idle_timeout,
+            status_queries: 0,
             job: job.map(|(started, finished)| JobRecord {
                 version: 1,
                 job_id: Some("j".into()),
@@ -345,6 +387,21 @@ mod tests {
                 supervised(AgentEnd::Exited(0), None, None),
                 0,
                 "idle-timeout",
+            ),
+            (
+                with_phase(AgentEnd::Exited(0), None, None, JobPhase::Waiting, true),
+                0,
+                "job-not-run",
+            ),
+            (
+                with_phase(AgentEnd::Exited(0), None, None, JobPhase::Over, false),
+                0,
+                "job-not-run",
+            ),
+            (
+                supervised(AgentEnd::Exited(0), Some(StopCause::NoJob), None),
+                0,
+                "no-job",
             ),
             (
                 supervised(AgentEnd::Exited(3), None, None),

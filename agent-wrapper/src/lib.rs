@@ -2,6 +2,8 @@
 //! thin `main`; docs/agent-wrapper.md describes the behaviour and the exit codes.
 
 pub mod agent_process;
+pub mod agent_status;
+pub mod agent_version;
 pub mod exit_report;
 pub mod preflight;
 pub mod settings;
@@ -15,6 +17,8 @@ use stateless_core::checkout_record::RECORD_PATH_ENV;
 use stateless_core::job_record::{JOB_EVENTS_PATH_ENV, JOB_RECORD_PATH_ENV};
 
 use crate::agent_process::SpawnError;
+use crate::agent_status::StatusServer;
+use crate::agent_version::Version;
 use crate::exit_report::Ending;
 use crate::preflight::PreflightError;
 use crate::settings::Settings;
@@ -80,15 +84,17 @@ pub fn run(
             );
         }
     }
-    agent_process::close_inherited_fds();
-    let preflight = || -> Result<PathBuf, PreflightError> {
+    // An `fd://N` token is the agent's to read: keep that descriptor open for it.
+    agent_process::close_inherited_fds(preflight::token_fd());
+    let preflight = || -> Result<(PathBuf, Version), PreflightError> {
         preflight::check_token()?;
         let agent = preflight::resolve_agent(&settings.agent)?;
+        let version = preflight::check_version(&agent)?;
         preflight::check_build_path(settings.build_path.as_deref())?;
-        Ok(agent)
+        Ok((agent, version))
     };
-    let agent = match preflight() {
-        Ok(agent) => agent,
+    let (agent, version) = match preflight() {
+        Ok(found) => found,
         Err(e @ PreflightError::AgentNotFound(_)) => return Ending::AgentNotFound(e.to_string()),
         Err(e @ PreflightError::AgentNotExecutable(_)) => {
             return Ending::AgentNotExecutable(e.to_string())
@@ -96,6 +102,17 @@ pub fn run(
         Err(e) => return Ending::Config(e.to_string()),
     };
     preflight::log_mirror_volume(&settings.mirrors_path);
+    if let Err(e) = preflight::run_entrypoint_d(&settings.entrypoint_d) {
+        return Ending::Config(e.to_string());
+    }
+    let status = match StatusServer::pick() {
+        Ok(status) => status,
+        Err(e) => {
+            return Ending::Internal(format!(
+                "cannot pick a loopback port for the agent's health server: {e}"
+            ))
+        }
+    };
     for record in [&records.checkout, &records.job] {
         if let Some(dir) = record.parent().filter(|d| !d.is_dir()) {
             if let Err(e) = std::fs::create_dir_all(dir) {
@@ -108,16 +125,29 @@ pub fn run(
         // A record left by an earlier run in this directory must not describe this pod.
         let _ = std::fs::remove_file(record);
     }
-    let mut command = Command::new(&agent);
+    // As the official image's entrypoint does: through ssh-env-config.sh, which sets up SSH from
+    // `SSH_*` variables and execs the agent (same pid).
+    let ssh_env_config = Some(&settings.ssh_env_config).filter(|p| p.is_file());
+    let mut command = match ssh_env_config {
+        Some(script) => {
+            let mut command = Command::new(script);
+            command.arg(&agent);
+            command
+        }
+        None => Command::new(&agent),
+    };
     command
         .args(["start", "--disconnect-after-job"])
         .arg("--disconnect-after-idle-timeout")
         .arg(settings.idle_timeout.as_secs().to_string())
+        .arg(format!("--health-check-addr={}", status.0))
+        .args(version.cancel_args(settings.cancel_grace))
         .args(&settings.agent_args)
         .env(RECORD_PATH_ENV, &records.checkout)
         .env(JOB_RECORD_PATH_ENV, &records.job)
         .env(JOB_EVENTS_PATH_ENV, &records.job_events);
-    let pid = match agent_process::spawn(command, &agent) {
+    let program = ssh_env_config.unwrap_or(&agent);
+    let pid = match agent_process::spawn(command, program) {
         Ok(pid) => pid,
         Err(e @ SpawnError::NotFound { .. }) => return Ending::AgentNotFound(e.to_string()),
         Err(e @ SpawnError::NotExecutable { .. }) => {
@@ -126,15 +156,28 @@ pub fn run(
     };
     tracing::info!(
         pid = pid.as_raw(),
-        "started {} start --disconnect-after-job",
+        agent_version = %version,
+        "started {} {version} start --disconnect-after-job",
         agent.display()
     );
+    let nonzero = |d: std::time::Duration| (!d.is_zero()).then_some(d);
     let timings = Timings {
         stop_deadline: settings.stop_deadline,
-        cancel_grace: settings.cancel_grace,
+        cancel_window: version.cancel_window(settings.cancel_grace),
         watchdog: settings.watchdog,
+        status_interval: settings.status_interval,
+        job_deadline: nonzero(settings.job_deadline),
+        idle_timeout: nonzero(settings.idle_timeout),
     };
-    match supervisor::supervise(signals, pid, &records.job, &records.job_events, &timings) {
+    let supervised = supervisor::supervise(
+        signals,
+        pid,
+        status,
+        &records.job,
+        &records.job_events,
+        &timings,
+    );
+    match supervised {
         Ok(supervision) => Ending::Supervised(supervision),
         Err(e) => Ending::Internal(e.to_string()),
     }

@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use stateless_core::manifest::Manifest;
 
+use crate::agent_version::{self, Version};
+
 /// The variable the agent reads its registration token from.
 pub const TOKEN_ENV: &str = "BUILDKITE_AGENT_TOKEN";
 
@@ -21,10 +23,27 @@ pub enum PreflightError {
     AgentNotFound(PathBuf),
     #[error("the agent {} is not executable; fix its permissions in the image", .0.display())]
     AgentNotExecutable(PathBuf),
+    #[error("{TOKEN_ENV} is fd://{0}, but descriptor {0} is not open; pass the token on that descriptor, or use a plain token or file://")]
+    TokenFd(i32),
+    #[error("cannot tell the agent's version ({0}); use buildkite-agent {MINIMUM} or newer", MINIMUM = agent_version::MINIMUM)]
+    UnknownVersion(String),
+    #[error("buildkite-agent {0} is older than {MINIMUM}, the oldest agent-wrapper runs: older agents wait about 60 s after a job before exiting (before 3.128) and hang a job whose hook leaves a background process holding its output (before 3.136); use a newer agent image", MINIMUM = agent_version::MINIMUM)]
+    OldAgent(Version),
+    #[error("a script in {dir} failed ({detail}); fix or remove it", dir = .0.display(), detail = .1)]
+    EntrypointScript(PathBuf, String),
     #[error("BUILDKITE_BUILD_PATH is not set; set it to a writable directory (an emptyDir)")]
     NoBuildPath,
     #[error("the build path {path} is not writable ({source}); mount a writable volume there (an emptyDir)", path = .0.display(), source = .1)]
     BuildPathNotWritable(PathBuf, std::io::Error),
+}
+
+/// The descriptor an `fd://N` token names.
+pub fn token_fd() -> Option<i32> {
+    std::env::var(TOKEN_ENV)
+        .ok()?
+        .strip_prefix("fd://")?
+        .parse()
+        .ok()
 }
 
 /// The token is present; its value is never read into a log, only checked for presence.
@@ -33,6 +52,14 @@ pub fn check_token() -> Result<(), PreflightError> {
     let Some(token) = token else {
         return Err(PreflightError::NoToken);
     };
+    if let Some(fd) = token_fd() {
+        let open = std::path::Path::new(&format!("/proc/self/fd/{fd}")).exists();
+        return if open {
+            Ok(())
+        } else {
+            Err(PreflightError::TokenFd(fd))
+        };
+    }
     let Some(path) = token.to_str().and_then(|t| t.strip_prefix("file://")) else {
         return Ok(());
     };
@@ -67,6 +94,36 @@ pub fn resolve_agent(agent: &Path) -> Result<PathBuf, PreflightError> {
             Err(PreflightError::AgentNotExecutable(p))
         }
         Some(p) => Ok(p),
+    }
+}
+
+/// The agent is at least [`agent_version::MINIMUM`]; its version decides its cancel flags.
+pub fn check_version(agent: &Path) -> Result<Version, PreflightError> {
+    let version = Version::of(agent).map_err(PreflightError::UnknownVersion)?;
+    if version < agent_version::MINIMUM {
+        return Err(PreflightError::OldAgent(version));
+    }
+    Ok(version)
+}
+
+/// The official image's entrypoint runs `/docker-entrypoint.d` with `run-parts --exit-on-error`
+/// before the agent; so does the wrapper, in the same way.
+pub fn run_entrypoint_d(dir: &Path) -> Result<(), PreflightError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    tracing::info!("executing scripts in {}", dir.display());
+    let fail = |detail: String| PreflightError::EntrypointScript(dir.to_path_buf(), detail);
+    let status = std::process::Command::new("run-parts")
+        .arg("--exit-on-error")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| fail(format!("cannot run run-parts: {e}")))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(code) => Err(fail(format!("exit {code}"))),
+        None => Err(fail("killed by a signal".into())),
     }
 }
 

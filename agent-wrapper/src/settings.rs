@@ -23,20 +23,57 @@ pub struct Settings {
     #[arg(long, env = "AGENT_WRAPPER_IDLE_TIMEOUT", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
-    /// After SIGTERM the agent may finish its job this long; then the job is cancelled (SIGQUIT)
-    /// so Buildkite records it as cancelled. Keep it, plus --cancel-grace, below the pod's
-    /// terminationGracePeriodSeconds.
+    /// After SIGTERM the agent may finish its job this long; then a job whose command is still
+    /// running is cancelled (SIGQUIT). A job whose command has ended is never signalled: the
+    /// agent is reporting its result. Keep it, plus the cancel window, below the pod's
+    /// terminationGracePeriodSeconds (docs/agent-wrapper.md).
     #[arg(long, env = "AGENT_WRAPPER_STOP_DEADLINE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub stop_deadline: Duration,
 
-    /// After cancelling, the agent may take this long to exit; then everything is killed.
-    #[arg(long, env = "AGENT_WRAPPER_CANCEL_GRACE", default_value = "15s", value_parser = humantime::parse_duration)]
+    /// How long a cancelled job's command gets before SIGKILL. Passed to the agent (3.x
+    /// `--cancel-grace-period`, 4.x `--cancel-signal-timeout` with `--cancel-cleanup-timeout=5s`),
+    /// so the wrapper knows when the agent will exit by itself after a cancel (3.x: this plus
+    /// 1 s, 4.x: this plus 6 s) and kills it only after that. Do not pass those flags to the
+    /// agent yourself.
+    #[arg(long, env = "AGENT_WRAPPER_CANCEL_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub cancel_grace: Duration,
 
-    /// After its job ended (the pre-exit hook ran), the agent must exit within this long, or it
-    /// is stopped (TERM, then QUIT, then KILL, each --cancel-grace apart).
+    /// After its job is over (the agent says it is idle: the result is reported), the agent
+    /// must exit within this long, or it is stopped (TERM, then QUIT, then KILL). A job still
+    /// reporting (the agent busy after its command) is never signalled.
     #[arg(long, env = "AGENT_WRAPPER_WATCHDOG", default_value = "60s", value_parser = humantime::parse_duration)]
     pub watchdog: Duration,
+
+    /// While a job runs or reports, the agent's status is asked this often (besides when a hook
+    /// reports and at the watchdog's deadline), so a job whose pre-exit hook never ran is still
+    /// seen to end. Nothing is asked while the agent waits for its job.
+    #[arg(long, env = "AGENT_WRAPPER_STATUS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub status_interval: Duration,
+
+    /// When no job has started this long after the agent started (a paused agent, or one never
+    /// given a job; neither idles out), the agent is stopped: exit 0, reason `no-job`. Keep it
+    /// above --idle-timeout. 0: never.
+    #[arg(long, env = "AGENT_WRAPPER_JOB_DEADLINE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub job_deadline: Duration,
+
+    /// Scripts run (with `run-parts --exit-on-error`) before the agent starts, as the official
+    /// image's entrypoint runs them. Skipped when the directory does not exist.
+    #[arg(
+        long,
+        env = "AGENT_WRAPPER_ENTRYPOINT_D",
+        default_value = "/docker-entrypoint.d"
+    )]
+    pub entrypoint_d: PathBuf,
+
+    /// The official image's `ssh-env-config.sh` (SSH keys, known_hosts and config from `SSH_*`
+    /// variables): the agent is started through it, as the official entrypoint does, when it
+    /// exists. Empty: never.
+    #[arg(
+        long,
+        env = "AGENT_WRAPPER_SSH_ENV_CONFIG",
+        default_value = "/usr/local/bin/ssh-env-config.sh"
+    )]
+    pub ssh_env_config: PathBuf,
 
     /// Where the exit report goes for Kubernetes (`terminationMessagePath`). An unwritable path
     /// only warns.

@@ -1,12 +1,24 @@
 //! The PID-1 loop, in the manner of tini and catatonit: every signal the wrapper cares about is
 //! blocked and read from a signalfd, the job hook's notifications arrive on a FIFO, and one
 //! `poll` waits on both with the nearest deadline as its timeout. Nothing wakes the wrapper while
-//! the agent works and nothing is due: no timer ticks, no polling.
+//! the agent waits for its job: no timer ticks, no polling.
 //!
 //! One loop does everything: forwards signals to the agent (each exactly once), reaps every child
 //! (`waitpid(-1)` is the only reaper, so the agent's status is never lost), applies the stop
-//! policy (TERM: graceful; after the deadline QUIT cancels the job; then KILL) and the watchdog
-//! (the job ended but the agent did not exit).
+//! policy and the watchdog.
+//!
+//! **The agent's own state decides** whether a job is over ([`crate::agent_status`]): the agent
+//! is busy from accepting a job until FinishJob has returned, and only then idle. The hooks'
+//! records say when the job started and when its command ended. So:
+//! - A job whose command has ended is never signalled: after its global `pre-exit` hook the
+//!   agent still runs the repository's and plugins' pre-exit hooks, uploads the log tail and
+//!   calls FinishJob (each retried for minutes), and a QUIT or second TERM then would make it
+//!   exit 1 with the job's result lost.
+//! - The watchdog counts from the agent being idle after its job: that agent has nothing left to
+//!   do and only a hang keeps it.
+//! - The status is asked when a hook reports, at the watchdog's and the stop deadline's times,
+//!   and every `status_interval` while a job runs or reports (so a job whose `pre-exit` never ran,
+//!   after a hard cancel, is still seen to end); never while the agent waits for its job.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -19,6 +31,8 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use stateless_core::job_record::JobRecord;
+
+use crate::agent_status::StatusServer;
 
 /// Signals passed on to the agent, as tini and dumb-init do.
 pub const FORWARDED: [Signal; 7] = [
@@ -37,10 +51,27 @@ const SWALLOWED: [Signal; 3] = [Signal::SIGTSTP, Signal::SIGTTIN, Signal::SIGTTO
 /// How long leftover processes get between TERM and KILL once the agent is gone.
 const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 
+/// After the agent's own forced exit is due, this long before the wrapper kills it.
+const KILL_MARGIN: Duration = Duration::from_secs(2);
+
+/// The longest a pod stop can take the wrapper: the stop deadline, the agent's cancel window,
+/// then the kill. The pod's `terminationGracePeriodSeconds` must cover it, plus a moment for the
+/// report (tests/tests/kubernetes_manifests.rs checks the example Job).
+pub fn longest_stop(stop_deadline: Duration, cancel_window: Duration) -> Duration {
+    stop_deadline + cancel_window + KILL_MARGIN
+}
+
 pub struct Timings {
     pub stop_deadline: Duration,
-    pub cancel_grace: Duration,
+    /// From a cancel to the agent's own forced exit ([`crate::agent_version::Version::cancel_window`]).
+    pub cancel_window: Duration,
     pub watchdog: Duration,
+    pub status_interval: Duration,
+    /// No job started by then: stop the agent. `None`: never.
+    pub job_deadline: Option<Duration>,
+    /// The agent's `--disconnect-after-idle-timeout` (`None`: off), to tell an idle timeout from
+    /// a job refused before its hooks.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How the agent ended.
@@ -55,19 +86,36 @@ pub enum AgentEnd {
 pub enum StopCause {
     /// The pod is being stopped: the first TERM or INT the wrapper received.
     Signal(i32),
-    /// The job ended but the agent did not exit within the watchdog's time.
+    /// The job was over (the agent idle after it) but the agent did not exit within the
+    /// watchdog's time.
     Watchdog,
+    /// No job started before the job deadline.
+    NoJob,
 }
 
 /// The strongest step the stop policy reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Escalation {
-    /// SIGTERM sent by the watchdog (a signal's TERM is the pod's, forwarded).
+    /// SIGTERM sent by the wrapper (a signal's TERM is the pod's, forwarded).
     Term,
-    /// SIGQUIT: the job was cancelled.
+    /// SIGQUIT: the job, if any, was cancelled.
     Quit,
     /// SIGKILL.
     Kill,
+}
+
+/// Where the job is, as far as the wrapper knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum JobPhase {
+    /// No job yet.
+    Waiting,
+    /// The agent holds a job (busy, or its `environment` hook reported) and its command has not
+    /// ended.
+    Running,
+    /// The command ended (`pre-exit` reported); the agent is still reporting the result.
+    Reporting,
+    /// The agent is idle after its job: the result is with Buildkite.
+    Over,
 }
 
 /// Everything the exit report needs from the loop.
@@ -78,9 +126,16 @@ pub struct Supervision {
     pub escalation: Option<Escalation>,
     /// Signal numbers forwarded to the agent, in order.
     pub forwarded: Vec<i32>,
+    /// Signal numbers not forwarded because the agent had no handlers yet.
+    pub held: Vec<i32>,
     /// Leftover processes terminated after the agent exited.
     pub leftovers: usize,
     pub job: Option<JobRecord>,
+    pub phase: JobPhase,
+    /// The agent exited before its idle timeout could have run out.
+    pub exited_before_idle_timeout: bool,
+    /// Times `/status.json` was asked.
+    pub status_queries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,39 +160,61 @@ struct Loop<'a> {
     agent: Pid,
     timings: &'a Timings,
     job_record: &'a Path,
+    status: StatusServer,
     end: Option<AgentEnd>,
     stop: Option<StopCause>,
     escalation: Option<Escalation>,
-    /// When the next step of the stop policy is due.
+    /// The next step of an escalation (QUIT after TERM, KILL after QUIT).
     next_step_at: Option<Instant>,
-    watchdog_at: Option<Instant>,
+    /// The pod's stop deadline.
+    stop_deadline_at: Option<Instant>,
+    job_deadline_at: Option<Instant>,
+    /// When to ask the agent's status next.
+    ask_at: Option<Instant>,
+    /// Since when the agent is known idle after its job.
+    over_since: Option<Instant>,
+    phase: JobPhase,
+    /// The agent answered, or a hook ran: its signal handlers are installed.
+    agent_up: bool,
     forwarded: Vec<i32>,
+    held: Vec<i32>,
     job: Option<JobRecord>,
+    status_queries: u32,
 }
 
 /// Supervises the running `agent` until it has exited and no child is left.
 pub fn supervise(
     signals: SignalFd,
     agent: Pid,
+    status: StatusServer,
     job_record: &Path,
     job_events: &Path,
     timings: &Timings,
 ) -> Result<Supervision, SuperviseError> {
     let events = JobEvents::open(job_events)?;
+    let started = Instant::now();
     let mut state = Loop {
         agent,
         timings,
         job_record,
+        status,
         end: None,
         stop: None,
         escalation: None,
         next_step_at: None,
-        watchdog_at: None,
+        stop_deadline_at: None,
+        job_deadline_at: timings.job_deadline.map(|d| started + d),
+        ask_at: None,
+        over_since: None,
+        phase: JobPhase::Waiting,
+        agent_up: false,
         forwarded: Vec::new(),
+        held: Vec::new(),
         job: None,
+        status_queries: 0,
     };
-    // The job may have ended before the FIFO existed.
-    state.job_record_changed();
+    // The job may have started before the FIFO existed.
+    state.job_record_changed(Instant::now());
     while state.end.is_none() {
         let timeout = state.timeout();
         let mut fds = [
@@ -152,10 +229,11 @@ pub fn supervise(
             state.on_signal(info.ssi_signo as i32);
         }
         if events.drain() {
-            state.job_record_changed();
+            state.job_record_changed(Instant::now());
         }
         state.on_time(Instant::now());
     }
+    let ran_for = started.elapsed();
     let leftovers = terminate_leftovers(&signals);
     state.job = JobRecord::load(job_record).or(state.job);
     Ok(Supervision {
@@ -163,17 +241,29 @@ pub fn supervise(
         stop: state.stop,
         escalation: state.escalation,
         forwarded: state.forwarded,
+        held: state.held,
         leftovers,
         job: state.job,
+        phase: state.phase,
+        exited_before_idle_timeout: timings.idle_timeout.is_some_and(|t| ran_for < t),
+        status_queries: state.status_queries,
     })
 }
 
 impl Loop<'_> {
     fn timeout(&self) -> PollTimeout {
-        let due = [self.next_step_at, self.watchdog_at]
-            .into_iter()
-            .flatten()
-            .min();
+        let job_deadline = self
+            .job_deadline_at
+            .filter(|_| self.phase == JobPhase::Waiting);
+        let due = [
+            self.next_step_at,
+            self.stop_deadline_at,
+            self.ask_at,
+            job_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         match due {
             None => PollTimeout::NONE,
             Some(at) => {
@@ -196,17 +286,31 @@ impl Loop<'_> {
             tracing::debug!("ignoring {signal}: PID 1 must not stop");
             return;
         }
-        if self.end.is_none() {
-            // The agent may have just exited unreaped; a failed kill is not an error.
-            let _ = kill(self.agent, signal);
-            self.forwarded.push(number);
-            tracing::info!(signal = number, "forwarded {signal} to the agent");
+        if self.end.is_some() {
+            return;
         }
-        if matches!(signal, Signal::SIGTERM | Signal::SIGINT) && self.stop.is_none() {
-            self.stop = Some(StopCause::Signal(number));
-            self.next_step_at = Some(Instant::now() + self.timings.stop_deadline);
+        // Until the agent has installed its handlers (after registering, which can take
+        // minutes), HUP would kill it, and once it has, it ignores HUP.
+        if signal == Signal::SIGHUP && !self.agent_up && !self.ask(Instant::now()) {
+            self.held.push(number);
             tracing::info!(
-                "stop requested: the agent may finish its job for {}s, then it is cancelled",
+                signal = number,
+                "not forwarding SIGHUP: the agent has not installed its signal handlers yet"
+            );
+            return;
+        }
+        // The agent may have just exited unreaped; a failed kill is not an error.
+        let _ = kill(self.agent, signal);
+        self.forwarded.push(number);
+        tracing::info!(signal = number, "forwarded {signal} to the agent");
+        if matches!(signal, Signal::SIGTERM | Signal::SIGINT)
+            && !matches!(self.stop, Some(StopCause::Signal(_)))
+        {
+            // A pod stop is the cause from now on, even after a watchdog or job-deadline step.
+            self.stop = Some(StopCause::Signal(number));
+            self.stop_deadline_at = Some(Instant::now() + self.timings.stop_deadline);
+            tracing::info!(
+                "stop requested: the agent may finish its job for {}s; then a job still running is cancelled",
                 self.timings.stop_deadline.as_secs()
             );
         }
@@ -228,54 +332,157 @@ impl Loop<'_> {
         }
     }
 
-    fn job_record_changed(&mut self) {
+    /// A hook reported: read its record, then ask the agent where the job is.
+    fn job_record_changed(&mut self, now: Instant) {
         let Some(record) = JobRecord::load(self.job_record) else {
             return;
         };
-        if record.finished_at.is_some() && self.watchdog_at.is_none() {
-            tracing::info!(
-                "the job ended; the agent has {}s to exit",
-                self.timings.watchdog.as_secs()
-            );
-            self.watchdog_at = Some(Instant::now() + self.timings.watchdog);
+        if record.started_at.is_some() {
+            self.agent_up = true;
+            self.advance(JobPhase::Running);
+        }
+        if record.finished_at.is_some() {
+            self.advance(JobPhase::Reporting);
         }
         self.job = Some(record);
+        if self.end.is_none() && self.phase != JobPhase::Waiting {
+            self.ask(now);
+        }
+    }
+
+    fn advance(&mut self, phase: JobPhase) {
+        if phase > self.phase {
+            tracing::info!(phase = ?phase, "{}", match phase {
+                JobPhase::Running => "the job started",
+                JobPhase::Reporting => "the job's command ended; the agent is reporting its result",
+                JobPhase::Over => "the agent has finished its job",
+                JobPhase::Waiting => "",
+            });
+            self.phase = phase;
+        }
+    }
+
+    /// Asks the agent's status and updates the phase and the next question. Whether it answered.
+    fn ask(&mut self, now: Instant) -> bool {
+        self.status_queries += 1;
+        let answer = self.status.ask();
+        let Ok(status) = answer else {
+            // Not up yet, or stuck: never a reason to signal. Ask again later while a job is on.
+            self.ask_at = (self.phase != JobPhase::Waiting && self.phase != JobPhase::Over)
+                .then(|| now + self.timings.status_interval);
+            return false;
+        };
+        self.agent_up = true;
+        if status.busy {
+            self.advance(JobPhase::Running);
+            self.over_since = None;
+            self.ask_at = Some(now + self.timings.status_interval);
+        } else if self.phase >= JobPhase::Running {
+            self.advance(JobPhase::Over);
+            let since = *self.over_since.get_or_insert(now);
+            self.ask_at = Some(since + self.timings.watchdog);
+            if now >= since + self.timings.watchdog {
+                self.on_watchdog(now);
+            }
+        } else {
+            self.ask_at = None;
+        }
+        true
     }
 
     fn on_time(&mut self, now: Instant) {
         if self.end.is_some() {
             return;
         }
-        if self.watchdog_at.is_some_and(|at| now >= at) {
-            self.watchdog_at = None;
-            tracing::warn!("the agent did not exit after its job; stopping it");
-            self.stop = Some(StopCause::Watchdog);
-            self.escalate(Escalation::Term, now);
-        } else if self.next_step_at.is_some_and(|at| now >= at) {
+        if self.next_step_at.is_some_and(|at| now >= at) {
+            self.next_step_at = None;
             let next = match self.escalation {
                 None | Some(Escalation::Term) => Escalation::Quit,
                 Some(_) => Escalation::Kill,
             };
             self.escalate(next, now);
         }
+        if self.stop_deadline_at.is_some_and(|at| now >= at) {
+            self.stop_deadline_at = None;
+            self.on_stop_deadline(now);
+        }
+        let job_deadline = self
+            .job_deadline_at
+            .filter(|_| self.phase == JobPhase::Waiting);
+        if job_deadline.is_some_and(|at| now >= at) {
+            self.job_deadline_at = None;
+            self.ask(now);
+            if self.phase == JobPhase::Waiting && self.escalation.is_none() {
+                tracing::warn!(
+                    "no job started within {}s (a paused agent, or none scheduled); stopping the agent",
+                    self.timings.job_deadline.unwrap_or_default().as_secs()
+                );
+                self.stop.get_or_insert(StopCause::NoJob);
+                self.escalate(Escalation::Term, now);
+            }
+        }
+        if self.ask_at.is_some_and(|at| now >= at) {
+            self.ask_at = None;
+            self.ask(now);
+        }
+    }
+
+    /// The pod's stop deadline: cancel a job whose command still runs; leave alone a job that
+    /// is reporting its result, and an agent that has none.
+    fn on_stop_deadline(&mut self, now: Instant) {
+        self.ask(now);
+        if self.end.is_some() || self.escalation.is_some() {
+            return;
+        }
+        match self.phase {
+            JobPhase::Reporting | JobPhase::Over => tracing::info!(
+                "stop deadline: the job's command has ended; not signalling the agent while it reports the result"
+            ),
+            JobPhase::Running | JobPhase::Waiting => self.escalate(Escalation::Quit, now),
+        }
+    }
+
+    /// The agent has been idle after its job for the watchdog's time and has not exited.
+    fn on_watchdog(&mut self, now: Instant) {
+        if self.escalation.is_some() {
+            return;
+        }
+        tracing::warn!(
+            "the agent finished its job {}s ago but did not exit; stopping it",
+            self.timings.watchdog.as_secs()
+        );
+        // A pod stop stays the cause.
+        self.stop.get_or_insert(StopCause::Watchdog);
+        self.escalate(Escalation::Term, now);
     }
 
     fn escalate(&mut self, step: Escalation, now: Instant) {
+        // Never QUIT a job that is reporting: the agent would exit 1 with its result unsent.
+        if step == Escalation::Quit && self.phase == JobPhase::Reporting {
+            tracing::info!(
+                "not cancelling: the job's command has ended and the agent is reporting it"
+            );
+            self.next_step_at = Some(now + self.timings.status_interval);
+            return;
+        }
         let (signal, message) = match step {
             Escalation::Term => (Signal::SIGTERM, "asking the agent to stop (SIGTERM)"),
             Escalation::Quit => (
                 Signal::SIGQUIT,
-                "cancelling the job (SIGQUIT) so Buildkite records it as cancelled",
+                "cancelling the job (SIGQUIT); the agent exits by itself after its cancel window",
             ),
-            Escalation::Kill => (Signal::SIGKILL, "killing the agent and its processes"),
+            Escalation::Kill => (Signal::SIGKILL, "killing the agent"),
         };
         tracing::warn!("{message}");
+        let _ = kill(self.agent, signal);
         if step == Escalation::Kill {
+            // The agent's group: the job runs in process groups of its own, which the leftovers
+            // sweep ends once the agent is gone.
             let _ = killpg(self.agent, Signal::SIGKILL);
         }
-        let _ = kill(self.agent, signal);
         self.escalation = Some(step);
-        self.next_step_at = (step != Escalation::Kill).then(|| now + self.timings.cancel_grace);
+        self.next_step_at =
+            (step != Escalation::Kill).then(|| now + self.timings.cancel_window + KILL_MARGIN);
     }
 }
 

@@ -2,6 +2,7 @@
 //! mirror volume's layout and manifest, cheap mirror inspection, the checkout record, atomic
 //! files, and the one way we build and run git.
 
+pub mod agent_environ;
 pub mod atomic_file;
 pub mod checkout_record;
 pub mod failure_kind;

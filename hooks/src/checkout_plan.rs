@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use git2::Oid;
-use stateless_core::checkout_record::default_record_path;
+use stateless_core::agent_environ::wrapper_setting;
+use stateless_core::checkout_record::{default_record_path, RECORD_PATH_ENV};
 use stateless_core::repo_url::{RepoUrl, UrlError};
 
 use crate::git_flags::{self, CloneFlags, FlagsError};
@@ -219,7 +220,11 @@ impl CheckoutPlan {
                 .then(|| Duration::from_secs(s.checkout_timeout)),
             stall_timeout: s.stall_timeout,
             retry_delay: s.retry_delay,
-            record_path: s.record.unwrap_or_else(default_record_path),
+            // The agent's own setting first: a pipeline's env cannot move the record.
+            record_path: wrapper_setting(RECORD_PATH_ENV)
+                .map(PathBuf::from)
+                .or(s.record)
+                .unwrap_or_else(default_record_path),
             agent_bin: s.agent_bin,
             clone_flags,
             fetch_flags,

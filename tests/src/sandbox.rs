@@ -176,7 +176,8 @@ impl Sandbox {
             .env("BUILDKITE_HOOKS_PATH", &hooks)
             .env("BUILDKITE_GIT_MIRRORS_PATH", &self.mirrors)
             .env("BUILDKITE_STANDIN_STATE", &self.agent_state)
-            .env("BUILDKITE_STANDIN_SIGNAL_GRACE", "1")
+            // Passed to the agent as its cancel grace: the job's signal grace is 1 s.
+            .env("AGENT_WRAPPER_CANCEL_GRACE", "2s")
             .env("AGENT_WRAPPER_STATE_DIR", self.record.parent().unwrap())
             .env("AGENT_WRAPPER_TERMINATION_LOG", self.termination_log())
             .env("STATELESS_AGENT_RETRY_DELAY", "50ms")

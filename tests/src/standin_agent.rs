@@ -11,7 +11,8 @@
 //! State lives in `$BUILDKITE_STANDIN_STATE`: `meta-data/<key>` and `env/<NAME>` files, plus
 //! `calls.log`, one line per invocation, so tests can assert what a hook asked for.
 //! - `start`: one agent lifetime running at most one job through the hooks; see
-//!   [`crate::standin_start`] for exactly what it models.
+//!   [`crate::standin_start`] for exactly what it models, and the agent version it follows.
+//! - `--version`: `buildkite-agent version <BUILDKITE_STANDIN_VERSION or 3.137.0>, build standin`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -21,6 +22,13 @@ const METADATA_ABSENT: u8 = 100;
 
 pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().is_some_and(|a| a == "--version") {
+        println!(
+            "buildkite-agent version {}, build standin",
+            crate::standin_start::version()
+        );
+        return ExitCode::SUCCESS;
+    }
     let Some(state) = std::env::var_os("BUILDKITE_STANDIN_STATE").map(PathBuf::from) else {
         return fail(
             "BUILDKITE_STANDIN_STATE is not set (the stand-in agent keeps its state there)",

@@ -67,160 +67,49 @@ const fn setting(
 
 use Kind::{Bool, Int, List, Text};
 
-/// The settings modelled, with v3.137.0's flag names, variables and defaults.
+/// The settings modelled, with v3.137.0's flag names, variables and defaults (4.x's cancel
+/// timing from main 5c219808).
+#[rustfmt::skip]
 const SETTINGS: &[Setting] = &[
-    setting(
-        "endpoint",
-        &["BUILDKITE_AGENT_ENDPOINT"],
-        Text,
-        "https://agent.buildkite.com/v3",
-    ),
+    setting("endpoint", &["BUILDKITE_AGENT_ENDPOINT"], Text, "https://agent.buildkite.com/v3"),
     setting("build-path", &["BUILDKITE_BUILD_PATH"], Text, ""),
     setting("hooks-path", &["BUILDKITE_HOOKS_PATH"], Text, ""),
-    setting(
-        "additional-hooks-paths",
-        &["BUILDKITE_ADDITIONAL_HOOKS_PATHS"],
-        List,
-        "",
-    ),
+    setting("additional-hooks-paths", &["BUILDKITE_ADDITIONAL_HOOKS_PATHS"], List, ""),
     setting("plugins-path", &["BUILDKITE_PLUGINS_PATH"], Text, ""),
-    setting(
-        "git-mirrors-path",
-        &["BUILDKITE_GIT_MIRRORS_PATH"],
-        Text,
-        "",
-    ),
-    setting(
-        "git-mirrors-skip-update",
-        &["BUILDKITE_GIT_MIRRORS_SKIP_UPDATE"],
-        Bool,
-        "false",
-    ),
-    setting(
-        "git-mirrors-lock-timeout",
-        &["BUILDKITE_GIT_MIRRORS_LOCK_TIMEOUT"],
-        Int,
-        "300",
-    ),
-    setting(
-        "git-mirror-checkout-mode",
-        &["BUILDKITE_GIT_MIRROR_CHECKOUT_MODE"],
-        Text,
-        "reference",
-    ),
-    setting(
-        "git-clone-flags",
-        &["BUILDKITE_GIT_CLONE_FLAGS"],
-        Text,
-        "-v",
-    ),
-    setting(
-        "git-clone-mirror-flags",
-        &["BUILDKITE_GIT_CLONE_MIRROR_FLAGS"],
-        Text,
-        "-v",
-    ),
-    setting(
-        "git-fetch-flags",
-        &["BUILDKITE_GIT_FETCH_FLAGS"],
-        Text,
-        "-v --prune",
-    ),
-    setting(
-        "git-checkout-flags",
-        &["BUILDKITE_GIT_CHECKOUT_FLAGS"],
-        Text,
-        "-f",
-    ),
-    setting(
-        "git-clean-flags",
-        &["BUILDKITE_GIT_CLEAN_FLAGS"],
-        Text,
-        "-ffxdq",
-    ),
-    setting(
-        "git-submodule-clone-config",
-        &["BUILDKITE_GIT_SUBMODULE_CLONE_CONFIG"],
-        List,
-        "",
-    ),
-    setting(
-        "git-sparse-checkout-paths",
-        &["BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS"],
-        List,
-        "",
-    ),
-    setting(
-        "git-sparse-checkout-mode",
-        &["BUILDKITE_GIT_SPARSE_CHECKOUT_MODE"],
-        Text,
-        "cone",
-    ),
-    setting(
-        "git-commit-verification",
-        &["BUILDKITE_GIT_COMMIT_VERIFICATION"],
-        Text,
-        "",
-    ),
-    setting(
-        "git-checkout-timeout",
-        &["BUILDKITE_GIT_CHECKOUT_TIMEOUT"],
-        Int,
-        "0",
-    ),
-    setting(
-        "git-skip-fetch-existing-commits",
-        &["BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS"],
-        Bool,
-        "false",
-    ),
+    setting("git-mirrors-path", &["BUILDKITE_GIT_MIRRORS_PATH"], Text, ""),
+    setting("git-mirrors-skip-update", &["BUILDKITE_GIT_MIRRORS_SKIP_UPDATE"], Bool, "false"),
+    setting("git-mirrors-lock-timeout", &["BUILDKITE_GIT_MIRRORS_LOCK_TIMEOUT"], Int, "300"),
+    setting("git-mirror-checkout-mode", &["BUILDKITE_GIT_MIRROR_CHECKOUT_MODE"], Text, "reference"),
+    setting("git-clone-flags", &["BUILDKITE_GIT_CLONE_FLAGS"], Text, "-v"),
+    setting("git-clone-mirror-flags", &["BUILDKITE_GIT_CLONE_MIRROR_FLAGS"], Text, "-v"),
+    setting("git-fetch-flags", &["BUILDKITE_GIT_FETCH_FLAGS"], Text, "-v --prune"),
+    setting("git-checkout-flags", &["BUILDKITE_GIT_CHECKOUT_FLAGS"], Text, "-f"),
+    setting("git-clean-flags", &["BUILDKITE_GIT_CLEAN_FLAGS"], Text, "-ffxdq"),
+    setting("git-submodule-clone-config", &["BUILDKITE_GIT_SUBMODULE_CLONE_CONFIG"], List, ""),
+    setting("git-sparse-checkout-paths", &["BUILDKITE_GIT_SPARSE_CHECKOUT_PATHS"], List, ""),
+    setting("git-sparse-checkout-mode", &["BUILDKITE_GIT_SPARSE_CHECKOUT_MODE"], Text, "cone"),
+    setting("git-commit-verification", &["BUILDKITE_GIT_COMMIT_VERIFICATION"], Text, ""),
+    setting("git-checkout-timeout", &["BUILDKITE_GIT_CHECKOUT_TIMEOUT"], Int, "0"),
+    setting("git-skip-fetch-existing-commits", &["BUILDKITE_GIT_SKIP_FETCH_EXISTING_COMMITS"], Bool, "false"),
     setting("skip-checkout", &["BUILDKITE_SKIP_CHECKOUT"], Bool, "false"),
-    setting(
-        "checkout-attempts",
-        &["BUILDKITE_CHECKOUT_ATTEMPTS"],
-        Int,
-        "6",
-    ),
-    setting(
-        "checkout-override-mode",
-        &["BUILDKITE_CHECKOUT_OVERRIDE_MODE"],
-        Text,
-        "from-job",
-    ),
-    setting(
-        "no-git-submodules",
-        &[
-            "BUILDKITE_NO_GIT_SUBMODULES",
-            "BUILDKITE_DISABLE_GIT_SUBMODULES",
-        ],
-        Bool,
-        "false",
-    ),
-    setting(
-        "no-ssh-keyscan",
-        &["BUILDKITE_NO_SSH_KEYSCAN"],
-        Bool,
-        "false",
-    ),
-    setting(
-        "no-command-eval",
-        &["BUILDKITE_NO_COMMAND_EVAL"],
-        Bool,
-        "false",
-    ),
-    setting(
-        "cancel-grace-period",
-        &["BUILDKITE_CANCEL_GRACE_PERIOD"],
-        Int,
-        "10",
-    ),
-    setting(
-        "signal-grace-period-seconds",
-        &["BUILDKITE_SIGNAL_GRACE_PERIOD_SECONDS"],
-        Int,
-        "9",
-    ),
+    setting("checkout-attempts", &["BUILDKITE_CHECKOUT_ATTEMPTS"], Int, "6"),
+    setting("checkout-override-mode", &["BUILDKITE_CHECKOUT_OVERRIDE_MODE"], Text, "from-job"),
+    setting("no-git-submodules", &["BUILDKITE_NO_GIT_SUBMODULES", "BUILDKITE_DISABLE_GIT_SUBMODULES"], Bool, "false"),
+    setting("no-ssh-keyscan", &["BUILDKITE_NO_SSH_KEYSCAN"], Bool, "false"),
+    setting("no-command-eval", &["BUILDKITE_NO_COMMAND_EVAL"], Bool, "false"),
+    setting("health-check-addr", &["BUILDKITE_HEALTH_CHECK_ADDR"], Text, ""),
+    setting("disconnect-after-idle-timeout", &["BUILDKITE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT"], Int, "0"),
+    // 3.x (`clicommand/cancel_signal.go` at v3.137.0): -1 means cancel-grace-period minus 1.
+    setting("cancel-grace-period", &["BUILDKITE_CANCEL_GRACE_PERIOD"], Int, "10"),
+    setting("signal-grace-period-seconds", &["BUILDKITE_SIGNAL_GRACE_PERIOD_SECONDS"], Int, "-1"),
+    // 4.x (`clicommand/cancel_signal.go` at main 5c219808).
+    setting("cancel-signal-timeout", &["BUILDKITE_CANCEL_SIGNAL_TIMEOUT"], Text, "10s"),
+    setting("cancel-cleanup-timeout", &["BUILDKITE_CANCEL_CLEANUP_TIMEOUT"], Text, "5s"),
 ];
+
+/// The cancel-timing flags only one major version has; the other's urfave/cli refuses them.
+pub const ONLY_IN_3: &[&str] = &["cancel-grace-period", "signal-grace-period-seconds"];
+pub const ONLY_IN_4: &[&str] = &["cancel-signal-timeout", "cancel-cleanup-timeout"];
 
 /// The agent's resolved settings (values as the agent prints them into a job's environment).
 pub struct AgentConfig {
@@ -282,6 +171,50 @@ impl AgentConfig {
 
     fn flag(&self, name: &str) -> bool {
         self.get(name) == "true"
+    }
+
+    /// The signal grace (cancel signal to SIGKILL) and the forced-exit window of an ungraceful
+    /// stop, for an agent of major version `major`: 3.x `cancel-grace-period` and
+    /// `signal-grace-period-seconds` (negative: relative to the former), forced exit at the
+    /// grace period + 1 s; 4.x `cancel-signal-timeout`, forced exit at it +
+    /// `cancel-cleanup-timeout` + 1 s.
+    pub fn cancel_timing(&self, major: u32) -> (std::time::Duration, std::time::Duration) {
+        use std::time::Duration;
+        let one = Duration::from_secs(1);
+        if major >= 4 {
+            let signal = self.duration("cancel-signal-timeout");
+            return (
+                signal,
+                signal + self.duration("cancel-cleanup-timeout") + one,
+            );
+        }
+        let cancel: i64 = self.get("cancel-grace-period").parse().unwrap_or(10);
+        let signal: i64 = self
+            .get("signal-grace-period-seconds")
+            .parse()
+            .unwrap_or(-1);
+        let signal = if signal < 0 { cancel + signal } else { signal };
+        (
+            Duration::from_secs(signal.max(0) as u64),
+            Duration::from_secs(cancel.max(0) as u64) + one,
+        )
+    }
+
+    /// A duration setting (`10s`, `1m`, or plain seconds).
+    pub fn duration(&self, name: &str) -> std::time::Duration {
+        let text = self.get(name);
+        let secs = |t: &str| t.parse::<f64>().ok();
+        let value = match text.strip_suffix("ms") {
+            Some(ms) => secs(ms).map(|v| v / 1000.0),
+            None => match text.strip_suffix('s') {
+                Some(s) => secs(s),
+                None => match text.strip_suffix('m') {
+                    Some(m) => secs(m).map(|v| v * 60.0),
+                    None => secs(text),
+                },
+            },
+        };
+        std::time::Duration::from_secs_f64(value.unwrap_or(0.0).max(0.0))
     }
 
     /// `resolveCheckoutOverrideMode`: `no-command-eval` forces strict.
@@ -427,9 +360,11 @@ impl AgentConfig {
             "BUILDKITE_CANCEL_GRACE_PERIOD".into(),
             self.get("cancel-grace-period").into(),
         );
+        // The effective value, as `int(SignalGracePeriod / time.Second)`.
+        let (signal_grace, _) = self.cancel_timing(3);
         env.insert(
             "BUILDKITE_SIGNAL_GRACE_PERIOD_SECONDS".into(),
-            self.get("signal-grace-period-seconds").into(),
+            signal_grace.as_secs().to_string(),
         );
         env
     }

@@ -1,41 +1,71 @@
-//! The stand-in agent's `start`: one agent lifetime, modelled on the documented contract
-//! (`../shared/notes/buildkite-agent-contract.md`).
+//! The stand-in agent's `start`: one agent lifetime, modelled on buildkite-agent **v3.137.0**
+//! (and 4.0.0-beta.15, main 5c219808, where 4.x differs), read from its source; the rows of
+//! `../shared/notes/agent-wrapper-gap.md` name the files and lines.
 //!
 //! What it models:
-//! - `start` needs `BUILDKITE_AGENT_TOKEN` and a build path, else it exits 1. Its settings come
-//!   from flags, the environment and the configuration file, and each job's environment is
-//!   built from them, as buildkite-agent v3.137.0 does ([`crate::standin_config`] names the
-//!   files it follows). `--disconnect-after-job`: exit 0 after one job,
-//!   whether it passed or failed. `--disconnect-after-idle-timeout N`: exit 0 when no job arrived
-//!   for N seconds (0: never).
-//! - A job "arrives" `BUILDKITE_STANDIN_JOB_AFTER` seconds after start (unset: never). It runs the
-//!   global hooks from `--hooks-path`/`BUILDKITE_HOOKS_PATH` in the agent's order — environment,
-//!   pre-checkout, checkout (the global hook; the default checkout is not modelled), post-checkout,
-//!   pre-command, command (`BUILDKITE_STANDIN_COMMAND` through `sh -c`), post-command, pre-exit —
-//!   in `BUILDKITE_BUILD_CHECKOUT_PATH`, each in its own process group, with the job environment:
-//!   the agent's own minus `BUILDKITE_AGENT_TOKEN`, overlaid by the job's (the backend's from
-//!   `BUILDKITE_STANDIN_JOB_ENV`, and every checkout setting of the agent's), plus
-//!   `BUILDKITE_JOB_ID`, `BUILDKITE_BUILD_CHECKOUT_PATH`, `BUILDKITE_HOOK_PHASE`/`_PATH`/`_SCOPE`
-//!   and the Job API variables; what a hook exports with `env set` is seen by the later ones. A
-//!   failing hook before the command fails the job; pre-exit always runs;
-//!   `BUILDKITE_COMMAND_EXIT_STATUS` reaches post-command and pre-exit.
-//! - Signals: the first TERM or INT is graceful (no new job; a running job finishes); the second
-//!   cancels the job (TERM to its process group, KILL after `BUILDKITE_STANDIN_SIGNAL_GRACE`
-//!   seconds, default 9); the third exits 1 at once. QUIT cancels the job at once. HUP is ignored.
-//! - Misbehaviour for tests, `BUILDKITE_STANDIN_MISBEHAVE` (comma-separated): `hang-after-job`
-//!   (never exits after its job), `ignore-term` (TERM and INT do nothing), `crash=N` (exits N right
-//!   after start).
+//! - **Configuration.** `start` needs `BUILDKITE_AGENT_TOKEN` (plain, `file://` or `fd://N`,
+//!   read as `clicommand/register_token_unix.go` reads it) and a build path, else it exits 1.
+//!   Its settings come from flags, the environment and the configuration file, and each job's
+//!   environment is built from them ([`crate::standin_config`]). `--version` prints
+//!   `buildkite-agent version V, build standin`, V from `BUILDKITE_STANDIN_VERSION` (default
+//!   3.137.0); a 3.x refuses the 4.x cancel flags and a 4.x the 3.x ones (urfave/cli: "flag
+//!   provided but not defined"), exit 1.
+//! - **Registration, then signal handlers** (`clicommand/agent_start.go:1426-1488`): for
+//!   `BUILDKITE_STANDIN_REGISTER_DELAY` seconds (default 0) the agent registers with Go's default
+//!   signal behaviour: TERM, INT and HUP kill it, QUIT exits 2. Then it installs its handlers and,
+//!   with `--health-check-addr`, starts the health server: `/` and `/status.json`
+//!   (`agent/agent_pool.go` `statusJSONHandler`), the worker `busy` with its `current_job_id` from
+//!   accepting a job until FinishJob returned, `idle` otherwise.
+//! - **Waiting for work.** A job "arrives" `BUILDKITE_STANDIN_JOB_AFTER` seconds after
+//!   registration (unset: never). `--disconnect-after-idle-timeout N`: exit 0 when no job came
+//!   for N seconds after registration (0: never). A `pause` misbehaviour is a paused agent: no job,
+//!   and no idle timeout (`agent/idle_monitor.go` counts a paused agent as busy), status idle.
+//! - **The job.** It runs the global hooks from the hooks path in the agent's order —
+//!   environment, pre-checkout, checkout (the global hook; the default checkout is not modelled),
+//!   post-checkout, pre-command, command (`BUILDKITE_STANDIN_COMMAND` through `sh -c`),
+//!   post-command, pre-exit — in `BUILDKITE_BUILD_CHECKOUT_PATH`, each in its own process group,
+//!   with the job environment: the agent's own minus `BUILDKITE_AGENT_TOKEN`, overlaid by the
+//!   job's (the backend's from `BUILDKITE_STANDIN_JOB_ENV`, and every checkout setting of the
+//!   agent's), plus `BUILDKITE_JOB_ID`, `BUILDKITE_BUILD_CHECKOUT_PATH`,
+//!   `BUILDKITE_HOOK_PHASE`/`_PATH`/`_SCOPE` and the Job API variables; what a hook exports with
+//!   `env set` is seen by the later ones. A failing hook before the command fails the job;
+//!   `BUILDKITE_COMMAND_EXIT_STATUS` reaches post-command and pre-exit. A `refuse-job`
+//!   misbehaviour refuses the job before the bootstrap (signature, allowlist:
+//!   `agent/run_job.go:137-217`): no hook runs, and the agent still counts it as its one job.
+//! - **After the job** (`agent/run_job.go:406-469`): the log tail and FinishJob, taking
+//!   `BUILDKITE_STANDIN_FINISH_DELAY` seconds (default 0) while the worker stays busy; then the
+//!   result is recorded in `$BUILDKITE_STANDIN_STATE/finished/<job id>` (what Buildkite would
+//!   have), the worker turns idle, and the agent disconnects and exits 0. TERM during that work
+//!   changes nothing (its context cannot be cancelled).
+//! - **Signals** (`agent_start.go:1540-1621`): the first TERM or INT is graceful (no new job; a
+//!   running job finishes); the second, or QUIT, stops ungracefully: the job is cancelled (TERM
+//!   to its process group, KILL after the signal grace: 3.x `signal-grace-period-seconds`,
+//!   default cancel-grace-period − 1; 4.x `cancel-signal-timeout`), and the agent exits 1 by
+//!   itself after 3.x `cancel-grace-period` + 1 s (4.x: signal timeout + cleanup timeout + 1 s)
+//!   if it has not exited, with any unsent result lost. The third TERM exits 1 at once. HUP is
+//!   ignored. A job killed by the cancel's SIGKILL runs no `pre-exit` (the agent kills the
+//!   bootstrap's group, so its tear-down never runs).
+//! - **Misbehaviour for tests**, `BUILDKITE_STANDIN_MISBEHAVE` (comma-separated):
+//!   `hang-after-job` (idle after its job, never exits), `ignore-term` (TERM and INT do nothing),
+//!   `crash=N` (exits N right after start), `pause`, `refuse-job`.
+//!
+//! Not modelled: plugins and their pre-exit hooks (3.x runs them after the global one), the
+//! agent's log output, artifact upload, ping intervals.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, SigSet, Signal};
-
-use crate::standin_config::AgentConfig;
 use nix::unistd::Pid;
+
+use crate::standin_config::{AgentConfig, ONLY_IN_3, ONLY_IN_4};
 
 const PHASES: [&str; 8] = [
     "environment",
@@ -48,21 +78,42 @@ const PHASES: [&str; 8] = [
     "pre-exit",
 ];
 
+/// The version the stand-in claims, `BUILDKITE_STANDIN_VERSION` or v3.137.0.
+pub fn version() -> String {
+    std::env::var("BUILDKITE_STANDIN_VERSION").unwrap_or_else(|_| "3.137.0".into())
+}
+
+fn major() -> u32 {
+    version()
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(3)
+}
+
+/// The worker's state, as `/status.json` shows it.
+#[derive(Default)]
+struct Worker {
+    job: Option<String>,
+}
+
+type Shared = Arc<Mutex<Worker>>;
+
 struct Agent {
     signals: Receiver<Signal>,
+    worker: Shared,
     terms: u32,
     ignore_term: bool,
     signal_grace: Duration,
+    /// From an ungraceful stop to the forced exit.
+    forced_exit_after: Duration,
     /// A cancel was asked for (second TERM, or QUIT).
     cancelled: bool,
+    /// The cancel had to SIGKILL a step.
+    killed: bool,
 }
 
 pub fn start(state: &Path, args: &[&str]) -> ExitCode {
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| *a == name)
-            .and_then(|i| args.get(i + 1))
-    };
     let misbehave = std::env::var("BUILDKITE_STANDIN_MISBEHAVE").unwrap_or_default();
     let has = |what: &str| misbehave.split(',').any(|m| m == what);
     let number = |name: &str| {
@@ -74,11 +125,16 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         eprintln!("buildkite-agent (stand-in): crashing as asked");
         return ExitCode::from(code as u8);
     }
-    if std::env::var("BUILDKITE_AGENT_TOKEN")
-        .unwrap_or_default()
-        .is_empty()
-    {
-        return fail("Missing token, set BUILDKITE_AGENT_TOKEN");
+    let unknown = if major() >= 4 { ONLY_IN_3 } else { ONLY_IN_4 };
+    if let Some(flag) = args.iter().find(|a| {
+        unknown
+            .iter()
+            .any(|u| a.trim_start_matches('-').split('=').next() == Some(u))
+    }) {
+        return fail(&format!("flag provided but not defined: {flag}"));
+    }
+    if let Err(e) = read_token() {
+        return fail(&e);
     }
     let config = match AgentConfig::load(args) {
         Ok(config) => config,
@@ -92,29 +148,52 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     let hooks = Some(config.get("hooks-path"))
         .filter(|h| !h.is_empty())
         .map(PathBuf::from);
-    let idle = flag("--disconnect-after-idle-timeout")
-        .and_then(|s| s.parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map(Duration::from_secs);
-    let job_after = std::env::var("BUILDKITE_STANDIN_JOB_AFTER")
+    let seconds = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+    };
+    let idle = config
+        .get("disconnect-after-idle-timeout")
+        .parse::<u64>()
         .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .map(Duration::from_secs_f64);
+        .filter(|s| *s > 0 && !has("pause"))
+        .map(Duration::from_secs);
+    let job_after = seconds("BUILDKITE_STANDIN_JOB_AFTER").filter(|_| !has("pause"));
+    let (signal_grace, forced_exit_after) = config.cancel_timing(major());
+
+    // Registering: Go's default signal behaviour until the handlers are installed.
+    let registered = Arc::new(AtomicBool::new(false));
+    let signals = signal_thread(registered.clone());
+    if let Some(delay) = seconds("BUILDKITE_STANDIN_REGISTER_DELAY") {
+        println!("buildkite-agent (stand-in): registering");
+        std::thread::sleep(delay);
+    }
+    block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
+    registered.store(true, Ordering::SeqCst);
+    let worker = Shared::default();
+    let addr = config.get("health-check-addr");
+    if !addr.is_empty() {
+        if let Err(e) = health_server(addr, worker.clone()) {
+            return fail(&format!("cannot start the health server on {addr}: {e}"));
+        }
+    }
     let mut agent = Agent {
-        signals: signal_thread(),
+        signals,
+        worker,
         terms: 0,
         ignore_term: has("ignore-term"),
-        signal_grace: Duration::from_secs(
-            std::env::var("BUILDKITE_STANDIN_SIGNAL_GRACE")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(9),
-        ),
+        signal_grace,
+        forced_exit_after,
         cancelled: false,
+        killed: false,
     };
-    println!("buildkite-agent (stand-in): started, waiting for a job");
+    match has("pause") {
+        true => println!("buildkite-agent (stand-in): started; paused"),
+        false => println!("buildkite-agent (stand-in): started, waiting for a job"),
+    }
     let started = Instant::now();
-    // Waiting for work.
     loop {
         let job_due = job_after.map(|d| started + d);
         let idle_due = idle.map(|d| started + d);
@@ -134,10 +213,18 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         }
     }
     let stopping_before = agent.terms > 0;
-    let outcome = agent.run_job(state, &config, &build_path, hooks.as_deref());
-    if let Err(code) = outcome {
+    let job_id = format!("standin-job-{}", std::process::id());
+    agent.worker.lock().unwrap().job = Some(job_id.clone());
+    if has("refuse-job") {
+        println!("buildkite-agent (stand-in): job {job_id} refused: signature verification failed");
+    } else if let Err(code) = agent.run_job(state, &job_id, &config, &build_path, hooks.as_deref())
+    {
         return code;
     }
+    if let Err(code) = agent.report(state, &job_id) {
+        return code;
+    }
+    agent.worker.lock().unwrap().job = None;
     if has("hang-after-job") {
         println!("buildkite-agent (stand-in): job done; hanging instead of disconnecting");
         loop {
@@ -177,39 +264,54 @@ impl Agent {
                     }
                 }
             };
-            match signal {
+            let event = match signal {
                 Signal::SIGTERM | Signal::SIGINT if self.ignore_term => {
                     println!("buildkite-agent (stand-in): ignoring {signal} (misbehaving)");
+                    continue;
                 }
                 Signal::SIGTERM | Signal::SIGINT => {
                     self.terms += 1;
-                    return Some(match self.terms {
+                    match self.terms {
                         1 => Event::Stop,
                         2 => Event::Cancel,
                         _ => Event::Exit,
-                    });
+                    }
                 }
-                Signal::SIGQUIT => return Some(Event::Cancel),
-                _ => {} // HUP and the rest: ignored
+                Signal::SIGQUIT => Event::Cancel,
+                _ => continue, // HUP: ignored
+            };
+            if matches!(event, Event::Cancel) {
+                self.arm_forced_exit();
             }
+            return Some(event);
         }
+    }
+
+    /// `ungracefulStop`: every one arms a timer that exits 1 if the agent is still running.
+    fn arm_forced_exit(&self) {
+        let after = self.forced_exit_after;
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            println!("buildkite-agent (stand-in): Timed out waiting for agents to exit; exiting immediately with status 1");
+            std::process::exit(1);
+        });
     }
 
     fn run_job(
         &mut self,
         state: &Path,
+        job_id: &str,
         config: &AgentConfig,
         build_path: &Path,
         hooks: Option<&Path>,
     ) -> Result<(), ExitCode> {
-        let job_id = format!("standin-job-{}", std::process::id());
         let checkout = build_path.join("standin/pipeline");
         std::fs::create_dir_all(&checkout).map_err(|_| fail("cannot create the checkout"))?;
         // The bootstrap's environment: the agent's own, overlaid by the job's.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.remove("BUILDKITE_AGENT_TOKEN");
         env.extend(config.job_environment(backend_job_env()?));
-        env.insert("BUILDKITE_JOB_ID".into(), job_id.clone());
+        env.insert("BUILDKITE_JOB_ID".into(), job_id.to_string());
         env.insert(
             "BUILDKITE_BUILD_CHECKOUT_PATH".into(),
             checkout.display().to_string(),
@@ -230,7 +332,7 @@ impl Agent {
         let mut failed = false;
         let mut command_status: Option<i32> = None;
         for phase in PHASES {
-            if (failed || self.cancelled) && phase != "pre-exit" {
+            if self.killed || ((failed || self.cancelled) && phase != "pre-exit") {
                 continue;
             }
             let hook = hooks.map(|h| h.join(phase)).filter(|h| h.is_file());
@@ -278,6 +380,38 @@ impl Agent {
                 env.insert(entry.file_name().to_string_lossy().into_owned(), value);
             }
         }
+        if self.killed {
+            println!(
+                "buildkite-agent (stand-in): the job was killed; its pre-exit hook did not run"
+            );
+        }
+        Ok(())
+    }
+
+    /// The log tail and FinishJob; the worker stays busy meanwhile. A graceful TERM changes
+    /// nothing; an ungraceful stop's forced exit can end the agent first, and the result is
+    /// then lost.
+    fn report(&mut self, state: &Path, job_id: &str) -> Result<(), ExitCode> {
+        let delay = std::env::var("BUILDKITE_STANDIN_FINISH_DELAY")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .map_or(Duration::ZERO, Duration::from_secs_f64);
+        if !delay.is_zero() {
+            println!(
+                "buildkite-agent (stand-in): uploading the log and finishing the job ({}s)",
+                delay.as_secs_f64()
+            );
+        }
+        let done = Instant::now() + delay;
+        while Instant::now() < done {
+            if let Some(Event::Exit) = self.next_signal(Some(done)) {
+                return Err(ExitCode::FAILURE);
+            }
+        }
+        let finished = state.join("finished");
+        std::fs::create_dir_all(&finished).map_err(|_| fail("cannot record the result"))?;
+        std::fs::write(finished.join(job_id), "finished\n")
+            .map_err(|_| fail("cannot record the result"))?;
         Ok(())
     }
 
@@ -310,6 +444,7 @@ impl Agent {
                 _ => {}
             }
             if kill_at.is_some_and(|at| Instant::now() >= at) {
+                self.killed = true;
                 kill_now(&mut child, group);
             }
         }
@@ -328,28 +463,104 @@ fn exit_status(status: std::process::ExitStatus) -> i32 {
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-/// TERM, INT, QUIT and HUP, delivered to a channel by a thread that waits for them: the main
-/// thread blocks them first, so every thread inherits the mask and none is interrupted.
-fn signal_thread() -> Receiver<Signal> {
+/// Blocks `signals` in the calling (main) thread.
+fn block(signals: &[Signal]) {
     let mut mask = SigSet::empty();
-    for s in [
+    for s in signals {
+        mask.add(*s);
+    }
+    mask.thread_block().expect("block signals");
+}
+
+/// TERM, INT, QUIT and HUP, delivered to a channel by a thread that waits for them. Until
+/// `registered`, only QUIT is blocked in the main thread, so TERM, INT and HUP keep their default
+/// action (death), and a QUIT exits 2 as Go's runtime does; [`block`] then hands the rest to this
+/// thread too. Children get a clean mask (std resets it).
+fn signal_thread(registered: Arc<AtomicBool>) -> Receiver<Signal> {
+    let all = [
         Signal::SIGTERM,
         Signal::SIGINT,
         Signal::SIGQUIT,
         Signal::SIGHUP,
-    ] {
-        mask.add(s);
-    }
-    mask.thread_block().expect("block signals");
+    ];
+    block(&[Signal::SIGQUIT]);
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut mask = SigSet::empty();
+        for s in all {
+            mask.add(s);
+        }
+        mask.thread_block().expect("block signals");
         while let Ok(signal) = mask.wait() {
+            if signal == Signal::SIGQUIT && !registered.load(Ordering::SeqCst) {
+                eprintln!("SIGQUIT: quit");
+                std::process::exit(2);
+            }
             if tx.send(signal).is_err() {
                 return;
             }
         }
     });
     rx
+}
+
+/// The health server: `/` and `/status.json`, one request per connection (HTTP/1.0).
+fn health_server(addr: &str, worker: Shared) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut request = [0u8; 1024];
+            let n = stream.read(&mut request).unwrap_or(0);
+            let request = String::from_utf8_lossy(&request[..n]);
+            let path = request.split_whitespace().nth(1).unwrap_or("/");
+            let body = match path {
+                "/status.json" => {
+                    let job = worker.lock().unwrap().job.clone();
+                    let status = if job.is_some() { "busy" } else { "idle" };
+                    let mut w = serde_json::json!({"status": status, "id": "standin-agent", "spawn_index": 1});
+                    if let Some(job) = job {
+                        w["current_job_id"] = job.into();
+                    }
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"health": "ok", "aggregate_status": status, "workers": [w]})
+                    )
+                }
+                "/" => "OK: Buildkite agent is running".to_string(),
+                _ => {
+                    let _ = stream.write_all(b"HTTP/1.0 404 Not Found\r\n\r\n404 page not found\n");
+                    continue;
+                }
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(())
+}
+
+/// The registration token, as `clicommand/register_token_unix.go` reads it: plain, `file://PATH`
+/// or `fd://N` (an inherited descriptor).
+fn read_token() -> Result<String, String> {
+    let token = std::env::var("BUILDKITE_AGENT_TOKEN").unwrap_or_default();
+    let read = |path: String, what: &str| match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => Err(format!("could not read the token from {what}")),
+    };
+    if let Some(fd) = token.strip_prefix("fd://") {
+        return read(format!("/proc/self/fd/{fd}"), &token);
+    }
+    if let Some(path) = token.strip_prefix("file://") {
+        return read(path.to_string(), &token);
+    }
+    match token.is_empty() {
+        true => Err("Missing token, set BUILDKITE_AGENT_TOKEN".into()),
+        false => Ok(token),
+    }
 }
 
 /// The environment Buildkite sends with the job (repository, commit, pipeline `env:`): the JSON

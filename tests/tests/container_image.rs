@@ -81,7 +81,7 @@ fn agent_pod<'p>(s: &Served) -> Container<'p> {
         .mount(&termination_log, "/dev/termination-log", false)
         .env("BUILDKITE_AGENT_TOKEN", AGENT_TOKEN)
         .env("BUILDKITE_STANDIN_JOB_AFTER", "0.1")
-        .env("BUILDKITE_STANDIN_SIGNAL_GRACE", "2")
+        .env("AGENT_WRAPPER_CANCEL_GRACE", "3s")
         .env("BUILDKITE_REPO", &s.url)
         .env("BUILDKITE_COMMIT", &s.upstream.head())
         .env("BUILDKITE_BRANCH", "main")
@@ -182,7 +182,7 @@ fn an_agent_that_hangs_after_its_job_is_ended_by_the_watchdog() {
         .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job")
         .env("BUILDKITE_STANDIN_COMMAND", "true")
         .env("AGENT_WRAPPER_WATCHDOG", "1s")
-        .env("AGENT_WRAPPER_CANCEL_GRACE", "1s")
+        .env("AGENT_WRAPPER_STATUS_INTERVAL", "500ms")
         .run();
 
     assert_eq!(out.code(), Some(80), "{}", out.log());

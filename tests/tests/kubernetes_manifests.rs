@@ -165,10 +165,21 @@ fn the_agents_grace_period_covers_the_wrappers_stop_deadline_and_cancel() {
         let value = env(agent, name).unwrap_or_else(|| panic!("the template sets {name}"));
         humantime::parse_duration(value).unwrap()
     };
-    // TERM → the job may finish until the deadline → cancel → the agent exits within the grace;
-    // the report needs a moment after that. SIGKILL before it loses the report.
-    let needed = setting("AGENT_WRAPPER_STOP_DEADLINE")
-        + setting("AGENT_WRAPPER_CANCEL_GRACE")
+    // TERM → the job may finish until the deadline → cancel → the agent exits by itself within
+    // its cancel window (which follows from the cancel grace the wrapper passes it, and the
+    // agent's major version: the image's tag may float to 4.x) → the wrapper kills; the report
+    // needs a moment after that. SIGKILL before it loses the report.
+    use agent_wrapper::agent_version::Version;
+    let needed = [Version(3, 137, 0), Version(4, 0, 0)]
+        .into_iter()
+        .map(|v| {
+            agent_wrapper::supervisor::longest_stop(
+                setting("AGENT_WRAPPER_STOP_DEADLINE"),
+                v.cancel_window(setting("AGENT_WRAPPER_CANCEL_GRACE")),
+            )
+        })
+        .max()
+        .unwrap()
         + Duration::from_secs(5);
     let grace = Duration::from_secs(
         pod(&spec)

@@ -1,18 +1,20 @@
 //! The job hook: installed as the agent's global `environment` and `pre-exit` hooks, it records
-//! when the job started and when (and how) it ended, for agent-wrapper's watchdog and exit
-//! report. It never fails the job: a record it cannot write only warns.
+//! when the job started and when its command ended (and how), for agent-wrapper's exit report,
+//! and wakes the wrapper to ask the agent where the job is. It never fails the job: a record it
+//! cannot write only warns.
 
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use stateless_core::agent_environ::wrapper_setting;
 use stateless_core::job_record::{
     default_job_record_path, notify, JobRecord, JOB_EVENTS_PATH_ENV, JOB_RECORD_PATH_ENV,
 };
 
 fn main() -> ExitCode {
-    let path = std::env::var_os(JOB_RECORD_PATH_ENV)
-        .filter(|p| !p.is_empty())
-        .map_or_else(default_job_record_path, Into::into);
+    // From the agent's own environment: a pipeline's env cannot move the record.
+    let path =
+        wrapper_setting(JOB_RECORD_PATH_ENV).map_or_else(default_job_record_path, Into::into);
     // The agent names the phase; a copy or link named after it works too.
     let phase = std::env::var("BUILDKITE_HOOK_PHASE").ok().or_else(|| {
         let argv0 = std::env::args().next()?;
@@ -45,7 +47,7 @@ fn main() -> ExitCode {
     if let Err(e) = record.write(&path) {
         eprintln!("⚠️  job-hook: could not write {}: {e}", path.display());
     }
-    if let Some(events) = std::env::var_os(JOB_EVENTS_PATH_ENV).filter(|p| !p.is_empty()) {
+    if let Some(events) = wrapper_setting(JOB_EVENTS_PATH_ENV) {
         notify(std::path::Path::new(&events));
     }
     ExitCode::SUCCESS
