@@ -17,3 +17,7 @@ ln -sf /usr/local/bin/job-hook /buildkite/hooks/pre-exit
 for bin in agent-wrapper checkout-hook populate-mirror; do
   /usr/local/bin/$bin --version >/dev/null
 done
+# The agent's version, which agent-wrapper checks against its minimum at every start: recorded
+# once here rather than by running the agent an extra time in every pod.
+mkdir -p /etc/stateless-agent
+buildkite-agent --version > /etc/stateless-agent/agent-version

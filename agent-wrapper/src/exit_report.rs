@@ -90,6 +90,9 @@ pub struct Report {
     pub signals_held: Vec<i32>,
     #[serde(skip_serializing_if = "is_zero")]
     pub leftover_processes: usize,
+    /// Times the agent's `/status.json` was asked (each a wake-up of the wrapper).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub status_queries: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub job: Option<JobRecord>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -241,6 +244,7 @@ impl Ending {
             signals_forwarded: Vec::new(),
             signals_held: Vec::new(),
             leftover_processes: 0,
+            status_queries: 0,
             job: None,
             checkout: checkout.map(CheckoutSummary::from_record),
             duration_ms,
@@ -263,6 +267,7 @@ impl Ending {
             report.signals_forwarded = s.forwarded;
             report.signals_held = s.held;
             report.leftover_processes = s.leftovers;
+            report.status_queries = s.status_queries as usize;
             report.job = s.job;
         }
         report

@@ -89,7 +89,7 @@ pub fn run(
     let preflight = || -> Result<(PathBuf, Version), PreflightError> {
         preflight::check_token()?;
         let agent = preflight::resolve_agent(&settings.agent)?;
-        let version = preflight::check_version(&agent)?;
+        let version = preflight::check_version(&agent, &settings.agent_version_file)?;
         preflight::check_build_path(settings.build_path.as_deref())?;
         Ok((agent, version))
     };

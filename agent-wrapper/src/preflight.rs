@@ -97,9 +97,19 @@ pub fn resolve_agent(agent: &Path) -> Result<PathBuf, PreflightError> {
     }
 }
 
-/// The agent is at least [`agent_version::MINIMUM`]; its version decides its cancel flags.
-pub fn check_version(agent: &Path) -> Result<Version, PreflightError> {
-    let version = Version::of(agent).map_err(PreflightError::UnknownVersion)?;
+/// The agent is at least [`agent_version::MINIMUM`]; its version decides its cancel flags. The
+/// version recorded at image build in `recorded` is trusted when present.
+pub fn check_version(agent: &Path, recorded: &Path) -> Result<Version, PreflightError> {
+    let version = match std::fs::read_to_string(recorded) {
+        Ok(text) => Version::parse(&text).ok_or_else(|| {
+            PreflightError::UnknownVersion(format!(
+                "{} holds no agent version ({:?})",
+                recorded.display(),
+                text.trim()
+            ))
+        }),
+        Err(_) => Version::of(agent).map_err(PreflightError::UnknownVersion),
+    }?;
     if version < agent_version::MINIMUM {
         return Err(PreflightError::OldAgent(version));
     }

@@ -56,6 +56,16 @@ pub struct Settings {
     #[arg(long, env = "AGENT_WRAPPER_JOB_DEADLINE", default_value = "15m", value_parser = humantime::parse_duration)]
     pub job_deadline: Duration,
 
+    /// The agent's `--version` output, recorded when the image was built (image/install.sh): read
+    /// instead of running the agent once more at every pod start. Absent: the wrapper runs
+    /// `buildkite-agent --version`.
+    #[arg(
+        long,
+        env = "AGENT_WRAPPER_AGENT_VERSION_FILE",
+        default_value = "/etc/stateless-agent/agent-version"
+    )]
+    pub agent_version_file: PathBuf,
+
     /// Scripts run (with `run-parts --exit-on-error`) before the agent starts, as the official
     /// image's entrypoint runs them. Skipped when the directory does not exist.
     #[arg(

@@ -1,6 +1,10 @@
 //! agent-wrapper against tini and dumb-init (Debian packages), in the same run: start-up
 //! overhead of `X -- true` over `true` alone, resident memory while supervising (Pss, VmHWM), and
-//! voluntary wake-ups while the child sleeps.
+//! voluntary wake-ups while the child sleeps; then how often the wrapper asks the agent's
+//! `/status.json` during a job (the stand-in agent, one 10 s job).
+//!
+//! The wrapper reads the agent's version from a file, as in the image (image/install.sh records
+//! it at build); a second row runs it without, so it runs `--version` itself.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench -p stateless-e2e --bench wrapper`
 //! (`BENCH_RUNS`, default 300 start-ups per init; `BENCH_TMPDIR`, default `/dev/shm`, holds the
@@ -34,10 +38,20 @@ fn main() {
     }
     let sandbox = Sandbox::new();
     let wrapper = bin("agent-wrapper");
-    let mut inits = vec![Init {
-        name: "agent-wrapper",
-        prefix: vec![wrapper.display().to_string(), "--agent".into()],
-    }];
+    let mut inits = vec![
+        Init {
+            name: "agent-wrapper",
+            prefix: vec![wrapper.display().to_string(), "--agent".into()],
+        },
+        Init {
+            name: "agent-wrapper, no version file",
+            prefix: vec![
+                wrapper.display().to_string(),
+                "--agent-version-file=/nonexistent".into(),
+                "--agent".into(),
+            ],
+        },
+    ];
     for (name, prefix) in [
         ("tini", vec!["tini", "-s", "--"]),
         ("dumb-init", vec!["dumb-init"]),
@@ -55,13 +69,29 @@ fn main() {
 
     // Start-up: every init and `true` alone, interleaved round by round.
     let truth = which("true");
+    let versioned_true = sandbox.dir.path().join("versioned-true");
+    std::fs::write(
+        &versioned_true,
+        format!("#!/bin/sh\n{VERSION_ANSWER}\nexit 0\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &versioned_true,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let mut alone = Vec::new();
     let mut startup: Vec<Vec<Duration>> = vec![Vec::new(); inits.len()];
     for _ in 0..runs {
         alone.push(time(&[truth.display().to_string()], &env));
         for (i, init) in inits.iter().enumerate() {
             let mut argv = init.prefix.clone();
-            argv.push(truth.display().to_string());
+            // Without the version file the wrapper asks the agent: one that answers.
+            let child = match init.name {
+                "agent-wrapper, no version file" => versioned_true.display().to_string(),
+                _ => truth.display().to_string(),
+            };
+            argv.push(child);
             startup[i].push(time(&argv, &env));
         }
     }
@@ -104,6 +134,34 @@ fn main() {
         "target 0 idle wake-ups: {wakeups} {}",
         verdict(wakeups == 0)
     );
+    status_rate(&sandbox);
+}
+
+/// One 10 s job through the stand-in agent with the default status interval: how many times the
+/// wrapper asked `/status.json`, and its wake-ups over the whole pod.
+fn status_rate(sandbox: &Sandbox) {
+    let job = Duration::from_secs(10);
+    let started = Instant::now();
+    let out = sandbox
+        .agent_wrapper()
+        .env("AGENT_WRAPPER_LOG", "error")
+        .env("BUILDKITE_STANDIN_JOB_AFTER", "0")
+        .env(
+            "BUILDKITE_STANDIN_COMMAND",
+            format!("sleep {}", job.as_secs()),
+        )
+        .run();
+    let took = started.elapsed();
+    let report: serde_json::Value =
+        serde_json::from_str(out.stdout.lines().last().unwrap_or_default()).unwrap_or_default();
+    let queries = report["status_queries"].as_u64().unwrap_or(0);
+    println!();
+    println!(
+        "status queries during one {}s job: {queries} over {:.1}s ({}); expected: one per hook report (environment, pre-exit) plus one per 30s status interval while the job runs",
+        job.as_secs(),
+        took.as_secs_f64(),
+        report["reason"].as_str().unwrap_or("?"),
+    );
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -130,7 +188,19 @@ fn environment(sandbox: &Sandbox) -> Vec<(&'static str, PathBuf)> {
         ),
         ("BUILDKITE_GIT_MIRRORS_PATH", sandbox.mirrors.clone()),
         ("AGENT_WRAPPER_LOG", "error".into()),
+        ("AGENT_WRAPPER_AGENT_VERSION_FILE", version_file(sandbox)),
     ]
+}
+
+/// A script agent's answer to `--version`, as a current agent's.
+const VERSION_ANSWER: &str =
+    "[ \"$1\" = --version ] && { echo 'buildkite-agent version 3.137.0, build 1'; exit 0; }";
+
+/// The version a current agent prints, recorded as image/install.sh records it.
+fn version_file(sandbox: &Sandbox) -> PathBuf {
+    let path = sandbox.dir.path().join("agent-version");
+    std::fs::write(&path, "buildkite-agent version 3.137.0, build 1\n").unwrap();
+    path
 }
 
 /// `argv` with exactly `env`, its output discarded.
@@ -157,9 +227,13 @@ fn time(argv: &[String], env: &[(&str, PathBuf)]) -> Duration {
 fn supervising(init: &Init, env: &[(&str, PathBuf)]) -> (u64, u64, u64) {
     let mut argv = init.prefix.clone();
     // The wrapper passes `start --disconnect-after-job …` to its agent: a script ignores them.
-    let sleeper = (init.name == "agent-wrapper").then(|| {
+    let sleeper = init.name.starts_with("agent-wrapper").then(|| {
         let script = std::env::temp_dir().join(format!("bench-sleeper-{}", std::process::id()));
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 3\n").unwrap();
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\n{VERSION_ANSWER}\nexec sleep 3\n"),
+        )
+        .unwrap();
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         script
