@@ -186,6 +186,16 @@ impl Sandbox {
         Invocation { cmd }
     }
 
+    /// agent-wrapper's exit report: the last line of stdout, which must be the termination
+    /// message too, within the kubelet's 4096 bytes.
+    pub fn exit_report(&self, out: &Finished) -> serde_json::Value {
+        let line = out.stdout.lines().last().unwrap_or_default();
+        let message = std::fs::read_to_string(self.termination_log()).unwrap_or_default();
+        assert_eq!(line, message, "stdout and the termination message agree");
+        assert!(message.len() <= 4096);
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {}", out.log()))
+    }
+
     /// Where agent-wrapper writes its Kubernetes termination message.
     pub fn termination_log(&self) -> PathBuf {
         self.dir.path().join("termination-log")
@@ -298,6 +308,28 @@ impl Sandbox {
         }
         out.sort();
         out
+    }
+}
+
+/// Waits up to 30 s for `ready`; panics naming `what` after that.
+pub fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A spawned invocation's end, with all it printed.
+pub fn finish(child: Child) -> Finished {
+    let out = child.wait_with_output().expect("the child ends");
+    Finished {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

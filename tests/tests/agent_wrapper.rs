@@ -3,7 +3,6 @@
 //! of the PID-1 checklist in `../shared/notes/pid1.md`, and the stop policy, watchdog and exit
 //! report.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -11,17 +10,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
-use stateless_e2e::sandbox::{namespace_init, Finished, Invocation, Sandbox, AGENT_TOKEN};
+use stateless_e2e::sandbox::{finish, namespace_init, wait_for, Invocation, Sandbox, AGENT_TOKEN};
 use stateless_e2e::scenario::Served;
-
-/// The exit report: the last line of stdout, the same as the termination message.
-fn report(sandbox: &Sandbox, out: &Finished) -> Value {
-    let line = out.stdout.lines().last().unwrap_or_default();
-    let message = std::fs::read_to_string(sandbox.termination_log()).unwrap_or_default();
-    assert_eq!(line, message, "stdout and the termination message agree");
-    assert!(message.len() <= 4096);
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {}", out.log()))
-}
 
 /// A fake agent: a shell script in the sandbox, for behaviours the stand-in has no reason to model.
 /// It answers the wrapper's `--version` as a current agent.
@@ -64,37 +54,6 @@ fn log_signals(signals: &[&str], log: &Path) -> String {
         signals.join(" "),
         log = log.display()
     )
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn finish(mut child: Child) -> Finished {
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    let status = child.wait().unwrap();
-    Finished {
-        status,
-        stdout,
-        stderr,
-    }
 }
 
 fn signal(pid: Pid, signal: Signal) {
@@ -149,7 +108,7 @@ fn one_job_runs_end_to_end_with_the_checkout_from_the_mirror_and_a_report() {
         .run();
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s.sandbox, &out);
+    let r = s.sandbox.exit_report(&out);
     assert_eq!(r["reason"], "job-finished");
     assert_eq!(r["exit_code"], 0);
     assert_eq!(r["job"]["command_exit_status"], 0);
@@ -183,7 +142,7 @@ fn the_agents_exit_code_passes_through_every_time() {
         .env("BUILDKITE_STANDIN_MISBEHAVE", "crash=3")
         .as_pid1()
         .run();
-    assert_eq!(report(&s, &out)["reason"], "agent-failed");
+    assert_eq!(s.exit_report(&out)["reason"], "agent-failed");
 }
 
 #[test]
@@ -197,7 +156,7 @@ fn death_by_signal_is_128_plus_the_signal() {
         .run();
 
     assert_eq!(out.code(), Some(139), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "agent-killed");
     assert_eq!(r["agent_signal"], 11);
 }
@@ -212,7 +171,7 @@ fn an_agent_that_cannot_be_executed_is_127_or_126_naming_the_program() {
         .run();
     assert_eq!(out.code(), Some(127), "{}", out.log());
     assert!(out.stderr.contains("no-such-agent"), "{}", out.stderr);
-    assert_eq!(report(&s, &out)["reason"], "agent-not-found");
+    assert_eq!(s.exit_report(&out)["reason"], "agent-not-found");
 
     let plain = s.dir.path().join("not-executable");
     std::fs::write(&plain, "#!/bin/sh\n").unwrap();
@@ -221,7 +180,7 @@ fn an_agent_that_cannot_be_executed_is_127_or_126_naming_the_program() {
         .as_pid1()
         .run();
     assert_eq!(out.code(), Some(126), "{}", out.log());
-    assert_eq!(report(&s, &out)["reason"], "agent-not-executable");
+    assert_eq!(s.exit_report(&out)["reason"], "agent-not-executable");
 }
 
 #[test]
@@ -256,7 +215,7 @@ fn bad_configuration_fails_fast_with_one_line_naming_the_fix() {
         };
         let out = invocation.as_pid1().run();
         assert_eq!(out.code(), Some(78), "{name}: {}", out.log());
-        let r = report(&s, &out);
+        let r = s.exit_report(&out);
         assert_eq!(r["reason"], "config-error");
         assert!(r["message"].as_str().unwrap().contains(says), "{r}");
     }
@@ -265,7 +224,7 @@ fn bad_configuration_fails_fast_with_one_line_naming_the_fix() {
         .as_pid1()
         .run();
     assert_eq!(out.code(), Some(78), "{}", out.log());
-    assert!(report(&s, &out)["message"]
+    assert!(s.exit_report(&out)["message"]
         .as_str()
         .unwrap()
         .contains("not writable"));
@@ -279,7 +238,7 @@ fn an_agent_that_never_gets_a_job_exits_through_the_idle_timeout() {
         .as_pid1()
         .run();
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    assert_eq!(report(&s, &out)["reason"], "idle-timeout");
+    assert_eq!(s.exit_report(&out)["reason"], "idle-timeout");
 }
 
 #[test]
@@ -296,7 +255,7 @@ fn sigterm_before_any_job_is_its_own_code() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(81), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "interrupted-before-job");
     assert_eq!(r["signals_forwarded"], serde_json::json!([15]));
 }
@@ -322,7 +281,7 @@ fn sigterm_during_a_job_lets_it_finish_then_cancels_it_at_the_deadline() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "stopped", "{r}");
     assert!(r["stop"].as_str().unwrap().contains("Quit"), "{r}");
     assert!(r["message"].as_str().unwrap().contains("cancelled"), "{r}");
@@ -350,7 +309,7 @@ fn an_agent_that_lingers_after_its_job_is_stopped_by_the_watchdog() {
             .run();
 
         assert_eq!(out.code(), Some(80), "{misbehave}: {}", out.log());
-        let r = report(&s, &out);
+        let r = s.exit_report(&out);
         assert_eq!(r["reason"], "watchdog");
         assert!(
             r["stop"].as_str().unwrap().contains(escalation),
@@ -399,7 +358,7 @@ fn every_forwarded_signal_reaches_the_agent_once_in_order_and_job_control_does_n
     // held, since this agent never answers its status (it would not have its handlers yet).
     let seen: Vec<&str> = seen.lines().filter(|l| *l != "CHLD").collect();
     assert_eq!(seen, ["USR1", "USR2", "WINCH", "QUIT", "INT", "TERM"]);
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(
         r["signals_forwarded"],
         serde_json::json!([10, 12, 28, 3, 2, 15])
@@ -436,7 +395,7 @@ fn fault_signals_sent_to_pid1_are_not_forwarded_and_do_not_end_it() {
     assert_eq!(out.code(), Some(81), "{}", out.log());
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "TERM\n");
     assert_eq!(
-        report(&s, &out)["signals_forwarded"],
+        s.exit_report(&out)["signals_forwarded"],
         serde_json::json!([15])
     );
 }
@@ -455,7 +414,7 @@ fn forwarding_to_an_agent_that_has_just_died_is_not_fatal() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(7), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "agent-failed");
     assert_eq!(r["agent_exit_code"], 7);
 }
@@ -544,7 +503,7 @@ fn orphans_are_reaped_and_leftovers_are_stopped_when_the_agent_exits() {
         started.elapsed() < Duration::from_secs(15),
         "the wrapper did not linger"
     );
-    assert_eq!(report(&s, &out)["leftover_processes"], 3);
+    assert_eq!(s.exit_report(&out)["leftover_processes"], 3);
     s.assert_no_leftover_processes();
 }
 
@@ -576,7 +535,7 @@ fn not_pid1_it_is_a_subreaper_for_the_agents_orphans() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    assert_eq!(report(&s, &out)["leftover_processes"], 1);
+    assert_eq!(s.exit_report(&out)["leftover_processes"], 1);
     s.assert_no_leftover_processes();
 }
 
@@ -638,7 +597,7 @@ fn a_signal_that_arrives_while_the_wrapper_starts_is_not_lost() {
         let out = finish(child);
         assert_eq!(out.code(), Some(81), "run {run}: {}", out.log());
         assert_eq!(
-            report(&s, &out)["signals_forwarded"],
+            s.exit_report(&out)["signals_forwarded"],
             serde_json::json!([15])
         );
     }
@@ -696,7 +655,7 @@ fn an_agent_that_ignores_term_and_quit_is_killed_after_the_deadline() {
         "killed after the agent's cancel window, not before: {took:?}"
     );
     assert_eq!(out.code(), Some(81), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert!(r["stop"].as_str().unwrap().contains("Kill"), "{r}");
     assert_eq!(r["agent_signal"], 9, "{r}");
     s.assert_no_leftover_processes();

@@ -7,12 +7,11 @@
 //! says what of v3.137 / 4.0 it models).
 
 use std::path::Path;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use serde_json::Value;
-use stateless_e2e::sandbox::{namespace_init, Finished, Invocation, Sandbox};
+use stateless_e2e::sandbox::{finish, namespace_init, wait_for, Invocation, Sandbox};
 
 fn wrapper(s: &Sandbox) -> Invocation {
     s.agent_wrapper()
@@ -21,33 +20,9 @@ fn wrapper(s: &Sandbox) -> Invocation {
         .env("BUILDKITE_STANDIN_JOB_AFTER", "0")
 }
 
-fn report(s: &Sandbox, out: &Finished) -> Value {
-    let line = out.stdout.lines().last().unwrap_or_default();
-    let message = std::fs::read_to_string(s.termination_log()).unwrap_or_default();
-    assert_eq!(line, message, "stdout and the termination message agree");
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {}", out.log()))
-}
-
 /// Whether the stand-in reported its job's result to "Buildkite" (FinishJob returned).
 fn result_reported(s: &Sandbox) -> bool {
     std::fs::read_dir(s.agent_state.join("finished")).is_ok_and(|mut d| d.next().is_some())
-}
-
-fn finish(child: Child) -> Finished {
-    let out = child.wait_with_output().unwrap();
-    Finished {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The job record the hooks write in the wrapper's state directory.
@@ -68,7 +43,7 @@ fn a_finish_that_takes_90s_is_never_signalled() {
         .run();
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "job-finished", "{r}");
     assert!(r.get("stop").is_none(), "{r}");
     assert!(r.get("signals_forwarded").is_none(), "{r}");
@@ -94,7 +69,7 @@ fn a_pod_stop_while_the_job_reports_sends_no_quit() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "stopped", "{r}");
     assert_eq!(r["stop"], "signal 15", "no escalation: {r}");
     assert!(
@@ -134,7 +109,7 @@ fn a_cancel_that_kills_the_job_before_pre_exit_still_ends_the_pod_correctly() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "stopped", "{r}");
     assert!(r["stop"].as_str().unwrap().contains("Quit"), "{r}");
     assert!(r["job"]["finished_at"].is_null(), "pre-exit never ran: {r}");
@@ -173,7 +148,7 @@ fn cancel_timing_follows_the_agents_version() {
         let out = finish(child);
         let took = stopped.elapsed();
 
-        let r = report(&s, &out);
+        let r = s.exit_report(&out);
         assert_eq!(
             r["agent_exit_code"], 1,
             "{version}: the agent's forced exit: {r}"
@@ -208,7 +183,7 @@ fn a_paused_agent_is_stopped_at_the_job_deadline() {
         .run();
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "no-job", "{r}");
     assert!(
         r["stop"].as_str().unwrap().starts_with("job deadline"),
@@ -228,7 +203,7 @@ fn a_job_refused_before_its_hooks_is_job_not_run() {
         .run();
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "job-not-run", "{r}");
 }
 
@@ -251,7 +226,7 @@ fn a_hup_during_registration_is_held_and_the_agent_lives() {
     let out = finish(child);
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "job-finished", "{r}");
     assert_eq!(r["signals_held"], serde_json::json!([1]), "{r}");
     assert_eq!(r["signals_forwarded"], serde_json::json!([1]), "{r}");
@@ -267,7 +242,7 @@ fn an_agent_older_than_the_minimum_is_refused_at_preflight() {
         .run();
 
     assert_eq!(out.code(), Some(78), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "config-error");
     let message = r["message"].as_str().unwrap();
     assert!(
@@ -329,7 +304,7 @@ fn records_tokens_and_the_official_entrypoint() {
         .run();
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
-    let r = report(&s, &out);
+    let r = s.exit_report(&out);
     assert_eq!(r["reason"], "job-finished", "{r}");
     assert!(r["job"]["started_at"].is_u64(), "the wrapper's record: {r}");
     assert!(!elsewhere.exists(), "the pipeline's paths were not used");
@@ -343,7 +318,7 @@ fn records_tokens_and_the_official_entrypoint() {
         .as_pid1()
         .run();
     assert_eq!(out.code(), Some(78), "{}", out.log());
-    assert!(report(&s, &out)["message"]
+    assert!(s.exit_report(&out)["message"]
         .as_str()
         .unwrap()
         .contains("entrypoint.d"));
