@@ -328,3 +328,27 @@ fn executable(path: &Path, script: &str) {
     std::fs::write(path, script).unwrap();
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
+
+/// W2: the watchdog acting during a pod stop (an agent idle after its job, deaf to TERM) does not
+/// turn the stop into a watchdog failure: the pod's signal stays the cause.
+#[test]
+fn a_watchdog_during_a_pod_stop_keeps_the_stop_as_the_cause() {
+    let s = Sandbox::new();
+    let child = wrapper(&s)
+        .env("AGENT_WRAPPER_WATCHDOG", "500ms")
+        .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job,ignore-term")
+        .as_pid1()
+        .spawn();
+    let init = namespace_init(&child);
+    wait_for("the job's command to end", || {
+        job_record(&s).is_some_and(|r| !r["finished_at"].is_null())
+    });
+    kill(init, Signal::SIGTERM).unwrap();
+    let out = finish(child);
+
+    let r = s.exit_report(&out);
+    assert_eq!(r["reason"], "stopped", "{r}");
+    assert_ne!(r["exit_code"], 80, "{r}");
+    assert!(r["stop"].as_str().unwrap().starts_with("signal 15"), "{r}");
+    assert!(result_reported(&s), "the job's result was reported first");
+}
