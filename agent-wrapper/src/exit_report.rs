@@ -168,7 +168,7 @@ impl Ending {
             (Some(StopCause::Watchdog), _) => (
                 code::WATCHDOG,
                 "watchdog",
-                "the agent finished its job (its result reported) but did not exit, and was stopped by the watchdog".into(),
+                "the agent did not exit after its job (idle past AGENT_WRAPPER_WATCHDOG, or still reporting or silent past AGENT_WRAPPER_REPORT_DEADLINE) and was stopped by the watchdog".into(),
             ),
             (Some(StopCause::NoJob), end) => (
                 agent_code,

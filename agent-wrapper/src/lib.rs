@@ -165,6 +165,7 @@ pub fn run(
         stop_deadline: settings.stop_deadline,
         cancel_window: version.cancel_window(settings.cancel_grace),
         watchdog: settings.watchdog,
+        report_deadline: settings.report_deadline,
         status_interval: settings.status_interval,
         job_deadline: nonzero(settings.job_deadline),
         idle_timeout: nonzero(settings.idle_timeout),

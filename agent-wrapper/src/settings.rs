@@ -44,6 +44,12 @@ pub struct Settings {
     #[arg(long, env = "AGENT_WRAPPER_WATCHDOG", default_value = "60s", value_parser = humantime::parse_duration)]
     pub watchdog: Duration,
 
+    /// After the job's command ended (its pre-exit hook ran), how long the agent may stay busy
+    /// reporting the result, or not answer its status, before the watchdog acts anyway. Above
+    /// the agent's own retries of the log upload and FinishJob (about 10 minutes each).
+    #[arg(long, env = "AGENT_WRAPPER_REPORT_DEADLINE", default_value = "25m", value_parser = humantime::parse_duration)]
+    pub report_deadline: Duration,
+
     /// While a job runs or reports, the agent's status is asked this often (besides when a hook
     /// reports and at the watchdog's deadline), so a job whose pre-exit hook never ran is still
     /// seen to end. Nothing is asked while the agent waits for its job.

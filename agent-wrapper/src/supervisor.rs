@@ -66,6 +66,9 @@ pub struct Timings {
     /// From a cancel to the agent's own forced exit ([`crate::agent_version::Version::cancel_window`]).
     pub cancel_window: Duration,
     pub watchdog: Duration,
+    /// After the job's command ended, how long the agent may stay busy, or not answer, before
+    /// the watchdog acts anyway: above the agent's own retries of the log upload and FinishJob.
+    pub report_deadline: Duration,
     pub status_interval: Duration,
     /// No job started by then: stop the agent. `None`: never.
     pub job_deadline: Option<Duration>,
@@ -173,6 +176,8 @@ struct Loop<'a> {
     ask_at: Option<Instant>,
     /// Since when the agent is known idle after its job.
     over_since: Option<Instant>,
+    /// Since when the job's command is known to have ended.
+    reporting_since: Option<Instant>,
     phase: JobPhase,
     /// The agent answered, or a hook ran: its signal handlers are installed.
     agent_up: bool,
@@ -206,6 +211,7 @@ pub fn supervise(
         job_deadline_at: timings.job_deadline.map(|d| started + d),
         ask_at: None,
         over_since: None,
+        reporting_since: None,
         phase: JobPhase::Waiting,
         agent_up: false,
         forwarded: Vec::new(),
@@ -343,6 +349,7 @@ impl Loop<'_> {
         }
         if record.finished_at.is_some() {
             self.advance(JobPhase::Reporting);
+            self.reporting_since.get_or_insert(now);
         }
         self.job = Some(record);
         if self.end.is_none() && self.phase != JobPhase::Waiting {
@@ -365,29 +372,61 @@ impl Loop<'_> {
     /// Asks the agent's status and updates the phase and the next question. Whether it answered.
     fn ask(&mut self, now: Instant) -> bool {
         self.status_queries += 1;
-        let answer = self.status.ask();
-        let Ok(status) = answer else {
-            // Not up yet, or stuck: never a reason to signal. Ask again later while a job is on.
-            self.ask_at = (self.phase != JobPhase::Waiting && self.phase != JobPhase::Over)
-                .then(|| now + self.timings.status_interval);
-            return false;
-        };
-        self.agent_up = true;
-        if status.busy {
-            self.advance(JobPhase::Running);
-            self.over_since = None;
-            self.ask_at = Some(now + self.timings.status_interval);
-        } else if self.phase >= JobPhase::Running {
-            self.advance(JobPhase::Over);
-            let since = *self.over_since.get_or_insert(now);
-            self.ask_at = Some(since + self.timings.watchdog);
-            if now >= since + self.timings.watchdog {
-                self.on_watchdog(now);
+        let answered = match self.status.ask() {
+            Ok(status) => {
+                self.agent_up = true;
+                if status.busy {
+                    self.advance(JobPhase::Running);
+                    self.over_since = None;
+                    self.ask_at = Some(self.next_question(now));
+                } else if self.phase >= JobPhase::Running {
+                    self.advance(JobPhase::Over);
+                    let since = *self.over_since.get_or_insert(now);
+                    self.ask_at = Some(since + self.timings.watchdog);
+                    if now >= since + self.timings.watchdog {
+                        self.on_watchdog(now);
+                    }
+                } else {
+                    self.ask_at = None;
+                }
+                true
             }
-        } else {
-            self.ask_at = None;
+            Err(_) => {
+                // Not up yet, or stuck: no reason to signal before the report deadline. Ask
+                // again later while a job is on.
+                self.ask_at = (self.phase != JobPhase::Waiting && self.phase != JobPhase::Over)
+                    .then(|| self.next_question(now));
+                false
+            }
+        };
+        if self.report_overdue(now) {
+            tracing::warn!(
+                "the agent is still busy or silent {}s after the job's command ended (AGENT_WRAPPER_REPORT_DEADLINE)",
+                self.timings.report_deadline.as_secs()
+            );
+            self.on_watchdog(now);
         }
-        true
+        answered
+    }
+
+    /// The job's command ended longer than the report deadline ago and the agent is not idle.
+    fn report_overdue(&self, now: Instant) -> bool {
+        self.phase == JobPhase::Reporting
+            && self
+                .reporting_since
+                .is_some_and(|since| now >= since + self.timings.report_deadline)
+    }
+
+    /// The status interval from now, or the report deadline if that comes first.
+    fn next_question(&self, now: Instant) -> Instant {
+        let interval = now + self.timings.status_interval;
+        match self
+            .reporting_since
+            .filter(|_| self.phase == JobPhase::Reporting)
+        {
+            Some(since) => interval.min(since + self.timings.report_deadline).max(now),
+            None => interval,
+        }
     }
 
     fn on_time(&mut self, now: Instant) {
@@ -458,7 +497,11 @@ impl Loop<'_> {
 
     fn escalate(&mut self, step: Escalation, now: Instant) {
         // Never QUIT a job that is reporting: the agent would exit 1 with its result unsent.
-        if step == Escalation::Quit && self.phase == JobPhase::Reporting {
+        // Past the report deadline the agent is taken to be stuck.
+        if step == Escalation::Quit
+            && self.phase == JobPhase::Reporting
+            && !self.report_overdue(now)
+        {
             tracing::info!(
                 "not cancelling: the job's command has ended and the agent is reporting it"
             );

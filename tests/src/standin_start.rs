@@ -47,7 +47,8 @@
 //!   bootstrap's group, so its tear-down never runs).
 //! - **Misbehaviour for tests**, `BUILDKITE_STANDIN_MISBEHAVE` (comma-separated):
 //!   `hang-after-job` (idle after its job, never exits), `ignore-term` (TERM and INT do nothing),
-//!   `crash=N` (exits N right after start), `pause`, `refuse-job`.
+//!   `crash=N` (exits N right after start), `pause`, `refuse-job`, `no-health` (the health server
+//!   accepts connections and closes them unanswered).
 //!
 //! Not modelled: plugins and their pre-exit hooks (3.x runs them after the global one), the
 //! agent's log output, artifact upload, ping intervals.
@@ -175,7 +176,7 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     let worker = Shared::default();
     let addr = config.get("health-check-addr");
     if !addr.is_empty() {
-        if let Err(e) = health_server(addr, worker.clone()) {
+        if let Err(e) = health_server(addr, worker.clone(), has("no-health")) {
             return fail(&format!("cannot start the health server on {addr}: {e}"));
         }
     }
@@ -504,11 +505,15 @@ fn signal_thread(registered: Arc<AtomicBool>) -> Receiver<Signal> {
     rx
 }
 
-/// The health server: `/` and `/status.json`, one request per connection (HTTP/1.0).
-fn health_server(addr: &str, worker: Shared) -> std::io::Result<()> {
+/// The health server: `/` and `/status.json`, one request per connection (HTTP/1.0). `broken`:
+/// it accepts and closes without an answer.
+fn health_server(addr: &str, worker: Shared, broken: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
+            if broken {
+                continue;
+            }
             let mut stream = stream;
             let mut request = [0u8; 1024];
             let n = stream.read(&mut request).unwrap_or(0);

@@ -352,3 +352,36 @@ fn a_watchdog_during_a_pod_stop_keeps_the_stop_as_the_cause() {
     assert!(r["stop"].as_str().unwrap().starts_with("signal 15"), "{r}");
     assert!(result_reported(&s), "the job's result was reported first");
 }
+
+/// An agent whose health server never answers is never signalled while its job reports, and one
+/// that then hangs is still bounded: the report deadline lets the watchdog act.
+#[test]
+fn an_agent_that_never_answers_its_status_is_bounded_by_the_report_deadline() {
+    let s = Sandbox::new();
+    let out = wrapper(&s)
+        .env("BUILDKITE_STANDIN_MISBEHAVE", "no-health")
+        .env("BUILDKITE_STANDIN_FINISH_DELAY", "2")
+        .env("AGENT_WRAPPER_WATCHDOG", "500ms")
+        .as_pid1()
+        .run();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert_eq!(s.exit_report(&out)["reason"], "job-finished");
+    assert!(result_reported(&s));
+
+    let s = Sandbox::new();
+    let started = Instant::now();
+    let out = wrapper(&s)
+        .env("BUILDKITE_STANDIN_MISBEHAVE", "no-health,hang-after-job")
+        .env("AGENT_WRAPPER_REPORT_DEADLINE", "2s")
+        .as_pid1()
+        .run();
+    assert_eq!(out.code(), Some(80), "{}", out.log());
+    let r = s.exit_report(&out);
+    assert_eq!(r["reason"], "watchdog", "{r}");
+    assert!(
+        out.log().contains("AGENT_WRAPPER_REPORT_DEADLINE"),
+        "{}",
+        out.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
