@@ -14,6 +14,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY agent-wrapper/Cargo.toml agent-wrapper/
 COPY core/Cargo.toml core/
+COPY dispatcher/Cargo.toml dispatcher/
 COPY hooks/Cargo.toml hooks/
 COPY populate-mirror/Cargo.toml populate-mirror/
 COPY tests/Cargo.toml tests/
