@@ -1,0 +1,303 @@
+//! The agent Job template, and the Job of one dispatch made from it (Sourcegraph's design: a new
+//! Job per dispatch, `parallelism = completions = N`, never a long-lived Job scaled up and down).
+//!
+//! The template is a `batch/v1` Job as a user writes it (`image/k8s/agent-job.yaml` works as it
+//! is). Its agents must register in the queue the dispatcher serves: a template whose
+//! `BUILDKITE_AGENT_TAGS` (or `BUILDKITE_AGENT_QUEUE`, which the agent lets override the tag)
+//! names another queue is refused, naming both, since the dispatcher would count agents that
+//! never appear and deploy endlessly (Sourcegraph's incident).
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Container, EnvVar};
+
+/// Labels on every Job the dispatcher creates and on its pods.
+pub const QUEUE_LABEL: &str = "stateless-agent/queue";
+pub const DISPATCH_LABEL: &str = "stateless-agent/dispatch-id";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "job-dispatcher";
+
+/// The container that runs the agent: the one named `agent`, else the first.
+const AGENT_CONTAINER: &str = "agent";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("the agent template is not a batch/v1 Job: {0}")]
+    Parse(String),
+    #[error("the agent template has no containers; give its pod template the agent container")]
+    NoContainer,
+    #[error("the agent template registers its agents in queue {template:?} ({variable}), but this dispatcher serves queue {served:?}; make them the same, or the dispatcher would count agents that never come")]
+    WrongQueue {
+        template: String,
+        served: String,
+        variable: &'static str,
+    },
+}
+
+/// A parsed, checked template for one queue.
+#[derive(Debug, Clone)]
+pub struct Template {
+    job: Job,
+    queue: String,
+}
+
+/// One dispatch's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    pub id: String,
+    pub agents: u32,
+    /// The Job's `activeDeadlineSeconds`.
+    pub active_deadline: Duration,
+    /// The Job's `ttlSecondsAfterFinished`.
+    pub ttl: Duration,
+    /// agent-wrapper's idle timeout for this dispatch's pods (`AGENT_WRAPPER_IDLE_TIMEOUT`): jobs
+    /// were waiting when it was made, so an agent that finds none soon is surplus.
+    pub idle_timeout: Duration,
+}
+
+impl Template {
+    pub fn parse(yaml: &str, queue: &str) -> Result<Template, TemplateError> {
+        let job: Job =
+            serde_yaml_ng::from_str(yaml).map_err(|e| TemplateError::Parse(e.to_string()))?;
+        let template = Template {
+            job,
+            queue: queue.to_string(),
+        };
+        let agent = template.agent().ok_or(TemplateError::NoContainer)?;
+        let env = |name: &str| {
+            agent
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        let from_queue_var = env("BUILDKITE_AGENT_QUEUE").map(|q| (q, "BUILDKITE_AGENT_QUEUE"));
+        let from_tags = env("BUILDKITE_AGENT_TAGS")
+            .and_then(|tags| tag(&tags, "queue"))
+            .map(|q| (q, "BUILDKITE_AGENT_TAGS"));
+        if let Some((named, variable)) = from_queue_var.or(from_tags) {
+            if named != queue {
+                return Err(TemplateError::WrongQueue {
+                    template: named,
+                    served: queue.to_string(),
+                    variable,
+                });
+            }
+        }
+        Ok(template)
+    }
+
+    fn agent(&self) -> Option<&Container> {
+        let containers = &self.job.spec.as_ref()?.template.spec.as_ref()?.containers;
+        containers
+            .iter()
+            .find(|c| c.name == AGENT_CONTAINER)
+            .or(containers.first())
+    }
+
+    /// The Job of `dispatch`: the template with the server-set fields cleared, the dispatch's
+    /// labels on the Job and its pods, its size, deadline, TTL and idle timeout, and the queue
+    /// tag set.
+    pub fn job(&self, dispatch: &Dispatch) -> Job {
+        let mut job = self.job.clone();
+        job.status = None;
+        let labels = [
+            (QUEUE_LABEL, self.queue.as_str()),
+            (DISPATCH_LABEL, dispatch.id.as_str()),
+            (MANAGED_BY_LABEL, MANAGED_BY),
+        ];
+        let meta = &mut job.metadata;
+        meta.name = None;
+        meta.generate_name = Some(format!("buildkite-{}-", name_part(&self.queue)));
+        meta.uid = None;
+        meta.resource_version = None;
+        meta.creation_timestamp = None;
+        meta.deletion_timestamp = None;
+        meta.generation = None;
+        meta.managed_fields = None;
+        meta.owner_references = None;
+        meta.self_link = None;
+        let job_labels = meta.labels.get_or_insert_default();
+        for (key, value) in labels {
+            job_labels.insert(key.to_string(), value.to_string());
+        }
+        let spec = job.spec.get_or_insert_default();
+        spec.parallelism = Some(dispatch.agents as i32);
+        spec.completions = Some(dispatch.agents as i32);
+        spec.active_deadline_seconds = Some(dispatch.active_deadline.as_secs() as i64);
+        spec.ttl_seconds_after_finished = Some(dispatch.ttl.as_secs() as i32);
+        // The Job controller sets these for the new Job.
+        spec.selector = None;
+        spec.manual_selector = None;
+        let pod_meta = spec.template.metadata.get_or_insert_default();
+        let pod_labels = pod_meta.labels.get_or_insert_default();
+        pod_labels.retain(|key, _| {
+            !key.starts_with("batch.kubernetes.io/") && key != "controller-uid" && key != "job-name"
+        });
+        for (key, value) in labels {
+            pod_labels.insert(key.to_string(), value.to_string());
+        }
+        let agent_name = self.agent().map(|c| c.name.clone()).unwrap_or_default();
+        if let Some(agent) = spec
+            .template
+            .spec
+            .as_mut()
+            .and_then(|p| p.containers.iter_mut().find(|c| c.name == agent_name))
+        {
+            let env = agent.env.get_or_insert_default();
+            let tags = env
+                .iter()
+                .find(|e| e.name == "BUILDKITE_AGENT_TAGS")
+                .and_then(|e| e.value.clone())
+                .unwrap_or_default();
+            set_env(env, "BUILDKITE_AGENT_TAGS", &with_queue(&tags, &self.queue));
+            set_env(
+                env,
+                "AGENT_WRAPPER_IDLE_TIMEOUT",
+                &format!("{}s", dispatch.idle_timeout.as_secs()),
+            );
+        }
+        job
+    }
+}
+
+fn set_env(env: &mut Vec<EnvVar>, name: &str, value: &str) {
+    env.retain(|e| e.name != name);
+    env.push(EnvVar {
+        name: name.to_string(),
+        value: Some(value.to_string()),
+        value_from: None,
+    });
+}
+
+/// The value of `key` in comma-separated `key=value` agent tags.
+fn tag(tags: &str, key: &str) -> Option<String> {
+    tags.split(',')
+        .filter_map(|t| t.trim().split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+}
+
+/// `tags` with `queue=<queue>` in place of any queue tag.
+fn with_queue(tags: &str, queue: &str) -> String {
+    let mut kept: Vec<String> = tags
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.starts_with("queue="))
+        .map(String::from)
+        .collect();
+    kept.insert(0, format!("queue={queue}"));
+    kept.join(",")
+}
+
+/// A queue name made fit for an object name: lower-case alphanumerics and dashes.
+fn name_part(queue: &str) -> String {
+    let name: String = queue
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(40)
+        .collect();
+    name.trim_matches('-').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../image/k8s/agent-job.yaml");
+
+    fn dispatch() -> Dispatch {
+        Dispatch {
+            id: "0f1e2d3c4b5a69788796a5b4c3d2e1f0".into(),
+            agents: 7,
+            active_deadline: Duration::from_secs(14400),
+            ttl: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(120),
+        }
+    }
+
+    #[test]
+    fn the_shipped_template_makes_a_dispatch_job() {
+        let template = Template::parse(SHIPPED, "kubernetes").unwrap();
+        let job = template.job(&dispatch());
+        let meta = &job.metadata;
+        assert_eq!(meta.name, None);
+        assert_eq!(meta.generate_name.as_deref(), Some("buildkite-kubernetes-"));
+        let labels = meta.labels.as_ref().unwrap();
+        assert_eq!(labels[QUEUE_LABEL], "kubernetes");
+        assert_eq!(labels[DISPATCH_LABEL], dispatch().id);
+        assert_eq!(labels[MANAGED_BY_LABEL], "job-dispatcher");
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!((spec.parallelism, spec.completions), (Some(7), Some(7)));
+        assert_eq!(spec.active_deadline_seconds, Some(14400));
+        assert_eq!(spec.ttl_seconds_after_finished, Some(600));
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert_eq!(pod_labels[DISPATCH_LABEL], dispatch().id);
+        let agent = &spec.template.spec.as_ref().unwrap().containers[0];
+        let env = |name: &str| {
+            agent
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            env("BUILDKITE_AGENT_TAGS").as_deref(),
+            Some("queue=kubernetes")
+        );
+        assert_eq!(env("AGENT_WRAPPER_IDLE_TIMEOUT").as_deref(), Some("120s"));
+        // The token still comes from its Secret.
+        let token = agent
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "BUILDKITE_AGENT_TOKEN");
+        assert!(token.unwrap().value_from.is_some());
+    }
+
+    #[test]
+    fn a_template_for_another_queue_is_refused_naming_both() {
+        let err = Template::parse(SHIPPED, "linux-large").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("\"kubernetes\"") && text.contains("\"linux-large\""),
+            "{text}"
+        );
+        let queue_var = SHIPPED.replace(
+            "- name: BUILDKITE_AGENT_TAGS",
+            "- name: BUILDKITE_AGENT_QUEUE\n              value: other\n            - name: BUILDKITE_AGENT_TAGS",
+        );
+        assert!(matches!(
+            Template::parse(&queue_var, "kubernetes"),
+            Err(TemplateError::WrongQueue {
+                variable: "BUILDKITE_AGENT_QUEUE",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn other_tags_are_kept_and_the_queue_is_set() {
+        assert_eq!(
+            with_queue("os=linux, queue=x,arch=amd64", "q"),
+            "queue=q,os=linux,arch=amd64"
+        );
+        assert_eq!(with_queue("", "q"), "queue=q");
+        assert_eq!(name_part("Linux_Large.1"), "linux-large-1");
+        assert!(matches!(
+            Template::parse("kind: [", "q"),
+            Err(TemplateError::Parse(_))
+        ));
+    }
+}
