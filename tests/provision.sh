@@ -24,9 +24,10 @@ done
 # command-or-path to look for, then the Debian package that provides it.
 wanted=(git:git unshare:util-linux mount:mount tar:tar)
 # Loopback servers and fixtures: sshd for the SSH scenarios, git-lfs for LFS, socat and openssl
-# for the HTTPS front the remote-mirror scenario needs.
+# for the HTTPS front the remote-mirror scenario needs, kubectl to check the fake API server
+# (Debian's is 1.20; these machines' Google Cloud CLI brings 1.27–1.33, found first).
 [ "$scope" = all ] && wanted+=(/usr/sbin/sshd:openssh-server ssh-keygen:openssh-client
-  git-lfs:git-lfs socat:socat openssl:openssl)
+  git-lfs:git-lfs socat:socat openssl:openssl kubectl:kubernetes-client)
 # The image scenarios: podman with runc, and debootstrap for the local base images. Installed with
 # their recommends (the network plugins a build's RUN steps use, the archive keyring).
 containers=()

@@ -139,16 +139,17 @@ impl Drop for GitHttpServer {
     }
 }
 
-struct Request {
-    method: String,
-    path: String,
-    query: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
+/// One HTTP/1.1 request, as the loopback servers of the test crate read it.
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) query: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Request {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -217,7 +218,8 @@ fn serve(stream: TcpStream, root: &Path, state: &State) -> std::io::Result<()> {
     cgi(&request, root, &mut out)
 }
 
-fn read_request(reader: &mut impl BufRead) -> std::io::Result<Request> {
+/// Reads one request; an empty method means the peer closed the connection.
+pub(crate) fn read_request(reader: &mut impl BufRead) -> std::io::Result<Request> {
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();

@@ -1,0 +1,960 @@
+//! A fake Kubernetes API server on loopback, for the dispatcher's scenarios: real clients (a real
+//! `kubectl`, the dispatcher's kube-rs client) talk to it over HTTP/1.1. No real API server can
+//! run here (`../shared/notes/dispatch-peers.md` §5), so this one is held to the API's own
+//! conventions (kubernetes.io "API Concepts", the `meta/v1` types) where a client can tell:
+//!
+//! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
+//!   kinds served: pods, secrets, events (v1), jobs (batch/v1), leases (coordination.k8s.io/v1).
+//! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
+//!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
+//!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
+//!   `metadata.resourceVersion` is the store's.
+//! - **Watch** (`watch=true`): from `resourceVersion` (unset or `0`: an `ADDED` for every object,
+//!   then changes), `BOOKMARK` events when `allowWatchBookmarks=true`, the stream closed at
+//!   `timeoutSeconds`; a resourceVersion older than the kept history gets the `ERROR` event with
+//!   a 410 `Expired` Status, as an etcd compaction causes ([`FakeKube::compact`]).
+//! - **Writes**: create (`generateName` gets 5 random characters; 409 `AlreadyExists`), replace
+//!   (409 `Conflict` on a stale `metadata.resourceVersion`), the `/status` subresource, merge and
+//!   strategic-merge patches (the latter applied as a merge patch: none of these kinds needs
+//!   list merging here), delete (objects with finalizers get a `deletionTimestamp` and stay; a
+//!   Job's pods go with it unless `propagationPolicy=Orphan`). Every write bumps the
+//!   resourceVersion and is seen by watchers.
+//! - **Faults** on request ([`FakeKube::inject`]): a status (409, 429 with `Retry-After`, 500,
+//!   503) for the next matching requests.
+//!
+//! Namespaces are not stored: every one exists and is `Active`.
+//!
+//! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's field
+//! ownership, pagination (`limit` is ignored: one page), Table output (`kubectl get` needs
+//! `-o json`, `-o name` or the like), OpenAPI (`kubectl create` needs `--validate=false`).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::http_server::{read_request, Request};
+
+/// A kind the server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub kind: &'static str,
+}
+
+impl Kind {
+    fn api_version(&self) -> String {
+        match self.group {
+            "" => self.version.to_string(),
+            g => format!("{g}/{}", self.version),
+        }
+    }
+}
+
+pub const KINDS: [Kind; 5] = [
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        kind: "Pod",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+    },
+    Kind {
+        group: "batch",
+        version: "v1",
+        plural: "jobs",
+        kind: "Job",
+    },
+    Kind {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        kind: "Lease",
+    },
+];
+
+/// How many changes a watch can resume from; older resourceVersions get 410 Gone.
+const HISTORY: usize = 10_000;
+
+/// A change, as watchers see it.
+#[derive(Clone)]
+struct Change {
+    rv: u64,
+    plural: &'static str,
+    deleted: bool,
+    object: Value,
+}
+
+#[derive(Default)]
+struct Store {
+    /// `(plural, namespace, name)` → object.
+    objects: BTreeMap<(&'static str, String, String), Value>,
+    rv: u64,
+    history: VecDeque<Change>,
+    /// Changes at or before this resourceVersion can no longer be watched from.
+    compacted: u64,
+    faults: VecDeque<(Option<String>, Option<&'static str>, u16)>,
+    uid: u64,
+    /// Requests served, `METHOD plural` (or the path for discovery), for assertions.
+    log: Vec<String>,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    changed: Condvar,
+}
+
+pub struct FakeKube {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl FakeKube {
+    pub fn start() -> FakeKube {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            changed: Condvar::new(),
+        });
+        let serving = shared.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = serving.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(stream, &shared);
+                });
+            }
+        });
+        FakeKube { addr, shared }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig for this server and `namespace`, written into `dir`.
+    pub fn kubeconfig(&self, dir: &Path, namespace: &str) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    namespace: {namespace}\n    user: fake\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            url = self.url()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Every object of `plural` in `namespace`.
+    pub fn objects(&self, plural: &str, namespace: &str) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|((p, ns, _), _)| *p == plural && ns == namespace)
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// Creates `object` (of `plural`) as a client would.
+    pub fn create(&self, plural: &str, namespace: &str, object: Value) -> Value {
+        let kind = kind_of(plural).expect("a served kind");
+        let mut store = self.shared.store.lock().unwrap();
+        let result = store.create(kind, namespace, object);
+        self.shared.changed.notify_all();
+        result.expect("created")
+    }
+
+    /// Replaces an object's `status`, as a controller does.
+    pub fn set_status(&self, plural: &str, namespace: &str, name: &str, status: Value) {
+        let mut store = self.shared.store.lock().unwrap();
+        let key = (
+            kind_of(plural).unwrap().plural,
+            namespace.to_string(),
+            name.to_string(),
+        );
+        if let Some(mut object) = store.objects.get(&key).cloned() {
+            object["status"] = status;
+            store.put(kind_of(plural).unwrap(), object);
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Forgets the watch history: a watch from any resourceVersion before now gets 410 Gone,
+    /// as after an etcd compaction.
+    pub fn compact(&self) {
+        let mut store = self.shared.store.lock().unwrap();
+        store.compacted = store.rv;
+        store.history.clear();
+    }
+
+    /// Answers the next `times` requests of `method` (any, if `None`) on `plural` (any, if
+    /// `None`) with `status`.
+    pub fn inject(
+        &self,
+        method: Option<&str>,
+        plural: Option<&'static str>,
+        status: u16,
+        times: usize,
+    ) {
+        let mut store = self.shared.store.lock().unwrap();
+        for _ in 0..times {
+            store
+                .faults
+                .push_back((method.map(String::from), plural, status));
+        }
+    }
+
+    /// The requests served so far, `METHOD plural`.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.store.lock().unwrap().log.clone()
+    }
+}
+
+fn kind_of(plural: &str) -> Option<Kind> {
+    KINDS.iter().copied().find(|k| k.plural == plural)
+}
+
+impl Store {
+    fn next_rv(&mut self) -> u64 {
+        self.rv += 1;
+        self.rv
+    }
+
+    fn record(&mut self, kind: Kind, object: &Value) {
+        self.history.push_back(Change {
+            rv: self.rv,
+            plural: kind.plural,
+            deleted: false,
+            object: object.clone(),
+        });
+        while self.history.len() > HISTORY {
+            if let Some(old) = self.history.pop_front() {
+                self.compacted = old.rv;
+            }
+        }
+    }
+
+    fn key(kind: Kind, object: &Value) -> (&'static str, String, String) {
+        let meta = &object["metadata"];
+        (
+            kind.plural,
+            meta["namespace"].as_str().unwrap_or("").to_string(),
+            meta["name"].as_str().unwrap_or("").to_string(),
+        )
+    }
+
+    fn create(
+        &mut self,
+        kind: Kind,
+        namespace: &str,
+        mut object: Value,
+    ) -> Result<Value, (u16, Value)> {
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
+        }
+        let meta = &mut object["metadata"];
+        if meta["name"].as_str().unwrap_or("").is_empty() {
+            let Some(prefix) = meta["generateName"].as_str().map(String::from) else {
+                return Err(status(422, "Invalid", "name or generateName is required"));
+            };
+            meta["name"] = json!(format!("{prefix}{}", random_suffix(self.uid + self.rv)));
+        }
+        meta["namespace"] = json!(namespace);
+        let key = Store::key(kind, &object);
+        if self.objects.contains_key(&key) {
+            let message = format!(
+                "{}.{} \"{}\" already exists",
+                kind.plural, kind.group, key.2
+            );
+            return Err(status(409, "AlreadyExists", &message));
+        }
+        self.uid += 1;
+        let rv = self.next_rv();
+        let meta = &mut object["metadata"];
+        meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uid));
+        meta["resourceVersion"] = json!(rv.to_string());
+        meta["creationTimestamp"] = json!(now_rfc3339());
+        meta["generation"] = json!(1);
+        object["apiVersion"] = json!(kind.api_version());
+        object["kind"] = json!(kind.kind);
+        if kind.plural == "pods" && object["status"]["phase"].is_null() {
+            object["status"] = json!({"phase": "Pending"});
+        }
+        self.objects.insert(key, object.clone());
+        self.record(kind, &object);
+        Ok(object)
+    }
+
+    /// Stores `object` as the new version and tells watchers.
+    fn put(&mut self, kind: Kind, mut object: Value) -> Value {
+        let rv = self.next_rv();
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = Store::key(kind, &object);
+        self.objects.insert(key, object.clone());
+        self.record(kind, &object);
+        object
+    }
+
+    fn remove(&mut self, kind: Kind, key: &(&'static str, String, String)) -> Option<Value> {
+        let object = self.objects.remove(key)?;
+        self.next_rv();
+        let mut gone = object.clone();
+        gone["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.history.push_back(Change {
+            rv: self.rv,
+            plural: kind.plural,
+            deleted: true,
+            object: gone,
+        });
+        Some(object)
+    }
+
+    /// Deletes an object: with finalizers it only gets a deletion timestamp; a Job takes its
+    /// pods along unless orphaning.
+    fn delete(
+        &mut self,
+        kind: Kind,
+        key: &(&'static str, String, String),
+        orphan: bool,
+    ) -> Option<Value> {
+        let object = self.objects.get(key)?.clone();
+        let finalizers = object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if finalizers {
+            let mut marked = object;
+            if marked["metadata"]["deletionTimestamp"].is_null() {
+                marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                return Some(self.put(kind, marked));
+            }
+            return Some(marked);
+        }
+        if kind.plural == "jobs" && !orphan {
+            let uid = object["metadata"]["uid"].clone();
+            let pods: Vec<_> = self
+                .objects
+                .iter()
+                .filter(|((p, ns, _), pod)| {
+                    *p == "pods"
+                        && *ns == key.1
+                        && pod["metadata"]["ownerReferences"]
+                            .as_array()
+                            .is_some_and(|o| o.iter().any(|r| r["uid"] == uid))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for pod in pods {
+                self.delete(kind_of("pods").unwrap(), &pod, false);
+            }
+        }
+        self.remove(kind, key)
+    }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = secs / 86_400;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(mo <= 2);
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+}
+
+/// Five characters from the alphabet Kubernetes uses for generated names.
+fn random_suffix(seed: u64) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut x = seed
+        ^ SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+    (0..5)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ALPHABET[(x % ALPHABET.len() as u64) as usize] as char
+        })
+        .collect()
+}
+
+/// One connection: requests until the client closes it (clients keep connections alive).
+fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let request = read_request(&mut reader)?;
+        if request.method.is_empty() {
+            return Ok(());
+        }
+        let keep_going = handle(&request, shared, &mut out)?;
+        let close = request
+            .header("Connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        if !keep_going || close {
+            return Ok(());
+        }
+    }
+}
+
+fn query(request: &Request) -> BTreeMap<String, String> {
+    request
+        .query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_string(), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn respond(out: &mut TcpStream, code: u16, body: &Value, extra: &str) -> std::io::Result<bool> {
+    let text = body.to_string();
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        404 => "Not Found",
+        409 => "Conflict",
+        410 => "Gone",
+        422 => "Unprocessable Entity",
+        429 => "Too Many Requests",
+        _ => "Error",
+    };
+    write!(
+        out,
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
+        text.len()
+    )?;
+    Ok(true)
+}
+
+/// Serves one request; whether the connection may serve another.
+fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::Result<bool> {
+    let path = request.path.trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // Discovery.
+    match segments.as_slice() {
+        ["version"] => {
+            return respond(
+                out,
+                200,
+                &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-fake", "platform": "linux/amd64"}),
+                "",
+            );
+        }
+        ["api"] => {
+            return respond(
+                out,
+                200,
+                &json!({"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
+                "",
+            );
+        }
+        ["apis"] => {
+            let groups: Vec<Value> = KINDS
+                .iter()
+                .filter(|k| !k.group.is_empty())
+                .map(|k| {
+                    let gv = json!({"groupVersion": k.api_version(), "version": k.version});
+                    json!({"name": k.group, "versions": [gv], "preferredVersion": gv})
+                })
+                .collect();
+            return respond(
+                out,
+                200,
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+                "",
+            );
+        }
+        ["api", version] | ["apis", _, version] => {
+            let group = if segments[0] == "api" {
+                ""
+            } else {
+                segments[1]
+            };
+            let resources: Vec<Value> = KINDS
+                .iter()
+                .filter(|k| k.group == group && k.version == *version)
+                .flat_map(|k| {
+                    let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
+                    [
+                        json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": true, "kind": k.kind, "verbs": verbs}),
+                        json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": true, "kind": k.kind, "verbs": ["get", "patch", "update"]}),
+                    ]
+                })
+                .collect();
+            let gv = if group.is_empty() {
+                version.to_string()
+            } else {
+                format!("{group}/{version}")
+            };
+            return respond(
+                out,
+                200,
+                &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+                "",
+            );
+        }
+        _ => {}
+    }
+    // Resources: /api/v1/[namespaces/NS/]PLURAL[/NAME[/status]], the same under /apis/G/V.
+    let rest: &[&str] = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => rest,
+        ["apis", _, _, rest @ ..] => rest,
+        _ => {
+            let message = format!(
+                "the server could not find the requested resource ({} {})",
+                request.method, request.path
+            );
+            let (code, body) = status(404, "NotFound", &message);
+            return respond(out, code, &body, "");
+        }
+    };
+    // Namespaces: every one exists (the fake has no admission to refuse a missing one).
+    if let (["namespaces", ns], "GET") = (rest, request.method.as_str()) {
+        let namespace = json!({"kind": "Namespace", "apiVersion": "v1",
+            "metadata": {"name": ns, "uid": format!("ns-{ns}"), "resourceVersion": "1"},
+            "status": {"phase": "Active"}});
+        return respond(out, 200, &namespace, "");
+    }
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
+        rest => (None, rest),
+    };
+    let (plural, name, subresource) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(name.to_string()), None),
+        [plural, name, sub] => (*plural, Some(name.to_string()), Some(*sub)),
+        _ => ("", None, None),
+    };
+    let Some(kind) = kind_of(plural) else {
+        let message = format!(
+            "the server could not find the requested resource ({} {})",
+            request.method, request.path
+        );
+        let (code, body) = status(404, "NotFound", &message);
+        return respond(out, code, &body, "");
+    };
+    let params = query(request);
+    let mut store = shared.store.lock().unwrap();
+    store.log.push(format!("{} {}", request.method, plural));
+    let fault = store.faults.iter().position(|(m, p, _)| {
+        m.as_deref().is_none_or(|m| m == request.method) && p.is_none_or(|p| p == plural)
+    });
+    if let Some(i) = fault {
+        let (_, _, code) = store.faults.remove(i).unwrap();
+        drop(store);
+        let (code, body) = status(code, "InjectedFault", &format!("injected fault {code}"));
+        let extra = if code == 429 {
+            "Retry-After: 1\r\n"
+        } else {
+            ""
+        };
+        return respond(out, code, &body, extra);
+    }
+    let ns = namespace.clone().unwrap_or_default();
+    let key = (kind.plural, ns.clone(), name.clone().unwrap_or_default());
+    let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+    let result: Result<(u16, Value), (u16, Value)> = match (request.method.as_str(), &name) {
+        ("GET", None) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            drop(store);
+            return watch(kind, namespace.as_deref(), &params, shared, out);
+        }
+        ("GET", None) => {
+            let items: Vec<Value> = store
+                .objects
+                .iter()
+                .filter(|((p, n, _), o)| {
+                    *p == kind.plural
+                        && namespace.as_ref().is_none_or(|ns| ns == n)
+                        && matches(o, &params)
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            Ok((
+                200,
+                json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+            ))
+        }
+        ("GET", Some(n)) => match store.objects.get(&key) {
+            Some(o) => Ok((200, o.clone())),
+            None => Err(not_found(kind, n)),
+        },
+        ("POST", None) => store.create(kind, &ns, body).map(|o| (201, o)),
+        ("PUT", Some(n)) => match store.objects.get(&key).cloned() {
+            None => Err(not_found(kind, n)),
+            Some(current) => {
+                let stale = body["metadata"]["resourceVersion"]
+                    .as_str()
+                    .is_some_and(|rv| Some(rv) != current["metadata"]["resourceVersion"].as_str());
+                if stale {
+                    Err(status(409, "Conflict", &format!("Operation cannot be fulfilled on {} \"{n}\": the object has been modified; please apply your changes to the latest version and try again", kind.plural)))
+                } else {
+                    let mut next = match subresource {
+                        Some("status") => {
+                            let mut next = current.clone();
+                            next["status"] = body["status"].clone();
+                            next
+                        }
+                        _ => {
+                            let mut next = body;
+                            next["status"] = current["status"].clone();
+                            next
+                        }
+                    };
+                    next["metadata"]["uid"] = current["metadata"]["uid"].clone();
+                    next["metadata"]["creationTimestamp"] =
+                        current["metadata"]["creationTimestamp"].clone();
+                    next["metadata"]["namespace"] = json!(ns);
+                    next["apiVersion"] = json!(kind.api_version());
+                    next["kind"] = json!(kind.kind);
+                    Ok((200, store.put(kind, next)))
+                }
+            }
+        },
+        ("PATCH", Some(n)) => match store.objects.get(&key).cloned() {
+            None => Err(not_found(kind, n)),
+            Some(mut current) => {
+                merge_patch(&mut current, &body);
+                Ok((200, store.put(kind, current)))
+            }
+        },
+        ("DELETE", Some(n)) => {
+            let orphan = params
+                .get("propagationPolicy")
+                .is_some_and(|p| p == "Orphan")
+                || body["propagationPolicy"] == "Orphan";
+            match store.delete(kind, &key, orphan) {
+                Some(o) => Ok((200, o)),
+                None => Err(not_found(kind, n)),
+            }
+        }
+        _ => Err(status(
+            405,
+            "MethodNotAllowed",
+            "the server does not allow this method on the requested resource",
+        )),
+    };
+    drop(store);
+    shared.changed.notify_all();
+    match result {
+        Ok((code, body)) | Err((code, body)) => respond(out, code, &body, ""),
+    }
+}
+
+fn not_found(kind: Kind, name: &str) -> (u16, Value) {
+    let group = if kind.group.is_empty() {
+        String::new()
+    } else {
+        format!(".{}", kind.group)
+    };
+    status(
+        404,
+        "NotFound",
+        &format!("{}{group} \"{name}\" not found", kind.plural),
+    )
+}
+
+/// RFC 7386: objects merge, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// Whether `object` passes the request's label and field selectors.
+fn matches(object: &Value, params: &BTreeMap<String, String>) -> bool {
+    let labels = &object["metadata"]["labels"];
+    let label = |k: &str| labels[k].as_str().map(String::from);
+    let labels_ok = params.get("labelSelector").is_none_or(|selector| {
+        split_selector(selector).iter().all(|term| {
+            let term = term.trim();
+            if let Some((k, set)) = term.split_once(" in ") {
+                let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+                return label(k.trim()).is_some_and(|v| set.split(',').any(|s| s.trim() == v));
+            }
+            if let Some((k, set)) = term.split_once(" notin ") {
+                let set = set.trim().trim_start_matches('(').trim_end_matches(')');
+                return label(k.trim()).is_none_or(|v| set.split(',').all(|s| s.trim() != v));
+            }
+            if let Some((k, v)) = term.split_once("!=") {
+                return label(k.trim()).as_deref() != Some(v.trim());
+            }
+            if let Some((k, v)) = term.split_once("==").or_else(|| term.split_once('=')) {
+                return label(k.trim()).as_deref() == Some(v.trim());
+            }
+            if let Some(k) = term.strip_prefix('!') {
+                return label(k.trim()).is_none();
+            }
+            term.is_empty() || label(term).is_some()
+        })
+    });
+    let fields_ok = params.get("fieldSelector").is_none_or(|selector| {
+        selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+            let field = |path: &str| {
+                let mut v = object;
+                for part in path.trim().split('.') {
+                    v = &v[part];
+                }
+                v.as_str().map(String::from).unwrap_or_else(|| match v {
+                    Value::Null => String::new(),
+                    other => other.to_string(),
+                })
+            };
+            match term.split_once("!=") {
+                Some((path, value)) => field(path) != value.trim(),
+                None => {
+                    let (path, value) = term
+                        .split_once("==")
+                        .or_else(|| term.split_once('='))
+                        .unwrap_or((term, ""));
+                    field(path) == value.trim()
+                }
+            }
+        })
+    });
+    labels_ok && fields_ok
+}
+
+/// Splits a label selector on the commas between terms, not those inside `in (a,b)`.
+fn split_selector(selector: &str) -> Vec<String> {
+    let mut terms = Vec::new();
+    let mut depth = 0;
+    let mut current = String::new();
+    for c in selector.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                terms.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    terms.push(current);
+    terms
+}
+
+/// A watch: chunked JSON events, one per line, until the timeout or the client goes.
+fn watch(
+    kind: Kind,
+    namespace: Option<&str>,
+    params: &BTreeMap<String, String>,
+    shared: &Shared,
+    out: &mut TcpStream,
+) -> std::io::Result<bool> {
+    let timeout = params
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let bookmarks = params
+        .get("allowWatchBookmarks")
+        .is_some_and(|b| b == "true");
+    let deadline = Instant::now() + timeout;
+    write!(
+        out,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )?;
+    let send = |out: &mut TcpStream, event: Value| -> std::io::Result<()> {
+        let line = format!("{event}\n");
+        write!(out, "{:x}\r\n{line}\r\n", line.len())?;
+        out.flush()
+    };
+    let in_scope = |plural: &str, object: &Value| {
+        plural == kind.plural
+            && namespace.is_none_or(|ns| object["metadata"]["namespace"] == ns)
+            && matches(object, params)
+    };
+    let requested: Option<u64> = params
+        .get("resourceVersion")
+        .filter(|rv| !rv.is_empty() && *rv != "0")
+        .and_then(|rv| rv.parse().ok());
+    let mut seen;
+    {
+        let store = shared.store.lock().unwrap();
+        match requested {
+            Some(rv) if rv < store.compacted => {
+                let (_, status) = status(
+                    410,
+                    "Expired",
+                    &format!("too old resource version: {rv} ({})", store.compacted),
+                );
+                drop(store);
+                send(out, json!({"type": "ERROR", "object": status}))?;
+                write!(out, "0\r\n\r\n")?;
+                return Ok(true);
+            }
+            Some(rv) => seen = rv,
+            None => {
+                // Unset or 0: the current state as ADDED events, then changes.
+                let current: Vec<Value> = store
+                    .objects
+                    .iter()
+                    .filter(|((p, _, _), o)| in_scope(p, o))
+                    .map(|(_, o)| o.clone())
+                    .collect();
+                seen = store.rv;
+                drop(store);
+                for object in current {
+                    send(out, json!({"type": "ADDED", "object": object}))?;
+                }
+            }
+        }
+    }
+    // Which objects this watcher already knows, to tell ADDED from MODIFIED.
+    let mut known: std::collections::HashSet<String> = {
+        let store = shared.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|((p, _, _), o)| in_scope(p, o))
+            .filter(|(_, o)| {
+                o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|rv| rv.parse::<u64>().ok())
+                    .is_some_and(|rv| rv <= seen)
+            })
+            .map(|(_, o)| o["metadata"]["uid"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let mut last_sent = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            write!(out, "0\r\n\r\n")?;
+            return Ok(true);
+        }
+        let (changes, rv, expired) = {
+            let store = shared.store.lock().unwrap();
+            let wait = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(500));
+            let store = if store.rv == seen {
+                shared.changed.wait_timeout(store, wait).unwrap().0
+            } else {
+                store
+            };
+            let changes: Vec<Change> = store
+                .history
+                .iter()
+                .filter(|c| c.rv > seen)
+                .cloned()
+                .collect();
+            (changes, store.rv, seen < store.compacted)
+        };
+        if expired {
+            let (_, status) = status(410, "Expired", "too old resource version");
+            send(out, json!({"type": "ERROR", "object": status}))?;
+            write!(out, "0\r\n\r\n")?;
+            return Ok(true);
+        }
+        for change in &changes {
+            seen = seen.max(change.rv);
+            if change.plural != kind.plural {
+                continue;
+            }
+            let uid = change.object["metadata"]["uid"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            // An object that leaves the selection is DELETED for this watcher, one that enters
+            // it ADDED, as the API server does.
+            let event_type = match (change.deleted, in_scope(change.plural, &change.object)) {
+                (true, _) | (false, false) => {
+                    if !known.remove(&uid) {
+                        continue;
+                    }
+                    "DELETED"
+                }
+                (false, true) if known.insert(uid) => "ADDED",
+                (false, true) => "MODIFIED",
+            };
+            send(out, json!({"type": event_type, "object": change.object}))?;
+            last_sent = Instant::now();
+        }
+        seen = seen.max(rv);
+        if bookmarks && last_sent.elapsed() >= Duration::from_secs(1) {
+            send(
+                out,
+                json!({"type": "BOOKMARK", "object": {"kind": kind.kind, "apiVersion": kind.api_version(),
+                "metadata": {"resourceVersion": seen.to_string()}}}),
+            )?;
+            last_sent = Instant::now();
+        }
+    }
+}
