@@ -6,5 +6,25 @@
 //! Buildkite edges feed them. `benches/dispatch.rs` drives it through a
 //! simulated day of CI beside the peers' policies.
 
+pub mod buildkite;
 pub mod decide;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+pub mod run;
+pub mod settings;
 pub mod template;
+
+/// JSON log lines on stderr, one a decision; `DISPATCHER_LOG` filters (`info` by default). Also
+/// installs rustls's ring provider, which the Buildkite client needs.
+pub fn init_logging() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DISPATCHER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .json()
+        .flatten_event(true)
+        .init();
+}

@@ -16,7 +16,9 @@
 //! - **Writes**: create (`generateName` gets 5 random characters; 409 `AlreadyExists`), replace
 //!   (409 `Conflict` on a stale `metadata.resourceVersion`), the `/status` subresource, merge and
 //!   strategic-merge patches (the latter applied as a merge patch: none of these kinds needs
-//!   list merging here), delete (objects with finalizers get a `deletionTimestamp` and stay; a
+//!   list merging here), server-side apply with field ownership (a field another `fieldManager`
+//!   set to another value is a 409 `Conflict` unless `force=true`; a patch's `null` gives the
+//!   field up; which Lease-based leader election relies on), delete (objects with finalizers get a `deletionTimestamp` and stay; a
 //!   Job's pods go with it unless `propagationPolicy=Orphan`). Every write bumps the
 //!   resourceVersion and is seen by watchers.
 //! - **Faults** on request ([`FakeKube::inject`]): a status (409, 429 with `Retry-After`, 500,
@@ -24,8 +26,8 @@
 //!
 //! Namespaces are not stored: every one exists and is `Active`.
 //!
-//! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's field
-//! ownership, pagination (`limit` is ignored: one page), Table output (`kubectl get` needs
+//! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's
+//! `managedFields` in the object (ownership is kept aside) and list merging, pagination (`limit` is ignored: one page), Table output (`kubectl get` needs
 //! `-o json`, `-o name` or the like), OpenAPI (`kubectl create` needs `--validate=false`).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -112,6 +114,8 @@ struct Store {
     compacted: u64,
     faults: VecDeque<(Option<String>, Option<&'static str>, u16)>,
     uid: u64,
+    /// Server-side apply's field ownership: object key → field path → field manager.
+    owners: BTreeMap<(&'static str, String, String), BTreeMap<String, String>>,
     /// Requests served, `METHOD plural` (or the path for discovery), for assertions.
     log: Vec<String>,
 }
@@ -300,6 +304,64 @@ impl Store {
         self.objects.insert(key, object.clone());
         self.record(kind, &object);
         Ok(object)
+    }
+
+    /// A merge patch (RFC 7386; strategic-merge patches are applied the same way: none of the
+    /// kinds here needs list merging), or server-side apply: a field another manager owns
+    /// with another value is a 409 conflict unless forced, as the API server answers.
+    #[allow(clippy::too_many_arguments)]
+    fn patch(
+        &mut self,
+        kind: Kind,
+        key: &(&'static str, String, String),
+        name: &str,
+        patch: &Value,
+        manager: &str,
+        apply: bool,
+        force: bool,
+    ) -> Result<(u16, Value), (u16, Value)> {
+        let current = match self.objects.get(key).cloned() {
+            Some(current) => current,
+            None if apply => {
+                let mut object = patch.clone();
+                object["metadata"]["name"] = json!(name);
+                let created = self.create(kind, &key.1, object)?;
+                let owned = self.owners.entry(key.clone()).or_default();
+                for (path, _) in leaves(patch) {
+                    owned.insert(path, manager.to_string());
+                }
+                return Ok((201, created));
+            }
+            None => return Err(not_found(kind, name)),
+        };
+        let owned = self.owners.entry(key.clone()).or_default();
+        if apply && !force {
+            let conflicts: Vec<String> = leaves(patch)
+                .into_iter()
+                .filter(|(path, value)| {
+                    owned.get(path).is_some_and(|owner| owner != manager)
+                        && pointer(&current, path) != Some(value)
+                })
+                .map(|(path, _)| format!("conflict with \"{}\": .{path}", owned[&path]))
+                .collect();
+            if !conflicts.is_empty() {
+                let message = format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join(", ")
+                );
+                return Err(status(409, "Conflict", &message));
+            }
+        }
+        for (path, value) in leaves(patch) {
+            match value {
+                Value::Null => owned.remove(&path),
+                _ => owned.insert(path, manager.to_string()),
+            };
+        }
+        let mut next = current;
+        merge_patch(&mut next, patch);
+        Ok((200, self.put(kind, next)))
     }
 
     /// Stores `object` as the new version and tells watchers.
@@ -676,13 +738,17 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
                 }
             }
         },
-        ("PATCH", Some(n)) => match store.objects.get(&key).cloned() {
-            None => Err(not_found(kind, n)),
-            Some(mut current) => {
-                merge_patch(&mut current, &body);
-                Ok((200, store.put(kind, current)))
-            }
-        },
+        ("PATCH", Some(n)) => {
+            let manager = params
+                .get("fieldManager")
+                .cloned()
+                .unwrap_or_else(|| "unknown".into());
+            let apply = request
+                .header("Content-Type")
+                .is_some_and(|t| t.starts_with("application/apply-patch"));
+            let force = params.get("force").is_some_and(|f| f == "true");
+            store.patch(kind, &key, n, &body, &manager, apply, force)
+        }
         ("DELETE", Some(n)) => {
             let orphan = params
                 .get("propagationPolicy")
@@ -717,6 +783,40 @@ fn not_found(kind: Kind, name: &str) -> (u16, Value) {
         "NotFound",
         &format!("{}{group} \"{name}\" not found", kind.plural),
     )
+}
+
+/// The leaf fields a patch sets, as dotted paths (`spec.holderIdentity`), with their values;
+/// arrays count as one field. The object's identity is no one's field.
+fn leaves(patch: &Value) -> Vec<(String, Value)> {
+    fn walk(value: &Value, prefix: String, out: &mut Vec<(String, Value)>) {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(v, path, out);
+                }
+            }
+            other => out.push((prefix, other.clone())),
+        }
+    }
+    let mut out = Vec::new();
+    walk(patch, String::new(), &mut out);
+    out.retain(|(path, _)| {
+        !matches!(
+            path.as_str(),
+            "apiVersion" | "kind" | "metadata.name" | "metadata.namespace"
+        )
+    });
+    out
+}
+
+/// The value at a dotted path.
+fn pointer<'v>(object: &'v Value, path: &str) -> Option<&'v Value> {
+    object.pointer(&format!("/{}", path.replace('.', "/")))
 }
 
 /// RFC 7386: objects merge, `null` removes, anything else replaces.

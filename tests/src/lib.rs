@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod container;
+pub mod fake_buildkite;
 pub mod fake_kube;
 pub mod fixture;
 pub mod git;

@@ -1,0 +1,104 @@
+//! job-dispatcher's options; each is also an environment variable, so a Deployment sets them in
+//! its `env:` (`image/k8s/dispatcher/`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Creates Kubernetes Jobs of one-shot Buildkite agents (agent-wrapper running
+/// `buildkite-agent start --disconnect-after-job`) sized to one queue's demand. One per queue,
+/// as a Deployment; replicas elect a leader on a Lease, and everything it knows is read back from
+/// Kubernetes, so a restart creates no duplicate dispatch. docs/job-dispatcher.md describes it.
+// No `Debug`: the token must not be printable.
+#[derive(Parser)]
+#[command(name = "job-dispatcher", version)]
+pub struct Settings {
+    /// The Buildkite queue served. The template's agents must register in it.
+    #[arg(long, env = "DISPATCHER_QUEUE")]
+    pub queue: String,
+
+    /// The agent Job template: a batch/v1 Job YAML (image/k8s/agent-job.yaml works as it is).
+    #[arg(
+        long,
+        env = "DISPATCHER_TEMPLATE",
+        default_value = "/etc/job-dispatcher/agent-job.yaml"
+    )]
+    pub template: PathBuf,
+
+    /// The namespace of the agent Jobs [default: the kubeconfig's, or the pod's own].
+    #[arg(long, env = "DISPATCHER_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Agent pods not yet finished, at most.
+    #[arg(long, env = "DISPATCHER_MAX_AGENTS", default_value_t = 50)]
+    pub max_agents: u32,
+
+    /// Agent pods kept alive even without demand.
+    #[arg(long, env = "DISPATCHER_MIN_AGENTS", default_value_t = 0)]
+    pub min_agents: u32,
+
+    /// Extra agents while jobs are waiting.
+    #[arg(long, env = "DISPATCHER_BUFFER", default_value_t = 2)]
+    pub buffer: u32,
+
+    /// Extra agents as a share of the jobs waiting, when that is more than --buffer: the first
+    /// agents up take the jobs, so a slow pod (a cold node) holds none back
+    /// (docs/benchmarks.md, the dispatch simulation).
+    #[arg(long, env = "DISPATCHER_BUFFER_RATIO", default_value_t = 0.1)]
+    pub buffer_ratio: f64,
+
+    /// How often to read the queue's demand; never more often than Buildkite asks
+    /// (`Buildkite-Agent-Metrics-Poll-Duration`).
+    #[arg(long, env = "DISPATCHER_POLL_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub poll_interval: Duration,
+
+    /// The share of the last dispatch's pods that must be online (running or finished) before
+    /// low agent counts are trusted and another dispatch is made.
+    #[arg(long, env = "DISPATCHER_ROLLOUT_RATIO", default_value_t = 0.5)]
+    pub rollout_ratio: f64,
+
+    /// The short deadline: a dispatch not rolled out by then no longer holds the next one back,
+    /// and a pod running this long must have registered its agent in the queue (else the
+    /// template registers elsewhere, and dispatching stops).
+    #[arg(long, env = "DISPATCHER_START_DEADLINE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub start_deadline: Duration,
+
+    /// The long deadline: each Job's `activeDeadlineSeconds`, above the longest CI job.
+    #[arg(long, env = "DISPATCHER_JOB_DEADLINE", default_value = "4h", value_parser = humantime::parse_duration)]
+    pub job_deadline: Duration,
+
+    /// Each Job's `ttlSecondsAfterFinished`: finished Jobs and their pods go after this.
+    #[arg(long, env = "DISPATCHER_JOB_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub job_ttl: Duration,
+
+    /// agent-wrapper's idle timeout on each dispatch's pods: jobs were waiting when it was
+    /// made, so an agent that finds none this soon is surplus and leaves.
+    #[arg(long, env = "DISPATCHER_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// The agent token (the agent's own, for the metrics API; no API token is needed).
+    #[arg(long, env = "BUILDKITE_AGENT_TOKEN", hide_env_values = true)]
+    pub token: String,
+
+    /// Buildkite's agent API.
+    #[arg(
+        long,
+        env = "BUILDKITE_AGENT_ENDPOINT",
+        default_value = "https://agent.buildkite.com/v3"
+    )]
+    pub endpoint: String,
+
+    /// Prometheus `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "DISPATCHER_LISTEN", default_value = "0.0.0.0:9090")]
+    pub listen: SocketAddr,
+
+    /// The Lease the replicas elect a leader on [default: job-dispatcher-<queue>].
+    #[arg(long, env = "DISPATCHER_LEASE")]
+    pub lease: Option<String>,
+
+    /// This replica's name in the Lease [default: $POD_NAME, else $HOSTNAME, else random].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}

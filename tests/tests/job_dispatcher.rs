@@ -1,0 +1,389 @@
+//! job-dispatcher, the real binary, against the fake Kubernetes API server and the fake Buildkite
+//! metrics API: it dispatches a Job sized to the queue's demand and no more, survives restarts
+//! and a second replica without a duplicate dispatch, stops and says why when pods cannot be
+//! scheduled, a quota refuses them or they register elsewhere, keeps serving through Buildkite
+//! and API-server faults, refuses a template for another queue, and never shows its token.
+//! (Pods here are the test's: the Job controller and kubelet stand-ins come with the end-to-end
+//! scenarios.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
+use stateless_e2e::fake_kube::FakeKube;
+use stateless_e2e::loopback::free_port;
+use stateless_e2e::sandbox::{bin, finish, wait_for, Finished, Sandbox};
+
+const QUEUE: &str = "kubernetes";
+const TOKEN: &str = "bkua_s3cret-dispatcher-t0ken";
+const NS: &str = "ci";
+
+struct World {
+    /// Holds the kubeconfig's directory.
+    _sandbox: Sandbox,
+    kube: FakeKube,
+    buildkite: FakeBuildkite,
+    kubeconfig: PathBuf,
+}
+
+impl World {
+    fn new() -> World {
+        let sandbox = Sandbox::new();
+        let kube = FakeKube::start();
+        let kubeconfig = kube.kubeconfig(sandbox.dir.path(), NS);
+        World {
+            _sandbox: sandbox,
+            kube,
+            buildkite: FakeBuildkite::start(TOKEN, QUEUE),
+            kubeconfig,
+        }
+    }
+
+    /// The dispatcher, as replica `name`, ticking every 200 ms; returns it and its metrics port.
+    fn dispatcher(&self, name: &str, queue: &str) -> (Child, u16) {
+        let port = free_port();
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
+        let child = Command::new(bin("job-dispatcher"))
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("DISPATCHER_QUEUE", queue)
+            .env("DISPATCHER_TEMPLATE", template)
+            .env("DISPATCHER_POLL_INTERVAL", "200ms")
+            .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
+            .env("BUILDKITE_AGENT_TOKEN", TOKEN)
+            .env("BUILDKITE_AGENT_ENDPOINT", self.buildkite.endpoint())
+            .env("POD_NAME", name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, port)
+    }
+
+    fn jobs(&self) -> Vec<Value> {
+        self.kube.objects("jobs", NS)
+    }
+
+    /// A pod of `job` in `phase`, as the kubelet would report it.
+    fn pod(&self, job: &Value, name: &str, status: Value) {
+        let labels = job["spec"]["template"]["metadata"]["labels"].clone();
+        self.kube.create(
+            "pods",
+            NS,
+            json!({"metadata": {"name": name, "labels": labels, "ownerReferences": [{
+                "apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+                "uid": job["metadata"]["uid"], "controller": true}]}}),
+        );
+        self.kube.set_status("pods", NS, name, status);
+    }
+}
+
+fn stop(mut child: Child) -> Finished {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    finish(child)
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, response)
+}
+
+/// Waits for `ticks` more polls of Buildkite.
+fn ticks(world: &World, ticks: usize) {
+    let target = world.buildkite.polls() + ticks;
+    wait_for("the dispatcher's ticks", || {
+        world.buildkite.polls() >= target
+    });
+}
+
+#[test]
+fn a_burst_is_met_by_one_job_sized_to_demand_and_no_more() {
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 10,
+        ..QueueState::default()
+    });
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    ticks(&w, 5);
+    let out = stop(dispatcher);
+
+    let jobs = w.jobs();
+    assert_eq!(jobs.len(), 1, "{}", out.log());
+    let job = &jobs[0];
+    let labels = &job["metadata"]["labels"];
+    assert_eq!(labels["stateless-agent/queue"], QUEUE);
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "job-dispatcher");
+    let id = labels["stateless-agent/dispatch-id"].as_str().unwrap();
+    assert_eq!(id.len(), 32);
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["stateless-agent/dispatch-id"],
+        id
+    );
+    // 10 waiting jobs + the buffer (2, more than 10 % of 10).
+    assert_eq!(job["spec"]["parallelism"], 12);
+    assert_eq!(job["spec"]["completions"], 12);
+    assert_eq!(job["spec"]["activeDeadlineSeconds"], 14400);
+    assert_eq!(job["spec"]["ttlSecondsAfterFinished"], 600);
+    let events = w.kube.objects("events", NS);
+    assert!(events
+        .iter()
+        .any(|e| e["reason"] == "Dispatched"
+            && e["involvedObject"]["name"] == job["metadata"]["name"]));
+    // One JSON line per decision, with the dispatch ID and the figures it used.
+    let dispatched = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["decision"] == "dispatch")
+        .unwrap_or_else(|| panic!("{}", out.log()));
+    assert_eq!(dispatched["dispatch_id"], id);
+    assert!(dispatched["figures"]
+        .as_str()
+        .unwrap()
+        .contains("scheduled=10"));
+    let _ = port;
+}
+
+#[test]
+fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 6,
+        ..QueueState::default()
+    });
+    let (first, _) = w.dispatcher("replica-a", QUEUE);
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    stop(first);
+
+    // Two replicas at once, the demand unchanged: the new leader reads the dispatch back.
+    let (b, port_b) = w.dispatcher("replica-b", QUEUE);
+    let (c, port_c) = w.dispatcher("replica-c", QUEUE);
+    wait_for("a leader", || {
+        w.kube.objects("leases", NS).iter().any(|l| {
+            l["spec"]["holderIdentity"]
+                .as_str()
+                .is_some_and(|h| h != "replica-a")
+        })
+    });
+    ticks(&w, 5);
+    let metrics = |port| http_get(port, "/metrics").1;
+    let leaders = [metrics(port_b), metrics(port_c)]
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "dispatcher_leader 1"))
+        .count();
+    let (out_b, out_c) = (stop(b), stop(c));
+    assert_eq!(w.jobs().len(), 1, "{}\n{}", out_b.log(), out_c.log());
+    assert_eq!(
+        leaders,
+        1,
+        "exactly one replica leads: {:?}\n{}\n{}",
+        w.kube.objects("leases", NS),
+        out_b.log(),
+        out_c.log()
+    );
+}
+
+#[test]
+fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 4,
+        ..QueueState::default()
+    });
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    let job = w.jobs()[0].clone();
+
+    // The scheduler cannot place the pods: no more dispatches, and the metric says why.
+    for i in 0..3 {
+        w.pod(&job, &format!("p{i}"), json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+            "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient cpu."}]}));
+    }
+    w.buildkite.set(QueueState {
+        scheduled: 40,
+        ..QueueState::default()
+    });
+    ticks(&w, 4);
+    assert_eq!(w.jobs().len(), 1);
+    assert!(http_get(port, "/metrics")
+        .1
+        .contains("dispatcher_blocked{reason=\"unschedulable\"} 1"));
+
+    // A quota refuses the Job's pods.
+    for i in 0..3 {
+        w.kube
+            .set_status("pods", NS, &format!("p{i}"), json!({"phase": "Succeeded"}));
+    }
+    w.kube.create("events", NS, json!({"metadata": {"generateName": "quota."}, "reason": "FailedCreate",
+        "type": "Warning", "message": "Error creating: pods \"x\" is forbidden: exceeded quota: agents",
+        "involvedObject": {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}}));
+    ticks(&w, 4);
+    assert_eq!(w.jobs().len(), 1);
+    assert!(http_get(port, "/metrics")
+        .1
+        .contains("dispatcher_blocked{reason=\"failed-create\"} 1"));
+    let out = stop(dispatcher);
+    let warnings: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["level"] == "WARN")
+        .collect();
+    assert!(
+        warnings.iter().any(|l| l["reason"] == "unschedulable"
+            && l["message"].as_str().unwrap().contains("add capacity")),
+        "{}",
+        out.log()
+    );
+    assert!(
+        warnings.iter().any(|l| l["reason"] == "failed-create"
+            && l["message"].as_str().unwrap().contains("exceeded quota")),
+        "{}",
+        out.log()
+    );
+
+    // Pods running for long while the queue has no agent: they register somewhere else.
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 2,
+        ..QueueState::default()
+    });
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    let job = w.jobs()[0].clone();
+    for i in 0..4 {
+        w.pod(
+            &job,
+            &format!("r{i}"),
+            json!({"phase": "Running", "startTime": "2026-01-01T00:00:00Z"}),
+        );
+    }
+    w.buildkite.set(QueueState {
+        scheduled: 30,
+        ..QueueState::default()
+    });
+    ticks(&w, 4);
+    assert_eq!(w.jobs().len(), 1);
+    assert!(http_get(port, "/metrics")
+        .1
+        .contains("dispatcher_blocked{reason=\"wrong-queue\"} 1"));
+    let out = stop(dispatcher);
+    assert!(
+        out.stderr.contains("register in another queue"),
+        "{}",
+        out.log()
+    );
+}
+
+#[test]
+fn buildkite_and_api_server_faults_are_survived_and_reported() {
+    let w = World::new();
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+    // A token Buildkite refuses: not ready, the log names the token, nothing dispatched.
+    w.buildkite.inject(BuildkiteFault::Status(401), 3);
+    ticks(&w, 3);
+    assert_eq!(http_get(port, "/readyz").0, 503);
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    // Throttled, then the API server fails the create once: one Job all the same, next tick.
+    w.buildkite.inject(BuildkiteFault::Status(429), 1);
+    w.kube.inject(Some("POST"), Some("jobs"), 500, 1);
+    w.buildkite.set(QueueState {
+        scheduled: 3,
+        ..QueueState::default()
+    });
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    ticks(&w, 3);
+    assert_eq!(http_get(port, "/readyz").0, 200);
+    let metrics = http_get(port, "/metrics").1;
+    let out = stop(dispatcher);
+    assert_eq!(w.jobs().len(), 1, "{}", out.log());
+    assert!(
+        out.stderr.contains("BUILDKITE_AGENT_TOKEN"),
+        "{}",
+        out.log()
+    );
+    assert!(
+        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"unauthorized\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"throttled\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dispatcher_api_errors_total{api=\"kubernetes\",kind=\"server\"} 1"),
+        "{metrics}"
+    );
+
+    // The token: in the Authorization header to Buildkite, and nowhere else.
+    assert!(w
+        .buildkite
+        .authorizations()
+        .iter()
+        .all(|a| a == &format!("Token {TOKEN}")));
+    let everything = format!(
+        "{}{}{:?}{:?}{}",
+        out.log(),
+        metrics,
+        w.kube.objects("jobs", NS),
+        w.kube.objects("events", NS),
+        serde_json::to_string(&w.kube.objects("leases", NS)).unwrap()
+    );
+    assert!(!everything.contains(TOKEN));
+}
+
+#[test]
+fn the_poll_interval_follows_what_buildkite_asks() {
+    let w = World::new();
+    w.buildkite.ask_poll_duration(1);
+    let (dispatcher, _) = w.dispatcher("replica-a", QUEUE);
+    ticks(&w, 1);
+    let started = Instant::now();
+    ticks(&w, 3);
+    stop(dispatcher);
+    // 200 ms asked of it, 1 s asked by Buildkite: the slower wins.
+    assert!(
+        started.elapsed() >= Duration::from_millis(2800),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_template_for_another_queue_is_refused_naming_both() {
+    let w = World::new();
+    let (dispatcher, _) = w.dispatcher("replica-a", "linux-large");
+    let out = finish(dispatcher);
+    assert_eq!(out.code(), Some(78), "{}", out.log());
+    assert!(
+        out.stderr.contains("\\\"kubernetes\\\"") && out.stderr.contains("\\\"linux-large\\\""),
+        "{}",
+        out.log()
+    );
+    assert!(w.jobs().is_empty());
+}
