@@ -2,7 +2,8 @@
 //! (`k8s-openapi`), and checked against what the binaries and the image actually do: the agent
 //! Job's `podFailurePolicy` against agent-wrapper's exit-code table for every code, its grace
 //! period against the wrapper's stop deadline, the mirror volume read-only for agents and
-//! writable for populate-mirror.
+//! writable for populate-mirror; and the job-dispatcher base as a real `kubectl kustomize`
+//! renders it, against what the dispatcher reads and the API calls it makes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,6 +30,10 @@ fn documents() -> BTreeMap<&'static str, Vec<(String, serde_json::Value)>> {
     let dir = workspace().join("image/k8s");
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        // The dispatcher's kustomize base is checked as kustomize renders it (below).
+        if path.is_dir() || path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let value = serde_json::Value::deserialize(doc)
@@ -301,5 +306,131 @@ fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_po
             .unwrap()
             .contains(&"ReadWriteMany".to_string()),
         "agents on every node read it while populate-mirror writes"
+    );
+}
+
+/// `kubectl kustomize image/k8s`: the dispatcher's Deployment, its account with only the verbs it
+/// uses, and the agent template from a generated ConfigMap, which the dispatcher accepts for the
+/// queue the Deployment names.
+#[test]
+fn the_dispatcher_base_renders_with_kubectl_kustomize() {
+    use clap::CommandFactory;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let rendered = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(workspace().join("image/k8s"))
+        .output();
+    let Some(rendered) = rendered.ok().filter(|o| o.status.success()) else {
+        eprintln!("skipping: kubectl is not installed (bash tests/provision.sh installs it)");
+        return;
+    };
+    let text = String::from_utf8(rendered.stdout).unwrap();
+    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(doc).unwrap();
+        docs.insert(value["kind"].as_str().unwrap().to_string(), value);
+    }
+    let kinds: Vec<&str> = docs.keys().map(String::as_str).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ]
+    );
+
+    // Only the verbs the dispatcher uses: watches (get, list, watch) of pods, Jobs and events,
+    // creating Jobs and Events, and the Lease's get, create and update (a replace).
+    let role: Role = typed("rendered Role", &docs["Role"]);
+    let mut rules: Vec<(String, Vec<String>)> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.resources.unwrap().join(","), r.verbs))
+        .collect();
+    rules.sort();
+    assert_eq!(
+        rules,
+        [
+            (
+                "events".into(),
+                vec!["create".into(), "get".into(), "list".into(), "watch".into()]
+            ),
+            (
+                "jobs".into(),
+                vec!["create".into(), "get".into(), "list".into(), "watch".into()]
+            ),
+            (
+                "leases".into(),
+                vec!["create".into(), "get".into(), "update".into()]
+            ),
+            (
+                "pods".into(),
+                vec!["get".into(), "list".into(), "watch".into()]
+            ),
+        ]
+    );
+    let binding: RoleBinding = typed("rendered RoleBinding", &docs["RoleBinding"]);
+    assert_eq!(binding.subjects.unwrap()[0].name, "job-dispatcher");
+
+    let deployment: Deployment = typed("rendered Deployment", &docs["Deployment"]);
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("job-dispatcher"));
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.command.as_ref().unwrap()[0],
+        "/usr/local/bin/job-dispatcher"
+    );
+    // Every variable it sets is one the dispatcher reads.
+    let command = dispatcher::settings::Settings::command();
+    let read: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    let env = container.env.clone().unwrap_or_default();
+    for var in &env {
+        assert!(
+            read.contains(&var.name),
+            "{} is not a job-dispatcher setting",
+            var.name
+        );
+    }
+    let value = |name: &str| {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+            .unwrap()
+    };
+    // The template is mounted where DISPATCHER_TEMPLATE says, from the generated ConfigMap.
+    let template_path = value("DISPATCHER_TEMPLATE");
+    let mount = container
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| template_path.starts_with(&m.mount_path))
+        .unwrap();
+    assert_eq!(mount.read_only, Some(true));
+    let volume = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let config_map = docs["ConfigMap"]["metadata"]["name"].as_str().unwrap();
+    assert_eq!(volume.config_map.as_ref().unwrap().name, config_map);
+    let key = template_path.rsplit('/').next().unwrap();
+    let template = docs["ConfigMap"]["data"][key].as_str().unwrap();
+    dispatcher::template::Template::parse(template, &value("DISPATCHER_QUEUE"))
+        .expect("the template's agents register in the Deployment's queue");
+    assert_eq!(
+        std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap(),
+        template
     );
 }
