@@ -1,6 +1,7 @@
 # The stateless agent image: the official Buildkite agent image plus agent-wrapper (PID 1), the
-# checkout and job hooks, and populate-mirror. Both bases are build arguments so the image can be
-# built against local stand-ins (tests/tests/container_image.rs does) or a pinned digest.
+# checkout and job hooks, populate-mirror, and job-dispatcher (run by its own Deployment). Both
+# bases are build arguments so the image can be built against local stand-ins
+# (tests/tests/container_image.rs does) or a pinned digest.
 #
 #   podman build -t stateless-agent .          # or: docker build -t stateless-agent .
 #
@@ -20,19 +21,20 @@ COPY populate-mirror/Cargo.toml populate-mirror/
 COPY tests/Cargo.toml tests/
 COPY image/dependency-stubs.sh image/
 RUN image/dependency-stubs.sh \
- && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \
- && rm -rf agent-wrapper/src core/src hooks/src populate-mirror/src
+ && cargo build --release --locked -p agent-wrapper -p dispatcher -p hooks -p populate-mirror \
+ && rm -rf agent-wrapper/src core/src dispatcher/src hooks/src populate-mirror/src
 # The test crate keeps its stubs: the image does not build it, so editing tests reuses the layers.
 COPY agent-wrapper agent-wrapper
 COPY core core
+COPY dispatcher dispatcher
 COPY hooks hooks
 COPY populate-mirror populate-mirror
 # COPY keeps the context's modification times, which can be older than the stubs' builds.
 RUN find */src -name '*.rs' -exec touch {} + \
- && cargo build --release --locked -p agent-wrapper -p hooks -p populate-mirror \
+ && cargo build --release --locked -p agent-wrapper -p dispatcher -p hooks -p populate-mirror \
  && mkdir /out \
  && cp target/release/agent-wrapper target/release/checkout-hook target/release/job-hook \
-       target/release/populate-mirror /out/
+       target/release/job-dispatcher target/release/populate-mirror /out/
 
 FROM ${AGENT_IMAGE}
 COPY --from=builder /out/ /usr/local/bin/

@@ -14,7 +14,7 @@ ln -sf /usr/local/bin/checkout-hook /buildkite/hooks/checkout
 ln -sf /usr/local/bin/job-hook /buildkite/hooks/environment
 ln -sf /usr/local/bin/job-hook /buildkite/hooks/pre-exit
 # Fail the build now, not in a pod, if the binaries cannot run on this base (e.g. musl).
-for bin in agent-wrapper checkout-hook populate-mirror; do
+for bin in agent-wrapper checkout-hook job-dispatcher populate-mirror; do
   /usr/local/bin/$bin --version >/dev/null
 done
 # The agent's version, which agent-wrapper checks against its minimum at every start: recorded

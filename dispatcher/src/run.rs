@@ -81,23 +81,38 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
     let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
     let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
+    // The stores keep only what `observe` reads: a pod's spec and a Job's pod template are most
+    // of their size, and a large queue holds thousands of pods.
     let pod_store = watch(
         pods,
         watcher::Config::default().labels(&selector),
         metrics.clone(),
         "pods",
+        |pod: &mut Pod| {
+            pod.spec = None;
+            pod.metadata.managed_fields = None;
+            pod.metadata.annotations = None;
+        },
     );
     let job_store = watch(
         jobs.clone(),
         watcher::Config::default().labels(&selector),
         metrics.clone(),
         "jobs",
+        |job: &mut Job| {
+            if let Some(spec) = job.spec.as_mut() {
+                spec.template = Default::default();
+            }
+            job.metadata.managed_fields = None;
+            job.metadata.annotations = None;
+        },
     );
     let event_store = watch(
         events.clone(),
         watcher::Config::default().fields("reason=FailedCreate"),
         metrics.clone(),
         "events",
+        |event: &mut Event| event.metadata.managed_fields = None,
     );
 
     let lease = settings
@@ -170,13 +185,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     }
 }
 
-/// A watched kind mirrored into a store; watch errors (410 Gone included) are retried with
-/// backoff by the watcher and counted.
+/// A watched kind mirrored into a store, `strip`ped of what is never read; watch errors (410 Gone
+/// included) are retried with backoff by the watcher and counted.
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     metrics: Arc<Metrics>,
     what: &'static str,
+    strip: fn(&mut K),
 ) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
@@ -190,6 +206,7 @@ where
     let (store, writer) = reflector::store();
     let stream = watcher(api, config)
         .default_backoff()
+        .modify(strip)
         .reflect(writer)
         .applied_objects();
     tokio::spawn(async move {

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stateless_e2e::bench::{env_or, median};
+use stateless_e2e::bench::{env_or, median, proc_field};
 use stateless_e2e::sandbox::{bin, Sandbox, AGENT_TOKEN};
 
 struct Init {
@@ -245,14 +245,7 @@ fn supervising(init: &Init, env: &[(&str, PathBuf)]) -> (u64, u64, u64) {
     let mut child = command(&argv, env).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let pid = child.id();
-    let field = |file: &str, name: &str| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |file: &str, name: &str| proc_field(pid, file, name);
     let pss = field("smaps_rollup", "Pss:");
     let hwm = field("status", "VmHWM:");
     let before = field("status", "voluntary_ctxt_switches:");

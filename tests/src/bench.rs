@@ -12,6 +12,17 @@ pub fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The number after `name` in `/proc/<pid>/<file>` (`VmRSS:` in `status`, `Pss:` in
+/// `smaps_rollup`, …), or 0.
+pub fn proc_field(pid: u32, file: &str, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn median<T: Copy + Ord>(mut values: Vec<T>) -> T {
     values.sort();
     values[values.len() / 2]

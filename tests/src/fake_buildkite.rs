@@ -64,13 +64,8 @@ impl FakeBuildkite {
             requests: Vec::new(),
         }));
         let serving = state.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let state = serving.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(stream, &state);
-                });
-            }
+        crate::loopback::serve_each(listener, move |stream| {
+            let _ = serve(stream, &serving);
         });
         FakeBuildkite { addr, state }
     }

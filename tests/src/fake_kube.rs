@@ -5,7 +5,7 @@
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
 //!   kinds served: pods, secrets, events (v1), jobs (batch/v1), leases (coordination.k8s.io/v1).
-//! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
+//! - **Reads**: get, and list (in pages of `limit`, with `continue` tokens) with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
 //!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
 //!   `metadata.resourceVersion` is the store's.
@@ -27,8 +27,9 @@
 //! Namespaces are not stored: every one exists and is `Active`.
 //!
 //! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's
-//! `managedFields` in the object (ownership is kept aside) and list merging, pagination (`limit` is ignored: one page), Table output (`kubectl get` needs
-//! `-o json`, `-o name` or the like), OpenAPI (`kubectl create` needs `--validate=false`).
+//! `managedFields` in the object (ownership is kept aside) and list merging, expiry of `continue`
+//! tokens, Table output (`kubectl get` needs `-o json`, `-o name` or the like), OpenAPI
+//! (`kubectl create` needs `--validate=false`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Write};
@@ -139,13 +140,8 @@ impl FakeKube {
             changed: Condvar::new(),
         });
         let serving = shared.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let shared = serving.clone();
-                std::thread::spawn(move || {
-                    let _ = serve(stream, &shared);
-                });
-            }
+        crate::loopback::serve_each(listener, move |stream| {
+            let _ = serve(stream, &serving);
         });
         FakeKube { addr, shared }
     }
@@ -686,7 +682,19 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
             return watch(kind, namespace.as_deref(), &params, shared, out);
         }
         ("GET", None) => {
-            let items: Vec<Value> = store
+            // Pages of `limit` items; the `continue` token holds the first page's
+            // resourceVersion (every page reports it, as one consistent list) and the last key.
+            let (snapshot_rv, after) = match params.get("continue").and_then(|c| c.split_once('|'))
+            {
+                Some((rv, after)) => (rv.to_string(), Some(after.to_string())),
+                None => (store.rv.to_string(), None),
+            };
+            let limit = params
+                .get("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .filter(|l| *l > 0)
+                .unwrap_or(usize::MAX);
+            let mut matching = store
                 .objects
                 .iter()
                 .filter(|((p, n, _), o)| {
@@ -694,12 +702,28 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
                         && namespace.as_ref().is_none_or(|ns| ns == n)
                         && matches(o, &params)
                 })
+                .filter(|((_, n, name), _)| {
+                    after.as_ref().is_none_or(|a| format!("{n}/{name}") > *a)
+                });
+            let items: Vec<Value> = matching
+                .by_ref()
+                .take(limit)
                 .map(|(_, o)| o.clone())
                 .collect();
+            let more = matching.next().is_some();
+            let mut metadata = json!({"resourceVersion": snapshot_rv});
+            if let (true, Some(last)) = (more, items.last()) {
+                let last = format!(
+                    "{}/{}",
+                    last["metadata"]["namespace"].as_str().unwrap_or(""),
+                    last["metadata"]["name"].as_str().unwrap_or("")
+                );
+                metadata["continue"] = json!(format!("{snapshot_rv}|{last}"));
+            }
             Ok((
                 200,
                 json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
-                "metadata": {"resourceVersion": store.rv.to_string()}, "items": items}),
+                "metadata": metadata, "items": items}),
             ))
         }
         ("GET", Some(n)) => match store.objects.get(&key) {

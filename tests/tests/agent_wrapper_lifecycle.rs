@@ -31,6 +31,21 @@ fn job_record(s: &Sandbox) -> Option<Value> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
 }
 
+/// Runs `wrapper` as PID 1, stops the pod (SIGTERM) once the job's command has ended, and
+/// waits for the end.
+fn stop_once_the_command_ended(
+    s: &Sandbox,
+    wrapper: Invocation,
+) -> stateless_e2e::sandbox::Finished {
+    let child = wrapper.as_pid1().spawn();
+    let init = namespace_init(&child);
+    wait_for("the job's command to end", || {
+        job_record(s).is_some_and(|r| !r["finished_at"].is_null())
+    });
+    kill(init, Signal::SIGTERM).unwrap();
+    finish(child)
+}
+
 /// Row A2/A3: FinishJob (with the log tail) takes 90 s, past the 60 s watchdog. The agent is busy
 /// all along, so nothing is signalled, and the job's result reaches Buildkite.
 #[test]
@@ -56,17 +71,12 @@ fn a_finish_that_takes_90s_is_never_signalled() {
 #[test]
 fn a_pod_stop_while_the_job_reports_sends_no_quit() {
     let s = Sandbox::new();
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_STOP_DEADLINE", "1s")
-        .env("BUILDKITE_STANDIN_FINISH_DELAY", "5")
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the job's command to end", || {
-        job_record(&s).is_some_and(|r| !r["finished_at"].is_null())
-    });
-    kill(init, Signal::SIGTERM).unwrap();
-    let out = finish(child);
+    let out = stop_once_the_command_ended(
+        &s,
+        wrapper(&s)
+            .env("AGENT_WRAPPER_STOP_DEADLINE", "1s")
+            .env("BUILDKITE_STANDIN_FINISH_DELAY", "5"),
+    );
 
     assert_eq!(out.code(), Some(0), "{}", out.log());
     let r = s.exit_report(&out);
@@ -334,17 +344,12 @@ fn executable(path: &Path, script: &str) {
 #[test]
 fn a_watchdog_during_a_pod_stop_keeps_the_stop_as_the_cause() {
     let s = Sandbox::new();
-    let child = wrapper(&s)
-        .env("AGENT_WRAPPER_WATCHDOG", "500ms")
-        .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job,ignore-term")
-        .as_pid1()
-        .spawn();
-    let init = namespace_init(&child);
-    wait_for("the job's command to end", || {
-        job_record(&s).is_some_and(|r| !r["finished_at"].is_null())
-    });
-    kill(init, Signal::SIGTERM).unwrap();
-    let out = finish(child);
+    let out = stop_once_the_command_ended(
+        &s,
+        wrapper(&s)
+            .env("AGENT_WRAPPER_WATCHDOG", "500ms")
+            .env("BUILDKITE_STANDIN_MISBEHAVE", "hang-after-job,ignore-term"),
+    );
 
     let r = s.exit_report(&out);
     assert_eq!(r["reason"], "stopped", "{r}");

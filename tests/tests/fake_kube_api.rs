@@ -3,14 +3,14 @@
 //! conventions a client relies on hold over plain HTTP (410 Gone for an expired watch,
 //! 409 Conflict for a stale update, bookmarks, selectors).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use stateless_e2e::fake_kube::FakeKube;
+use stateless_e2e::loopback;
 use stateless_e2e::sandbox::{wait_for, Sandbox};
 
 fn kubectl_installed() -> bool {
@@ -168,32 +168,11 @@ fn kubectl_creates_gets_watches_and_deletes() {
     );
 }
 
-/// One HTTP/1.1 request to the fake, its status and body (a watch's body: its event lines).
+/// One request to the fake, its status and body (a watch's body: its event lines).
 fn http(kube: &FakeKube, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
     let address = kube.url().trim_start_matches("http://").to_string();
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    let body = body.map(|b| b.to_string());
+    loopback::http(&address, method, path, body.as_deref())
 }
 
 #[test]
@@ -301,4 +280,47 @@ fn selectors_pick_what_the_api_server_would() {
         names("labelSelector=stateless-agent%2Fqueue%3Dq&fieldSelector=status.phase!%3DRunning"),
         ["b"]
     );
+}
+
+/// Lists come in pages of `limit`, with a `continue` token, all at the first page's
+/// resourceVersion, as kube-rs's watcher asks for them (500 a page).
+#[test]
+fn lists_come_in_pages() {
+    let kube = FakeKube::start();
+    for name in ["a", "b", "c", "d", "e"] {
+        kube.create("pods", "ci", json!({"metadata": {"name": name}}));
+    }
+    let page = |query: &str| {
+        let (_, body) = http(
+            &kube,
+            "GET",
+            &format!("/api/v1/namespaces/ci/pods?{query}"),
+            None,
+        );
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    let first = page("limit=2");
+    let names = |list: &Value| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&first), ["a", "b"]);
+    let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+    kube.create("pods", "ci", json!({"metadata": {"name": "f"}}));
+    let second = page(&format!("limit=2&continue={token}"));
+    assert_eq!(names(&second), ["c", "d"]);
+    assert_eq!(
+        second["metadata"]["resourceVersion"],
+        first["metadata"]["resourceVersion"]
+    );
+    let rest = page(&format!(
+        "continue={}",
+        second["metadata"]["continue"].as_str().unwrap()
+    ));
+    assert_eq!(names(&rest), ["e", "f"]);
+    assert!(rest["metadata"]["continue"].is_null());
 }

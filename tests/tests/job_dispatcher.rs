@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
 use stateless_e2e::fake_kube::FakeKube;
-use stateless_e2e::loopback::free_port;
+use stateless_e2e::loopback::{self, free_port};
 use stateless_e2e::sandbox::{bin, finish, wait_for, Finished, Sandbox};
 
 const QUEUE: &str = "kubernetes";
@@ -96,19 +96,7 @@ fn stop(mut child: Child) -> Finished {
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return (0, String::new());
-    };
-    let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let code = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (code, response)
+    loopback::http(&format!("127.0.0.1:{port}"), "GET", path, None)
 }
 
 /// Waits for `ticks` more polls of Buildkite.

@@ -8,8 +8,9 @@ use dispatcher::settings::Settings;
 fn main() -> ExitCode {
     let settings = Settings::parse();
     dispatcher::init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: a few watches, a poll every 10 s and a small HTTP server never need more, and
+    // each extra thread brings a malloc arena of its own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
