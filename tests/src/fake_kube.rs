@@ -5,10 +5,12 @@
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
 //!   kinds served: pods, secrets, events (v1), jobs (batch/v1), leases (coordination.k8s.io/v1).
-//! - **Reads**: get, and list (in pages of `limit`, with `continue` tokens) with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
+//! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
 //!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
-//!   `metadata.resourceVersion` is the store's.
+//!   `metadata.resourceVersion` is the store's. With `limit`, the list comes in pages with
+//!   `continue` tokens, each page a part of the one list taken at the first page's
+//!   resourceVersion; a token older than the watch history gets 410 `Expired`.
 //! - **Watch** (`watch=true`): from `resourceVersion` (unset or `0`: an `ADDED` for every object,
 //!   then changes), `BOOKMARK` events when `allowWatchBookmarks=true`, the stream closed at
 //!   `timeoutSeconds`; a resourceVersion older than the kept history gets the `ERROR` event with
@@ -27,9 +29,9 @@
 //! Namespaces are not stored: every one exists and is `Active`.
 //!
 //! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's
-//! `managedFields` in the object (ownership is kept aside) and list merging, expiry of `continue`
-//! tokens, Table output (`kubectl get` needs `-o json`, `-o name` or the like), OpenAPI
-//! (`kubectl create` needs `--validate=false`).
+//! `managedFields` in the object (ownership is kept aside) and list merging, Table output
+//! (`kubectl get` needs `-o json`, `-o name` or the like), OpenAPI (`kubectl create` needs
+//! `--validate=false`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Write};
@@ -119,6 +121,8 @@ struct Store {
     owners: BTreeMap<(&'static str, String, String), BTreeMap<String, String>>,
     /// Requests served, `METHOD plural` (or the path for discovery), for assertions.
     log: Vec<String>,
+    /// A paged list's pages still to serve: `continue` token → (its resourceVersion, items).
+    pages: BTreeMap<u64, (u64, VecDeque<Value>)>,
 }
 
 struct Shared {
@@ -682,49 +686,57 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
             return watch(kind, namespace.as_deref(), &params, shared, out);
         }
         ("GET", None) => {
-            // Pages of `limit` items; the `continue` token holds the first page's
-            // resourceVersion (every page reports it, as one consistent list) and the last key.
-            let (snapshot_rv, after) = match params.get("continue").and_then(|c| c.split_once('|'))
-            {
-                Some((rv, after)) => (rv.to_string(), Some(after.to_string())),
-                None => (store.rv.to_string(), None),
-            };
             let limit = params
                 .get("limit")
                 .and_then(|l| l.parse::<usize>().ok())
                 .filter(|l| *l > 0)
                 .unwrap_or(usize::MAX);
-            let mut matching = store
-                .objects
-                .iter()
-                .filter(|((p, n, _), o)| {
-                    *p == kind.plural
-                        && namespace.as_ref().is_none_or(|ns| ns == n)
-                        && matches(o, &params)
-                })
-                .filter(|((_, n, name), _)| {
-                    after.as_ref().is_none_or(|a| format!("{n}/{name}") > *a)
-                });
-            let items: Vec<Value> = matching
-                .by_ref()
-                .take(limit)
-                .map(|(_, o)| o.clone())
-                .collect();
-            let more = matching.next().is_some();
-            let mut metadata = json!({"resourceVersion": snapshot_rv});
-            if let (true, Some(last)) = (more, items.last()) {
-                let last = format!(
-                    "{}/{}",
-                    last["metadata"]["namespace"].as_str().unwrap_or(""),
-                    last["metadata"]["name"].as_str().unwrap_or("")
-                );
-                metadata["continue"] = json!(format!("{snapshot_rv}|{last}"));
+            // Later pages come from the list as it was at the first page, as the real server
+            // reads them at the first page's resourceVersion; a snapshot older than the
+            // watch history has expired, as a compacted etcd revision has.
+            let snapshot = match params.get("continue") {
+                None => Some((
+                    store.rv,
+                    store
+                        .objects
+                        .iter()
+                        .filter(|((p, n, _), o)| {
+                            *p == kind.plural
+                                && namespace.as_ref().is_none_or(|ns| ns == n)
+                                && matches(o, &params)
+                        })
+                        .map(|(_, o)| o.clone())
+                        .collect::<VecDeque<_>>(),
+                )),
+                Some(token) => token
+                    .parse()
+                    .ok()
+                    .and_then(|id| store.pages.remove(&id))
+                    .filter(|(rv, _)| *rv >= store.compacted),
+            };
+            match snapshot {
+                None => Err(status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list \
+                     result. You can start a new list without the continue parameter.",
+                )),
+                Some((rv, mut rest)) => {
+                    let items: Vec<Value> = rest.drain(..limit.min(rest.len())).collect();
+                    let mut metadata = json!({"resourceVersion": rv.to_string()});
+                    if !rest.is_empty() {
+                        store.uid += 1;
+                        let id = store.uid;
+                        store.pages.insert(id, (rv, rest));
+                        metadata["continue"] = json!(id.to_string());
+                    }
+                    Ok((
+                        200,
+                        json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
+                        "metadata": metadata, "items": items}),
+                    ))
+                }
             }
-            Ok((
-                200,
-                json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
-                "metadata": metadata, "items": items}),
-            ))
         }
         ("GET", Some(n)) => match store.objects.get(&key) {
             Some(o) => Ok((200, o.clone())),
