@@ -10,7 +10,8 @@
 //!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
 //!   `metadata.resourceVersion` is the store's. With `limit`, the list comes in pages with
 //!   `continue` tokens, each page a part of the one list taken at the first page's
-//!   resourceVersion; a token older than the watch history gets 410 `Expired`.
+//!   resourceVersion; a token older than the watch history gets 410 `Expired`. The dispatcher's
+//!   watchers list this way (kube-runtime 5.0.0, `src/watcher.rs`: `page_size` 500 by default).
 //! - **Watch** (`watch=true`): from `resourceVersion` (unset or `0`: an `ADDED` for every object,
 //!   then changes), `BOOKMARK` events when `allowWatchBookmarks=true`, the stream closed at
 //!   `timeoutSeconds`; a resourceVersion older than the kept history gets the `ERROR` event with
