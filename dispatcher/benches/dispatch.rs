@@ -298,6 +298,23 @@ struct Pod {
     idle_timeout: f64,
 }
 
+impl Pod {
+    /// A pod its Job controller will create `JOB_CONTROLLER_DELAY` after `created_at`.
+    fn asked_for(created_at: f64, startup: f64, dispatch: usize, idle_timeout: f64) -> Pod {
+        Pod {
+            state: PodState::NotYetCreated,
+            ready_at: created_at + JOB_CONTROLLER_DELAY,
+            created_at,
+            startup,
+            registered_at: None,
+            took_job_at: None,
+            gone_at: None,
+            dispatch,
+            idle_timeout,
+        }
+    }
+}
+
 struct Results {
     p50: f64,
     p95: f64,
@@ -395,17 +412,8 @@ impl<'w> Sim<'w> {
         self.dispatches.push((n, at));
         for _ in 0..n {
             let startup = self.startup();
-            self.pods.push(Pod {
-                state: PodState::NotYetCreated,
-                ready_at: at + JOB_CONTROLLER_DELAY,
-                created_at: at,
-                startup,
-                registered_at: None,
-                took_job_at: None,
-                gone_at: None,
-                dispatch,
-                idle_timeout,
-            });
+            self.pods
+                .push(Pod::asked_for(at, startup, dispatch, idle_timeout));
         }
     }
 
@@ -416,17 +424,7 @@ impl<'w> Sim<'w> {
         for job in &self.workload.jobs {
             let startup = self.startup();
             let at = job.arrival - TYPICAL_STARTUP - JOB_CONTROLLER_DELAY;
-            planned.push(Pod {
-                state: PodState::NotYetCreated,
-                ready_at: at + JOB_CONTROLLER_DELAY,
-                created_at: at,
-                startup,
-                registered_at: None,
-                took_job_at: None,
-                gone_at: None,
-                dispatch: 0,
-                idle_timeout: IDLE_TIMEOUT,
-            });
+            planned.push(Pod::asked_for(at, startup, 0, IDLE_TIMEOUT));
         }
         planned.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
         self.planned = planned.into();

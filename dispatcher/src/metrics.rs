@@ -42,7 +42,8 @@ pub struct Metrics {
     pub api_errors: Family<ApiError, Counter>,
     pub tick_seconds: Histogram,
     pub leader: Gauge,
-    /// Whether the last Buildkite poll succeeded (`/readyz`).
+    /// Whether the last Buildkite poll succeeded, which a tick only makes once the watches have
+    /// synced (`/readyz`).
     pub ready: AtomicBool,
 }
 
@@ -126,8 +127,8 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (Buildkite accepted the
-/// token on the last poll) until the process ends.
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the watches have synced and
+/// Buildkite accepted the token on the last poll) until the process ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -151,7 +152,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 }
                 "/readyz" => (
                     "503 Service Unavailable",
-                    "not ready: the last Buildkite poll failed\n".to_string(),
+                    "not ready: the watches have not synced yet, or the last Buildkite poll failed (see the log)\n".to_string(),
                     "text/plain",
                 ),
                 _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),

@@ -220,11 +220,31 @@ where
                         kind: "watch",
                     })
                     .inc();
-                tracing::warn!(kind = what, "watching {what} failed: {e}; retrying");
+                if forbidden(&e) {
+                    tracing::warn!(
+                        kind = what,
+                        "watching {what} is forbidden: {e}; grant the dispatcher's ServiceAccount \
+                         list and watch on {what} (image/k8s/dispatcher/rbac.yaml); retrying"
+                    );
+                } else {
+                    tracing::warn!(kind = what, "watching {what} failed: {e}; retrying");
+                }
             }
         }
     });
     store
+}
+
+/// Whether the API server refused a watch's list or watch for lack of RBAC: retrying alone will
+/// not mend it, so the log says what will.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
+        watcher::Error::WatchError(status) => status.is_forbidden(),
+        _ => false,
+    }
 }
 
 /// One tick: demand, supply, decision, action. Returns the poll interval Buildkite asked for.

@@ -65,14 +65,7 @@ impl Template {
             queue: queue.to_string(),
         };
         let agent = template.agent().ok_or(TemplateError::NoContainer)?;
-        let env = |name: &str| {
-            agent
-                .env
-                .iter()
-                .flatten()
-                .find(|e| e.name == name)
-                .and_then(|e| e.value.clone())
-        };
+        let env = |name: &str| env_value(agent.env.as_deref().unwrap_or_default(), name);
         let from_queue_var = env("BUILDKITE_AGENT_QUEUE").map(|q| (q, "BUILDKITE_AGENT_QUEUE"));
         let from_tags = env("BUILDKITE_AGENT_TAGS")
             .and_then(|tags| tag(&tags, "queue"))
@@ -147,11 +140,7 @@ impl Template {
             .and_then(|p| p.containers.iter_mut().find(|c| c.name == agent_name))
         {
             let env = agent.env.get_or_insert_default();
-            let tags = env
-                .iter()
-                .find(|e| e.name == "BUILDKITE_AGENT_TAGS")
-                .and_then(|e| e.value.clone())
-                .unwrap_or_default();
+            let tags = env_value(env, "BUILDKITE_AGENT_TAGS").unwrap_or_default();
             set_env(env, "BUILDKITE_AGENT_TAGS", &with_queue(&tags, &self.queue));
             set_env(
                 env,
@@ -161,6 +150,13 @@ impl Template {
         }
         job
     }
+}
+
+/// A variable's literal value (`None` for one taken `valueFrom` a Secret or field).
+fn env_value(env: &[EnvVar], name: &str) -> Option<String> {
+    env.iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
 }
 
 fn set_env(env: &mut Vec<EnvVar>, name: &str, value: &str) {
@@ -244,14 +240,7 @@ mod tests {
             .unwrap();
         assert_eq!(pod_labels[DISPATCH_LABEL], dispatch().id);
         let agent = &spec.template.spec.as_ref().unwrap().containers[0];
-        let env = |name: &str| {
-            agent
-                .env
-                .iter()
-                .flatten()
-                .find(|e| e.name == name)
-                .and_then(|e| e.value.clone())
-        };
+        let env = |name: &str| env_value(agent.env.as_deref().unwrap_or_default(), name);
         assert_eq!(
             env("BUILDKITE_AGENT_TAGS").as_deref(),
             Some("queue=kubernetes")

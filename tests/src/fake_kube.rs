@@ -24,8 +24,8 @@
 //!   field up; which Lease-based leader election relies on), delete (objects with finalizers get a `deletionTimestamp` and stay; a
 //!   Job's pods go with it unless `propagationPolicy=Orphan`). Every write bumps the
 //!   resourceVersion and is seen by watchers.
-//! - **Faults** on request ([`FakeKube::inject`]): a status (409, 429 with `Retry-After`, 500,
-//!   503) for the next matching requests.
+//! - **Faults** on request ([`FakeKube::inject`]): a status (403, 409, 429 with `Retry-After`,
+//!   500, 503, each with the real server's `reason`) for the next matching requests.
 //!
 //! Namespaces are not stored: every one exists and is `Active`.
 //!
@@ -439,6 +439,20 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
     )
 }
 
+/// The `reason` the real API server gives with each status an injected fault can carry
+/// (apimachinery `pkg/apis/meta/v1/types.go` `StatusReason*`); clients such as kube-core 5.0.0's
+/// `Status::is_forbidden` go by the reason, not the code.
+fn fault_reason(code: u16) -> &'static str {
+    match code {
+        403 => "Forbidden",
+        409 => "Conflict",
+        429 => "TooManyRequests",
+        500 => "InternalError",
+        503 => "ServiceUnavailable",
+        _ => "",
+    }
+}
+
 fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -538,6 +552,7 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value, extra: &str) -> std::io
     let reason = match code {
         200 => "OK",
         201 => "Created",
+        403 => "Forbidden",
         404 => "Not Found",
         409 => "Conflict",
         410 => "Gone",
@@ -670,7 +685,7 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
     if let Some(i) = fault {
         let (_, _, code) = store.faults.remove(i).unwrap();
         drop(store);
-        let (code, body) = status(code, "InjectedFault", &format!("injected fault {code}"));
+        let (code, body) = status(code, fault_reason(code), &format!("injected fault {code}"));
         let extra = if code == 429 {
             "Retry-After: 1\r\n"
         } else {

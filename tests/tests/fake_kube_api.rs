@@ -175,6 +175,16 @@ fn http(kube: &FakeKube, method: &str, path: &str, body: Option<&Value>) -> (u16
     loopback::http(&address, method, path, body.as_deref())
 }
 
+/// The names of a list's items, in order.
+fn names(list: &Value) -> Vec<String> {
+    list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn stale_updates_conflict_and_expired_watches_are_gone() {
     let kube = FakeKube::start();
@@ -251,33 +261,27 @@ fn selectors_pick_what_the_api_server_would() {
         );
         kube.set_status("pods", "ci", name, json!({"phase": phase}));
     }
-    let names = |query: &str| {
+    let listed = |query: &str| {
         let (_, body) = http(
             &kube,
             "GET",
             &format!("/api/v1/namespaces/ci/pods?{query}"),
             None,
         );
-        let list: Value = serde_json::from_str(&body).unwrap();
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
+        names(&serde_json::from_str(&body).unwrap())
     };
     assert_eq!(
-        names("labelSelector=stateless-agent%2Fqueue%3Dq"),
+        listed("labelSelector=stateless-agent%2Fqueue%3Dq"),
         ["a", "b"]
     );
     assert_eq!(
-        names("labelSelector=stateless-agent%2Fqueue%20in%20(q,other),tier"),
+        listed("labelSelector=stateless-agent%2Fqueue%20in%20(q,other),tier"),
         ["a"]
     );
-    assert_eq!(names("labelSelector=!tier"), ["b", "c"]);
-    assert_eq!(names("fieldSelector=status.phase%3DRunning"), ["a", "c"]);
+    assert_eq!(listed("labelSelector=!tier"), ["b", "c"]);
+    assert_eq!(listed("fieldSelector=status.phase%3DRunning"), ["a", "c"]);
     assert_eq!(
-        names("labelSelector=stateless-agent%2Fqueue%3Dq&fieldSelector=status.phase!%3DRunning"),
+        listed("labelSelector=stateless-agent%2Fqueue%3Dq&fieldSelector=status.phase!%3DRunning"),
         ["b"]
     );
 }
@@ -299,14 +303,6 @@ fn lists_come_in_pages() {
             None,
         );
         (code, serde_json::from_str::<Value>(&body).unwrap())
-    };
-    let names = |list: &Value| {
-        list["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
-            .collect::<Vec<_>>()
     };
     let continued = |list: &Value| {
         let token = list["metadata"]["continue"].as_str().unwrap();

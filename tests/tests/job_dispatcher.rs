@@ -345,6 +345,40 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     assert!(!everything.contains(TOKEN));
 }
 
+/// RBAC that does not let it list pods: it dispatches nothing while it cannot count its supply
+/// (never a Job on a supply it cannot see), is not ready, and says which permission to grant;
+/// once granted, it dispatches.
+#[test]
+fn a_forbidden_watch_dispatches_nothing_and_names_the_permission() {
+    let w = World::new();
+    w.kube.inject(Some("GET"), Some("pods"), 403, 2);
+    w.buildkite.set(QueueState {
+        scheduled: 3,
+        ..QueueState::default()
+    });
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+    wait_for("two refused lists of pods", || {
+        w.kube
+            .requests()
+            .iter()
+            .filter(|r| *r == "GET pods")
+            .count()
+            >= 2
+    });
+    assert!(w.jobs().is_empty());
+    assert_eq!(http_get(port, "/readyz").0, 503);
+    wait_for("a dispatch once pods can be listed", || {
+        !w.jobs().is_empty()
+    });
+    let out = stop(dispatcher);
+    assert!(
+        out.stderr.contains("watching pods is forbidden")
+            && out.stderr.contains("list and watch on pods"),
+        "{}",
+        out.log()
+    );
+}
+
 #[test]
 fn the_poll_interval_follows_what_buildkite_asks() {
     let w = World::new();
