@@ -21,7 +21,7 @@ pub enum MetricsError {
     Status(u16),
     #[error("cannot reach Buildkite at {endpoint}: {reason}; retrying")]
     Unreachable { endpoint: String, reason: String },
-    #[error("Buildkite's metrics answer was not understood: {0}")]
+    #[error("Buildkite's metrics answer was not understood ({0}); check that BUILDKITE_AGENT_ENDPOINT is Buildkite's agent API (https://agent.buildkite.com/v3); retrying")]
     Invalid(String),
 }
 
@@ -72,7 +72,9 @@ struct JobCounts {
 
 pub struct MetricsClient {
     http: reqwest::Client,
+    /// `<endpoint>/metrics/queue`, asked with `?name=<queue>`.
     url: String,
+    queue: String,
     endpoint: String,
     /// `Token <token>`; never logged.
     authorization: String,
@@ -91,7 +93,8 @@ impl MetricsClient {
         let endpoint = endpoint.trim_end_matches('/').to_string();
         MetricsClient {
             http,
-            url: format!("{endpoint}/metrics/queue?name={}", encode(queue)),
+            url: format!("{endpoint}/metrics/queue"),
+            queue: queue.to_string(),
             endpoint,
             authorization: format!("Token {token}"),
         }
@@ -101,6 +104,7 @@ impl MetricsClient {
         let response = self
             .http
             .get(&self.url)
+            .query(&[("name", &self.queue)])
             .header("Authorization", &self.authorization)
             .send()
             .await
@@ -161,16 +165,4 @@ fn without_url(error: &reqwest::Error) -> String {
         Some(source) => format!("{text}: {source}"),
         None => text,
     }
-}
-
-/// Percent-encodes a queue name for the query.
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

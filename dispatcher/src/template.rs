@@ -23,7 +23,7 @@ const AGENT_CONTAINER: &str = "agent";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
-    #[error("the agent template is not a batch/v1 Job: {0}")]
+    #[error("the agent template is not a batch/v1 Job ({0}); give DISPATCHER_TEMPLATE a Job manifest like image/k8s/agent-job.yaml")]
     Parse(String),
     #[error("the agent template has no containers; give its pod template the agent container")]
     NoContainer,
@@ -284,9 +284,10 @@ mod tests {
         );
         assert_eq!(with_queue("", "q"), "queue=q");
         assert_eq!(name_part("Linux_Large.1"), "linux-large-1");
-        assert!(matches!(
-            Template::parse("kind: [", "q"),
-            Err(TemplateError::Parse(_))
-        ));
+        let unreadable = Template::parse("kind: [", "q").err().unwrap();
+        assert!(matches!(unreadable, TemplateError::Parse(_)));
+        assert!(unreadable
+            .to_string()
+            .contains("give DISPATCHER_TEMPLATE a Job manifest"));
     }
 }

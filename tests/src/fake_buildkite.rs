@@ -28,11 +28,13 @@ pub struct QueueState {
     pub busy_agents: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildkiteFault {
     Status(u16),
     /// Accept and say nothing for this long.
     Stall(Duration),
+    /// A 200 with this JSON string instead of the metrics (as a wrong endpoint might answer).
+    Answer(&'static str),
 }
 
 struct State {
@@ -136,6 +138,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
                 json!({"message": "rate limited"}),
                 "Retry-After: 1\r\n".to_string(),
             ),
+            Some(BuildkiteFault::Answer(text)) => (200, json!(text), String::new()),
             Some(BuildkiteFault::Status(code)) => {
                 (code, json!({"message": "injected"}), String::new())
             }

@@ -299,6 +299,9 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     assert_eq!(http_get(port, "/healthz").0, 200);
     // Throttled, then the API server fails the create once: one Job all the same, next tick.
     w.buildkite.inject(BuildkiteFault::Status(429), 1);
+    // An answer that is not the metrics (a wrong endpoint): nothing dispatched on it.
+    w.buildkite
+        .inject(BuildkiteFault::Answer("<html>sign in</html>"), 1);
     w.kube.inject(Some("POST"), Some("jobs"), 500, 1);
     w.buildkite.set(QueueState {
         scheduled: 3,
@@ -326,6 +329,15 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     assert!(
         metrics.contains("dispatcher_api_errors_total{api=\"kubernetes\",kind=\"server\"} 1"),
         "{metrics}"
+    );
+    assert!(
+        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"invalid\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        out.stderr.contains("check that BUILDKITE_AGENT_ENDPOINT"),
+        "{}",
+        out.log()
     );
 
     // The token: in the Authorization header to Buildkite, and nowhere else.
