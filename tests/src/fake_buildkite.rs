@@ -1,10 +1,11 @@
 //! A fake of Buildkite's agent API on loopback, for the dispatcher's scenarios: the queue
 //! metrics endpoint as the agent token reads it (`GET /v3/metrics/queue?name=<queue>` with
 //! `Authorization: Token <token>`; buildkite.com/docs/apis/agent-api/metrics, and
-//! buildkite-agent-scaler's `buildkite/buildkite.go`, for the shape):
-//! `{"agents":{"idle","busy","total"},"jobs":{"scheduled","running","waiting","total"},
-//! "organization":{"slug"}}`, with the `Buildkite-Agent-Metrics-Poll-Duration` header. A wrong
-//! token gets 401; faults on request (429 with `Retry-After`, 500, a stall).
+//! buildkite-agent-scaler v1.12.0-23-g49c4145, `buildkite/buildkite.go` `queryMetrics`, which
+//! asks the same way, its queue form-encoded): `{"agents":{"idle","busy","total"},
+//! "jobs":{"scheduled","running","waiting","total"},"organization":{"slug"}}`, with the
+//! `Buildkite-Agent-Metrics-Poll-Duration` header. A wrong token gets 401; faults on request
+//! (429 with `Retry-After`, 500, a stall, a 200 whose body is not the metrics).
 //!
 //! Not modelled yet: the agent lifecycle endpoints (register, ping, accept, start, finish,
 //! disconnect), so demand here is set by the test rather than consumed by agents.
