@@ -1,26 +1,40 @@
-//! A fake of Buildkite's agent API on loopback, for the dispatcher's scenarios: the queue
-//! metrics endpoint as the agent token reads it (`GET /v3/metrics/queue?name=<queue>` with
-//! `Authorization: Token <token>`; buildkite.com/docs/apis/agent-api/metrics, and
-//! buildkite-agent-scaler v1.12.0-23-g49c4145, `buildkite/buildkite.go` `queryMetrics`, which
-//! asks the same way, its queue form-encoded): `{"agents":{"idle","busy","total"},
-//! "jobs":{"scheduled","running","waiting","total"},"organization":{"slug"}}`, with the
-//! `Buildkite-Agent-Metrics-Poll-Duration` header. A wrong token gets 401; faults on request
-//! (429 with `Retry-After`, 500, a stall, a 200 whose body is not the metrics).
+//! A fake of Buildkite's agent API on loopback, for the dispatcher's scenarios. Modelled on the
+//! agent's client, buildkite/agent main 5c219808 (v4.0.0-beta.15-41), `api/agents.go`,
+//! `api/pings.go`, `api/jobs.go` and `internal/agenthttp/auth.go`, and on the metrics endpoint as
+//! buildkite-agent-scaler v1.12.0-23-g49c4145 reads it (`buildkite/buildkite.go`
+//! `queryMetrics`):
 //!
-//! Not modelled yet: the agent lifecycle endpoints (register, ping, accept, start, finish,
-//! disconnect), so demand here is set by the test rather than consumed by agents.
+//! - **Metrics**: `GET /v3/metrics/queue?name=<queue>` with `Authorization: Token <agent
+//!   token>`: `{"agents":{"idle","busy","total"},"jobs":{"scheduled","running","waiting",
+//!   "total"},"organization":{"slug"}}`, with the `Buildkite-Agent-Metrics-Poll-Duration` header.
+//!   The counts are the lifecycle's below, plus whatever the test [`FakeBuildkite::set`]s (demand
+//!   no agent here takes).
+//! - **The agent lifecycle**: `POST /v3/register` with the registration token and the agent's
+//!   tags (`meta_data`) answers an `access_token` and a `ping_interval`; with that token,
+//!   `POST /v3/connect`, `GET /v3/ping` (`{"job":{"id",...}}` once a scheduled job of the agent's
+//!   queue is assigned to it, else `{}`), `PUT /v3/jobs/<id>/accept` (the job with its `env`),
+//!   `PUT /v3/jobs/<id>/start`, `PUT /v3/jobs/<id>/finish` (`exit_status`;
+//!   `ignore_agent_in_dispatches`, which an agent with `--disconnect-after-job` sends, keeps it
+//!   out of later dispatches) and `POST /v3/disconnect`.
+//! - A wrong token gets 401; faults on request (429 with `Retry-After`, 500, a stall, a 200 whose
+//!   body is not the metrics) hit the metrics endpoint only.
+//!
+//! Where Buildkite's side is not in any public source, this fake chooses, and says so: an
+//! assigned job counts as running and its agent as busy from the ping that hands it out; a job
+//! is assigned to the agent that pings first; `ping_interval` is 1 s (Buildkite's real interval
+//! is its own to set) so scenarios run in seconds.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::http_server::read_request;
+use crate::http_server::{read_request, Request};
 
-/// What the queue looks like to Buildkite.
+/// What the queue looks like to Buildkite, beyond the agents and jobs of the lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QueueState {
     pub scheduled: u32,
@@ -38,6 +52,48 @@ pub enum BuildkiteFault {
     Answer(&'static str),
 }
 
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Scheduled,
+    Assigned,
+    Accepted,
+    Running,
+    Finished,
+    Canceled,
+}
+
+/// A job, as the test sees it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub queue: String,
+    pub state: JobState,
+    pub env: BTreeMap<String, String>,
+    /// The agent's name, once assigned.
+    pub agent: Option<String>,
+    pub exit_status: Option<String>,
+}
+
+struct Agent {
+    name: String,
+    tags: Vec<String>,
+    job: Option<String>,
+    /// Registered and not disconnected.
+    connected: bool,
+    /// Finished its job with `ignore_agent_in_dispatches`: no job for it again.
+    ignored: bool,
+}
+
+impl Agent {
+    fn queue(&self) -> &str {
+        self.tags
+            .iter()
+            .find_map(|t| t.strip_prefix("queue="))
+            .unwrap_or("default")
+    }
+}
+
 struct State {
     token: String,
     queue: String,
@@ -46,6 +102,133 @@ struct State {
     faults: VecDeque<BuildkiteFault>,
     /// `(path and query, Authorization header)` of every request.
     requests: Vec<(String, String)>,
+    /// Access token → agent.
+    agents: BTreeMap<String, Agent>,
+    jobs: Vec<Job>,
+}
+
+impl State {
+    /// The metrics of `queue`: the lifecycle's counts plus the test's.
+    fn metrics(&self, queue: &str) -> Value {
+        let c = self.counts;
+        let jobs = |states: &[JobState]| {
+            self.jobs
+                .iter()
+                .filter(|j| j.queue == queue && states.contains(&j.state))
+                .count() as u32
+        };
+        let scheduled = c.scheduled + jobs(&[JobState::Scheduled]);
+        let running =
+            c.running + jobs(&[JobState::Assigned, JobState::Accepted, JobState::Running]);
+        let live = || {
+            self.agents
+                .values()
+                .filter(|a| a.connected && a.queue() == queue)
+        };
+        let busy = c.busy_agents + live().filter(|a| a.job.is_some()).count() as u32;
+        let idle = c.idle_agents + live().filter(|a| a.job.is_none()).count() as u32;
+        json!({
+            "agents": {"idle": idle, "busy": busy, "total": idle + busy},
+            "jobs": {"scheduled": scheduled, "running": running, "waiting": 0,
+                     "total": scheduled + running},
+            "organization": {"slug": "acme"},
+        })
+    }
+
+    /// The agent lifecycle's endpoints; `None` for a path that is not one of them.
+    fn lifecycle(&mut self, request: &Request, auth: &str) -> Option<(u16, Value)> {
+        let path = request.path.strip_prefix("/v3/")?;
+        let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+        if (request.method.as_str(), path) == ("POST", "register") {
+            if auth != format!("Token {}", self.token) {
+                return Some((401, json!({"message": "Invalid registration token"})));
+            }
+            let n = self.agents.len() + 1;
+            let access = format!("bkaa_fake-access-{n:04}");
+            let name = body["name"].as_str().unwrap_or("agent").to_string();
+            let tags: Vec<String> = body["meta_data"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|t| t.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let answer = json!({"id": format!("agent-{n:04}"), "name": name, "access_token": access,
+                "endpoint": "", "ping_interval": 1, "job_status_interval": 5,
+                "heartbeat_interval": 60, "meta_data": tags});
+            self.agents.insert(
+                access,
+                Agent {
+                    name,
+                    tags,
+                    job: None,
+                    connected: true,
+                    ignored: false,
+                },
+            );
+            return Some((201, answer));
+        }
+        let token = auth.strip_prefix("Token ").unwrap_or("").to_string();
+        let Some(agent) = self.agents.get_mut(&token) else {
+            return Some((401, json!({"message": "Invalid access token"})));
+        };
+        let segments: Vec<&str> = path.split('/').collect();
+        let answer = match (request.method.as_str(), segments.as_slice()) {
+            ("POST", ["connect"]) => {
+                agent.connected = true;
+                json!({})
+            }
+            ("POST", ["disconnect"]) => {
+                agent.connected = false;
+                json!({})
+            }
+            ("GET", ["ping"]) => {
+                if agent.job.is_none() && !agent.ignored && agent.connected {
+                    let queue = agent.queue().to_string();
+                    let name = agent.name.clone();
+                    if let Some(job) = self
+                        .jobs
+                        .iter_mut()
+                        .find(|j| j.state == JobState::Scheduled && j.queue == queue)
+                    {
+                        job.state = JobState::Assigned;
+                        job.agent = Some(name);
+                        let id = job.id.clone();
+                        self.agents.get_mut(&token).unwrap().job = Some(id.clone());
+                        return Some((200, json!({"job": {"id": id, "state": "assigned"}})));
+                    }
+                }
+                json!({})
+            }
+            ("PUT", ["jobs", id, step]) => {
+                if agent.job.as_deref() != Some(*id) {
+                    return Some((
+                        422,
+                        json!({"message": "This job is not assigned to this agent"}),
+                    ));
+                }
+                if *step == "finish" {
+                    agent.job = None;
+                    agent.ignored = body["ignore_agent_in_dispatches"] == json!(true);
+                }
+                let job = self.jobs.iter_mut().find(|j| j.id == *id).unwrap();
+                match *step {
+                    "accept" => job.state = JobState::Accepted,
+                    "start" => job.state = JobState::Running,
+                    "finish" => {
+                        job.state = JobState::Finished;
+                        job.exit_status = body["exit_status"].as_str().map(String::from);
+                    }
+                    _ => return Some((404, json!({"message": "Not found"}))),
+                }
+                let state = format!("{:?}", job.state).to_lowercase();
+                json!({"id": job.id, "state": state, "env": job.env})
+            }
+            _ => return None,
+        };
+        Some((200, answer))
+    }
 }
 
 pub struct FakeBuildkite {
@@ -54,7 +237,7 @@ pub struct FakeBuildkite {
 }
 
 impl FakeBuildkite {
-    /// Serves `queue`'s metrics to requests carrying `token`.
+    /// Serves `queue`'s metrics to requests carrying `token`, and registers agents with it.
     pub fn start(token: &str, queue: &str) -> FakeBuildkite {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let addr = listener.local_addr().unwrap();
@@ -65,6 +248,8 @@ impl FakeBuildkite {
             poll_duration: None,
             faults: VecDeque::new(),
             requests: Vec::new(),
+            agents: BTreeMap::new(),
+            jobs: Vec::new(),
         }));
         let serving = state.clone();
         crate::loopback::serve_each(listener, move |stream| {
@@ -82,6 +267,49 @@ impl FakeBuildkite {
         self.state.lock().unwrap().counts = counts;
     }
 
+    /// Schedules `count` jobs on `queue`, each with `env` and its own `BUILDKITE_JOB_ID`.
+    pub fn schedule(&self, queue: &str, count: usize, env: &BTreeMap<String, String>) {
+        let mut state = self.state.lock().unwrap();
+        for _ in 0..count {
+            let id = format!("01900000-0000-7000-8000-{:012}", state.jobs.len() + 1);
+            let mut env = env.clone();
+            env.insert("BUILDKITE_JOB_ID".into(), id.clone());
+            env.insert("BUILDKITE_AGENT_META_DATA_QUEUE".into(), queue.into());
+            state.jobs.push(Job {
+                id,
+                queue: queue.to_string(),
+                state: JobState::Scheduled,
+                env,
+                agent: None,
+                exit_status: None,
+            });
+        }
+    }
+
+    /// Cancels every job of `queue` no agent has taken (a cancelled build); how many.
+    pub fn cancel_scheduled(&self, queue: &str) -> usize {
+        let mut state = self.state.lock().unwrap();
+        let mut n = 0;
+        for job in state
+            .jobs
+            .iter_mut()
+            .filter(|j| j.queue == queue && j.state == JobState::Scheduled)
+        {
+            job.state = JobState::Canceled;
+            n += 1;
+        }
+        n
+    }
+
+    pub fn jobs(&self) -> Vec<Job> {
+        self.state.lock().unwrap().jobs.clone()
+    }
+
+    /// How many agents have registered.
+    pub fn registrations(&self) -> usize {
+        self.state.lock().unwrap().agents.len()
+    }
+
     /// Sends `Buildkite-Agent-Metrics-Poll-Duration: <seconds>` from now on.
     pub fn ask_poll_duration(&self, seconds: u64) {
         self.state.lock().unwrap().poll_duration = Some(seconds);
@@ -94,15 +322,21 @@ impl FakeBuildkite {
 
     /// How many metrics requests came.
     pub fn polls(&self) -> usize {
-        self.state.lock().unwrap().requests.len()
+        let state = self.state.lock().unwrap();
+        state
+            .requests
+            .iter()
+            .filter(|(path, _)| path.starts_with("/v3/metrics/"))
+            .count()
     }
 
-    /// Every request's `Authorization` header, to check where the token goes.
+    /// Every metrics request's `Authorization` header, to check where the token goes.
     pub fn authorizations(&self) -> Vec<String> {
         let state = self.state.lock().unwrap();
         state
             .requests
             .iter()
+            .filter(|(path, _)| path.starts_with("/v3/metrics/"))
             .map(|(_, auth)| auth.clone())
             .collect()
     }
@@ -117,50 +351,53 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             return Ok(());
         }
         let auth = request.header("Authorization").unwrap_or("").to_string();
-        let (fault, expected, queue, counts, poll) = {
+        let metrics = request.path == "/v3/metrics/queue";
+        let (lifecycle, fault, expected, queue, body, poll) = {
             let mut s = state.lock().unwrap();
             s.requests
                 .push((format!("{}?{}", request.path, request.query), auth.clone()));
+            let lifecycle = match metrics {
+                true => None,
+                false => s.lifecycle(&request, &auth),
+            };
+            let fault = match metrics {
+                true => s.faults.pop_front(),
+                false => None,
+            };
+            let queue = s.queue.clone();
             (
-                s.faults.pop_front(),
+                lifecycle,
+                fault,
                 format!("Token {}", s.token),
-                s.queue.clone(),
-                s.counts,
+                queue.clone(),
+                s.metrics(&queue),
                 s.poll_duration,
             )
         };
-        let (code, body, extra) = match fault {
-            Some(BuildkiteFault::Stall(wait)) => {
+        let (code, body, extra) = match (lifecycle, fault) {
+            (Some((code, body)), _) => (code, body, String::new()),
+            (None, Some(BuildkiteFault::Stall(wait))) => {
                 std::thread::sleep(wait);
                 return Ok(());
             }
-            Some(BuildkiteFault::Status(429)) => (
+            (None, Some(BuildkiteFault::Status(429))) => (
                 429,
                 json!({"message": "rate limited"}),
                 "Retry-After: 1\r\n".to_string(),
             ),
-            Some(BuildkiteFault::Answer(text)) => (200, json!(text), String::new()),
-            Some(BuildkiteFault::Status(code)) => {
+            (None, Some(BuildkiteFault::Answer(text))) => (200, json!(text), String::new()),
+            (None, Some(BuildkiteFault::Status(code))) => {
                 (code, json!({"message": "injected"}), String::new())
             }
-            None if auth != expected => (401, json!({"message": "Invalid token"}), String::new()),
-            None if request.path != "/v3/metrics/queue"
-                || request.query != format!("name={queue}") =>
-            {
-                (
-                    404,
-                    json!({"message": "No queue by that name"}),
-                    String::new(),
-                )
+            (None, None) if auth != expected => {
+                (401, json!({"message": "Invalid token"}), String::new())
             }
-            None => {
-                let total_agents = counts.idle_agents + counts.busy_agents;
-                let body = json!({
-                    "agents": {"idle": counts.idle_agents, "busy": counts.busy_agents, "total": total_agents},
-                    "jobs": {"scheduled": counts.scheduled, "running": counts.running, "waiting": 0,
-                             "total": counts.scheduled + counts.running},
-                    "organization": {"slug": "acme"},
-                });
+            (None, None) if !metrics || request.query != format!("name={queue}") => (
+                404,
+                json!({"message": "No queue by that name"}),
+                String::new(),
+            ),
+            (None, None) => {
                 let extra = poll
                     .map(|s| format!("Buildkite-Agent-Metrics-Poll-Duration: {s}\r\n"))
                     .unwrap_or_default();
@@ -173,5 +410,11 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
             text.len()
         )?;
+        if request
+            .header("Connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
+        {
+            return Ok(());
+        }
     }
 }

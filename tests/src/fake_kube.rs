@@ -4,7 +4,9 @@
 //! conventions (kubernetes.io "API Concepts", the `meta/v1` types) where a client can tell:
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
-//!   kinds served: pods, secrets, events (v1), jobs (batch/v1), leases (coordination.k8s.io/v1).
+//!   kinds served: persistentvolumeclaims, pods, secrets, events (v1), jobs (batch/v1), leases
+//!   (coordination.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
+//!   the StorageObjectInUseProtection admission plugin adds it.
 //! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
 //!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
@@ -21,9 +23,12 @@
 //!   strategic-merge patches (the latter applied as a merge patch: none of these kinds needs
 //!   list merging here), server-side apply with field ownership (a field another `fieldManager`
 //!   set to another value is a 409 `Conflict` unless `force=true`; a patch's `null` gives the
-//!   field up; which Lease-based leader election relies on), delete (objects with finalizers get a `deletionTimestamp` and stay; a
-//!   Job's pods go with it unless `propagationPolicy=Orphan`). Every write bumps the
-//!   resourceVersion and is seen by watchers.
+//!   field up; which Lease-based leader election relies on), delete (objects with finalizers,
+//!   and pods bound to a node that have not ended, get a `deletionTimestamp` and stay, the
+//!   latter until the kubelet has stopped them; a Job's pods go with it unless
+//!   `propagationPolicy=Orphan`). Every write bumps the resourceVersion and is seen by watchers.
+//! - **The rest of a cluster** (Job controller, scheduler, quota, kubelet) is
+//!   [`crate::fake_cluster`], which works on this store.
 //! - **Faults** on request ([`FakeKube::inject`]): a status (403, 409, 429 with `Retry-After`,
 //!   500, 503, each with the real server's `reason`) for the next matching requests.
 //!
@@ -45,6 +50,18 @@ use serde_json::{json, Value};
 
 use crate::http_server::{read_request, Request};
 
+/// Whether a real `kubectl` is here to check the fake with; says why not when it is not.
+pub fn kubectl_installed() -> bool {
+    let ok = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipping: kubectl is not installed (bash tests/provision.sh installs it)");
+    }
+    ok
+}
+
 /// A kind the server serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kind {
@@ -63,7 +80,13 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 5] = [
+pub const KINDS: [Kind; 6] = [
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "persistentvolumeclaims",
+        kind: "PersistentVolumeClaim",
+    },
     Kind {
         group: "",
         version: "v1",
@@ -96,6 +119,9 @@ pub const KINDS: [Kind; 5] = [
     },
 ];
 
+/// The finalizer that keeps a claim while a pod uses it.
+pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
+
 /// How many changes a watch can resume from; older resourceVersions get 410 Gone.
 const HISTORY: usize = 10_000;
 
@@ -108,10 +134,13 @@ struct Change {
     object: Value,
 }
 
+/// An object's key: `(plural, namespace, name)`.
+pub(crate) type Key = (&'static str, String, String);
+
 #[derive(Default)]
-struct Store {
+pub(crate) struct Store {
     /// `(plural, namespace, name)` → object.
-    objects: BTreeMap<(&'static str, String, String), Value>,
+    pub(crate) objects: BTreeMap<Key, Value>,
     rv: u64,
     history: VecDeque<Change>,
     /// Changes at or before this resourceVersion can no longer be watched from.
@@ -119,7 +148,7 @@ struct Store {
     faults: VecDeque<(Option<String>, Option<&'static str>, u16)>,
     uid: u64,
     /// Server-side apply's field ownership: object key → field path → field manager.
-    owners: BTreeMap<(&'static str, String, String), BTreeMap<String, String>>,
+    owners: BTreeMap<Key, BTreeMap<String, String>>,
     /// Requests served, `METHOD plural` (or the path for discovery), for assertions.
     log: Vec<String>,
     /// A paged list's pages still to serve: `continue` token → (its resourceVersion, items).
@@ -131,6 +160,8 @@ struct Shared {
     changed: Condvar,
 }
 
+/// A handle on the server; clones share it.
+#[derive(Clone)]
 pub struct FakeKube {
     addr: SocketAddr,
     shared: Arc<Shared>,
@@ -230,13 +261,27 @@ impl FakeKube {
     pub fn requests(&self) -> Vec<String> {
         self.shared.store.lock().unwrap().log.clone()
     }
+
+    /// Runs `change` on the store under its lock, then tells watchers: how the cluster's
+    /// controllers ([`crate::fake_cluster`]) read and write, as the API server's own clients.
+    pub(crate) fn with_store<R>(&self, change: impl FnOnce(&mut Store) -> R) -> R {
+        let result = change(&mut self.shared.store.lock().unwrap());
+        self.shared.changed.notify_all();
+        result
+    }
 }
 
-fn kind_of(plural: &str) -> Option<Kind> {
+pub(crate) fn kind_of(plural: &str) -> Option<Kind> {
     KINDS.iter().copied().find(|k| k.plural == plural)
 }
 
 impl Store {
+    /// A copy of every object of `plural`, with its key.
+    pub(crate) fn all(&self, plural: &str) -> Vec<(Key, Value)> {
+        let all = self.objects.iter().filter(|(k, _)| k.0 == plural);
+        all.map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     fn next_rv(&mut self) -> u64 {
         self.rv += 1;
         self.rv
@@ -256,7 +301,7 @@ impl Store {
         }
     }
 
-    fn key(kind: Kind, object: &Value) -> (&'static str, String, String) {
+    fn key(kind: Kind, object: &Value) -> Key {
         let meta = &object["metadata"];
         (
             kind.plural,
@@ -265,7 +310,7 @@ impl Store {
         )
     }
 
-    fn create(
+    pub(crate) fn create(
         &mut self,
         kind: Kind,
         namespace: &str,
@@ -302,6 +347,17 @@ impl Store {
         if kind.plural == "pods" && object["status"]["phase"].is_null() {
             object["status"] = json!({"phase": "Pending"});
         }
+        if kind.plural == "persistentvolumeclaims" {
+            // The StorageObjectInUseProtection admission plugin's finalizer; a claim is Pending
+            // until the cluster binds it.
+            let finalizers = object["metadata"]["finalizers"].as_array().cloned();
+            let mut finalizers = finalizers.unwrap_or_default();
+            if !finalizers.contains(&json!(PVC_PROTECTION)) {
+                finalizers.push(json!(PVC_PROTECTION));
+            }
+            object["metadata"]["finalizers"] = json!(finalizers);
+            object["status"] = json!({"phase": "Pending"});
+        }
         self.objects.insert(key, object.clone());
         self.record(kind, &object);
         Ok(object)
@@ -314,7 +370,7 @@ impl Store {
     fn patch(
         &mut self,
         kind: Kind,
-        key: &(&'static str, String, String),
+        key: &Key,
         name: &str,
         patch: &Value,
         manager: &str,
@@ -366,7 +422,7 @@ impl Store {
     }
 
     /// Stores `object` as the new version and tells watchers.
-    fn put(&mut self, kind: Kind, mut object: Value) -> Value {
+    pub(crate) fn put(&mut self, kind: Kind, mut object: Value) -> Value {
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = Store::key(kind, &object);
@@ -375,7 +431,7 @@ impl Store {
         object
     }
 
-    fn remove(&mut self, kind: Kind, key: &(&'static str, String, String)) -> Option<Value> {
+    pub(crate) fn remove(&mut self, kind: Kind, key: &Key) -> Option<Value> {
         let object = self.objects.remove(key)?;
         self.next_rv();
         let mut gone = object.clone();
@@ -389,22 +445,31 @@ impl Store {
         Some(object)
     }
 
-    /// Deletes an object: with finalizers it only gets a deletion timestamp; a Job takes its
-    /// pods along unless orphaning.
-    fn delete(
-        &mut self,
-        kind: Kind,
-        key: &(&'static str, String, String),
-        orphan: bool,
-    ) -> Option<Value> {
+    /// Deletes an object: with finalizers it only gets a deletion timestamp, as does a pod
+    /// bound to a node and not yet ended, whose kubelet stops it within its grace period and
+    /// then removes it (`pkg/registry/core/pod/strategy.go` `CheckGracefulDelete`); a Job takes
+    /// its pods along unless orphaning.
+    pub(crate) fn delete(&mut self, kind: Kind, key: &Key, orphan: bool) -> Option<Value> {
         let object = self.objects.get(key)?.clone();
         let finalizers = object["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
-        if finalizers {
+        let graceful = kind.plural == "pods"
+            && object["spec"]["nodeName"].is_string()
+            && !matches!(
+                object["status"]["phase"].as_str(),
+                Some("Succeeded" | "Failed")
+            );
+        if graceful || finalizers {
             let mut marked = object;
             if marked["metadata"]["deletionTimestamp"].is_null() {
                 marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+                if graceful {
+                    let grace = marked["spec"]["terminationGracePeriodSeconds"]
+                        .as_u64()
+                        .unwrap_or(30);
+                    marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+                }
                 return Some(self.put(kind, marked));
             }
             return Some(marked);
@@ -453,7 +518,7 @@ fn fault_reason(code: u16) -> &'static str {
     }
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -473,7 +538,7 @@ fn now_rfc3339() -> String {
 }
 
 /// Five characters from the alphabet Kubernetes uses for generated names.
-fn random_suffix(seed: u64) -> String {
+pub(crate) fn random_suffix(seed: u64) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut x = seed
         ^ SystemTime::now()
@@ -619,7 +684,7 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
                 .flat_map(|k| {
                     let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
                     [
-                        json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": true, "kind": k.kind, "verbs": verbs}),
+                        json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": true, "kind": k.kind, "verbs": verbs, "shortNames": short_names(k.plural)}),
                         json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": true, "kind": k.kind, "verbs": ["get", "patch", "update"]}),
                     ]
                 })
@@ -821,6 +886,16 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
     shared.changed.notify_all();
     match result {
         Ok((code, body)) | Err((code, body)) => respond(out, code, &body, ""),
+    }
+}
+
+/// The short names discovery gives, which `kubectl get pvc` resolves through.
+fn short_names(plural: &str) -> &'static [&'static str] {
+    match plural {
+        "persistentvolumeclaims" => &["pvc"],
+        "pods" => &["po"],
+        "events" => &["ev"],
+        _ => &[],
     }
 }
 

@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod container;
+pub mod dispatcher_process;
 pub mod fake_buildkite;
+pub mod fake_cluster;
 pub mod fake_kube;
 pub mod fixture;
 pub mod git;
@@ -16,6 +18,7 @@ pub mod sandbox;
 pub mod scenario;
 pub mod sshd;
 pub mod standin_agent;
+pub mod standin_api;
 pub mod standin_config;
 pub mod standin_start;
 pub mod synthetic;

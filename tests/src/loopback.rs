@@ -15,6 +15,17 @@ pub fn free_port() -> u16 {
 /// One HTTP/1.1 request to `address` (`host:port`) on a connection of its own: the status and
 /// the body (0 and nothing when nothing listens).
 pub fn http(address: &str, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    http_with(address, method, path, "", body)
+}
+
+/// [`http`] with more header lines (`Name: value\r\n` each).
+pub fn http_with(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut stream) = TcpStream::connect(address) else {
         return (0, String::new());
@@ -23,7 +34,7 @@ pub fn http(address: &str, method: &str, path: &str, body: Option<&str>) -> (u16
     let body = body.unwrap_or("");
     let _ = write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     let mut response = String::new();

@@ -72,6 +72,7 @@ use Kind::{Bool, Int, List, Text};
 #[rustfmt::skip]
 const SETTINGS: &[Setting] = &[
     setting("endpoint", &["BUILDKITE_AGENT_ENDPOINT"], Text, "https://agent.buildkite.com/v3"),
+    setting("tags", &["BUILDKITE_AGENT_TAGS"], List, ""),
     setting("build-path", &["BUILDKITE_BUILD_PATH"], Text, ""),
     setting("hooks-path", &["BUILDKITE_HOOKS_PATH"], Text, ""),
     setting("additional-hooks-paths", &["BUILDKITE_ADDITIONAL_HOOKS_PATHS"], List, ""),

@@ -16,13 +16,19 @@
 //!   with `--health-check-addr`, starts the health server: `/` and `/status.json`
 //!   (`agent/agent_pool.go` `statusJSONHandler`), the worker `busy` with its `current_job_id` from
 //!   accepting a job until FinishJob returned, `idle` otherwise.
-//! - **Waiting for work.** A job "arrives" `BUILDKITE_STANDIN_JOB_AFTER` seconds after
-//!   registration (unset: never). `--disconnect-after-idle-timeout N`: exit 0 when no job came
+//! - **Waiting for work.** With an `http://` endpoint (the scenarios' fake Buildkite), the agent
+//!   registers there with its `tags`, pings each `ping_interval` plus jitter, and accepts and
+//!   starts the job a ping hands it, whose `env` is the backend's job environment; FinishJob
+//!   reports the job's exit status with `ignore_agent_in_dispatches`, then it disconnects
+//!   ([`crate::standin_api`]). Otherwise (the default HTTPS endpoint, unreachable here) a job
+//!   "arrives" `BUILDKITE_STANDIN_JOB_AFTER` seconds after registration (unset: never), its
+//!   environment from `BUILDKITE_STANDIN_JOB_ENV`. `--disconnect-after-idle-timeout N`: exit 0 when no job came
 //!   for N seconds after registration (0: never). A `pause` misbehaviour is a paused agent: no job,
 //!   and no idle timeout (`agent/idle_monitor.go` counts a paused agent as busy), status idle.
 //! - **The job.** It runs the global hooks from the hooks path in the agent's order —
 //!   environment, pre-checkout, checkout (the global hook; the default checkout is not modelled),
-//!   post-checkout, pre-command, command (`BUILDKITE_STANDIN_COMMAND` through `sh -c`),
+//!   post-checkout, pre-command, command (through `sh -c`: the job's `BUILDKITE_COMMAND` when it
+//!   came through the API, else `BUILDKITE_STANDIN_COMMAND`),
 //!   post-command, pre-exit — in `BUILDKITE_BUILD_CHECKOUT_PATH`, each in its own process group,
 //!   with the job environment: the agent's own minus `BUILDKITE_AGENT_TOKEN`, overlaid by the
 //!   job's (the backend's from `BUILDKITE_STANDIN_JOB_ENV`, and every checkout setting of the
@@ -56,7 +62,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitCode};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -66,6 +72,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, SigSet, Signal};
 use nix::unistd::Pid;
 
+use crate::standin_api::AgentApi;
 use crate::standin_config::{AgentConfig, ONLY_IN_3, ONLY_IN_4};
 
 const PHASES: [&str; 8] = [
@@ -134,21 +141,18 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     }) {
         return fail(&format!("flag provided but not defined: {flag}"));
     }
-    if let Err(e) = read_token() {
-        return fail(&e);
-    }
+    let token = match read_token() {
+        Ok(token) => token,
+        Err(e) => return fail(&e),
+    };
     let config = match AgentConfig::load(args) {
         Ok(config) => config,
         Err(e) => return fail(&e),
     };
-    let build_path = config.get("build-path");
-    if build_path.is_empty() {
+    let mut api = AgentApi::for_endpoint(config.get("endpoint"), &token);
+    if config.get("build-path").is_empty() {
         return fail("Missing build-path, set BUILDKITE_BUILD_PATH");
     }
-    let build_path = PathBuf::from(build_path);
-    let hooks = Some(config.get("hooks-path"))
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from);
     let seconds = |name: &str| {
         std::env::var(name)
             .ok()
@@ -161,7 +165,8 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         .ok()
         .filter(|s| *s > 0 && !has("pause"))
         .map(Duration::from_secs);
-    let job_after = seconds("BUILDKITE_STANDIN_JOB_AFTER").filter(|_| !has("pause"));
+    let job_after =
+        seconds("BUILDKITE_STANDIN_JOB_AFTER").filter(|_| !has("pause") && api.is_none());
     let (signal_grace, forced_exit_after) = config.cancel_timing(major());
 
     // Registering: Go's default signal behaviour until the handlers are installed.
@@ -170,6 +175,19 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     if let Some(delay) = seconds("BUILDKITE_STANDIN_REGISTER_DELAY") {
         println!("buildkite-agent (stand-in): registering");
         std::thread::sleep(delay);
+    }
+    if let Some(api) = &mut api {
+        let tags: Vec<String> = config
+            .get("tags")
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect();
+        let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "standin".into());
+        if let Err(e) = api.register(&name, &tags) {
+            return fail(&e);
+        }
     }
     block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP]);
     registered.store(true, Ordering::SeqCst);
@@ -195,34 +213,78 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         false => println!("buildkite-agent (stand-in): started, waiting for a job"),
     }
     let started = Instant::now();
-    loop {
+    // The ping loop (`agent/agent_worker_ping.go`): a ping now, then one each interval plus a
+    // jitter of up to an interval.
+    let mut ping_due = api.as_ref().map(|_| started);
+    let job_id = loop {
         let job_due = job_after.map(|d| started + d);
         let idle_due = idle.map(|d| started + d);
-        let due = [job_due, idle_due].into_iter().flatten().min();
+        let due = [job_due, idle_due, ping_due].into_iter().flatten().min();
+        let leave = |code| {
+            if let Some(api) = &api {
+                api.disconnect();
+            }
+            code
+        };
         match agent.next_signal(due) {
             Some(Event::Stop) | Some(Event::Cancel) => {
                 println!("buildkite-agent (stand-in): stopping; there is no job");
-                return ExitCode::SUCCESS;
+                return leave(ExitCode::SUCCESS);
             }
             Some(Event::Exit) => return ExitCode::FAILURE,
-            None if job_due.is_some_and(|d| Instant::now() >= d) => break,
+            None if job_due.is_some_and(|d| Instant::now() >= d) => {
+                break format!("standin-job-{}", std::process::id());
+            }
             None if idle_due.is_some_and(|d| Instant::now() >= d) => {
                 println!("buildkite-agent (stand-in): idle timeout reached, disconnecting");
-                return ExitCode::SUCCESS;
+                return leave(ExitCode::SUCCESS);
+            }
+            None if ping_due.is_some_and(|d| Instant::now() >= d) => {
+                let api = api.as_ref().unwrap();
+                if let Some(job) = api.ping() {
+                    break job;
+                }
+                ping_due = Some(Instant::now() + api.ping_interval + jitter(api.ping_interval));
             }
             None => {}
         }
-    }
+    };
     let stopping_before = agent.terms > 0;
-    let job_id = format!("standin-job-{}", std::process::id());
     agent.worker.lock().unwrap().job = Some(job_id.clone());
-    if has("refuse-job") {
+    let job_env = match &api {
+        Some(api) => {
+            println!("buildkite-agent (stand-in): Assigned job {job_id}. Accepting...");
+            match api
+                .accept(&job_id)
+                .and_then(|env| api.start(&job_id).map(|_| env))
+            {
+                Ok(env) => env,
+                Err(e) => return fail(&e),
+            }
+        }
+        None => match backend_job_env() {
+            Ok(env) => env,
+            Err(code) => return code,
+        },
+    };
+    // A refused job fails without running (`agent/run_job.go` finishes it with -1).
+    let exit_status = if has("refuse-job") {
         println!("buildkite-agent (stand-in): job {job_id} refused: signature verification failed");
-    } else if let Err(code) = agent.run_job(state, &job_id, &config, &build_path, hooks.as_deref())
-    {
-        return code;
-    }
-    if let Err(code) = agent.report(state, &job_id) {
+        -1
+    } else {
+        // The job's command: Buildkite's (`BUILDKITE_COMMAND`) when it came through the API,
+        // else the test's.
+        let command = match &api {
+            Some(_) => job_env.get("BUILDKITE_COMMAND").cloned(),
+            None => std::env::var("BUILDKITE_STANDIN_COMMAND").ok(),
+        };
+        let command = command.unwrap_or_else(|| "true".into());
+        match agent.run_job(state, &job_id, &config, job_env, &command) {
+            Ok(status) => status,
+            Err(code) => return code,
+        }
+    };
+    if let Err(code) = agent.report(state, &job_id, api.as_ref(), exit_status) {
         return code;
     }
     agent.worker.lock().unwrap().job = None;
@@ -237,6 +299,9 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         }
     }
     println!("buildkite-agent (stand-in): job done, disconnecting (--disconnect-after-job)");
+    if let Some(api) = &api {
+        api.disconnect();
+    }
     ExitCode::SUCCESS
 }
 
@@ -298,20 +363,24 @@ impl Agent {
         });
     }
 
+    /// Runs the job's hooks and command; the job's exit status, as FinishJob reports it.
     fn run_job(
         &mut self,
         state: &Path,
         job_id: &str,
         config: &AgentConfig,
-        build_path: &Path,
-        hooks: Option<&Path>,
-    ) -> Result<(), ExitCode> {
-        let checkout = build_path.join("standin/pipeline");
+        job_env: BTreeMap<String, String>,
+        command: &str,
+    ) -> Result<i32, ExitCode> {
+        let checkout = Path::new(config.get("build-path")).join("standin/pipeline");
+        let hooks = Some(config.get("hooks-path"))
+            .filter(|h| !h.is_empty())
+            .map(Path::new);
         std::fs::create_dir_all(&checkout).map_err(|_| fail("cannot create the checkout"))?;
         // The bootstrap's environment: the agent's own, overlaid by the job's.
         let mut env: BTreeMap<String, String> = std::env::vars().collect();
         env.remove("BUILDKITE_AGENT_TOKEN");
-        env.extend(config.job_environment(backend_job_env()?));
+        env.extend(config.job_environment(job_env));
         env.insert("BUILDKITE_JOB_ID".into(), job_id.to_string());
         env.insert(
             "BUILDKITE_BUILD_CHECKOUT_PATH".into(),
@@ -339,10 +408,8 @@ impl Agent {
             let hook = hooks.map(|h| h.join(phase)).filter(|h| h.is_file());
             let mut step = match (phase, &hook) {
                 ("command", _) => {
-                    let script =
-                        std::env::var("BUILDKITE_STANDIN_COMMAND").unwrap_or("true".into());
                     let mut c = Command::new("sh");
-                    c.args(["-c", &script]);
+                    c.args(["-c", command]);
                     c
                 }
                 (_, Some(hook)) => {
@@ -386,13 +453,22 @@ impl Agent {
                 "buildkite-agent (stand-in): the job was killed; its pre-exit hook did not run"
             );
         }
-        Ok(())
+        Ok(match (failed, command_status) {
+            (false, Some(status)) => status,
+            _ => 1,
+        })
     }
 
-    /// The log tail and FinishJob; the worker stays busy meanwhile. A graceful TERM changes
-    /// nothing; an ungraceful stop's forced exit can end the agent first, and the result is
-    /// then lost.
-    fn report(&mut self, state: &Path, job_id: &str) -> Result<(), ExitCode> {
+    /// The log tail and FinishJob (through `api` when there is one; recorded in the state
+    /// directory either way); the worker stays busy meanwhile. A graceful TERM changes nothing;
+    /// an ungraceful stop's forced exit can end the agent first, and the result is then lost.
+    fn report(
+        &mut self,
+        state: &Path,
+        job_id: &str,
+        api: Option<&AgentApi>,
+        exit_status: i32,
+    ) -> Result<(), ExitCode> {
         let delay = std::env::var("BUILDKITE_STANDIN_FINISH_DELAY")
             .ok()
             .and_then(|s| s.parse::<f64>().ok())
@@ -408,6 +484,9 @@ impl Agent {
             if let Some(Event::Exit) = self.next_signal(Some(done)) {
                 return Err(ExitCode::FAILURE);
             }
+        }
+        if let Some(api) = api {
+            api.finish(job_id, exit_status).map_err(|e| fail(&e))?;
         }
         let finished = state.join("finished");
         std::fs::create_dir_all(&finished).map_err(|_| fail("cannot record the result"))?;
@@ -578,6 +657,14 @@ fn backend_job_env() -> Result<BTreeMap<String, String>, ExitCode> {
         std::fs::read_to_string(&path).map_err(|e| fail(&format!("reading the job env: {e}")))?;
     serde_json::from_str(&text)
         .map_err(|e| fail(&format!("the job env is not a JSON object of strings: {e}")))
+}
+
+/// Up to `interval`, from the clock's nanoseconds (the stand-in needs no better randomness).
+fn jitter(interval: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    interval.mul_f64(f64::from(nanos) / 1e9)
 }
 
 fn fail(message: &str) -> ExitCode {

@@ -9,20 +9,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use stateless_e2e::fake_kube::FakeKube;
+use stateless_e2e::fake_kube::{kubectl_installed, FakeKube};
 use stateless_e2e::loopback;
 use stateless_e2e::sandbox::{wait_for, Sandbox};
-
-fn kubectl_installed() -> bool {
-    let ok = Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping: kubectl is not installed (bash tests/provision.sh installs it)");
-    }
-    ok
-}
 
 fn kubectl(config: &Path, args: &[&str]) -> Output {
     Command::new("kubectl")

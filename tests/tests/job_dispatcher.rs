@@ -3,18 +3,19 @@
 //! and a second replica without a duplicate dispatch, stops and says why when pods cannot be
 //! scheduled, a quota refuses them or they register elsewhere, keeps serving through Buildkite
 //! and API-server faults, refuses a template for another queue, and never shows its token.
-//! (Pods here are the test's: the Job controller and kubelet stand-ins come with the end-to-end
-//! scenarios.)
+//! (Pods here are the test's, to set each state exactly; `dispatcher_end_to_end.rs` runs them
+//! through the fake cluster's Job controller, scheduler and kubelet.)
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use stateless_e2e::dispatcher_process::{job_dispatcher, stop};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
 use stateless_e2e::fake_kube::FakeKube;
 use stateless_e2e::loopback::{self, free_port};
-use stateless_e2e::sandbox::{bin, finish, wait_for, Finished, Sandbox};
+use stateless_e2e::sandbox::{finish, wait_for, Sandbox};
 
 const QUEUE: &str = "kubernetes";
 const TOKEN: &str = "bkua_s3cret-dispatcher-t0ken";
@@ -45,20 +46,11 @@ impl World {
     fn dispatcher(&self, name: &str, queue: &str) -> (Child, u16) {
         let port = free_port();
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
-        let child = Command::new(bin("job-dispatcher"))
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .env("KUBECONFIG", &self.kubeconfig)
+        let child = job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
             .env("DISPATCHER_QUEUE", queue)
             .env("DISPATCHER_TEMPLATE", template)
             .env("DISPATCHER_POLL_INTERVAL", "200ms")
             .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
-            .env("BUILDKITE_AGENT_TOKEN", TOKEN)
-            .env("BUILDKITE_AGENT_ENDPOINT", self.buildkite.endpoint())
-            .env("POD_NAME", name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         (child, port)
@@ -80,19 +72,6 @@ impl World {
         );
         self.kube.set_status("pods", NS, name, status);
     }
-}
-
-fn stop(mut child: Child) -> Finished {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    finish(child)
 }
 
 fn http_get(port: u16, path: &str) -> (u16, String) {

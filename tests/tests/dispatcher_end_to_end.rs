@@ -1,0 +1,479 @@
+//! The whole flow through the real binaries: jobs are queued on the fake Buildkite; the real
+//! job-dispatcher reads the demand and creates Jobs on the fake API server; the fake cluster's
+//! Job controller makes their pods, its scheduler binds them, and its kubelet runs each as a
+//! real container: agent-wrapper as PID 1, the stand-in agent taking its job from the fake
+//! Buildkite, and the real checkout hook borrowing from a mirror that populate-mirror filled.
+//! Without root (the kubelet's mount namespaces) these say so and skip.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stateless_e2e::dispatcher_process::{job_dispatcher, stop};
+use stateless_e2e::fake_buildkite::{FakeBuildkite, JobState};
+use stateless_e2e::fake_cluster::{ClusterSpec, FakeCluster};
+use stateless_e2e::fake_kube::{kubectl_installed, FakeKube};
+use stateless_e2e::loopback::free_port;
+use stateless_e2e::sandbox::Finished;
+use stateless_e2e::scenario::Served;
+
+const QUEUE: &str = "kubernetes";
+const TOKEN: &str = "bkua_e2e-s3cret-agent-t0ken";
+const NS: &str = "ci";
+const CLAIM: &str = "buildkite-git-mirrors";
+
+struct World {
+    /// Stops the containers before the files they use go away.
+    cluster: FakeCluster,
+    kube: FakeKube,
+    buildkite: FakeBuildkite,
+    kubeconfig: PathBuf,
+    template: PathBuf,
+    job_env: BTreeMap<String, String>,
+    served: Served,
+}
+
+/// Why these scenarios cannot run here, said once each.
+fn skip() -> bool {
+    match FakeCluster::unavailable() {
+        Some(why) => {
+            eprintln!("skipping: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+impl World {
+    /// A cluster of `capacity` pods with a pod quota, a served repository, its mirror on the
+    /// claim the shipped template mounts, and the agent token in the Secret it reads.
+    fn new(capacity: usize, quota_pods: Option<usize>) -> World {
+        let served = Served::new("acme/widgets.git");
+        let out = served.sandbox.populate_mirror().arg(&served.url).run();
+        assert_eq!(out.code(), Some(0), "populate-mirror: {}", out.log());
+        let dir = served.sandbox.dir.path();
+        let kube = FakeKube::start();
+        let kubeconfig = kube.kubeconfig(dir, NS);
+        kube.create(
+            "secrets",
+            NS,
+            json!({"metadata": {"name": "buildkite-agent"}, "stringData": {"token": TOKEN}}),
+        );
+        // The shipped claim, bound to the directory populate-mirror filled.
+        let claim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/mirror-claim.yaml");
+        let claim = serde_yaml_ng::from_str(&std::fs::read_to_string(claim).unwrap()).unwrap();
+        kube.create("persistentvolumeclaims", NS, claim);
+        let buildkite = FakeBuildkite::start(TOKEN, QUEUE);
+        let template = dir.join("agent-job.yaml");
+        write_template(&template, &buildkite.endpoint());
+        let pods = dir.join("pods");
+        std::fs::create_dir(&pods).unwrap();
+        let cluster = FakeCluster::start(
+            &kube,
+            &pods,
+            ClusterSpec {
+                capacity,
+                quota_pods,
+                claims: BTreeMap::from([(CLAIM.to_string(), served.sandbox.mirrors.clone())]),
+            },
+        );
+        let job_env = BTreeMap::from([
+            ("BUILDKITE_REPO".to_string(), served.url.clone()),
+            ("BUILDKITE_COMMIT".to_string(), served.upstream.head()),
+            ("BUILDKITE_BRANCH".to_string(), "main".to_string()),
+            ("BUILDKITE_PIPELINE_SLUG".to_string(), "widgets".to_string()),
+            // The job checks its checkout is there.
+            (
+                "BUILDKITE_COMMAND".to_string(),
+                "test -f README.md".to_string(),
+            ),
+        ]);
+        World {
+            cluster,
+            kube,
+            buildkite,
+            kubeconfig,
+            template,
+            job_env,
+            served,
+        }
+    }
+
+    fn schedule(&self, count: usize) {
+        self.buildkite.schedule(QUEUE, count, &self.job_env);
+    }
+
+    /// The dispatcher, as replica `name`, ticking every 300 ms; agents it starts idle out after
+    /// 4 s without a job.
+    fn dispatcher(&self, name: &str) -> Child {
+        job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
+            .env("DISPATCHER_QUEUE", QUEUE)
+            .env("DISPATCHER_TEMPLATE", &self.template)
+            .env("DISPATCHER_POLL_INTERVAL", "300ms")
+            .env("DISPATCHER_IDLE_TIMEOUT", "4s")
+            .env("DISPATCHER_MAX_AGENTS", "80")
+            .env("DISPATCHER_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .spawn()
+            .unwrap()
+    }
+
+    fn pods(&self) -> Vec<Value> {
+        self.kube.objects("pods", NS)
+    }
+
+    fn finished_jobs(&self) -> usize {
+        let jobs = self.buildkite.jobs();
+        jobs.iter()
+            .filter(|j| j.state == JobState::Finished)
+            .count()
+    }
+
+    /// Everything that must never hold the token: pod logs, the API server's objects.
+    fn everything_but_the_secret(&self, dispatcher: &Finished) -> String {
+        let objects: Vec<Value> = ["pods", "jobs", "events", "leases"]
+            .iter()
+            .flat_map(|plural| self.kube.objects(plural, NS))
+            .collect();
+        format!(
+            "{}{}{}",
+            self.cluster.all_logs(),
+            dispatcher.log(),
+            serde_json::to_string(&objects).unwrap()
+        )
+    }
+}
+
+/// The shipped template, with the agent API's endpoint set to the fake's (the one change a
+/// real deployment does not need).
+fn write_template(path: &Path, endpoint: &str) {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
+    let mut job: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    let env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array_mut()
+        .unwrap();
+    env.push(json!({"name": "BUILDKITE_AGENT_ENDPOINT", "value": endpoint}));
+    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+}
+
+/// Waits up to `limit` for `done`.
+fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The exit reports of the pods that ran a job, from their termination messages.
+fn reports(pods: &[Value]) -> Vec<Value> {
+    pods.iter()
+        .filter_map(|p| {
+            p["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+                .as_str()
+                .and_then(|m| serde_json::from_str(m).ok())
+        })
+        .collect()
+}
+
+/// What a run left behind, read once everything has ended.
+struct Outcome {
+    pods: Vec<Value>,
+    reports: Vec<Value>,
+    jobs: Vec<Value>,
+    dispatcher: String,
+}
+
+impl Outcome {
+    fn ran_a_job(&self) -> Vec<&Value> {
+        let ran = self.reports.iter();
+        ran.filter(|r| r["reason"] == "job-finished").collect()
+    }
+
+    /// Asserts the dispatcher held back at least once for `reason`.
+    fn assert_held(&self, reason: &str) {
+        let held = self.decisions("hold");
+        let said = held.iter().any(|l| l["reason"] == reason);
+        assert!(said, "no hold for {reason}: {}", self.dispatcher);
+    }
+
+    /// The dispatcher's JSON log lines whose `decision` is `decision`.
+    fn decisions(&self, decision: &str) -> Vec<Value> {
+        self.dispatcher
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["decision"] == decision)
+            .collect()
+    }
+}
+
+impl World {
+    /// `count` jobs of a second each, run to the end by one dispatcher.
+    fn run_slow_jobs(&self, count: usize) -> Outcome {
+        let mut env = self.job_env.clone();
+        env.insert("BUILDKITE_COMMAND".into(), "sleep 1".into());
+        self.buildkite.schedule(QUEUE, count, &env);
+        let dispatcher = self.dispatcher("replica-a");
+        self.outcome(dispatcher, count, Duration::from_secs(120))
+    }
+
+    /// Waits for `jobs` finished jobs and every pod ended, stops the dispatcher, and checks
+    /// what every run must leave: each job's checkout a mirror hit at the right commit, every
+    /// pod ended with exit 0 and a report, no container left, and the token nowhere.
+    fn outcome(&self, dispatcher: Child, jobs: usize, limit: Duration) -> Outcome {
+        wait(&format!("{jobs} jobs finished"), limit, || {
+            self.finished_jobs() == jobs
+        });
+        wait("every pod ended", Duration::from_secs(60), || {
+            self.pods()
+                .iter()
+                .all(|p| matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
+        });
+        wait("every Job finished", Duration::from_secs(10), || {
+            let jobs = self.kube.objects("jobs", NS);
+            jobs.iter()
+                .all(|j| j["status"]["conditions"][0]["status"] == "True")
+        });
+        let out = stop(dispatcher);
+        let pods = self.pods();
+        let outcome = Outcome {
+            reports: reports(&pods),
+            pods,
+            jobs: self.kube.objects("jobs", NS),
+            dispatcher: out.stderr.clone(),
+        };
+        let context = || format!("{}\n{}", out.log(), self.cluster.all_logs());
+        assert_eq!(outcome.ran_a_job().len(), jobs, "{}", context());
+        for report in outcome.ran_a_job() {
+            assert_eq!(report["checkout"]["mirror"], "hit", "{report:#}");
+            let head = self.served.upstream.head();
+            assert_eq!(report["checkout"]["commit"], head.as_str());
+        }
+        for pod in &outcome.pods {
+            let state = &pod["status"]["containerStatuses"][0]["state"]["terminated"];
+            assert_eq!(state["exitCode"], 0, "{pod:#}\n{}", context());
+        }
+        assert_eq!(outcome.reports.len(), outcome.pods.len(), "{}", context());
+        let finished = self.buildkite.jobs();
+        assert!(finished
+            .iter()
+            .all(|j| j.exit_status.as_deref() != Some("1")));
+        wait("no container left", Duration::from_secs(10), || {
+            self.cluster.leftover_processes().is_empty()
+        });
+        assert!(!self.everything_but_the_secret(&out).contains(TOKEN));
+        eprintln!(
+            "{jobs} jobs: {} pods in {} Jobs",
+            outcome.pods.len(),
+            outcome.jobs.len()
+        );
+        outcome
+    }
+}
+
+#[test]
+fn a_burst_of_50_jobs_all_run_with_no_more_pods_than_demand_and_buffer() {
+    if skip() {
+        return;
+    }
+    let w = World::new(80, None);
+    w.schedule(50);
+    let dispatcher = w.dispatcher("replica-a");
+    let outcome = w.outcome(dispatcher, 50, Duration::from_secs(180));
+    // 50 jobs, and a buffer of 10 % (5): the agents that found no job idled out.
+    assert!(outcome.pods.len() <= 55, "{} pods", outcome.pods.len());
+    let idle = outcome
+        .reports
+        .iter()
+        .filter(|r| r["reason"] == "idle-timeout");
+    assert_eq!(idle.count(), outcome.pods.len() - 50);
+    assert_eq!(outcome.decisions("dispatch").len(), outcome.jobs.len());
+    for job in &outcome.jobs {
+        let complete = job["status"]["conditions"][0]["type"].as_str();
+        assert_eq!(complete, Some("Complete"), "{job:#}");
+    }
+}
+
+#[test]
+fn a_trickle_is_met_without_a_pod_per_tick() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    let dispatcher = w.dispatcher("replica-a");
+    for _ in 0..8 {
+        w.schedule(1);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let outcome = w.outcome(dispatcher, 8, Duration::from_secs(60));
+    // Agents already alive (the buffer) take later jobs: far fewer pods than ticks.
+    assert!(
+        outcome.pods.len() <= 8 + 2 * 2,
+        "{} pods",
+        outcome.pods.len()
+    );
+}
+
+#[test]
+fn a_cancelled_build_leaves_no_pods_waiting_and_no_new_dispatch() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(6, None);
+    // Long jobs, so most of the build is still waiting when it is cancelled.
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 2".into());
+    w.schedule(30);
+    let dispatcher = w.dispatcher("replica-a");
+    wait("the first jobs running", Duration::from_secs(30), || {
+        w.buildkite
+            .jobs()
+            .iter()
+            .filter(|j| j.state == JobState::Running)
+            .count()
+            >= 3
+    });
+    let cancelled = w.buildkite.cancel_scheduled(QUEUE);
+    assert!(cancelled > 0);
+    let taken = w.buildkite.jobs().len() - cancelled;
+    let jobs_at_cancel = w.kube.objects("jobs", NS).len();
+    let outcome = w.outcome(dispatcher, taken, Duration::from_secs(60));
+    assert_eq!(
+        outcome.jobs.len(),
+        jobs_at_cancel,
+        "no dispatch after the cancel"
+    );
+    // The pods the cancelled jobs were for idled out (or never started): none is left waiting.
+    assert!(outcome
+        .pods
+        .iter()
+        .all(|p| p["status"]["phase"] == "Succeeded"));
+}
+
+#[test]
+fn a_restart_mid_dispatch_and_two_replicas_make_no_duplicate_pods() {
+    if skip() {
+        return;
+    }
+    let w = World::new(40, None);
+    w.schedule(20);
+    let mut first = w.dispatcher("replica-a");
+    wait("a dispatch", Duration::from_secs(30), || {
+        !w.kube.objects("jobs", NS).is_empty()
+    });
+    // Killed at once, with its Job's pods not yet running: no chance to tidy up.
+    first.kill().unwrap();
+    let _ = first.wait();
+    let second = w.dispatcher("replica-b");
+    let third = w.dispatcher("replica-c");
+    let outcome = w.outcome(second, 20, Duration::from_secs(90));
+    let third = stop(third);
+    assert_eq!(
+        outcome.jobs.len(),
+        1,
+        "{}\n{}",
+        outcome.dispatcher,
+        third.log()
+    );
+    assert!(outcome.pods.len() <= 20 + 2, "{} pods", outcome.pods.len());
+}
+
+#[test]
+fn exhausted_capacity_holds_dispatches_until_pods_are_placed() {
+    if skip() {
+        return;
+    }
+    let outcome = World::new(4, None).run_slow_jobs(12);
+    // Unschedulable pods are not counted as coming, and not answered with more Jobs.
+    outcome.assert_held("unschedulable");
+    assert!(outcome.pods.len() <= 12 + 2, "{} pods", outcome.pods.len());
+}
+
+#[test]
+fn an_exceeded_quota_is_reported_and_the_jobs_still_run() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, Some(3));
+    let outcome = w.run_slow_jobs(8);
+    let events = w.kube.objects("events", NS);
+    assert!(events.iter().any(|e| e["reason"] == "FailedCreate"
+        && e["message"].as_str().unwrap().contains("exceeded quota")));
+    outcome.assert_held("failed-create");
+    assert!(outcome.pods.len() <= 8 + 2, "{} pods", outcome.pods.len());
+}
+
+#[test]
+fn buildkite_and_api_server_faults_mid_run_lose_no_job_and_duplicate_no_pod() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.buildkite.inject(
+        stateless_e2e::fake_buildkite::BuildkiteFault::Status(502),
+        2,
+    );
+    w.buildkite.inject(
+        stateless_e2e::fake_buildkite::BuildkiteFault::Status(429),
+        1,
+    );
+    w.kube.inject(Some("POST"), Some("jobs"), 503, 1);
+    w.schedule(10);
+    let dispatcher = w.dispatcher("replica-a");
+    wait("a dispatch", Duration::from_secs(30), || {
+        !w.kube.objects("jobs", NS).is_empty()
+    });
+    // The watch history is compacted mid-run: watches resume through 410 Gone.
+    w.kube.compact();
+    let outcome = w.outcome(dispatcher, 10, Duration::from_secs(90));
+    assert_eq!(outcome.jobs.len(), 1, "{}", outcome.dispatcher);
+    assert!(outcome.pods.len() <= 10 + 2, "{} pods", outcome.pods.len());
+}
+
+/// A real `kubectl delete` of a pod whose agent is mid-job: the kubelet's SIGTERM is a graceful
+/// stop, so the job finishes and is reported to Buildkite before the pod goes.
+#[test]
+fn kubectl_deleting_a_busy_pod_lets_its_job_finish_first() {
+    if skip() {
+        return;
+    }
+    if !kubectl_installed() {
+        return;
+    }
+    let mut w = World::new(5, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 3".into());
+    w.schedule(1);
+    let dispatcher = w.dispatcher("replica-a");
+    wait("the job running", Duration::from_secs(30), || {
+        w.buildkite.jobs()[0].state == JobState::Running
+    });
+    let busy = w
+        .pods()
+        .into_iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .find(|name| w.cluster.log(name).contains("running job"))
+        .expect("the pod running the job");
+    let deleted = Command::new("kubectl")
+        .env("KUBECONFIG", &w.kubeconfig)
+        .args(["delete", "pod", &busy, "--wait=true", "--timeout=60s"])
+        .output()
+        .unwrap();
+    assert!(deleted.status.success(), "{deleted:?}");
+    // kubectl returned once the pod was gone, which was after the job's end.
+    let job = &w.buildkite.jobs()[0];
+    assert_eq!(job.state, JobState::Finished);
+    assert_eq!(job.exit_status.as_deref(), Some("0"));
+    let log = w.cluster.log(&busy);
+    let report: Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    assert_eq!(report["reason"], "stopped", "{log}");
+    assert_eq!(report["job"]["command_exit_status"], 0, "{log}");
+    assert!(!w
+        .pods()
+        .iter()
+        .any(|p| p["metadata"]["name"] == busy.as_str()));
+    let out = stop(dispatcher);
+    assert!(!w.everything_but_the_secret(&out).contains(TOKEN));
+}

@@ -1,0 +1,129 @@
+//! The fake cluster behind the fake API server, driven by a real `kubectl` as a user would: a
+//! pod really runs and writes to its claim's volume, and a claim deleted while a pod object
+//! names it stays Terminating (the pvc-protection finalizer) until that object is gone, finished
+//! or not, while a new pod naming it is never scheduled. Needs root and `kubectl`; without them
+//! it says so and skips.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+use stateless_e2e::fake_cluster::{ClusterSpec, FakeCluster};
+use stateless_e2e::fake_kube::{kubectl_installed, FakeKube};
+use stateless_e2e::sandbox::{wait_for, Sandbox};
+
+fn kubectl(config: &Path, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("kubectl")
+        .env("KUBECONFIG", config)
+        .args(["--request-timeout=10s"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = stdin.unwrap_or("").to_string();
+    let mut pipe = child.stdin.take().unwrap();
+    std::thread::spawn(move || std::io::Write::write_all(&mut pipe, input.as_bytes()));
+    child.wait_with_output().unwrap()
+}
+
+fn get(config: &Path, what: &[&str]) -> Option<Value> {
+    let mut args = vec!["get"];
+    args.extend(what);
+    args.extend(["-o", "json"]);
+    let out = kubectl(config, &args, None);
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// A pod that runs `script` as root with claim `claim` at `/data`.
+fn pod(name: &str, claim: &str, script: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  securityContext:\n    runAsUser: 0\n    runAsGroup: 0\n  containers:\n  - name: main\n    image: stateless-agent\n    command: [/bin/sh, -c, '{script}']\n    volumeMounts:\n    - {{name: data, mountPath: /data}}\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: {claim}}}\n"
+    )
+}
+
+fn scheduling_message(config: &Path, pod: &str) -> String {
+    let pod = get(config, &["pod", pod]).unwrap_or_default();
+    let conditions = pod["status"]["conditions"].as_array().cloned();
+    let scheduled = conditions
+        .unwrap_or_default()
+        .into_iter()
+        .find(|c| c["type"] == "PodScheduled");
+    scheduled.map_or(String::new(), |c| {
+        c["message"].as_str().unwrap_or("").into()
+    })
+}
+
+#[test]
+fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
+    if let Some(why) = FakeCluster::unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !kubectl_installed() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let kube = FakeKube::start();
+    let config = kube.kubeconfig(sandbox.dir.path(), "ci");
+    let pods = sandbox.dir.path().join("cluster");
+    std::fs::create_dir(&pods).unwrap();
+    let spec = ClusterSpec {
+        capacity: 4,
+        ..ClusterSpec::default()
+    };
+    let cluster = FakeCluster::start(&kube, &pods, spec);
+    let create = |yaml: &str| {
+        let out = kubectl(
+            &config,
+            &["create", "--validate=false", "-f", "-"],
+            Some(yaml),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    create("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n");
+    wait_for("the claim bound", || {
+        get(&config, &["pvc", "data"]).is_some_and(|c| c["status"]["phase"] == "Bound")
+    });
+    let claim = get(&config, &["pvc", "data"]).unwrap();
+    assert_eq!(
+        claim["metadata"]["finalizers"][0],
+        "kubernetes.io/pvc-protection"
+    );
+
+    // A pod really runs, and writes to the claim's volume.
+    create(&pod("writer", "data", "echo written > /data/file"));
+    wait_for("the writer finished", || {
+        get(&config, &["pod", "writer"]).is_some_and(|p| p["status"]["phase"] == "Succeeded")
+    });
+    let volume = pods.join(".volumes/ci/data");
+    let written = std::fs::read_to_string(volume.join("file")).unwrap_or_default();
+    assert_eq!(written, "written\n", "{}", cluster.log("writer"));
+
+    // Deleted while a finished pod object still names it: Terminating, not gone.
+    let out = kubectl(&config, &["delete", "pvc", "data", "--wait=false"], None);
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let claim = get(&config, &["pvc", "data"]).expect("the claim stays");
+    assert!(claim["metadata"]["deletionTimestamp"].is_string());
+
+    // A new pod naming it is never scheduled.
+    create(&pod("late", "data", "true"));
+    wait_for("the late pod refused", || {
+        scheduling_message(&config, "late")
+            .contains("persistentvolumeclaim \"data\" is being deleted")
+    });
+
+    // The last scheduled pod object goes: so does the claim, and its volume.
+    let out = kubectl(&config, &["delete", "pod", "writer"], None);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the claim gone", || {
+        get(&config, &["pvc", "data"]).is_none()
+    });
+    assert!(!volume.exists());
+    let late = get(&config, &["pod", "late"]).unwrap();
+    assert_eq!(late["status"]["phase"], "Pending");
+    assert!(late["spec"]["nodeName"].is_null());
+    drop(cluster);
+}
