@@ -541,6 +541,8 @@ impl<'w> Sim<'w> {
                     .min(agents),
                     not_yet_created,
                     failed_create: None,
+                    // Simulated agents never fail to start.
+                    failing: None,
                     last,
                 };
                 let limits = Limits {

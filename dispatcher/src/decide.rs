@@ -7,7 +7,8 @@
 //! that its controller has not created yet count too (`parallelism` minus the pods seen), or the
 //! tick right after a dispatch would dispatch again. Pods that cannot be scheduled, and Jobs whose
 //! pods a quota refuses (`FailedCreate`), are never counted as coming: they stop the queue's
-//! dispatches instead, and say why, rather than deploying endlessly.
+//! dispatches instead, and say why, rather than deploying endlessly; so does a dispatch that
+//! failed with not one agent succeeding, until `--start-deadline` has passed.
 //!
 //! The peers' failures this answers (`../shared/notes/dispatch-peers.md`): Sourcegraph's
 //! dispatcher trusting low agent counts before its last dispatch rolled out (its rollout check,
@@ -45,6 +46,9 @@ pub struct Supply {
     pub not_yet_created: u32,
     /// A Job's pods refused at creation (`FailedCreate`, e.g. `exceeded quota`): the message.
     pub failed_create: Option<String>,
+    /// The newest dispatch has agents failed for good and not one succeeded (and, if it has
+    /// ended, it ended lately): why.
+    pub failing: Option<String>,
     /// The newest dispatch, if it is still rolling out.
     pub last: Option<LastDispatch>,
 }
@@ -113,6 +117,9 @@ pub enum Hold {
     /// Pods have run long enough to register, but the queue has fewer agents than that: the
     /// template's agents register somewhere else.
     WrongQueue { running: u32, agents: u32 },
+    /// The last dispatch failed without one agent succeeding (a wrong token, a broken image):
+    /// another would fail the same way.
+    Failing { why: String },
 }
 
 impl Hold {
@@ -125,6 +132,7 @@ impl Hold {
             Hold::Unschedulable { .. } => "unschedulable",
             Hold::FailedCreate { .. } => "failed-create",
             Hold::WrongQueue { .. } => "wrong-queue",
+            Hold::Failing { .. } => "failing",
         }
     }
 
@@ -133,7 +141,10 @@ impl Hold {
     pub fn is_fault(&self) -> bool {
         matches!(
             self,
-            Hold::Unschedulable { .. } | Hold::FailedCreate { .. } | Hold::WrongQueue { .. }
+            Hold::Unschedulable { .. }
+                | Hold::FailedCreate { .. }
+                | Hold::WrongQueue { .. }
+                | Hold::Failing { .. }
         )
     }
 }
@@ -164,6 +175,9 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
         return hold(Hold::Unschedulable {
             pods: supply.unschedulable,
         });
+    }
+    if let Some(why) = &supply.failing {
+        return hold(Hold::Failing { why: why.clone() });
     }
     if supply.running_long > demand.agents {
         return hold(Hold::WrongQueue {
@@ -274,6 +288,12 @@ mod tests {
                 agents: 0
             })
         );
+        let failing = Supply {
+            failing: Some("Job j failed".into()),
+            ..Supply::default()
+        };
+        let d = decide(demand(6, 0, 0), &failing, &limits());
+        assert!(matches!(d.action, Action::Hold(Hold::Failing { .. })));
     }
 
     #[test]

@@ -92,6 +92,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             pod.spec = None;
             pod.metadata.managed_fields = None;
             pod.metadata.annotations = None;
+            let statuses = pod
+                .status
+                .as_mut()
+                .and_then(|s| s.container_statuses.as_mut());
+            for status in statuses.into_iter().flatten() {
+                let terminated = status.state.as_mut().and_then(|s| s.terminated.as_mut());
+                if let Some(message) = terminated.and_then(|t| t.message.as_mut()) {
+                    *message = observe::brief(message);
+                }
+            }
         },
     );
     let job_store = watch(
@@ -323,7 +333,7 @@ async fn tick(
             .set(i64::from(n));
     }
     let decision = decide(demand, &supply, limits);
-    for reason in ["unschedulable", "failed-create", "wrong-queue"] {
+    for reason in ["unschedulable", "failed-create", "wrong-queue", "failing"] {
         let on = matches!(&decision.action, crate::decide::Action::Hold(h) if h.name() == reason);
         metrics
             .blocked
@@ -406,6 +416,7 @@ fn describe(hold: &crate::decide::Hold) -> String {
         Hold::RollingOut { id, online, size } => format!("dispatch {id} has {online} of {size} pods online; waiting for it to roll out"),
         Hold::Unschedulable { pods } => format!("{pods} agent pods cannot be scheduled; add capacity or lower DISPATCHER_MAX_AGENTS"),
         Hold::FailedCreate { message } => format!("Kubernetes refuses this queue's pods ({message}); raise the quota or lower DISPATCHER_MAX_AGENTS"),
+        Hold::Failing { why } => format!("the last dispatch's agents all failed: {why}; fix what they report, and the next dispatch is tried DISPATCHER_START_DEADLINE after that failure"),
         Hold::WrongQueue { running, agents } => format!("{running} agent pods have run past DISPATCHER_START_DEADLINE but the queue has {agents} agents: the template's agents register in another queue or cannot connect; check BUILDKITE_AGENT_TAGS and the token"),
     }
 }

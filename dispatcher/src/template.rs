@@ -1,5 +1,6 @@
 //! The agent Job template, and the Job of one dispatch made from it (Sourcegraph's design: a new
-//! Job per dispatch, `parallelism = completions = N`, never a long-lived Job scaled up and down).
+//! Job per dispatch, `parallelism = completions = N`, never a long-lived Job scaled up and down;
+//! Indexed, so that one agent pod's failure never ends the others).
 //!
 //! The template is a `batch/v1` Job as a user writes it (`image/k8s/agent-job.yaml` works as it
 //! is). Its agents must register in the queue the dispatcher serves: a template whose
@@ -9,7 +10,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 
 /// Labels on every Job the dispatcher creates and on its pods.
@@ -121,6 +122,7 @@ impl Template {
         spec.completions = Some(dispatch.agents as i32);
         spec.active_deadline_seconds = Some(dispatch.active_deadline.as_secs() as i64);
         spec.ttl_seconds_after_finished = Some(dispatch.ttl.as_secs() as i32);
+        isolate_failures(spec);
         // The Job controller sets these for the new Job.
         spec.selector = None;
         spec.manual_selector = None;
@@ -151,6 +153,28 @@ impl Template {
         job
     }
 }
+
+/// Makes each agent pod's failure its own. In a non-indexed Job of N pods, a `FailJob` rule or
+/// the `backoffLimit` fails the whole Job, and the Job controller then deletes every active pod,
+/// agents in the middle of jobs included. As an Indexed Job with `backoffLimitPerIndex` (GA in
+/// Kubernetes 1.33, beta and on by default since 1.29), a pod that fails ends only its index
+/// (retried up to the template's `backoffLimit` times, `FailIndex` where the template said
+/// `FailJob`), and the others run on.
+fn isolate_failures(spec: &mut JobSpec) {
+    spec.completion_mode = Some("Indexed".into());
+    spec.backoff_limit_per_index = Some(spec.backoff_limit.take().unwrap_or(DEFAULT_RETRIES));
+    spec.max_failed_indexes = None;
+    let rules = spec
+        .pod_failure_policy
+        .iter_mut()
+        .flat_map(|p| &mut p.rules);
+    for rule in rules.filter(|r| r.action == "FailJob") {
+        rule.action = "FailIndex".into();
+    }
+}
+
+/// Retries of a failed agent pod when the template sets no `backoffLimit`.
+const DEFAULT_RETRIES: i32 = 2;
 
 /// A variable's literal value (`None` for one taken `valueFrom` a Secret or field).
 fn env_value(env: &[EnvVar], name: &str) -> Option<String> {
@@ -230,6 +254,13 @@ mod tests {
         assert_eq!((spec.parallelism, spec.completions), (Some(7), Some(7)));
         assert_eq!(spec.active_deadline_seconds, Some(14400));
         assert_eq!(spec.ttl_seconds_after_finished, Some(600));
+        // A failing pod ends only its own index, never its siblings' jobs.
+        assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+        assert_eq!(spec.backoff_limit_per_index, Some(2));
+        assert_eq!(spec.backoff_limit, None);
+        let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+        let actions: Vec<&str> = rules.iter().map(|r| r.action.as_str()).collect();
+        assert_eq!(actions, ["FailIndex", "Ignore"]);
         let pod_labels = spec
             .template
             .metadata

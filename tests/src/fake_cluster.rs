@@ -14,7 +14,13 @@
 //!   `succeeded`, `failed`, `startTime`. Complete when `succeeded ≥ completions`; Failed on a
 //!   `podFailurePolicy` `FailJob` exit-code rule (reason `PodFailurePolicy`), on more failed pods
 //!   than `backoffLimit` (`BackoffLimitExceeded`) or past `activeDeadlineSeconds`
-//!   (`DeadlineExceeded`), its active pods then deleted. A finished Job is deleted
+//!   (`DeadlineExceeded`), its active pods then deleted. `completionMode: Indexed`: one pod per
+//!   open index (`<job>-<i>-` names, the `job-completion-index` annotation and label,
+//!   `JOB_COMPLETION_INDEX`); with `backoffLimitPerIndex`, an index fails alone (past that many
+//!   failures, or on a `FailIndex` rule) while the others go on, and the Job ends when every
+//!   index has: Failed (`FailedIndexes`) if any failed, with `completedIndexes` and
+//!   `failedIndexes` (comma lists, not the API's ranges). `maxFailedIndexes`, the pod-failure
+//!   backoff delay and `successPolicy` are not modelled. A finished Job is deleted
 //!   `ttlSecondsAfterFinished` later, its pods with it. A pod the quota refuses is a
 //!   `FailedCreate` Warning on the Job, `Error creating: pods "<name>" is forbidden: exceeded
 //!   quota: ...` as the quota admission words it, at most once a second per Job (the controller
@@ -302,6 +308,114 @@ fn finished_at(job: &Value) -> Option<u64> {
         .and_then(|c| epoch(c["lastTransitionTime"].as_str()?))
 }
 
+/// What a Job's pods say of it: the status counts, and what the controller is to do.
+#[derive(Default)]
+struct Progress {
+    active: Vec<Key>,
+    ready: usize,
+    succeeded: usize,
+    failed: usize,
+    /// The Job failed: its condition's reason and message.
+    failure: Option<(&'static str, String)>,
+    complete: bool,
+    /// Pods to create, each with its completion index in an Indexed Job.
+    wanted: Vec<Option<u64>>,
+    /// `completedIndexes` and `failedIndexes`, in an Indexed Job.
+    indexes: Option<(String, String)>,
+}
+
+const INDEX: &str = "batch.kubernetes.io/job-completion-index";
+
+/// A non-indexed Job: `completions` successes, any pod; at most `backoffLimit` failures in all,
+/// and a `FailJob` rule fails it at once.
+fn non_indexed(job: &Value, pods: &[(Key, Value)]) -> Progress {
+    let s = &job["spec"];
+    let parallelism = s["parallelism"].as_u64().unwrap_or(1) as usize;
+    let completions = s["completions"].as_u64().unwrap_or(parallelism as u64) as usize;
+    let mut p = counts(pods);
+    let failed: Vec<&Value> = pods
+        .iter()
+        .map(|(_, p)| p)
+        .filter(|p| phase(p) == "Failed")
+        .collect();
+    p.failure = failed
+        .iter()
+        .find_map(|pod| failure_rule(job, pod, "FailJob"))
+        .map(|m| ("PodFailurePolicy", m))
+        .or_else(|| {
+            let limit = s["backoffLimit"].as_u64().unwrap_or(6) as usize;
+            (p.failed > limit).then(|| {
+                let message = "Job has reached the specified backoff limit";
+                ("BackoffLimitExceeded", message.to_string())
+            })
+        });
+    p.complete = p.succeeded >= completions;
+    let want = parallelism.min(completions.saturating_sub(p.succeeded));
+    p.wanted = vec![None; want.saturating_sub(p.active.len())];
+    p
+}
+
+/// An Indexed Job: each index `0..completions` once; with `backoffLimitPerIndex`, an index
+/// fails on its own (past that many failures, or on a `FailIndex` rule) and its siblings go on;
+/// the Job ends when every index has, failed if any did (`FailedIndexes`).
+fn indexed(job: &Value, pods: &[(Key, Value)]) -> Progress {
+    let s = &job["spec"];
+    let parallelism = s["parallelism"].as_u64().unwrap_or(1) as usize;
+    let completions = s["completions"].as_u64().unwrap_or(1);
+    let per_index = s["backoffLimitPerIndex"].as_u64();
+    let mut p = counts(pods);
+    let of = |i: u64| {
+        let all = pods.iter().map(|(_, p)| p);
+        all.filter(move |p| {
+            let index = p["metadata"]["annotations"][INDEX].as_str();
+            index.and_then(|n| n.parse::<u64>().ok()) == Some(i)
+        })
+    };
+    let (mut done, mut failed_indexes, mut open) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..completions {
+        let failures: Vec<&Value> = of(i).filter(|p| phase(p) == "Failed").collect();
+        let index_failed = failures
+            .iter()
+            .any(|f| failure_rule(job, f, "FailIndex").is_some())
+            || per_index.is_some_and(|limit| failures.len() as u64 > limit);
+        if of(i).any(|p| phase(p) == "Succeeded") {
+            done.push(i);
+        } else if index_failed {
+            failed_indexes.push(i);
+        } else if !of(i).any(|p| !ended(p)) {
+            open.push(i);
+        }
+    }
+    p.failure = pods
+        .iter()
+        .find_map(|(_, pod)| failure_rule(job, pod, "FailJob"))
+        .map(|m| ("PodFailurePolicy", m));
+    let all_ended = done.len() + failed_indexes.len() == completions as usize;
+    if all_ended && !failed_indexes.is_empty() && p.failure.is_none() {
+        p.failure = Some(("FailedIndexes", "Job has failed indexes".into()));
+    }
+    p.complete = all_ended && failed_indexes.is_empty();
+    let room = parallelism.saturating_sub(p.active.len());
+    p.wanted = open.into_iter().take(room).map(Some).collect();
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    p.indexes = Some((list(&done), list(&failed_indexes)));
+    p
+}
+
+/// The active, ready, succeeded and failed pods.
+fn counts(pods: &[(Key, Value)]) -> Progress {
+    let live = |p: &Value| !ended(p) && p["metadata"]["deletionTimestamp"].is_null();
+    let active: Vec<&(Key, Value)> = pods.iter().filter(|(_, p)| live(p)).collect();
+    let count = |what: &str| pods.iter().filter(|(_, p)| phase(p) == what).count();
+    Progress {
+        ready: active.iter().filter(|(_, p)| phase(p) == "Running").count(),
+        active: active.into_iter().map(|(k, _)| k.clone()).collect(),
+        succeeded: count("Succeeded"),
+        failed: count("Failed"),
+        ..Progress::default()
+    }
+}
+
 /// One sync of every Job.
 fn job_controller(
     store: &mut Store,
@@ -310,8 +424,7 @@ fn job_controller(
     backoff: &mut HashMap<String, Instant>,
 ) {
     let jobs_kind = kind_of("jobs").unwrap();
-    let jobs: Vec<(Key, Value)> = store.all("jobs");
-    for (key, job) in jobs {
+    for (key, job) in store.all("jobs") {
         if let Some(at) = finished_at(&job) {
             let ttl = job["spec"]["ttlSecondsAfterFinished"].as_u64();
             if ttl.is_some_and(|ttl| now >= at + ttl) {
@@ -326,77 +439,46 @@ fn job_controller(
             .into_iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let active: Vec<&(Key, Value)> = pods
-            .iter()
-            .filter(|(_, p)| !ended(p) && p["metadata"]["deletionTimestamp"].is_null())
-            .collect();
-        let succeeded = pods.iter().filter(|(_, p)| phase(p) == "Succeeded").count() as u64;
-        let failed: Vec<&Value> = pods
-            .iter()
-            .filter(|(_, p)| phase(p) == "Failed")
-            .map(|(_, p)| p)
-            .collect();
-        let ready = active.iter().filter(|(_, p)| phase(p) == "Running").count();
-        let s = &job["spec"];
-        let parallelism = s["parallelism"].as_u64().unwrap_or(1);
-        let completions = s["completions"].as_u64().unwrap_or(parallelism);
+        let mut progress = match job["spec"]["completionMode"] == "Indexed" {
+            true => indexed(&job, &pods),
+            false => non_indexed(&job, &pods),
+        };
         let start_time = job["status"]["startTime"]
             .as_str()
             .map(String::from)
             .unwrap_or_else(now_rfc3339);
-        let started = epoch(&start_time).unwrap_or(now);
-        let failure = failed
-            .iter()
-            .find_map(|p| fail_job_rule(&job, p))
-            .map(|m| ("PodFailurePolicy", m))
-            .or_else(|| {
-                (failed.len() as u64 > s["backoffLimit"].as_u64().unwrap_or(6)).then(|| {
-                    (
-                        "BackoffLimitExceeded",
-                        "Job has reached the specified backoff limit".to_string(),
-                    )
-                })
-            })
-            .or_else(|| {
-                s["activeDeadlineSeconds"]
-                    .as_u64()
-                    .filter(|d| now >= started + d)
-                    .map(|_| {
-                        (
-                            "DeadlineExceeded",
-                            "Job was active longer than specified deadline".to_string(),
-                        )
-                    })
-            });
-        let mut status = json!({"startTime": start_time, "active": active.len(), "ready": ready,
-            "succeeded": succeeded, "failed": failed.len(),
+        let deadline = job["spec"]["activeDeadlineSeconds"].as_u64();
+        if deadline.is_some_and(|d| now >= epoch(&start_time).unwrap_or(now) + d) {
+            let message = "Job was active longer than specified deadline";
+            progress.failure = Some(("DeadlineExceeded", message.into()));
+        }
+        let mut status = json!({"startTime": start_time, "active": progress.active.len(),
+            "ready": progress.ready, "succeeded": progress.succeeded, "failed": progress.failed,
             "conditions": job["status"]["conditions"].clone()});
+        if let Some((done, failed)) = &progress.indexes {
+            status["completedIndexes"] = json!(done);
+            status["failedIndexes"] = json!(failed);
+        }
         let condition = |kind: &str, reason: &str, message: &str| {
             json!([{"type": kind, "status": "True", "reason": reason, "message": message,
                 "lastProbeTime": now_rfc3339(), "lastTransitionTime": now_rfc3339()}])
         };
-        if let Some((reason, message)) = failure {
-            status["conditions"] = condition("Failed", reason, &message);
-            for (pod, _) in &active {
+        if let Some((reason, message)) = &progress.failure {
+            status["conditions"] = condition("Failed", reason, message);
+            for pod in &progress.active {
                 store.delete(kind_of("pods").unwrap(), pod, false);
             }
             status["active"] = json!(0);
-        } else if succeeded >= completions {
-            status["conditions"] = condition(
-                "Complete",
-                "CompletionsReached",
-                "Reached expected number of succeeded pods",
-            );
+        } else if progress.complete {
+            let message = "Reached expected number of succeeded pods";
+            status["conditions"] = condition("Complete", "CompletionsReached", message);
             status["completionTime"] = json!(now_rfc3339());
         } else {
-            let want = parallelism.min(completions - succeeded) as usize;
-            let missing = want.saturating_sub(active.len());
-            let namespace = &key.1;
-            for _ in 0..missing {
+            for index in progress.wanted {
                 let used = store
                     .objects
                     .iter()
-                    .filter(|((p, ns, _), pod)| *p == "pods" && ns == namespace && !ended(pod))
+                    .filter(|((p, ns, _), pod)| *p == "pods" && *ns == key.1 && !ended(pod))
                     .count();
                 if let Some(limit) = spec.quota_pods.filter(|l| used >= *l) {
                     let uid = job["metadata"]["uid"].as_str().unwrap_or("").to_string();
@@ -414,7 +496,7 @@ fn job_controller(
                     }
                     break;
                 }
-                let created = create_pod(store, &job);
+                let created = create_pod(store, &job, index);
                 let message = format!("Created pod: {created}");
                 job_event(store, &job, "Normal", "SuccessfulCreate", &message);
                 status["active"] = json!(status["active"].as_u64().unwrap_or(0) + 1);
@@ -428,8 +510,8 @@ fn job_controller(
     }
 }
 
-/// The message of a `podFailurePolicy` `FailJob` rule that `pod`'s exit code matches.
-fn fail_job_rule(job: &Value, pod: &Value) -> Option<String> {
+/// The message of a `podFailurePolicy` rule with `action` that `pod`'s exit code matches.
+fn failure_rule(job: &Value, pod: &Value, action: &str) -> Option<String> {
     let code = pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"].as_i64()?;
     let rules = job["spec"]["podFailurePolicy"]["rules"].as_array()?;
     rules.iter().enumerate().find_map(|(i, rule)| {
@@ -442,9 +524,9 @@ fn fail_job_rule(job: &Value, pod: &Value) -> Option<String> {
             "In" => listed,
             _ => !listed,
         };
-        (rule["action"] == "FailJob" && hit).then(|| {
+        (rule["action"] == action && hit).then(|| {
             format!(
-                "Container {} for pod {}/{} failed with exit code {code} matching FailJob rule at index {i}",
+                "Container {} for pod {}/{} failed with exit code {code} matching {action} rule at index {i}",
                 on["containerName"].as_str().unwrap_or("agent"),
                 pod["metadata"]["namespace"].as_str().unwrap_or(""),
                 pod["metadata"]["name"].as_str().unwrap_or("")
@@ -453,7 +535,9 @@ fn fail_job_rule(job: &Value, pod: &Value) -> Option<String> {
     })
 }
 
-fn create_pod(store: &mut Store, job: &Value) -> String {
+/// A pod from the Job's template; in an Indexed Job, with its index as the annotation, label and
+/// `JOB_COMPLETION_INDEX` the controller sets, and in its name.
+fn create_pod(store: &mut Store, job: &Value, index: Option<u64>) -> String {
     let meta = &job["metadata"];
     let template = &job["spec"]["template"];
     let mut labels = template["metadata"]["labels"].clone();
@@ -468,12 +552,32 @@ fn create_pod(store: &mut Store, job: &Value) -> String {
     ] {
         labels[k] = v.clone();
     }
+    let mut annotations = template["metadata"]["annotations"].clone();
+    let mut spec = template["spec"].clone();
+    let mut prefix = format!("{}-", meta["name"].as_str().unwrap_or("job"));
+    if let Some(i) = index {
+        if !annotations.is_object() {
+            annotations = json!({});
+        }
+        annotations[INDEX] = json!(i.to_string());
+        labels[INDEX] = json!(i.to_string());
+        prefix += &format!("{i}-");
+        for container in spec["containers"].as_array_mut().into_iter().flatten() {
+            if !container["env"].is_array() {
+                container["env"] = json!([]);
+            }
+            let env = container["env"].as_array_mut().unwrap();
+            env.push(
+                json!({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+                "fieldPath": format!("metadata.annotations['{INDEX}']")}}}),
+            );
+        }
+    }
     let pod = json!({
-        "metadata": {"generateName": format!("{}-", meta["name"].as_str().unwrap_or("job")),
-            "labels": labels, "annotations": template["metadata"]["annotations"].clone(),
+        "metadata": {"generateName": prefix, "labels": labels, "annotations": annotations,
             "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
                 "uid": meta["uid"], "controller": true, "blockOwnerDeletion": true}]},
-        "spec": template["spec"].clone(),
+        "spec": spec,
     });
     let namespace = meta["namespace"].as_str().unwrap_or("default").to_string();
     let created = store
@@ -695,7 +799,14 @@ fn container_env(store: &Store, pod: &Value) -> Result<Vec<(String, String)>, St
             data.ok_or_else(|| format!("secret \"{secret}\" not found"))?
         } else if let Some(path) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
             let field = path.strip_prefix("metadata.").unwrap_or(path);
-            pod["metadata"][field].as_str().unwrap_or("").to_string()
+            let annotation = field
+                .strip_prefix("annotations['")
+                .and_then(|a| a.strip_suffix("']"));
+            let value = match annotation {
+                Some(name) => &pod["metadata"]["annotations"][name],
+                None => &pod["metadata"][field],
+            };
+            value.as_str().unwrap_or("").to_string()
         } else {
             String::new()
         };

@@ -217,6 +217,29 @@ impl FakeKube {
         result.expect("created")
     }
 
+    /// Creates `object`, or replaces the one of its name, as `kubectl apply` would.
+    pub fn replace(&self, plural: &str, namespace: &str, mut object: Value) {
+        let kind = kind_of(plural).expect("a served kind");
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        self.with_store(|store| {
+            let key = (kind.plural, namespace.to_string(), name);
+            match store.objects.get(&key).cloned() {
+                Some(current) => {
+                    object["metadata"] = current["metadata"].clone();
+                    object["apiVersion"] = current["apiVersion"].clone();
+                    object["kind"] = current["kind"].clone();
+                    store.put(kind, object);
+                }
+                None => {
+                    store.create(kind, namespace, object).expect("created");
+                }
+            }
+        });
+    }
+
     /// Replaces an object's `status`, as a controller does.
     pub fn set_status(&self, plural: &str, namespace: &str, name: &str, status: Value) {
         let mut store = self.shared.store.lock().unwrap();
