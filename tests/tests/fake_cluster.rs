@@ -127,3 +127,61 @@ fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
     assert!(late["spec"]["nodeName"].is_null());
     drop(cluster);
 }
+
+/// A Job running past `activeDeadlineSeconds` fails and its pod is stopped (SIGTERM through the
+/// kubelet); a finished Job goes `ttlSecondsAfterFinished` later, its pods with it.
+#[test]
+fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
+    if let Some(why) = FakeCluster::unavailable() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !kubectl_installed() {
+        return;
+    }
+    let sandbox = Sandbox::new();
+    let kube = FakeKube::start();
+    let config = kube.kubeconfig(sandbox.dir.path(), "ci");
+    let pods = sandbox.dir.path().join("cluster");
+    std::fs::create_dir(&pods).unwrap();
+    let spec = ClusterSpec {
+        capacity: 4,
+        ..ClusterSpec::default()
+    };
+    let _cluster = FakeCluster::start(&kube, &pods, spec);
+    let job = |name: &str, script: &str, extra: &str| {
+        format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n{extra}  template:\n    spec:\n      restartPolicy: Never\n      terminationGracePeriodSeconds: 5\n      securityContext: {{runAsUser: 0, runAsGroup: 0}}\n      containers:\n      - name: main\n        image: stateless-agent\n        command: [/bin/sh, -c, '{script}']\n")
+    };
+    for yaml in [
+        job("slow", "sleep 60", "  activeDeadlineSeconds: 2\n"),
+        job("quick", "true", "  ttlSecondsAfterFinished: 2\n"),
+    ] {
+        let out = kubectl(
+            &config,
+            &["create", "--validate=false", "-f", "-"],
+            Some(&yaml),
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    let condition =
+        |name: &str| get(&config, &["job", name]).map(|j| j["status"]["conditions"][0].clone());
+    wait_for("the quick Job complete", || {
+        condition("quick").is_some_and(|c| c["type"] == "Complete")
+    });
+    let started = std::time::Instant::now();
+    wait_for("the quick Job gone after its TTL", || {
+        get(&config, &["job", "quick"]).is_none()
+    });
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    let left = get(&config, &["pods", "-l", "job-name=quick"]).unwrap();
+    assert_eq!(left["items"].as_array().unwrap().len(), 0, "{left:#}");
+    wait_for("the slow Job failed", || {
+        condition("slow").is_some_and(|c| c["reason"] == "DeadlineExceeded")
+    });
+    // Its pod is stopped and removed: its PID 1, a shell, has no SIGTERM handler, so it is the
+    // SIGKILL after the 5 s grace period that ends it, as on a node.
+    wait_for("the slow Job's pod gone", || {
+        get(&config, &["pods", "-l", "job-name=slow"])
+            .is_some_and(|l| l["items"].as_array().unwrap().is_empty())
+    });
+}
