@@ -136,6 +136,17 @@ impl World {
             .count()
     }
 
+    /// Neither the registration token nor an agent's access token (the fake's are
+    /// `bkaa_fake-access-NNNN`) in a pod's log, the dispatcher's, or an object.
+    fn assert_no_secret(&self, dispatcher: &Finished) {
+        let everything = self.everything_but_the_secret(dispatcher);
+        assert!(!everything.contains(TOKEN), "the agent token leaked");
+        assert!(
+            !everything.contains("bkaa_fake-access"),
+            "an access token leaked"
+        );
+    }
+
     /// Everything that must never hold the token: pod logs, the API server's objects.
     fn everything_but_the_secret(&self, dispatcher: &Finished) -> String {
         let objects: Vec<Value> = ["pods", "jobs", "events", "leases"]
@@ -279,7 +290,7 @@ impl World {
         wait("no container left", Duration::from_secs(10), || {
             self.cluster.leftover_processes().is_empty()
         });
-        assert!(!self.everything_but_the_secret(&out).contains(TOKEN));
+        self.assert_no_secret(&out);
         eprintln!(
             "{jobs} jobs: {} pods in {} Jobs",
             outcome.pods.len(),
@@ -305,6 +316,8 @@ fn a_burst_of_50_jobs_all_run_with_no_more_pods_than_demand_and_buffer() {
         .iter()
         .filter(|r| r["reason"] == "idle-timeout");
     assert_eq!(idle.count(), outcome.pods.len() - 50);
+    // Every pod's agent registered, and only once.
+    assert_eq!(w.buildkite.registrations(), outcome.pods.len());
     assert_eq!(outcome.decisions("dispatch").len(), outcome.jobs.len());
     for job in &outcome.jobs {
         let complete = job["status"]["conditions"][0]["type"].as_str();
@@ -491,7 +504,7 @@ fn kubectl_deleting_a_busy_pod_lets_its_job_finish_first() {
         .iter()
         .any(|p| p["metadata"]["name"] == busy.as_str()));
     let out = stop(dispatcher);
-    assert!(!w.everything_but_the_secret(&out).contains(TOKEN));
+    w.assert_no_secret(&out);
 }
 
 /// A Secret holding a wrong token: every agent dies before taking a job. The dispatcher makes one

@@ -55,25 +55,52 @@ fn scheduling_message(config: &Path, pod: &str) -> String {
     })
 }
 
+/// A fake API server with a cluster of 4 pods behind it, and `kubectl`'s configuration for it.
+struct Setup {
+    /// Stops the containers before the files they use go away.
+    cluster: FakeCluster,
+    config: std::path::PathBuf,
+    /// The kubelet's directory: each pod's, and the volumes it provisions.
+    pods: std::path::PathBuf,
+    _kube: FakeKube,
+    _sandbox: Sandbox,
+}
+
+impl Setup {
+    /// `None` (having said why) where the cluster or `kubectl` cannot run.
+    fn new() -> Option<Setup> {
+        if let Some(why) = FakeCluster::unavailable() {
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        if !kubectl_installed() {
+            return None;
+        }
+        let sandbox = Sandbox::new();
+        let kube = FakeKube::start();
+        let config = kube.kubeconfig(sandbox.dir.path(), "ci");
+        let pods = sandbox.dir.path().join("cluster");
+        std::fs::create_dir(&pods).unwrap();
+        let spec = ClusterSpec {
+            capacity: 4,
+            ..ClusterSpec::default()
+        };
+        Some(Setup {
+            cluster: FakeCluster::start(&kube, &pods, spec),
+            config,
+            pods,
+            _kube: kube,
+            _sandbox: sandbox,
+        })
+    }
+}
+
 #[test]
 fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
-    if let Some(why) = FakeCluster::unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(setup) = Setup::new() else {
         return;
-    }
-    if !kubectl_installed() {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let kube = FakeKube::start();
-    let config = kube.kubeconfig(sandbox.dir.path(), "ci");
-    let pods = sandbox.dir.path().join("cluster");
-    std::fs::create_dir(&pods).unwrap();
-    let spec = ClusterSpec {
-        capacity: 4,
-        ..ClusterSpec::default()
     };
-    let cluster = FakeCluster::start(&kube, &pods, spec);
+    let (cluster, config, pods) = (&setup.cluster, &setup.config, &setup.pods);
     let create = |yaml: &str| {
         let out = kubectl(
             &config,
@@ -84,9 +111,9 @@ fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
     };
     create("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n");
     wait_for("the claim bound", || {
-        get(&config, &["pvc", "data"]).is_some_and(|c| c["status"]["phase"] == "Bound")
+        get(config, &["pvc", "data"]).is_some_and(|c| c["status"]["phase"] == "Bound")
     });
-    let claim = get(&config, &["pvc", "data"]).unwrap();
+    let claim = get(config, &["pvc", "data"]).unwrap();
     assert_eq!(
         claim["metadata"]["finalizers"][0],
         "kubernetes.io/pvc-protection"
@@ -95,60 +122,44 @@ fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
     // A pod really runs, and writes to the claim's volume.
     create(&pod("writer", "data", "echo written > /data/file"));
     wait_for("the writer finished", || {
-        get(&config, &["pod", "writer"]).is_some_and(|p| p["status"]["phase"] == "Succeeded")
+        get(config, &["pod", "writer"]).is_some_and(|p| p["status"]["phase"] == "Succeeded")
     });
     let volume = pods.join(".volumes/ci/data");
     let written = std::fs::read_to_string(volume.join("file")).unwrap_or_default();
     assert_eq!(written, "written\n", "{}", cluster.log("writer"));
 
     // Deleted while a finished pod object still names it: Terminating, not gone.
-    let out = kubectl(&config, &["delete", "pvc", "data", "--wait=false"], None);
+    let out = kubectl(config, &["delete", "pvc", "data", "--wait=false"], None);
     assert!(out.status.success(), "{out:?}");
     std::thread::sleep(std::time::Duration::from_millis(500));
-    let claim = get(&config, &["pvc", "data"]).expect("the claim stays");
+    let claim = get(config, &["pvc", "data"]).expect("the claim stays");
     assert!(claim["metadata"]["deletionTimestamp"].is_string());
 
     // A new pod naming it is never scheduled.
     create(&pod("late", "data", "true"));
     wait_for("the late pod refused", || {
-        scheduling_message(&config, "late")
+        scheduling_message(config, "late")
             .contains("persistentvolumeclaim \"data\" is being deleted")
     });
 
     // The last scheduled pod object goes: so does the claim, and its volume.
-    let out = kubectl(&config, &["delete", "pod", "writer"], None);
+    let out = kubectl(config, &["delete", "pod", "writer"], None);
     assert!(out.status.success(), "{out:?}");
-    wait_for("the claim gone", || {
-        get(&config, &["pvc", "data"]).is_none()
-    });
+    wait_for("the claim gone", || get(config, &["pvc", "data"]).is_none());
     assert!(!volume.exists());
-    let late = get(&config, &["pod", "late"]).unwrap();
+    let late = get(config, &["pod", "late"]).unwrap();
     assert_eq!(late["status"]["phase"], "Pending");
     assert!(late["spec"]["nodeName"].is_null());
-    drop(cluster);
 }
 
 /// A Job running past `activeDeadlineSeconds` fails and its pod is stopped (SIGTERM through the
 /// kubelet); a finished Job goes `ttlSecondsAfterFinished` later, its pods with it.
 #[test]
 fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
-    if let Some(why) = FakeCluster::unavailable() {
-        eprintln!("skipping: {why}");
+    let Some(setup) = Setup::new() else {
         return;
-    }
-    if !kubectl_installed() {
-        return;
-    }
-    let sandbox = Sandbox::new();
-    let kube = FakeKube::start();
-    let config = kube.kubeconfig(sandbox.dir.path(), "ci");
-    let pods = sandbox.dir.path().join("cluster");
-    std::fs::create_dir(&pods).unwrap();
-    let spec = ClusterSpec {
-        capacity: 4,
-        ..ClusterSpec::default()
     };
-    let _cluster = FakeCluster::start(&kube, &pods, spec);
+    let config = &setup.config;
     let job = |name: &str, script: &str, extra: &str| {
         format!("apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: {name}\nspec:\n{extra}  template:\n    spec:\n      restartPolicy: Never\n      terminationGracePeriodSeconds: 5\n      securityContext: {{runAsUser: 0, runAsGroup: 0}}\n      containers:\n      - name: main\n        image: stateless-agent\n        command: [/bin/sh, -c, '{script}']\n")
     };
@@ -164,16 +175,16 @@ fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
         assert!(out.status.success(), "{out:?}");
     }
     let condition =
-        |name: &str| get(&config, &["job", name]).map(|j| j["status"]["conditions"][0].clone());
+        |name: &str| get(config, &["job", name]).map(|j| j["status"]["conditions"][0].clone());
     wait_for("the quick Job complete", || {
         condition("quick").is_some_and(|c| c["type"] == "Complete")
     });
     let started = std::time::Instant::now();
     wait_for("the quick Job gone after its TTL", || {
-        get(&config, &["job", "quick"]).is_none()
+        get(config, &["job", "quick"]).is_none()
     });
     assert!(started.elapsed() >= std::time::Duration::from_secs(1));
-    let left = get(&config, &["pods", "-l", "job-name=quick"]).unwrap();
+    let left = get(config, &["pods", "-l", "job-name=quick"]).unwrap();
     assert_eq!(left["items"].as_array().unwrap().len(), 0, "{left:#}");
     wait_for("the slow Job failed", || {
         condition("slow").is_some_and(|c| c["reason"] == "DeadlineExceeded")
@@ -181,7 +192,7 @@ fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
     // Its pod is stopped and removed: its PID 1, a shell, has no SIGTERM handler, so it is the
     // SIGKILL after the 5 s grace period that ends it, as on a node.
     wait_for("the slow Job's pod gone", || {
-        get(&config, &["pods", "-l", "job-name=slow"])
+        get(config, &["pods", "-l", "job-name=slow"])
             .is_some_and(|l| l["items"].as_array().unwrap().is_empty())
     });
 }
