@@ -103,7 +103,7 @@ fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
     let (cluster, config, pods) = (&setup.cluster, &setup.config, &setup.pods);
     let create = |yaml: &str| {
         let out = kubectl(
-            &config,
+            config,
             &["create", "--validate=false", "-f", "-"],
             Some(yaml),
         );
@@ -168,7 +168,7 @@ fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
         job("quick", "true", "  ttlSecondsAfterFinished: 2\n"),
     ] {
         let out = kubectl(
-            &config,
+            config,
             &["create", "--validate=false", "-f", "-"],
             Some(&yaml),
         );
