@@ -1121,11 +1121,26 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
         .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
-/// The container's PID 1, the `unshare` process's child, as the host sees it.
+/// The container's PID 1, the `unshare` process's child, as the host sees it: from the kernel's
+/// list of its children, or where that is not built in, the process whose parent it is.
 fn init_pid(c: &Container) -> Option<nix::unistd::Pid> {
     let pid = c.child.id();
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    let child = children.split_whitespace().next()?.parse().ok()?;
+    let listed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok();
+    let child = match listed {
+        Some(children) => children.split_whitespace().next()?.parse().ok()?,
+        None => std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`: the command may hold spaces and parentheses.
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == pid).then(|| e.file_name().to_str()?.parse().ok())?
+        })?,
+    };
     Some(nix::unistd::Pid::from_raw(child))
 }
 

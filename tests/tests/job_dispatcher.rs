@@ -44,9 +44,15 @@ impl World {
 
     /// The dispatcher, as replica `name`, ticking every 200 ms; returns it and its metrics port.
     fn dispatcher(&self, name: &str, queue: &str) -> (Child, u16) {
+        self.dispatcher_at(name, queue, &self.buildkite.endpoint())
+    }
+
+    /// The dispatcher, asking Buildkite at `endpoint`.
+    fn dispatcher_at(&self, name: &str, queue: &str, endpoint: &str) -> (Child, u16) {
         let port = free_port();
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
         let child = job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
+            .env("BUILDKITE_AGENT_ENDPOINT", endpoint)
             .env("DISPATCHER_QUEUE", queue)
             .env("DISPATCHER_TEMPLATE", template)
             .env("DISPATCHER_POLL_INTERVAL", "200ms")
@@ -282,6 +288,8 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     w.buildkite
         .inject(BuildkiteFault::Answer("<html>sign in</html>"), 1);
     w.kube.inject(Some("POST"), Some("jobs"), 500, 1);
+    w.kube.inject(Some("POST"), Some("jobs"), 409, 1);
+    w.kube.inject(Some("POST"), Some("jobs"), 429, 1);
     w.buildkite.set(QueueState {
         scheduled: 3,
         ..QueueState::default()
@@ -305,10 +313,19 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
         metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"throttled\"} 1"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("dispatcher_api_errors_total{api=\"kubernetes\",kind=\"server\"} 1"),
-        "{metrics}"
-    );
+    for kind in ["server", "conflict"] {
+        let line = format!("dispatcher_api_errors_total{{api=\"kubernetes\",kind=\"{kind}\"}} 1");
+        assert!(metrics.contains(&line), "{metrics}");
+    }
+    // The 429 is retried by the client itself (kube-client 5.0.0 `src/client/retry.rs` retries
+    // 429, 503 and 504 with backoff): four creates asked, one Job made.
+    let creates = w
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| *r == "POST jobs")
+        .count();
+    assert_eq!(creates, 4);
     assert!(
         metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"invalid\"} 1"),
         "{metrics}"
@@ -399,4 +416,45 @@ fn a_template_for_another_queue_is_refused_naming_both() {
         out.log()
     );
     assert!(w.jobs().is_empty());
+}
+
+/// Buildkite unreachable, then answering nothing for longer than the 15 s timeout: nothing is
+/// dispatched on either, the log says where it could not reach, the metrics and health endpoints
+/// keep answering meanwhile, and the first good answer is acted on.
+#[test]
+fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 3,
+        ..QueueState::default()
+    });
+    let nowhere = format!("http://127.0.0.1:{}/v3", free_port());
+    let (dispatcher, port) = w.dispatcher_at("replica-a", QUEUE, &nowhere);
+    wait_for("a failed poll counted", || {
+        http_get(port, "/metrics")
+            .1
+            .contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"unreachable\"}")
+    });
+    let out = stop(dispatcher);
+    assert!(w.jobs().is_empty());
+    assert!(
+        out.stderr
+            .contains(&format!("cannot reach Buildkite at {nowhere}")),
+        "{}",
+        out.log()
+    );
+
+    w.buildkite
+        .inject(BuildkiteFault::Stall(Duration::from_secs(20)), 1);
+    let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
+    ticks(&w, 1);
+    // The poll hangs: the health and metrics endpoints still answer, and nothing is dispatched.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(http_get(port, "/healthz").0, 200);
+    assert_eq!(http_get(port, "/metrics").0, 200);
+    assert!(w.jobs().is_empty());
+    wait_for("a dispatch after the stall", || !w.jobs().is_empty());
+    let out = stop(dispatcher);
+    assert_eq!(w.jobs().len(), 1, "{}", out.log());
+    assert!(out.stderr.contains("timed out"), "{}", out.log());
 }
