@@ -4,8 +4,14 @@
 //! API, so the dispatcher and `kubectl` see their work through lists and watches.
 //!
 //! Modelled on Kubernetes 1.33 as its documentation describes it (kubernetes.io "Jobs",
-//! "Pod Lifecycle", "Resource Quotas", "Determine the Reason for Pod Failure"); no Kubernetes
-//! source was fetched here, so where that documentation is silent this says what it chose.
+//! "Pod Lifecycle", "Resource Quotas", "Determine the Reason for Pod Failure"), with the Job
+//! controller's words and names checked against kubernetes/kubernetes `pkg/controller/job/`:
+//! `job_controller.go` (the `BackoffLimitExceeded`, `DeadlineExceeded` and `FailedIndexes`
+//! conditions and their messages) and `indexed_job_utils.go` (`podGenerateNameWithIndex`, the
+//! completion-index annotation and label, `JOB_COMPLETION_INDEX` from a field reference). Where
+//! neither says, this says what it chose. Not modelled: the interim `FailureTarget` and
+//! `SuccessCriteriaMet` conditions (1.31+) that precede `Failed` and `Complete` while pods are
+//! still being stopped.
 //!
 //! - **Job controller** (`batch/v1`): keeps `min(parallelism, completions − succeeded)` pods
 //!   active, each from the template with `generateName: <job>-`, the `batch.kubernetes.io/
