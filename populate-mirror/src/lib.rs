@@ -9,7 +9,7 @@ mod submodules;
 pub mod volume;
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::future::join_all;
@@ -47,6 +47,67 @@ pub enum PopulateError {
 pub struct Summary {
     pub succeeded: usize,
     pub failed: usize,
+}
+
+impl PopulateError {
+    /// Whether the next round would meet it again: the repository list cannot be read, or git
+    /// is missing. A held lock, a full volume or a failing server may pass.
+    pub fn is_lasting(&self) -> bool {
+        matches!(
+            self,
+            PopulateError::Repos(_) | PopulateError::GitNotFound(_)
+        )
+    }
+}
+
+/// `--every`: a [`run`] each `interval` (give or take a tenth) for as long as the process lives;
+/// returns only an error no later round could get past. Each round is one log line with its
+/// figures.
+pub async fn run_every(settings: Settings, interval: Duration) -> PopulateError {
+    let mut round: u64 = 0;
+    loop {
+        round += 1;
+        let started = Instant::now();
+        let result = run(settings.clone()).await;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let next = jittered(interval);
+        let next_in_s = next.as_secs();
+        match result {
+            Ok(Summary { succeeded, failed: 0 }) => tracing::info!(
+                round,
+                succeeded,
+                failed = 0,
+                duration_ms,
+                next_in_s,
+                "round {round}: {succeeded} repositories refreshed; the next in {next_in_s}s"
+            ),
+            Ok(Summary { succeeded, failed }) => tracing::warn!(
+                round,
+                succeeded,
+                failed,
+                duration_ms,
+                next_in_s,
+                "round {round}: {succeeded} repositories refreshed, {failed} failed (logged above); the next in {next_in_s}s"
+            ),
+            Err(e) if e.is_lasting() => return e,
+            Err(e) => tracing::warn!(
+                round,
+                duration_ms,
+                next_in_s,
+                "round {round} failed: {e}; trying again in {next_in_s}s"
+            ),
+        }
+        tokio::time::sleep(next).await;
+    }
+}
+
+/// `interval` × a factor in [0.9, 1.1), from the clock's nanoseconds: nodes whose pods started
+/// together drift apart instead of all fetching from the git server at once.
+fn jittered(interval: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    interval.mul_f64(0.9 + 0.2 * f64::from(nanos) / 1e9)
 }
 
 /// Refreshes every repository (and the submodules they name), concurrently up to the bound; one
@@ -251,4 +312,18 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_is_jittered_by_a_tenth_at_most() {
+        let interval = Duration::from_secs(900);
+        for _ in 0..100 {
+            let next = jittered(interval);
+            assert!(next >= Duration::from_secs(810) && next < Duration::from_secs(990));
+        }
+    }
 }

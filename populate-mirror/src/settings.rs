@@ -15,7 +15,7 @@ use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
 /// rename, so a job never sees a half-written mirror. A manifest at the root lists what the volume
 /// holds. Exit codes: 0 every repository refreshed, 1 some failed, 2 bad input or unusable root,
 /// 3 none refreshed, 4 another populate-mirror holds the volume, 128+N stopped by signal N.
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(name = "populate-mirror", version)]
 pub struct Settings {
     /// Repository URLs to mirror, besides those in --repos-file (the environment variable takes
@@ -84,6 +84,13 @@ pub struct Settings {
     /// How often a long git command's progress is logged when stderr is not a terminal.
     #[arg(long, env = "POPULATE_MIRROR_PROGRESS_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub progress_interval: Duration,
+
+    /// Refresh again every this long (e.g. `15m`), give or take a tenth so that nodes started
+    /// together drift apart, until a signal stops it: the node-local mirror's DaemonSet. A round
+    /// that fails is logged and the next one tried; only a repository list that cannot be read
+    /// or a missing git ends it (exit 2). Unset: one run.
+    #[arg(long, env = "POPULATE_MIRROR_EVERY", value_parser = humantime::parse_duration)]
+    pub every: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -671,3 +671,64 @@ fn a_stock_agents_own_mirror_at_that_name_is_left_alone() {
         "ref: refs/heads/main\n"
     );
 }
+
+/// `--every`: a round now, then one each interval: a commit pushed meanwhile is published by the
+/// next round, each round is one log line, and SIGTERM between rounds leaves nothing staged.
+#[test]
+fn every_refreshes_each_interval_until_a_signal_stops_it() {
+    let mut s = Served::new(REPO);
+    let mut child = s
+        .sandbox
+        .populate_mirror()
+        .args(["--every", "1s"])
+        .arg(&s.url)
+        .env("POPULATE_MIRROR_LOG", "info")
+        .spawn();
+    let rounds = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let seen = rounds.clone();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if v["round"].is_u64() {
+                    seen.lock().unwrap().push(v);
+                }
+            }
+        }
+    });
+    stateless_e2e::sandbox::wait_for("the first round", || !rounds.lock().unwrap().is_empty());
+    let head = s.upstream.advance(1);
+    let published = s.sandbox.mirrors.join(PUBLISHED);
+    stateless_e2e::sandbox::wait_for("the new commit published", || {
+        refs(&published).contains(&head)
+    });
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    let status = child.wait().unwrap();
+
+    assert_eq!(status.code(), Some(143));
+    let rounds = rounds.lock().unwrap();
+    assert!(rounds.len() >= 2, "{rounds:?}");
+    assert_eq!(rounds[0]["succeeded"], 1);
+    let next = rounds[0]["next_in_s"].as_u64().unwrap();
+    assert!(next <= 1, "a tenth of 1 s of jitter at most: {next}");
+    s.sandbox.assert_no_leftover_processes();
+    assert!(!s.sandbox.mirrors.join(".staging").exists());
+    assert_published_mirror_is_whole(&s.sandbox);
+}
+
+/// What no later round could fix ends `--every` at once, with the bad-input exit code.
+#[test]
+fn every_stops_at_once_on_a_repository_list_it_cannot_read() {
+    let s = Served::new(REPO);
+    let out = s
+        .sandbox
+        .populate_mirror()
+        .args(["--every", "1s", "--repos-file", "/nonexistent/repositories"])
+        .run();
+    assert_eq!(out.code(), Some(2), "{}", out.log());
+    assert!(
+        out.stderr.contains("/nonexistent/repositories"),
+        "{}",
+        out.log()
+    );
+}

@@ -16,7 +16,12 @@ fn main() -> ExitCode {
     }
     run_until_interrupted(
         "populate-mirror",
-        async { exit_code(populate_mirror::run(settings).await) },
+        async {
+            match settings.every {
+                Some(every) => exit_code(Err(populate_mirror::run_every(settings, every).await)),
+                None => exit_code(populate_mirror::run(settings).await),
+            }
+        },
         // Dropping the run killed every git it started and removed what was staged.
         |signal| {
             tracing::warn!("stopped by signal {signal}; nothing unpublished was left on the volume")
