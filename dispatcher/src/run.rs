@@ -57,7 +57,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             path: settings.template.display().to_string(),
             source,
         })?;
-    let template = Template::parse(&yaml, &settings.queue)?;
+    let template = Template::parse(&yaml, &settings.queue, &settings.mirror())?;
     let client = Client::try_default()
         .await
         .map_err(|e| RunError::Kubernetes(e.to_string()))?;

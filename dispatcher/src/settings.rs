@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 /// Creates Kubernetes Jobs of one-shot Buildkite agents (agent-wrapper running
 /// `buildkite-agent start --disconnect-after-job`) sized to one queue's demand. One per queue,
@@ -78,6 +78,25 @@ pub struct Settings {
     #[arg(long, env = "DISPATCHER_IDLE_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Where agents' mirror volume comes from: `shared`, the template's own (one ReadWriteMany
+    /// claim that populate-mirror refreshes); or `node-local`, each node's directory
+    /// `--node-mirror-path`, refreshed by the populate-mirror DaemonSet, in place of the
+    /// template's volume `--mirror-volume`, read-only (docs/operating.md, "Mirror volumes").
+    #[arg(long, env = "DISPATCHER_MIRROR_MODE", value_enum, default_value_t = MirrorMode::Shared)]
+    pub mirror_mode: MirrorMode,
+
+    /// The template's volume that holds the mirrors.
+    #[arg(long, env = "DISPATCHER_MIRROR_VOLUME", default_value = "git-mirrors")]
+    pub mirror_volume: String,
+
+    /// Each node's mirror directory, in `node-local` mode: the DaemonSet's hostPath.
+    #[arg(
+        long,
+        env = "DISPATCHER_NODE_MIRROR_PATH",
+        default_value = "/var/lib/stateless-agent/git-mirrors"
+    )]
+    pub node_mirror_path: String,
+
     /// The agent token (the agent's own, for the metrics API; no API token is needed).
     #[arg(long, env = "BUILDKITE_AGENT_TOKEN", hide_env_values = true)]
     pub token: String,
@@ -101,4 +120,24 @@ pub struct Settings {
     /// This replica's name in the Lease [default: $POD_NAME, else $HOSTNAME, else random].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+/// Where agents' mirror volume comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MirrorMode {
+    Shared,
+    NodeLocal,
+}
+
+impl Settings {
+    /// The mirror volume the template's agents get.
+    pub fn mirror(&self) -> crate::template::Mirror {
+        match self.mirror_mode {
+            MirrorMode::Shared => crate::template::Mirror::Shared,
+            MirrorMode::NodeLocal => crate::template::Mirror::NodeLocal {
+                volume: self.mirror_volume.clone(),
+                path: self.node_mirror_path.clone(),
+            },
+        }
+    }
 }

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, EnvVar};
+use k8s_openapi::api::core::v1::{Container, EnvVar, HostPathVolumeSource, Volume};
 
 /// Labels on every Job the dispatcher creates and on its pods.
 pub const QUEUE_LABEL: &str = "stateless-agent/queue";
@@ -28,6 +28,8 @@ pub enum TemplateError {
     Parse(String),
     #[error("the agent template has no containers; give its pod template the agent container")]
     NoContainer,
+    #[error("the agent template has no volume {0:?} for the node-local mirror to replace; name its mirror volume with DISPATCHER_MIRROR_VOLUME")]
+    NoMirrorVolume(String),
     #[error("the agent template registers its agents in queue {template:?} ({variable}), but this dispatcher serves queue {served:?}; make them the same, or the dispatcher would count agents that never come")]
     WrongQueue {
         template: String,
@@ -57,10 +59,22 @@ pub struct Dispatch {
     pub idle_timeout: Duration,
 }
 
+/// Where agents' mirror volume comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mirror {
+    /// The template's own volume, as it is.
+    Shared,
+    /// Each node's directory `path`, in place of the template's volume `volume`, read-only.
+    NodeLocal { volume: String, path: String },
+}
+
 impl Template {
-    pub fn parse(yaml: &str, queue: &str) -> Result<Template, TemplateError> {
-        let job: Job =
+    pub fn parse(yaml: &str, queue: &str, mirror: &Mirror) -> Result<Template, TemplateError> {
+        let mut job: Job =
             serde_yaml_ng::from_str(yaml).map_err(|e| TemplateError::Parse(e.to_string()))?;
+        if let Mirror::NodeLocal { volume, path } = mirror {
+            node_local(&mut job, volume, path)?;
+        }
         let template = Template {
             job,
             queue: queue.to_string(),
@@ -154,6 +168,35 @@ impl Template {
     }
 }
 
+/// The template's volume `volume` made the node's directory `path`, and every mount of it
+/// read-only. `DirectoryOrCreate`: on a node whose DaemonSet pod has not populated it yet, the
+/// agent starts on an empty directory, and the checkout hook clones from the server (a `miss`)
+/// rather than the pod hanging on a mount.
+fn node_local(job: &mut Job, volume: &str, path: &str) -> Result<(), TemplateError> {
+    let missing = || TemplateError::NoMirrorVolume(volume.to_string());
+    let pod = job.spec.as_mut().and_then(|s| s.template.spec.as_mut());
+    let pod = pod.ok_or_else(missing)?;
+    let found = pod.volumes.iter_mut().flatten().find(|v| v.name == volume);
+    let found = found.ok_or_else(missing)?;
+    *found = Volume {
+        name: volume.to_string(),
+        host_path: Some(HostPathVolumeSource {
+            path: path.to_string(),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Volume::default()
+    };
+    let containers = pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten());
+    let mounts = containers.flat_map(|c| c.volume_mounts.iter_mut().flatten());
+    for mount in mounts.filter(|m| m.name == volume) {
+        mount.read_only = Some(true);
+    }
+    Ok(())
+}
+
 /// Makes each agent pod's failure its own. In a non-indexed Job of N pods, a `FailJob` rule or
 /// the `backoffLimit` fails the whole Job, and the Job controller then deletes every active pod,
 /// agents in the middle of jobs included. As an Indexed Job with `backoffLimitPerIndex` (GA in
@@ -241,7 +284,7 @@ mod tests {
 
     #[test]
     fn the_shipped_template_makes_a_dispatch_job() {
-        let template = Template::parse(SHIPPED, "kubernetes").unwrap();
+        let template = Template::parse(SHIPPED, "kubernetes", &Mirror::Shared).unwrap();
         let job = template.job(&dispatch());
         let meta = &job.metadata;
         assert_eq!(meta.name, None);
@@ -287,8 +330,39 @@ mod tests {
     }
 
     #[test]
+    fn node_local_mode_mounts_the_nodes_directory_read_only_in_place_of_the_claim() {
+        let mirror = Mirror::NodeLocal {
+            volume: "git-mirrors".into(),
+            path: "/var/lib/stateless-agent/git-mirrors".into(),
+        };
+        let template = Template::parse(SHIPPED, "kubernetes", &mirror).unwrap();
+        let job = template.job(&dispatch());
+        let pod = job.spec.unwrap().template.spec.unwrap();
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "git-mirrors");
+        let volume = volume.unwrap();
+        assert!(volume.persistent_volume_claim.is_none());
+        let host = volume.host_path.as_ref().unwrap();
+        assert_eq!(host.path, "/var/lib/stateless-agent/git-mirrors");
+        assert_eq!(host.type_.as_deref(), Some("DirectoryOrCreate"));
+        let mount = pod.containers[0].volume_mounts.iter().flatten();
+        let mount = mount.clone().find(|m| m.name == "git-mirrors").unwrap();
+        assert_eq!(mount.read_only, Some(true));
+
+        let other = Mirror::NodeLocal {
+            volume: "mirrors".into(),
+            path: "/x".into(),
+        };
+        let err = Template::parse(SHIPPED, "kubernetes", &other).unwrap_err();
+        assert_eq!(err, TemplateError::NoMirrorVolume("mirrors".into()));
+    }
+
+    #[test]
     fn a_template_for_another_queue_is_refused_naming_both() {
-        let err = Template::parse(SHIPPED, "linux-large").unwrap_err();
+        let err = Template::parse(SHIPPED, "linux-large", &Mirror::Shared).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("\"kubernetes\"") && text.contains("\"linux-large\""),
@@ -299,7 +373,7 @@ mod tests {
             "- name: BUILDKITE_AGENT_QUEUE\n              value: other\n            - name: BUILDKITE_AGENT_TAGS",
         );
         assert!(matches!(
-            Template::parse(&queue_var, "kubernetes"),
+            Template::parse(&queue_var, "kubernetes", &Mirror::Shared),
             Err(TemplateError::WrongQueue {
                 variable: "BUILDKITE_AGENT_QUEUE",
                 ..
@@ -315,7 +389,9 @@ mod tests {
         );
         assert_eq!(with_queue("", "q"), "queue=q");
         assert_eq!(name_part("Linux_Large.1"), "linux-large-1");
-        let unreadable = Template::parse("kind: [", "q").err().unwrap();
+        let unreadable = Template::parse("kind: [", "q", &Mirror::Shared)
+            .err()
+            .unwrap();
         assert!(matches!(unreadable, TemplateError::Parse(_)));
         assert!(unreadable
             .to_string()

@@ -8,7 +8,10 @@
 //! - first populate of N small repositories (concurrency 4) vs `git clone --mirror` of each in turn;
 //! - a refresh with nothing new, all repositories, vs `git ls-remote` of each in turn;
 //! - a refresh with `BENCH_NEW_COMMITS` (200) new commits on the large repository vs
-//!   `git fetch --prune` in a `--mirror` clone.
+//!   `git fetch --prune` in a `--mirror` clone;
+//! - a round of `populate-mirror --every` with nothing new, all repositories (one process, a
+//!   round each 1 ms: the time between its round lines) vs a no-op refresh as a CronJob runs it
+//!   today (a process per refresh), on the same volume.
 //!
 //! Environment: `BENCH_RUNS` (5), `BENCH_REPOS` (4 small repositories), `BENCH_FILES` (20000),
 //! `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (200), `BENCH_TAGS` (100), `BENCH_NEW_COMMITS` (200),
@@ -112,6 +115,13 @@ fn main() {
             ours: vec![],
             theirs: vec![],
         },
+        Pair {
+            name: "`--every` round, nothing new, all repositories",
+            baseline: "a no-op refresh, one process (today's CronJob)",
+            target: f64::INFINITY,
+            ours: vec![],
+            theirs: vec![],
+        },
     ];
     let work = sandbox.dir.path().join("work");
     let mut all = vec![large.clone()];
@@ -163,6 +173,16 @@ fn main() {
         }));
     }
 
+    // The last round's volume holds every repository, up to date.
+    let root = work.join((runs - 1).to_string()).join("root");
+    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    for _ in 0..runs {
+        pairs[4]
+            .theirs
+            .push(time(|| populate(&sandbox, &root, &all_refs)));
+    }
+    pairs[4].ours = every_rounds(&sandbox, &root, &all_refs, runs);
+
     println!();
     println!("| case | populate-mirror (median) | baseline | baseline (median) | ratio (median of rounds) | target |");
     println!("|---|---:|---|---:|---:|---|");
@@ -191,8 +211,10 @@ fn main() {
     }
 }
 
-fn populate(sandbox: &Sandbox, root: &Path, urls: &[&str]) {
-    let out = std::process::Command::new(bin("populate-mirror"))
+/// populate-mirror on `root` for `urls`, with the sandbox's git configuration.
+fn populate_command(sandbox: &Sandbox, root: &Path, urls: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(bin("populate-mirror"));
+    command
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", &sandbox.home)
@@ -204,9 +226,12 @@ fn populate(sandbox: &Sandbox, root: &Path, urls: &[&str]) {
         )
         .arg("--root")
         .arg(root)
-        .args(urls)
-        .output()
-        .unwrap();
+        .args(urls);
+    command
+}
+
+fn populate(sandbox: &Sandbox, root: &Path, urls: &[&str]) {
+    let out = populate_command(sandbox, root, urls).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -217,6 +242,32 @@ fn populate(sandbox: &Sandbox, root: &Path, urls: &[&str]) {
             eprintln!("{line}");
         }
     }
+}
+
+/// `runs` rounds of one `populate-mirror --every 1ms`: the time from each round's log line to the
+/// next (the first round, which starts the process, is left out).
+fn every_rounds(sandbox: &Sandbox, root: &Path, urls: &[&str], runs: usize) -> Vec<Duration> {
+    use std::io::BufRead;
+    let mut child = populate_command(sandbox, root, urls)
+        .env("POPULATE_MIRROR_LOG", "info")
+        .args(["--every", "1ms"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut at = Vec::new();
+    for line in stderr.lines().map_while(Result::ok) {
+        if line.contains("\"round\":") {
+            at.push(Instant::now());
+            if at.len() > runs {
+                break;
+            }
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(at.len(), runs + 1, "populate-mirror --every stopped early");
+    at.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
 fn clone_mirror(url: &str, path: &PathBuf) {

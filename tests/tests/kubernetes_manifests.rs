@@ -2,8 +2,9 @@
 //! (`k8s-openapi`), and checked against what the binaries and the image actually do: the agent
 //! Job's `podFailurePolicy` against agent-wrapper's exit-code table for every code, its grace
 //! period against the wrapper's stop deadline, the mirror volume read-only for agents and
-//! writable for populate-mirror; and the job-dispatcher base as a real `kubectl kustomize`
-//! renders it, against what the dispatcher reads and the API calls it makes.
+//! writable for populate-mirror; and the job-dispatcher base and the node-local overlay
+//! (`image/overlays/node-local`) as a real `kubectl kustomize` renders them, against what the
+//! dispatcher and populate-mirror read and the API calls the dispatcher makes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -309,6 +310,101 @@ fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_po
     );
 }
 
+/// Runs `kubectl kustomize` on `dir` (under the workspace): each document by kind, or `None`
+/// (having said why) without kubectl.
+fn kustomize(dir: &str) -> Option<BTreeMap<String, serde_json::Value>> {
+    if !stateless_e2e::fake_kube::kubectl_installed() {
+        return None;
+    }
+    let rendered = std::process::Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(workspace().join(dir))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&rendered.stderr);
+    assert!(rendered.status.success(), "kubectl kustomize {dir}: {stderr}");
+    let text = String::from_utf8(rendered.stdout).unwrap();
+    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(doc).unwrap();
+        docs.insert(value["kind"].as_str().unwrap().to_string(), value);
+    }
+    Some(docs)
+}
+
+/// The names of the environment variables a binary's settings read.
+fn variables(command: clap::Command) -> Vec<String> {
+    let args = command.get_arguments().filter_map(|a| a.get_env());
+    args.map(|e| e.to_string_lossy().into_owned()).collect()
+}
+
+/// `kubectl kustomize image/overlays/node-local`: the base, plus a DaemonSet running
+/// `populate-mirror --every` into each node's directory, which is where the dispatcher, told
+/// `node-local`, mounts it read-only into its agents.
+#[test]
+fn the_node_local_overlay_renders_with_kubectl_kustomize() {
+    use clap::CommandFactory;
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    let Some(docs) = kustomize("image/overlays/node-local") else {
+        return;
+    };
+    let daemonset: DaemonSet = typed("rendered DaemonSet", &docs["DaemonSet"]);
+    let pod = daemonset.spec.unwrap().template.spec.unwrap();
+    let populate = &pod.containers[0];
+    let command = populate.command.clone().unwrap();
+    assert_eq!(command[..2], ["/usr/local/bin/populate-mirror", "--every"]);
+    humantime::parse_duration(&command[2]).unwrap();
+    let read = variables(populate_mirror::settings::Settings::command());
+    for var in populate.env.iter().flatten() {
+        let git_config = var.name.starts_with("GIT_CONFIG_");
+        assert!(
+            git_config || read.contains(&var.name),
+            "{} is not read",
+            var.name
+        );
+    }
+    // The repository list from the generated ConfigMap, mounted where the env says.
+    let volumes = pod.volumes.clone().unwrap();
+    let repositories = volumes.iter().find(|v| v.config_map.is_some()).unwrap();
+    let config_map = &repositories.config_map.as_ref().unwrap().name;
+    assert_eq!(docs["ConfigMap"]["metadata"]["name"], config_map.as_str());
+    // It writes the node's directory at the path the hook reads, where the dispatcher looks.
+    let mirrors = volumes.iter().find(|v| v.host_path.is_some()).unwrap();
+    let mount = populate
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == mirrors.name);
+    let mount = mount.unwrap();
+    assert_eq!(mount.mount_path, MIRRORS_PATH);
+    assert_ne!(mount.read_only, Some(true));
+    let dispatcher_settings = dispatcher::settings::Settings::command();
+    let default_path = dispatcher_settings
+        .get_arguments()
+        .find(|a| a.get_id() == "node_mirror_path")
+        .map(|a| a.get_default_values()[0].to_string_lossy().into_owned())
+        .unwrap();
+    assert_eq!(mirrors.host_path.as_ref().unwrap().path, default_path);
+
+    let deployment: Deployment = typed("rendered Deployment", &docs["Deployment"]);
+    let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let mode = env
+        .iter()
+        .find(|e| e.name == "DISPATCHER_MIRROR_MODE")
+        .unwrap();
+    assert_eq!(mode.value.as_deref(), Some("node-local"));
+    let template = std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap();
+    let node_local = dispatcher::template::Mirror::NodeLocal {
+        volume: "git-mirrors".into(),
+        path: default_path,
+    };
+    dispatcher::template::Template::parse(&template, "kubernetes", &node_local)
+        .expect("the template's mirror volume is the one the dispatcher replaces");
+}
+
 /// `kubectl kustomize image/k8s`: the dispatcher's Deployment, its account with only the verbs it
 /// uses, and the agent template from a generated ConfigMap, which the dispatcher accepts for the
 /// queue the Deployment names.
@@ -317,20 +413,9 @@ fn the_dispatcher_base_renders_with_kubectl_kustomize() {
     use clap::CommandFactory;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let rendered = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(workspace().join("image/k8s"))
-        .output();
-    let Some(rendered) = rendered.ok().filter(|o| o.status.success()) else {
-        eprintln!("skipping: kubectl is not installed (bash tests/provision.sh installs it)");
+    let Some(docs) = kustomize("image/k8s") else {
         return;
     };
-    let text = String::from_utf8(rendered.stdout).unwrap();
-    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = serde_json::Value::deserialize(doc).unwrap();
-        docs.insert(value["kind"].as_str().unwrap().to_string(), value);
-    }
     let kinds: Vec<&str> = docs.keys().map(String::as_str).collect();
     assert_eq!(
         kinds,
@@ -386,12 +471,7 @@ fn the_dispatcher_base_renders_with_kubectl_kustomize() {
         "/usr/local/bin/job-dispatcher"
     );
     // Every variable it sets is one the dispatcher reads.
-    let command = dispatcher::settings::Settings::command();
-    let read: Vec<String> = command
-        .get_arguments()
-        .filter_map(|a| a.get_env())
-        .map(|e| e.to_string_lossy().into_owned())
-        .collect();
+    let read = variables(dispatcher::settings::Settings::command());
     let env = container.env.clone().unwrap_or_default();
     for var in &env {
         assert!(
@@ -427,7 +507,8 @@ fn the_dispatcher_base_renders_with_kubectl_kustomize() {
     assert_eq!(volume.config_map.as_ref().unwrap().name, config_map);
     let key = template_path.rsplit('/').next().unwrap();
     let template = docs["ConfigMap"]["data"][key].as_str().unwrap();
-    dispatcher::template::Template::parse(template, &value("DISPATCHER_QUEUE"))
+    let shared = dispatcher::template::Mirror::Shared;
+    dispatcher::template::Template::parse(template, &value("DISPATCHER_QUEUE"), &shared)
         .expect("the template's agents register in the Deployment's queue");
     assert_eq!(
         std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap(),
