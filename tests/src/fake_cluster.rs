@@ -38,9 +38,13 @@
 //!   `Unschedulable` with the volume binding's message (`../shared/notes/dispatch-peers.md` §6).
 //! - **Quota**: a `pods` limit on the namespace's pods that have not ended (a ResourceQuota's
 //!   `count/pods` counts pods in a non-terminal phase). Not a served kind: set on the cluster.
-//! - **Scheduler**: a pending pod is bound to `fake-node-1` while fewer than `capacity` bound
-//!   pods have not ended; otherwise its `PodScheduled` condition is `False`, reason
-//!   `Unschedulable`, with the scheduler's message.
+//! - **Scheduler**: `nodes` nodes, `fake-node-1` to `fake-node-N`, each running at most
+//!   `capacity` pods that have not ended. A pending pod is bound to the least loaded node with
+//!   room; without one, its `PodScheduled` condition is `False`, reason `Unschedulable`, with the
+//!   scheduler's message.
+//! - **DaemonSet controller**: a pod of each DaemonSet on each node, created bound to it (the
+//!   real controller leaves the binding to the scheduler, through node affinity); one that ended
+//!   is replaced, where a real kubelet would restart its container (`restartPolicy: Always`).
 //! - **Kubelet**: a bound pod runs as a real container: a new PID and mount namespace
 //!   (`unshare`), a root made of the host's `/usr` and `/etc` read-only, the image's files (the
 //!   Dockerfile's final stage: its `/usr/local/bin` binaries from this workspace's build, the
@@ -48,7 +52,8 @@
 //!   links, its `ENV`, `USER`, `WORKDIR` and `ENTRYPOINT`), its own `/tmp`, `/proc` and
 //!   `/dev`, and each volume mount bound at its path: `emptyDir` a fresh directory owned by the
 //!   `fsGroup`, `persistentVolumeClaim` its claim's volume (read-only when the mount or the volume
-//!   says so). The entrypoint is PID 1, as the user the security context
+//!   says so), `hostPath` that node's own directory for the path (created for
+//!   `DirectoryOrCreate`), `configMap` its data as files, read-only. The entrypoint is PID 1, as the user the security context
 //!   names; its env is the image's, then the container's (`value`, `secretKeyRef` from the
 //!   store's Secrets, `fieldRef` `metadata.name`/`namespace`), and `HOSTNAME`. The pod goes
 //!   `Running`, then `Succeeded` or `Failed` with the container's exit code and its termination
@@ -74,12 +79,12 @@ use serde_json::{json, Value};
 use crate::fake_kube::{kind_of, now_rfc3339, FakeKube, Key, Store, PVC_PROTECTION};
 use crate::sandbox::bin;
 
-const NODE: &str = "fake-node-1";
-
 /// What the cluster is made of; change it while it runs with [`FakeCluster::change`].
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
-    /// Pods the one node can run at once.
+    /// Nodes, `fake-node-1` to `fake-node-N` (0 counts as 1).
+    pub nodes: usize,
+    /// Pods each node can run at once.
     pub capacity: usize,
     /// The namespace's quota of pods that have not ended, if any.
     pub quota_pods: Option<usize>,
@@ -89,6 +94,13 @@ pub struct ClusterSpec {
 }
 
 impl ClusterSpec {
+    /// The nodes' names.
+    pub fn node_names(&self) -> Vec<String> {
+        (1..=self.nodes.max(1))
+            .map(|i| format!("fake-node-{i}"))
+            .collect()
+    }
+
     /// The directory that is claim `name`'s volume in `namespace`.
     fn volume(&self, dir: &Path, namespace: &str, name: &str) -> PathBuf {
         match self.claims.get(name) {
@@ -160,6 +172,11 @@ impl FakeCluster {
         change(&mut self.inner.spec.lock().unwrap());
     }
 
+    /// Node `node`'s directory for the host path `path`.
+    pub fn host_path(&self, node: &str, path: &str) -> PathBuf {
+        node_dir(&self.inner.dir, node, path)
+    }
+
     /// What pod `name`'s container printed.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.inner.dir.join(name).join("log")).unwrap_or_default()
@@ -210,11 +227,12 @@ fn run(inner: &Inner) {
             job_controller(store, &spec, now, &mut backoff);
             claims_controller(store, &spec, &inner.dir);
             scheduler(store, &spec);
-            kubelet_plan(store, &containers)
+            daemonset_controller(store, &spec);
+            kubelet_plan(store, &spec, &containers)
         });
-        for (key, pod, env) in to_start {
+        for (key, pod, inputs) in to_start {
             let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
-            match env.and_then(|env| start_container(inner, &spec, &key, &pod, env)) {
+            match inputs.and_then(|inputs| start_container(inner, &spec, &key, &pod, inputs)) {
                 Ok(container) => {
                     let status = running_status(&pod, &container.started_at);
                     inner
@@ -628,6 +646,39 @@ fn job_event(store: &mut Store, job: &Value, kind: &str, reason: &str, message: 
     let _ = store.create(events, &namespace, event);
 }
 
+/// One pod of each DaemonSet on each node, created bound to it; a pod that ended is replaced
+/// (where a real kubelet would restart its container: `restartPolicy: Always`).
+fn daemonset_controller(store: &mut Store, spec: &ClusterSpec) {
+    for (key, set) in store.all("daemonsets") {
+        if !set["metadata"]["deletionTimestamp"].is_null() {
+            continue;
+        }
+        let own = owned_by(store, &set);
+        let live = |node: &str| {
+            own.iter().any(|(_, p)| {
+                p["spec"]["nodeName"] == node
+                    && !ended(p)
+                    && p["metadata"]["deletionTimestamp"].is_null()
+            })
+        };
+        let missing: Vec<String> = spec.node_names().into_iter().filter(|n| !live(n)).collect();
+        let template = &set["spec"]["template"];
+        for node in missing {
+            let mut pod_spec = template["spec"].clone();
+            pod_spec["nodeName"] = json!(node);
+            let pod = json!({
+                "metadata": {"generateName": format!("{}-", key.2),
+                    "labels": template["metadata"]["labels"],
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                        "name": key.2, "uid": set["metadata"]["uid"], "controller": true,
+                        "blockOwnerDeletion": true}]},
+                "spec": pod_spec,
+            });
+            let _ = store.create(kind_of("pods").unwrap(), &key.1, pod);
+        }
+    }
+}
+
 /// The claims `pod` names.
 fn claims_of(pod: &Value) -> Vec<&str> {
     let volumes = pod["spec"]["volumes"].as_array().into_iter().flatten();
@@ -712,10 +763,17 @@ fn claims_controller(store: &mut Store, spec: &ClusterSpec, dir: &Path) {
 /// Binds pending pods to the node while it has room; marks the rest Unschedulable.
 fn scheduler(store: &mut Store, spec: &ClusterSpec) {
     let pods: Vec<(Key, Value)> = store.all("pods");
-    let mut bound = pods
+    let nodes = spec.node_names();
+    let mut bound: Vec<usize> = nodes
         .iter()
-        .filter(|(_, p)| p["spec"]["nodeName"].is_string() && !ended(p))
-        .count();
+        .map(|n| {
+            let on = pods
+                .iter()
+                .filter(|(_, p)| p["spec"]["nodeName"] == n.as_str());
+            on.filter(|(_, p)| !ended(p)).count()
+        })
+        .collect();
+    let n = nodes.len();
     let mut waiting: Vec<&(Key, Value)> = pods
         .iter()
         .filter(|(_, p)| {
@@ -731,17 +789,21 @@ fn scheduler(store: &mut Store, spec: &ClusterSpec) {
         if let Some(why) = claim_problem(store, &key.1, pod) {
             next["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
                 "status": "False", "reason": "Unschedulable",
-                "message": format!("0/1 nodes are available: {why}. preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling."),
+                "message": format!("0/{n} nodes are available: {why}. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."),
                 "lastTransitionTime": now_rfc3339()}]});
-        } else if bound < spec.capacity {
-            bound += 1;
-            next["spec"]["nodeName"] = json!(NODE);
+        } else if let Some(i) = (0..n)
+            .filter(|i| bound[*i] < spec.capacity)
+            .min_by_key(|i| bound[*i])
+        {
+            // The least loaded node with room, as the default scheduler's spreading prefers.
+            bound[i] += 1;
+            next["spec"]["nodeName"] = json!(nodes[i]);
             next["status"] = json!({"phase": "Pending", "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]});
         } else {
             next["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
                 "status": "False", "reason": "Unschedulable",
-                "message": "0/1 nodes are available: 1 Insufficient cpu. preemption: 0/1 nodes are available: 1 No preemption victims found for incoming pod.",
+                "message": format!("0/{n} nodes are available: {n} Insufficient cpu. preemption: 0/{n} nodes are available: {n} No preemption victims found for incoming pod."),
                 "lastTransitionTime": now_rfc3339()}]});
         }
         if next != *pod {
@@ -750,17 +812,28 @@ fn scheduler(store: &mut Store, spec: &ClusterSpec) {
     }
 }
 
-type Start = (Key, Value, Result<Vec<(String, String)>, String>);
+/// A pod to start: its env and the data of the ConfigMaps it mounts, read from the store (or
+/// why they cannot be).
+type Start = (Key, Value, Result<Inputs, String>);
+
+/// What a container is given from the API: its environment, and ConfigMap name → `data`.
+struct Inputs {
+    env: Vec<(String, String)>,
+    config_maps: BTreeMap<String, Value>,
+}
 
 /// The kubelet's view: bound pods to start (with their env resolved, or why not), running pods
 /// being deleted, and deleted pods with nothing running to remove.
 fn kubelet_plan(
     store: &Store,
+    spec: &ClusterSpec,
     containers: &HashMap<String, Container>,
 ) -> (Vec<Start>, Vec<String>, Vec<Key>) {
     let (mut start, mut stop, mut remove) = (Vec::new(), Vec::new(), Vec::new());
+    let nodes = spec.node_names();
     for (key, pod) in store.objects.iter().filter(|(k, _)| k.0 == "pods") {
-        if pod["spec"]["nodeName"] != NODE {
+        let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
+        if !nodes.iter().any(|n| n == node) {
             continue;
         }
         let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
@@ -769,7 +842,11 @@ fn kubelet_plan(
             (true, true) => stop.push(uid),
             (false, true) => remove.push(key.clone()),
             (false, false) if phase(pod) == "Pending" => {
-                start.push((key.clone(), pod.clone(), container_env(store, pod)));
+                let inputs = container_env(store, pod).map(|env| Inputs {
+                    env,
+                    config_maps: config_maps(store, pod),
+                });
+                start.push((key.clone(), pod.clone(), inputs));
             }
             _ => {}
         }
@@ -907,7 +984,7 @@ fn start_container(
     spec: &ClusterSpec,
     key: &Key,
     pod: &Value,
-    env: Vec<(String, String)>,
+    inputs: Inputs,
 ) -> Result<Container, String> {
     let name = pod["metadata"]["name"].as_str().unwrap_or("pod");
     let image = image();
@@ -928,7 +1005,12 @@ fn start_container(
     root.image(&image)?;
     let termination = container["terminationMessagePath"].as_str();
     root.system(termination.unwrap_or("/dev/termination-log"))?;
-    root.volumes(pod, (spec, &inner.dir), fs_group)?;
+    let sources = Sources {
+        spec,
+        cluster: &inner.dir,
+        config_maps: &inputs.config_maps,
+    };
+    root.volumes(pod, &sources, fs_group)?;
     let strings = |v: &Value| -> Vec<String> {
         let items = v.as_array().into_iter().flatten();
         items.filter_map(|a| a.as_str().map(String::from)).collect()
@@ -952,7 +1034,7 @@ fn start_container(
         .args(["--propagation", "private", "sh", "-c", &script, "pod"])
         .args(&command)
         .env_clear()
-        .envs(env)
+        .envs(inputs.env)
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log)
@@ -971,6 +1053,39 @@ fn start_container(
 
 fn io(e: std::io::Error) -> String {
     format!("preparing the pod's root: {e}")
+}
+
+/// Where a pod's volumes come from.
+struct Sources<'a> {
+    spec: &'a ClusterSpec,
+    /// The kubelet's directory: provisioned volumes, nodes' host paths.
+    cluster: &'a Path,
+    config_maps: &'a BTreeMap<String, Value>,
+}
+
+/// The host path `path` of node `node`: a directory of its own under the cluster's.
+fn node_dir(cluster: &Path, node: &str, path: &str) -> PathBuf {
+    cluster
+        .join(".nodes")
+        .join(node)
+        .join(path.trim_start_matches('/'))
+}
+
+/// The `data` of every ConfigMap `pod` mounts that exists.
+fn config_maps(store: &Store, pod: &Value) -> BTreeMap<String, Value> {
+    let namespace = pod["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let volumes = pod["spec"]["volumes"].as_array().into_iter().flatten();
+    let names = volumes.filter_map(|v| v["configMap"]["name"].as_str());
+    names
+        .filter_map(|name| {
+            let key = ("configmaps", namespace.clone(), name.to_string());
+            let data = store.objects.get(&key)?["data"].clone();
+            Some((name.to_string(), data))
+        })
+        .collect()
 }
 
 /// A pod's root directory, and the script of mounts that completes it inside the container's
@@ -1002,6 +1117,12 @@ impl Root {
             std::fs::create_dir_all(inside.parent().unwrap()).map_err(io)?;
             std::fs::write(&inside, "").map_err(io)?;
         }
+        // The mount point may lie in a directory bound from the host (`/etc`), where only the
+        // namespace's own copy can hold it.
+        self.script += &match from.is_dir() {
+            true => format!("mkdir -p \"$R{to}\"\n"),
+            false => format!("[ -e \"$R{to}\" ] || touch \"$R{to}\"\n"),
+        };
         self.script += &format!("mount --rbind '{}' \"$R{to}\"\n", from.display());
         if read_only {
             self.script += &format!("mount -o remount,bind,ro \"$R{to}\"\n");
@@ -1010,9 +1131,12 @@ impl Root {
     }
 
     /// The host's programs and libraries, read-only (symlinks, as merged-/usr systems have,
-    /// copied as they are).
+    /// copied as they are), and a copy of its `/etc` on a tmpfs of the container's own, where
+    /// volumes can be mounted as in an image's writable layer.
     fn host(&mut self) -> Result<(), String> {
-        for d in ["usr", "etc", "bin", "lib", "lib64", "sbin"] {
+        std::fs::create_dir_all(self.path.join("etc")).map_err(io)?;
+        self.script += "mount -t tmpfs tmpfs \"$R/etc\"\ncp -a /etc/. \"$R/etc/\"\n";
+        for d in ["usr", "bin", "lib", "lib64", "sbin"] {
             let host = Path::new("/").join(d);
             match std::fs::symlink_metadata(&host) {
                 Ok(m) if m.file_type().is_symlink() => {
@@ -1078,9 +1202,10 @@ impl Root {
     fn volumes(
         &mut self,
         pod: &Value,
-        (spec, cluster): (&ClusterSpec, &Path),
+        sources: &Sources,
         fs_group: Option<u32>,
     ) -> Result<(), String> {
+        let (spec, cluster) = (sources.spec, sources.cluster);
         let volumes = pod["spec"]["volumes"]
             .as_array()
             .cloned()
@@ -1093,7 +1218,7 @@ impl Root {
                 .find(|v| v["name"] == mount["name"])
                 .ok_or_else(|| format!("volume {} is not defined", mount["name"]))?;
             let claim = &volume["persistentVolumeClaim"];
-            let read_only = mount["readOnly"] == true || claim["readOnly"] == true;
+            let mut read_only = mount["readOnly"] == true || claim["readOnly"] == true;
             let source = if volume["emptyDir"].is_object() {
                 let name = volume["name"].as_str().unwrap_or("volume");
                 let dir = self.dir.join("volumes").join(name);
@@ -1106,6 +1231,34 @@ impl Root {
             } else if let Some(name) = claim["claimName"].as_str() {
                 let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("");
                 spec.volume(cluster, namespace, name)
+            } else if let Some(host) = volume["hostPath"].as_object() {
+                let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
+                let path = host["path"].as_str().unwrap_or("/");
+                let dir = node_dir(cluster, node, path);
+                match host.get("type").and_then(Value::as_str) {
+                    Some("DirectoryOrCreate") => std::fs::create_dir_all(&dir).map_err(io)?,
+                    _ if dir.is_dir() => {}
+                    _ => {
+                        return Err(format!(
+                            "hostPath type check failed: {path} is not a directory"
+                        ))
+                    }
+                }
+                dir
+            } else if let Some(name) = volume["configMap"]["name"].as_str() {
+                let data = sources.config_maps.get(name);
+                let data = data.ok_or_else(|| format!("configmap \"{name}\" not found"))?;
+                let dir = self
+                    .dir
+                    .join("volumes")
+                    .join(volume["name"].as_str().unwrap_or("v"));
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                for (key, value) in data.as_object().into_iter().flatten() {
+                    let text = value.as_str().unwrap_or("");
+                    std::fs::write(dir.join(key), text).map_err(io)?;
+                }
+                read_only = true;
+                dir
             } else {
                 let name = &mount["name"];
                 return Err(format!("volume {name} is of a kind not modelled"));

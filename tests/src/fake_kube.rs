@@ -4,8 +4,8 @@
 //! conventions (kubernetes.io "API Concepts", the `meta/v1` types) where a client can tell:
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
-//!   kinds served: persistentvolumeclaims, pods, secrets, events (v1), jobs (batch/v1), leases
-//!   (coordination.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
+//!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events (v1), daemonsets
+//!   (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
 //!   the StorageObjectInUseProtection admission plugin adds it.
 //! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
@@ -80,7 +80,19 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 6] = [
+pub const KINDS: [Kind; 8] = [
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "configmaps",
+        kind: "ConfigMap",
+    },
+    Kind {
+        group: "apps",
+        version: "v1",
+        plural: "daemonsets",
+        kind: "DaemonSet",
+    },
     Kind {
         group: "",
         version: "v1",
@@ -238,6 +250,13 @@ impl FakeKube {
                 }
             }
         });
+    }
+
+    /// Deletes an object as a client would (its dependents go too).
+    pub fn delete(&self, plural: &str, namespace: &str, name: &str) {
+        let kind = kind_of(plural).expect("a served kind");
+        let key = (kind.plural, namespace.to_string(), name.to_string());
+        self.with_store(|store| store.delete(kind, &key, false));
     }
 
     /// Replaces an object's `status`, as a controller does.
@@ -470,8 +489,8 @@ impl Store {
 
     /// Deletes an object: with finalizers it only gets a deletion timestamp, as does a pod
     /// bound to a node and not yet ended, whose kubelet stops it within its grace period and
-    /// then removes it (`pkg/registry/core/pod/strategy.go` `CheckGracefulDelete`); a Job takes
-    /// its pods along unless orphaning.
+    /// then removes it (`pkg/registry/core/pod/strategy.go` `CheckGracefulDelete`); what names it
+    /// as its owner (a Job's or a DaemonSet's pods) goes along unless orphaning.
     pub(crate) fn delete(&mut self, kind: Kind, key: &Key, orphan: bool) -> Option<Value> {
         let object = self.objects.get(key)?.clone();
         let finalizers = object["metadata"]["finalizers"]
@@ -497,7 +516,8 @@ impl Store {
             }
             return Some(marked);
         }
-        if kind.plural == "jobs" && !orphan {
+        // Garbage collection: what it owns goes with it (a Job's pods, a DaemonSet's).
+        if !orphan {
             let uid = object["metadata"]["uid"].clone();
             let pods: Vec<_> = self
                 .objects

@@ -50,6 +50,11 @@ impl World {
     /// A cluster of `capacity` pods with a pod quota, a served repository, its mirror on the
     /// claim the shipped template mounts, and the agent token in the Secret it reads.
     fn new(capacity: usize, quota_pods: Option<usize>) -> World {
+        World::on_nodes(1, capacity, quota_pods)
+    }
+
+    /// [`World::new`] on `nodes` nodes of `capacity` pods each.
+    fn on_nodes(nodes: usize, capacity: usize, quota_pods: Option<usize>) -> World {
         let served = Served::new("acme/widgets.git");
         let out = served.sandbox.populate_mirror().arg(&served.url).run();
         assert_eq!(out.code(), Some(0), "populate-mirror: {}", out.log());
@@ -76,6 +81,7 @@ impl World {
             &kube,
             &pods,
             ClusterSpec {
+                nodes,
                 capacity,
                 quota_pods,
                 claims: BTreeMap::from([(CLAIM.to_string(), served.sandbox.mirrors.clone())]),
@@ -125,8 +131,11 @@ impl World {
         command
     }
 
+    /// The agent pods: those of this queue's dispatches.
     fn pods(&self) -> Vec<Value> {
-        self.kube.objects("pods", NS)
+        let pods = self.kube.objects("pods", NS).into_iter();
+        pods.filter(|p| p["metadata"]["labels"]["stateless-agent/queue"] == QUEUE)
+            .collect()
     }
 
     fn finished_jobs(&self) -> usize {
@@ -554,4 +563,79 @@ fn agents_that_cannot_register_get_one_dispatch_not_one_a_tick() {
         .iter()
         .find(|j| j["status"]["failedIndexes"] != "");
     assert!(failed.is_some(), "{:?}", outcome.jobs);
+}
+
+/// The node-local mode on two nodes: the shipped DaemonSet runs `populate-mirror --every` on each
+/// node into its own directory, the dispatcher (`node-local`) mounts that directory read-only
+/// into its agents in place of the claim, and every checkout, on either node, is a mirror hit.
+#[test]
+fn node_local_mirrors_serve_every_checkout_on_two_nodes() {
+    if skip() {
+        return;
+    }
+    let w = World::on_nodes(2, 10, None);
+    let repositories = format!("{}\n", w.served.url);
+    w.kube.create(
+        "configmaps",
+        NS,
+        json!({"metadata": {"name": "populate-mirror-repositories"},
+               "data": {"repositories": repositories}}),
+    );
+    w.kube.create(
+        "secrets",
+        NS,
+        json!({"metadata": {"name": "populate-mirror-git"},
+               "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
+    );
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/overlays/node-local/daemonset.yaml");
+    let daemonset: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    let path = daemonset["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    w.kube.create("daemonsets", NS, daemonset);
+    let nodes = ["fake-node-1", "fake-node-2"];
+    let populated = || {
+        nodes.iter().all(|node| {
+            let dir = w.cluster.host_path(node, &path);
+            dir.join("acme/widgets.reference").exists()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !populated() {
+        let pods = w.kube.objects("pods", NS);
+        let statuses: Vec<&Value> = pods.iter().map(|p| &p["status"]).collect();
+        let logs = w.cluster.all_logs();
+        assert!(
+            Instant::now() < deadline,
+            "no populate on each node: {statuses:#?}\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    w.schedule(6);
+    let dispatcher = w
+        .dispatcher_command("replica-a")
+        .env("DISPATCHER_MIRROR_MODE", "node-local")
+        .spawn()
+        .unwrap();
+    wait("6 jobs finished", Duration::from_secs(60), || {
+        w.finished_jobs() == 6
+    });
+    // The DaemonSet goes; its pods are stopped by SIGTERM between or during rounds.
+    w.kube.delete("daemonsets", NS, "populate-mirror");
+    let outcome = w.outcome(dispatcher, 6, Duration::from_secs(60));
+    let used: std::collections::BTreeSet<&str> = outcome
+        .pods
+        .iter()
+        .filter_map(|p| p["spec"]["nodeName"].as_str())
+        .collect();
+    assert_eq!(used.len(), 2, "agents ran on both nodes: {used:?}");
+    for pod in &outcome.pods {
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
+        assert_eq!(mirror["hostPath"]["path"], path.as_str(), "{mirror}");
+    }
 }

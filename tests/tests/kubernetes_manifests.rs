@@ -322,7 +322,10 @@ fn kustomize(dir: &str) -> Option<BTreeMap<String, serde_json::Value>> {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&rendered.stderr);
-    assert!(rendered.status.success(), "kubectl kustomize {dir}: {stderr}");
+    assert!(
+        rendered.status.success(),
+        "kubectl kustomize {dir}: {stderr}"
+    );
     let text = String::from_utf8(rendered.stdout).unwrap();
     let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for doc in serde_yaml_ng::Deserializer::from_str(&text) {
