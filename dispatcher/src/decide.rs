@@ -4,8 +4,9 @@
 //! Demand comes from Buildkite, supply from Kubernetes, and no agent is counted twice: only job
 //! counts are taken from Buildkite (`scheduled`, `running`), only pod counts from Kubernetes. Every
 //! pod of this queue that has not finished is one agent, busy, idle or on its way; a Job's pods
-//! that its controller has not created yet count too (`parallelism` minus the pods seen), or the
-//! tick right after a dispatch would dispatch again. Pods that cannot be scheduled, and Jobs whose
+//! that its controller has not created yet count too (`parallelism` minus its pods alive or
+//! succeeded and its indexes failed for good), or the tick right after a dispatch would dispatch
+//! again. Pods that cannot be scheduled, and Jobs whose
 //! pods a quota refuses (`FailedCreate`), are never counted as coming: they stop the queue's
 //! dispatches instead, and say why, rather than deploying endlessly; so does a dispatch that
 //! failed with not one agent succeeding, until `--start-deadline` has passed.

@@ -416,7 +416,7 @@ fn describe(hold: &crate::decide::Hold) -> String {
         Hold::RollingOut { id, online, size } => format!("dispatch {id} has {online} of {size} pods online; waiting for it to roll out"),
         Hold::Unschedulable { pods } => format!("{pods} agent pods cannot be scheduled; add capacity or lower DISPATCHER_MAX_AGENTS"),
         Hold::FailedCreate { message } => format!("Kubernetes refuses this queue's pods ({message}); raise the quota or lower DISPATCHER_MAX_AGENTS"),
-        Hold::Failing { why } => format!("the last dispatch's agents all failed: {why}; fix what they report, and the next dispatch is tried DISPATCHER_START_DEADLINE after that failure"),
+        Hold::Failing { why } => format!("the last dispatch's agents fail before taking a job: {why}; fix what they report, and the next dispatch is tried DISPATCHER_START_DEADLINE after that failure"),
         Hold::WrongQueue { running, agents } => format!("{running} agent pods have run past DISPATCHER_START_DEADLINE but the queue has {agents} agents: the template's agents register in another queue or cannot connect; check BUILDKITE_AGENT_TAGS and the token"),
     }
 }
