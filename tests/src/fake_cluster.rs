@@ -36,6 +36,10 @@
 //!   deleted claim go only once no scheduled pod object names it, whatever that pod's phase; the
 //!   scheduler leaves a pod naming a missing, Terminating or unbound claim Pending and
 //!   `Unschedulable` with the volume binding's message (`../shared/notes/dispatch-peers.md` §6).
+//! - **Snapshots** (`snapshot.storage.k8s.io/v1`): a VolumeSnapshot of a bound claim copies its
+//!   volume and becomes `readyToUse` (of an unbound one, `status.error` says so); a claim whose
+//!   `dataSource` is a snapshot is bound, to a copy of it, once the snapshot is ready. No
+//!   VolumeSnapshotContent or class objects.
 //! - **Quota**: a `pods` limit on the namespace's pods that have not ended (a ResourceQuota's
 //!   `count/pods` counts pods in a non-terminal phase). Not a served kind: set on the cluster.
 //! - **Scheduler**: `nodes` nodes, `fake-node-1` to `fake-node-N`, each running at most
@@ -52,7 +56,9 @@
 //!   links, its `ENV`, `USER`, `WORKDIR` and `ENTRYPOINT`), its own `/tmp`, `/proc` and
 //!   `/dev`, and each volume mount bound at its path: `emptyDir` a fresh directory owned by the
 //!   `fsGroup`, `persistentVolumeClaim` its claim's volume (read-only when the mount or the volume
-//!   says so), `hostPath` that node's own directory for the path (created for
+//!   says so; mounted read-write with an `fsGroup`, its files are given to that group, group
+//!   writable, directories setgid, as the kubelet's `SetVolumeOwnership` does), `hostPath` that
+//!   node's own directory for the path (created for
 //!   `DirectoryOrCreate`), `configMap` its data as files, read-only. The entrypoint is PID 1, as the user the security context
 //!   names; its env is the image's, then the container's (`value`, `secretKeyRef` from the
 //!   store's Secrets, `fieldRef` `metadata.name`/`namespace`), and `HOSTNAME`. The pod goes
@@ -225,6 +231,7 @@ fn run(inner: &Inner) {
         let now = epoch_now();
         let (to_start, to_stop, to_remove) = inner.kube.with_store(|store| {
             job_controller(store, &spec, now, &mut backoff);
+            snapshot_controller(store, &spec, &inner.dir);
             claims_controller(store, &spec, &inner.dir);
             scheduler(store, &spec);
             daemonset_controller(store, &spec);
@@ -718,7 +725,8 @@ fn claims_controller(store: &mut Store, spec: &ClusterSpec, dir: &Path) {
     for (key, claim) in store.all("persistentvolumeclaims") {
         let volume = spec.volume(dir, &key.1, &key.2);
         if claim["metadata"]["deletionTimestamp"].is_null() {
-            if claim["status"]["phase"] == "Pending" && std::fs::create_dir_all(&volume).is_ok() {
+            if claim["status"]["phase"] == "Pending" && provision(store, dir, &key, &claim, &volume)
+            {
                 let mut bound = claim.clone();
                 bound["spec"]["volumeName"] = json!(format!(
                     "pvc-{}",
@@ -756,6 +764,97 @@ fn claims_controller(store: &mut Store, spec: &ClusterSpec, dir: &Path) {
         } else {
             released["metadata"]["finalizers"] = json!(rest);
             store.put(kind, released);
+        }
+    }
+}
+
+/// A pending claim's volume: a new directory, holding a copy of the snapshot its `dataSource`
+/// names once that snapshot is ready to use (until then the claim stays Pending, as the
+/// provisioner waits). Whether the volume is there.
+fn provision(store: &Store, dir: &Path, key: &Key, claim: &Value, volume: &Path) -> bool {
+    let source = &claim["spec"]["dataSource"];
+    if source["kind"] != "VolumeSnapshot" {
+        return std::fs::create_dir_all(volume).is_ok();
+    }
+    let name = source["name"].as_str().unwrap_or("");
+    let snapshot = ("volumesnapshots", key.1.clone(), name.to_string());
+    let ready = store.objects.get(&snapshot);
+    if !ready.is_some_and(|s| s["status"]["readyToUse"] == true) {
+        return false;
+    }
+    let content = snapshot_dir(dir, &key.1, name);
+    std::fs::create_dir_all(volume).is_ok() && copy_tree(&content, volume)
+}
+
+/// Where snapshot `name`'s content is kept.
+fn snapshot_dir(dir: &Path, namespace: &str, name: &str) -> PathBuf {
+    dir.join(".snapshots").join(namespace).join(name)
+}
+
+/// `cp -a from/. to/`: files, links and modes as they are.
+fn copy_tree(from: &Path, to: &Path) -> bool {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(format!("{}/", to.display()))
+        .status();
+    status.is_ok_and(|s| s.success())
+}
+
+/// The snapshot controller: a new VolumeSnapshot of a bound claim copies the claim's volume and
+/// is then `readyToUse`; of a claim missing or not bound, it says so in `status.error`. A
+/// deleted snapshot's copy goes with it.
+fn snapshot_controller(store: &mut Store, spec: &ClusterSpec, dir: &Path) {
+    let kind = kind_of("volumesnapshots").unwrap();
+    let snapshots = store.all("volumesnapshots");
+    for (key, snapshot) in &snapshots {
+        if !snapshot["status"]["readyToUse"].is_null() {
+            continue;
+        }
+        let claim_name = snapshot["spec"]["source"]["persistentVolumeClaimName"].as_str();
+        let claim_name = claim_name.unwrap_or("");
+        let claim_key = (
+            "persistentvolumeclaims",
+            key.1.clone(),
+            claim_name.to_string(),
+        );
+        let bound = store
+            .objects
+            .get(&claim_key)
+            .is_some_and(|c| c["status"]["phase"] == "Bound");
+        let mut next = snapshot.clone();
+        if !bound {
+            let message = format!("persistentvolumeclaim \"{claim_name}\" is not bound");
+            next["status"] =
+                json!({"readyToUse": false, "error": {"message": message, "time": now_rfc3339()}});
+        } else {
+            let content = snapshot_dir(dir, &key.1, &key.2);
+            let source = spec.volume(dir, &key.1, claim_name);
+            let copied = std::fs::create_dir_all(&content).is_ok() && copy_tree(&source, &content);
+            let size = store.objects[&claim_key]["status"]["capacity"]["storage"].clone();
+            next["status"] = json!({"readyToUse": copied, "creationTime": now_rfc3339(),
+                "restoreSize": size, "boundVolumeSnapshotContentName": format!("snapcontent-{}", snapshot["metadata"]["uid"].as_str().unwrap_or(""))});
+        }
+        if next != *snapshot {
+            store.put(kind, next);
+        }
+    }
+    // Copies whose snapshot is gone.
+    for namespace in std::fs::read_dir(dir.join(".snapshots"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for copy in std::fs::read_dir(namespace.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let ns = namespace.file_name().to_string_lossy().into_owned();
+            let name = copy.file_name().to_string_lossy().into_owned();
+            if !store.objects.contains_key(&("volumesnapshots", ns, name)) {
+                let _ = std::fs::remove_dir_all(copy.path());
+            }
         }
     }
 }
@@ -1230,7 +1329,11 @@ impl Root {
                 dir
             } else if let Some(name) = claim["claimName"].as_str() {
                 let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("");
-                spec.volume(cluster, namespace, name)
+                let volume = spec.volume(cluster, namespace, name);
+                if let Some(group) = fs_group.filter(|_| !read_only) {
+                    own_for_group(&volume, group)?;
+                }
+                volume
             } else if let Some(host) = volume["hostPath"].as_object() {
                 let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
                 let path = host["path"].as_str().unwrap_or("/");
@@ -1266,6 +1369,28 @@ impl Root {
             self.bind(&source, path, read_only)?;
         }
         Ok(())
+    }
+}
+
+/// The kubelet's volume ownership for `fsGroup` (`SetVolumeOwnership`): every file's group the
+/// `fsGroup`, readable and writable by it, directories setgid so that new files keep it.
+fn own_for_group(volume: &Path, group: u32) -> Result<(), String> {
+    let run = |program: &str, args: &[&str]| {
+        let status = Command::new(program).args(args).arg(volume).status();
+        match status {
+            Ok(s) if s.success() => Ok(()),
+            _ => Err(format!("applying fsGroup {group} to {}", volume.display())),
+        }
+    };
+    run("chgrp", &["-R", &group.to_string()])?;
+    run("chmod", &["-R", "g+rwX"])?;
+    let dirs = Command::new("find")
+        .arg(volume)
+        .args(["-type", "d", "-exec", "chmod", "g+s", "{}", "+"])
+        .status();
+    match dirs {
+        Ok(s) if s.success() => Ok(()),
+        _ => Err(format!("applying fsGroup {group} to {}", volume.display())),
     }
 }
 

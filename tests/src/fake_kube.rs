@@ -5,7 +5,8 @@
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
 //!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events (v1), daemonsets
-//!   (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
+//!   (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1), volumesnapshots
+//!   (snapshot.storage.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
 //!   the StorageObjectInUseProtection admission plugin adds it.
 //! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
@@ -80,7 +81,13 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 8] = [
+pub const KINDS: [Kind; 9] = [
+    Kind {
+        group: "snapshot.storage.k8s.io",
+        version: "v1",
+        plural: "volumesnapshots",
+        kind: "VolumeSnapshot",
+    },
     Kind {
         group: "",
         version: "v1",
@@ -936,6 +943,7 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
 fn short_names(plural: &str) -> &'static [&'static str] {
     match plural {
         "persistentvolumeclaims" => &["pvc"],
+        "volumesnapshots" => &["vs"],
         "pods" => &["po"],
         "events" => &["ev"],
         _ => &[],

@@ -1,8 +1,9 @@
 //! The fake cluster behind the fake API server, driven by a real `kubectl` as a user would: a
 //! pod really runs and writes to its claim's volume, and a claim deleted while a pod object
 //! names it stays Terminating (the pvc-protection finalizer) until that object is gone, finished
-//! or not, while a new pod naming it is never scheduled. Needs root and `kubectl`; without them
-//! it says so and skips.
+//! or not, while a new pod naming it is never scheduled; a snapshot of a claim restores into a
+//! new one; Jobs fail past their deadline and go after their TTL. Needs root and `kubectl`;
+//! without them it says so and skips.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -38,8 +39,13 @@ fn get(config: &Path, what: &[&str]) -> Option<Value> {
 
 /// A pod that runs `script` as root with claim `claim` at `/data`.
 fn pod(name: &str, claim: &str, script: &str) -> String {
+    pod_as(name, claim, script, "runAsUser: 0\n    runAsGroup: 0")
+}
+
+/// A pod that runs `script` with the pod security context `security` and `claim` at `/data`.
+fn pod_as(name: &str, claim: &str, script: &str, security: &str) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  securityContext:\n    runAsUser: 0\n    runAsGroup: 0\n  containers:\n  - name: main\n    image: stateless-agent\n    command: [/bin/sh, -c, '{script}']\n    volumeMounts:\n    - {{name: data, mountPath: /data}}\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: {claim}}}\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  restartPolicy: Never\n  securityContext:\n    {security}\n  containers:\n  - name: main\n    image: stateless-agent\n    command: [/bin/sh, -c, '{script}']\n    volumeMounts:\n    - {{name: data, mountPath: /data}}\n  volumes:\n  - name: data\n    persistentVolumeClaim: {{claimName: {claim}}}\n"
     )
 }
 
@@ -195,4 +201,62 @@ fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
         get(config, &["pods", "-l", "job-name=slow"])
             .is_some_and(|l| l["items"].as_array().unwrap().is_empty())
     });
+}
+
+/// A claim written by a non-root pod (its `fsGroup` makes the new volume writable), then
+/// snapshotted, and the snapshot restored into a new claim that another pod reads; the
+/// snapshot's copy goes when it is deleted.
+#[test]
+fn a_snapshot_restores_a_claim_written_under_its_fs_group() {
+    let Some(setup) = Setup::new() else {
+        return;
+    };
+    let config = &setup.config;
+    let create = |yaml: &str| {
+        let out = kubectl(
+            config,
+            &["create", "--validate=false", "-f", "-"],
+            Some(yaml),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    let phase = |pod: &str| {
+        let pod = get(config, &["pod", pod]).unwrap_or_default();
+        pod["status"]["phase"].as_str().unwrap_or("").to_string()
+    };
+    let claim = |name: &str, source: &str| {
+        format!("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {name}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n{source}")
+    };
+    create(&claim("source", ""));
+    let writer = "runAsUser: 10001\n    runAsGroup: 10001\n    fsGroup: 10001";
+    create(&pod_as(
+        "writer",
+        "source",
+        "echo written > /data/file",
+        writer,
+    ));
+    wait_for("the writer done", || phase("writer") == "Succeeded");
+
+    create("apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\nmetadata:\n  name: snap\nspec:\n  source:\n    persistentVolumeClaimName: source\n");
+    wait_for("the snapshot ready", || {
+        get(config, &["volumesnapshot", "snap"]).is_some_and(|s| s["status"]["readyToUse"] == true)
+    });
+    let from_snapshot = "  dataSource:\n    apiGroup: snapshot.storage.k8s.io\n    kind: VolumeSnapshot\n    name: snap\n";
+    create(&claim("restored", from_snapshot));
+    create(&pod("reader", "restored", "grep -qx written /data/file"));
+    wait_for("the reader done", || {
+        matches!(phase("reader").as_str(), "Succeeded" | "Failed")
+    });
+    assert_eq!(
+        phase("reader"),
+        "Succeeded",
+        "{}",
+        setup.cluster.log("reader")
+    );
+
+    let copy = setup.pods.join(".snapshots/ci/snap");
+    assert!(copy.join("file").is_file());
+    let out = kubectl(config, &["delete", "volumesnapshot", "snap"], None);
+    assert!(out.status.success(), "{out:?}");
+    wait_for("the snapshot's copy gone", || !copy.exists());
 }
