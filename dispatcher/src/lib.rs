@@ -10,6 +10,8 @@ pub mod buildkite;
 pub mod decide;
 pub mod leader;
 pub mod metrics;
+pub mod mirror_plan;
+pub mod mirror_run;
 pub mod observe;
 pub mod run;
 pub mod settings;

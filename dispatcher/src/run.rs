@@ -21,8 +21,9 @@ use kube::Client;
 use crate::buildkite::{MetricsClient, MetricsError};
 use crate::decide::{decide, Action, Limits};
 use crate::metrics::{ApiError, Metrics, Reason, State};
+use crate::mirror_run;
 use crate::observe;
-use crate::settings::Settings;
+use crate::settings::{MirrorMode, Settings};
 use crate::template::{Dispatch, Template, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Template(#[from] crate::template::TemplateError),
+    #[error(transparent)]
+    MirrorTemplates(#[from] mirror_run::TemplatesError),
     #[error("no Kubernetes client configuration ({0}); run in a pod with a service account, or set KUBECONFIG")]
     Kubernetes(String),
     #[error("cannot listen on {addr} for metrics ({source}); set DISPATCHER_LISTEN")]
@@ -46,7 +49,10 @@ pub enum RunError {
 impl RunError {
     /// Whether the user must fix something (exit 78), as opposed to the environment failing.
     pub fn is_config(&self) -> bool {
-        matches!(self, RunError::TemplateFile { .. } | RunError::Template(_))
+        matches!(
+            self,
+            RunError::TemplateFile { .. } | RunError::Template(_) | RunError::MirrorTemplates(_)
+        )
     }
 }
 
@@ -58,6 +64,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             source,
         })?;
     let template = Template::parse(&yaml, &settings.queue, &settings.mirror())?;
+    let cycle = match settings.mirror_mode {
+        MirrorMode::Claims => Some(mirror_run::Cycle::load(&settings)?),
+        _ => None,
+    };
     let client = Client::try_default()
         .await
         .map_err(|e| RunError::Kubernetes(e.to_string()))?;
@@ -103,6 +113,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 }
             }
         },
+        reflector::store::Writer::default(),
     );
     let job_store = watch(
         jobs.clone(),
@@ -116,6 +127,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             job.metadata.managed_fields = None;
             job.metadata.annotations = None;
         },
+        reflector::store::Writer::default(),
     );
     let event_store = watch(
         events.clone(),
@@ -123,6 +135,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         metrics.clone(),
         "events",
         |event: &mut Event| event.metadata.managed_fields = None,
+        reflector::store::Writer::default(),
     );
 
     let lease = settings
@@ -139,6 +152,20 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         lease.clone(),
         identity.clone(),
     );
+    let mirror = match cycle {
+        Some(cycle) => {
+            let client = client.clone();
+            let metrics = metrics.clone();
+            Some(mirror_run::start(
+                client,
+                &namespace,
+                identity.clone(),
+                cycle,
+                metrics,
+            ))
+        }
+        None => None,
+    };
 
     let buildkite = MetricsClient::new(&settings.endpoint, &settings.token, &settings.queue);
     let limits = Limits {
@@ -174,6 +201,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         let wait = tick(
             &settings,
             &template,
+            mirror.as_ref(),
             &buildkite,
             &limits,
             &jobs,
@@ -197,23 +225,25 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
 /// A watched kind mirrored into a store, `strip`ped of what is never read; watch errors (410 Gone
 /// included) are retried with backoff by the watcher and counted.
-fn watch<K>(
+pub(crate) fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     metrics: Arc<Metrics>,
     what: &'static str,
     strip: fn(&mut K),
+    writer: reflector::store::Writer<K>,
 ) -> Store<K>
 where
-    K: kube::Resource<DynamicType = ()>
+    K: kube::Resource
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
         + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store();
+    let store = writer.as_reader();
     let stream = watcher(api, config)
         .default_backoff()
         .modify(strip)
@@ -262,6 +292,7 @@ fn forbidden(e: &watcher::Error) -> bool {
 async fn tick(
     settings: &Settings,
     template: &Template,
+    mirror: Option<&mirror_run::Claims>,
     buildkite: &MetricsClient,
     limits: &Limits,
     jobs: &Api<Job>,
@@ -366,6 +397,7 @@ async fn tick(
                 active_deadline: settings.job_deadline,
                 ttl: settings.job_ttl,
                 idle_timeout: settings.idle_timeout,
+                mirror_claim: mirror.and_then(|m| m.handed_out()),
             };
             let job = template.job(&dispatch);
             match jobs.create(&PostParams::default(), &job).await {
@@ -373,7 +405,8 @@ async fn tick(
                     metrics.dispatches.inc();
                     metrics.pods_created.inc_by(u64::from(agents));
                     let name = created.metadata.name.clone().unwrap_or_default();
-                    tracing::info!(decision = "dispatch", dispatch_id = %dispatch.id, agents, job = %name, figures = %figures, "dispatched {agents} agents as Job {name}");
+                    let mirror_claim = dispatch.mirror_claim.as_deref().unwrap_or("");
+                    tracing::info!(decision = "dispatch", dispatch_id = %dispatch.id, agents, job = %name, mirror_claim, figures = %figures, "dispatched {agents} agents as Job {name}");
                     record_event(events, &created, &dispatch, &settings.queue).await;
                     // The next tick must see this Job: wait (briefly) for the watch to bring it.
                     let deadline = Instant::now() + Duration::from_secs(5);

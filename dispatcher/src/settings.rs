@@ -79,9 +79,11 @@ pub struct Settings {
     pub idle_timeout: Duration,
 
     /// Where agents' mirror volume comes from: `shared`, the template's own (one ReadWriteMany
-    /// claim that populate-mirror refreshes); or `node-local`, each node's directory
-    /// `--node-mirror-path`, refreshed by the populate-mirror DaemonSet, in place of the
-    /// template's volume `--mirror-volume`, read-only (docs/operating.md, "Mirror volumes").
+    /// claim that populate-mirror refreshes); `node-local`, each node's directory
+    /// `--node-mirror-path`, refreshed by the populate-mirror DaemonSet; or `claims`, one claim
+    /// per generation that this dispatcher makes, populates and expires (`--claim-template`,
+    /// `--populate-template`). The last two replace the template's volume `--mirror-volume`,
+    /// read-only (docs/operating.md, "Mirror volumes").
     #[arg(long, env = "DISPATCHER_MIRROR_MODE", value_enum, default_value_t = MirrorMode::Shared)]
     pub mirror_mode: MirrorMode,
 
@@ -96,6 +98,38 @@ pub struct Settings {
         default_value = "/var/lib/stateless-agent/git-mirrors"
     )]
     pub node_mirror_path: String,
+
+    /// `claims`: the claim each generation is made from (a PersistentVolumeClaim manifest: its
+    /// storage class, size and access modes; its name the generations' prefix).
+    #[arg(
+        long,
+        env = "DISPATCHER_CLAIM_TEMPLATE",
+        default_value = "/etc/job-dispatcher/mirror-claim.yaml"
+    )]
+    pub claim_template: PathBuf,
+
+    /// `claims`: the Job that populates a generation (a batch/v1 Job running populate-mirror
+    /// with the volume `--mirror-volume`, which is pointed at the generation's claim).
+    #[arg(
+        long,
+        env = "DISPATCHER_POPULATE_TEMPLATE",
+        default_value = "/etc/job-dispatcher/populate-job.yaml"
+    )]
+    pub populate_template: PathBuf,
+
+    /// `claims`: a VolumeSnapshotClass to seed each generation from a snapshot of the last, so
+    /// that a refresh fetches only what is new. Unset: each generation starts empty.
+    #[arg(long, env = "DISPATCHER_SNAPSHOT_CLASS")]
+    pub snapshot_class: Option<String>,
+
+    /// `claims`: a new generation when the newest ready one is this old.
+    #[arg(long, env = "DISPATCHER_MIRROR_REFRESH", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub mirror_refresh: Duration,
+
+    /// `claims`: ready generations kept, the one handed out included; older ones expire, and
+    /// their claims are deleted once no pod object names them.
+    #[arg(long, env = "DISPATCHER_MIRROR_KEEP", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub mirror_keep: u16,
 
     /// The agent token (the agent's own, for the metrics API; no API token is needed).
     #[arg(long, env = "BUILDKITE_AGENT_TOKEN", hide_env_values = true)]
@@ -127,6 +161,7 @@ pub struct Settings {
 pub enum MirrorMode {
     Shared,
     NodeLocal,
+    Claims,
 }
 
 impl Settings {
@@ -137,6 +172,9 @@ impl Settings {
             MirrorMode::NodeLocal => crate::template::Mirror::NodeLocal {
                 volume: self.mirror_volume.clone(),
                 path: self.node_mirror_path.clone(),
+            },
+            MirrorMode::Claims => crate::template::Mirror::Claims {
+                volume: self.mirror_volume.clone(),
             },
         }
     }

@@ -11,7 +11,9 @@
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
-use k8s_openapi::api::core::v1::{Container, EnvVar, HostPathVolumeSource, Volume};
+use k8s_openapi::api::core::v1::{
+    Container, EnvVar, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, Volume,
+};
 
 /// Labels on every Job the dispatcher creates and on its pods.
 pub const QUEUE_LABEL: &str = "stateless-agent/queue";
@@ -43,6 +45,7 @@ pub enum TemplateError {
 pub struct Template {
     job: Job,
     queue: String,
+    mirror: Mirror,
 }
 
 /// One dispatch's settings.
@@ -57,6 +60,9 @@ pub struct Dispatch {
     /// agent-wrapper's idle timeout for this dispatch's pods (`AGENT_WRAPPER_IDLE_TIMEOUT`): jobs
     /// were waiting when it was made, so an agent that finds none soon is surplus.
     pub idle_timeout: Duration,
+    /// The claims mode: the ready generation's claim its agents mount (none ready yet: an
+    /// empty directory, and checkouts clone from the server).
+    pub mirror_claim: Option<String>,
 }
 
 /// Where agents' mirror volume comes from.
@@ -66,18 +72,34 @@ pub enum Mirror {
     Shared,
     /// Each node's directory `path`, in place of the template's volume `volume`, read-only.
     NodeLocal { volume: String, path: String },
+    /// The generation's claim each dispatch names ([`Dispatch::mirror_claim`]), in place of the
+    /// template's volume `volume`, read-only.
+    Claims { volume: String },
 }
 
 impl Template {
     pub fn parse(yaml: &str, queue: &str, mirror: &Mirror) -> Result<Template, TemplateError> {
         let mut job: Job =
             serde_yaml_ng::from_str(yaml).map_err(|e| TemplateError::Parse(e.to_string()))?;
-        if let Mirror::NodeLocal { volume, path } = mirror {
-            node_local(&mut job, volume, path)?;
+        match mirror {
+            Mirror::NodeLocal { volume, path } => {
+                let source = Volume {
+                    host_path: Some(HostPathVolumeSource {
+                        path: path.to_string(),
+                        type_: Some("DirectoryOrCreate".into()),
+                    }),
+                    ..Volume::default()
+                };
+                replace_volume(&mut job, volume, source)?;
+            }
+            // Checked now; each dispatch names its generation.
+            Mirror::Claims { volume } => replace_volume(&mut job, volume, Volume::default())?,
+            Mirror::Shared => {}
         }
         let template = Template {
             job,
             queue: queue.to_string(),
+            mirror: mirror.clone(),
         };
         let agent = template.agent().ok_or(TemplateError::NoContainer)?;
         let env = |name: &str| env_value(agent.env.as_deref().unwrap_or_default(), name);
@@ -164,15 +186,33 @@ impl Template {
                 &format!("{}s", dispatch.idle_timeout.as_secs()),
             );
         }
+        if let Mirror::Claims { volume } = &self.mirror {
+            let source = match &dispatch.mirror_claim {
+                Some(claim) => Volume {
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.clone(),
+                        read_only: Some(true),
+                    }),
+                    ..Volume::default()
+                },
+                None => Volume {
+                    empty_dir: Some(Default::default()),
+                    ..Volume::default()
+                },
+            };
+            // The volume was found when the template was parsed.
+            let _ = replace_volume(&mut job, volume, source);
+        }
         job
     }
 }
 
-/// The template's volume `volume` made the node's directory `path`, and every mount of it
-/// read-only. `DirectoryOrCreate`: on a node whose DaemonSet pod has not populated it yet, the
-/// agent starts on an empty directory, and the checkout hook clones from the server (a `miss`)
-/// rather than the pod hanging on a mount.
-fn node_local(job: &mut Job, volume: &str, path: &str) -> Result<(), TemplateError> {
+/// The template's volume `volume` given `source` (its name kept), and every mount of it
+/// read-only. The node-local mode's `DirectoryOrCreate`: on a node whose DaemonSet pod has not
+/// populated it yet, the agent starts on an empty directory, and the checkout hook clones from
+/// the server (a `miss`) rather than the pod hanging on a mount; the claims mode's is the same
+/// with an `emptyDir` while no generation is ready.
+fn replace_volume(job: &mut Job, volume: &str, source: Volume) -> Result<(), TemplateError> {
     let missing = || TemplateError::NoMirrorVolume(volume.to_string());
     let pod = job.spec.as_mut().and_then(|s| s.template.spec.as_mut());
     let pod = pod.ok_or_else(missing)?;
@@ -180,11 +220,7 @@ fn node_local(job: &mut Job, volume: &str, path: &str) -> Result<(), TemplateErr
     let found = found.ok_or_else(missing)?;
     *found = Volume {
         name: volume.to_string(),
-        host_path: Some(HostPathVolumeSource {
-            path: path.to_string(),
-            type_: Some("DirectoryOrCreate".into()),
-        }),
-        ..Volume::default()
+        ..source
     };
     let containers = pod
         .containers
@@ -279,6 +315,7 @@ mod tests {
             active_deadline: Duration::from_secs(14400),
             ttl: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
+            mirror_claim: None,
         }
     }
 

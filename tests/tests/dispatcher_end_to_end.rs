@@ -639,3 +639,125 @@ fn node_local_mirrors_serve_every_checkout_on_two_nodes() {
         assert_eq!(mirror["hostPath"]["path"], path.as_str(), "{mirror}");
     }
 }
+
+/// The claims mode (block disks): the dispatcher makes a claim per generation from the shipped
+/// claim template, populates it with the shipped populate Job, and hands the newest ready one
+/// out read-only. A refresh while jobs run: the running pods keep generation 1, new pods get 2,
+/// and claim 1, expired, is deleted only once no pod object names it.
+#[test]
+fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unused() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(20, None);
+    let repositories = format!("{}\n", w.served.url);
+    w.kube.create(
+        "configmaps",
+        NS,
+        json!({"metadata": {"name": "populate-mirror-repositories"},
+               "data": {"repositories": repositories}}),
+    );
+    w.kube.create(
+        "secrets",
+        NS,
+        json!({"metadata": {"name": "populate-mirror-git"},
+               "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
+    );
+    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+    let dispatcher = w
+        .dispatcher_command("replica-a")
+        .env("DISPATCHER_MIRROR_MODE", "claims")
+        .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
+        .env(
+            "DISPATCHER_POPULATE_TEMPLATE",
+            k8s.join("populate-job.yaml"),
+        )
+        .env("DISPATCHER_MIRROR_REFRESH", "5s")
+        .env("DISPATCHER_MIRROR_KEEP", "1")
+        .env("DISPATCHER_JOB_TTL", "2s")
+        .spawn()
+        .unwrap();
+    let claim = |generation: u64| {
+        let name = format!("{CLAIM}-{generation}");
+        let claims = w.kube.objects("persistentvolumeclaims", NS);
+        claims
+            .into_iter()
+            .find(|c| c["metadata"]["name"] == name.as_str())
+    };
+    let state = |generation: u64| {
+        claim(generation)
+            .map(|c| c["metadata"]["labels"]["stateless-agent/mirror-state"].clone())
+            .unwrap_or_default()
+    };
+    wait("generation 1 ready", Duration::from_secs(60), || {
+        state(1) == "ready"
+    });
+    // Jobs long enough to outlive generation 1.
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 8".into());
+    w.schedule(2);
+    wait("the first jobs running", Duration::from_secs(30), || {
+        let jobs = w.buildkite.jobs();
+        jobs.iter().filter(|j| j.state == JobState::Running).count() == 2
+    });
+    wait("generation 2 ready", Duration::from_secs(60), || {
+        state(2) == "ready"
+    });
+    // Expired, but pods still name it: kept.
+    wait("generation 1 expired", Duration::from_secs(30), || {
+        state(1) == "expired"
+    });
+    assert!(claim(1).is_some());
+    w.job_env.insert("BUILDKITE_COMMAND".into(), "true".into());
+    w.schedule(2);
+    wait("the later jobs finished", Duration::from_secs(60), || {
+        w.finished_jobs() == 4
+    });
+    // Once the first dispatch's Job and pods are gone (their TTL), so is claim 1.
+    wait("claim 1 deleted", Duration::from_secs(60), || {
+        claim(1).is_none()
+    });
+    let out = stop(dispatcher);
+    // Every job ran to exit 0 (a failed checkout fails its job).
+    let jobs = w.buildkite.jobs();
+    assert!(
+        jobs.iter().all(|j| j.exit_status.as_deref() == Some("0")),
+        "{jobs:?}"
+    );
+    // The first dispatch's pods went with their Job (TTL); the later ones mounted a newer
+    // generation read-only, and checked out from it.
+    let pods = w.pods();
+    for pod in &pods {
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
+        let source = &mirror["persistentVolumeClaim"];
+        assert_eq!(source["readOnly"], true, "{mirror}");
+        assert_ne!(
+            source["claimName"],
+            format!("{CLAIM}-1").as_str(),
+            "{mirror}"
+        );
+    }
+    let ran: Vec<Value> = reports(&pods)
+        .into_iter()
+        .filter(|r| r["reason"] == "job-finished")
+        .collect();
+    assert_eq!(ran.len(), 2, "{pods:#?}");
+    assert!(
+        ran.iter().all(|r| r["checkout"]["mirror"] == "hit"),
+        "{ran:#?}"
+    );
+    let steps: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["mirror_step"].is_string())
+        .collect();
+    let took = |step: &str| steps.iter().any(|s| s["mirror_step"] == step);
+    assert!(
+        took("MarkExpired(1)") && took("DeleteClaim(1)"),
+        "{}",
+        out.log()
+    );
+    w.assert_no_secret(&out);
+}

@@ -1,0 +1,561 @@
+//! The claims mode's IO: watches of the mirror's claims, its populate Jobs, its snapshots and
+//! every pod of the namespace (only which claims each names is kept); the cycle's own Lease, so
+//! that one dispatcher of the namespace runs it, whichever queues the others serve; and each
+//! cycle, [`mirror_plan::plan`] on what the watches show, its steps carried out, one log line
+//! each. Everything it knows is in labels (`stateless-agent/mirror`, `mirror-generation`,
+//! `mirror-state`) and the `stateless-agent/mirror-ready-at` annotation, so a restart in any
+//! phase resumes.
+//!
+//! Why inside job-dispatcher rather than a Deployment of its own: it is the dispatcher that
+//! hands a generation out, and the claim it hands out and the ones the cycle expires and deletes
+//! are read from the same stores, one process, so a generation cannot be deleted between being
+//! chosen and being named by a Job; and it reuses the dispatcher's watches, election and image.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::Store;
+use kube::runtime::watcher;
+use kube::Client;
+
+use crate::metrics::{ApiError, Metrics};
+use crate::mirror_plan::{self, ClaimState, Observed, Policy, Step};
+use crate::template::{MANAGED_BY, MANAGED_BY_LABEL};
+
+pub const MIRROR_LABEL: &str = "stateless-agent/mirror";
+pub const GENERATION_LABEL: &str = "stateless-agent/mirror-generation";
+pub const STATE_LABEL: &str = "stateless-agent/mirror-state";
+pub const READY_AT: &str = "stateless-agent/mirror-ready-at";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplatesError {
+    #[error("cannot read {what} {path}: {reason}; mount it (a ConfigMap) there or set {variable}")]
+    Unreadable {
+        what: &'static str,
+        path: String,
+        reason: String,
+        variable: &'static str,
+    },
+    #[error("the claim template {0} has no name: its name is the generations' prefix")]
+    NoName(String),
+    #[error("the populate template has no volume {0:?} for a generation's claim; name its mirror volume with DISPATCHER_MIRROR_VOLUME")]
+    NoVolume(String),
+}
+
+/// The claims mode's settings and templates.
+#[derive(Debug, Clone)]
+pub struct Cycle {
+    /// The claim template's name: claim `<prefix>-<N>`, Job `<prefix>-populate-<N>`.
+    pub prefix: String,
+    pub claim: PersistentVolumeClaim,
+    pub populate: Job,
+    /// The populate template's volume that gets the generation's claim.
+    pub volume: String,
+    pub snapshot_class: Option<String>,
+    pub policy: Policy,
+    pub interval: Duration,
+}
+
+impl Cycle {
+    /// Reads and checks the templates.
+    pub fn load(settings: &crate::settings::Settings) -> Result<Cycle, TemplatesError> {
+        let claim: PersistentVolumeClaim = read_template(
+            &settings.claim_template,
+            "the claim template",
+            "DISPATCHER_CLAIM_TEMPLATE",
+        )?;
+        let populate: Job = read_template(
+            &settings.populate_template,
+            "the populate template",
+            "DISPATCHER_POPULATE_TEMPLATE",
+        )?;
+        let prefix =
+            claim.metadata.name.clone().ok_or_else(|| {
+                TemplatesError::NoName(settings.claim_template.display().to_string())
+            })?;
+        let volumes = populate
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref());
+        let volumes = volumes.and_then(|p| p.volumes.as_ref());
+        if !volumes.is_some_and(|v| v.iter().any(|v| v.name == settings.mirror_volume)) {
+            return Err(TemplatesError::NoVolume(settings.mirror_volume.clone()));
+        }
+        Ok(Cycle {
+            prefix,
+            claim,
+            populate,
+            volume: settings.mirror_volume.clone(),
+            snapshot_class: settings.snapshot_class.clone(),
+            policy: Policy {
+                refresh: settings.mirror_refresh,
+                keep: settings.mirror_keep.into(),
+                snapshots: settings.snapshot_class.is_some(),
+            },
+            interval: settings.poll_interval,
+        })
+    }
+
+    fn claim_name(&self, generation: u64) -> String {
+        format!("{}-{generation}", self.prefix)
+    }
+
+    fn job_name(&self, generation: u64) -> String {
+        format!("{}-populate-{generation}", self.prefix)
+    }
+
+    fn labels(&self, generation: u64) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (MIRROR_LABEL.to_string(), self.prefix.clone()),
+            (GENERATION_LABEL.to_string(), generation.to_string()),
+            (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
+        ])
+    }
+}
+
+/// What the dispatcher reads of the cycle: the claims, to hand out the newest ready one.
+#[derive(Clone)]
+pub struct Claims {
+    store: Store<PersistentVolumeClaim>,
+}
+
+impl Claims {
+    /// The claim new agents mount: the newest ready generation not being deleted.
+    pub fn handed_out(&self) -> Option<String> {
+        let claims = self.store.state();
+        let ready = claims.iter().filter(|c| {
+            state(c) == Some(ClaimState::Ready) && c.metadata.deletion_timestamp.is_none()
+        });
+        ready
+            .max_by_key(|c| generation(&c.metadata))
+            .and_then(|c| c.metadata.name.clone())
+    }
+}
+
+/// The first document of kind `T` in a manifest (`populate-job.yaml` also holds a ConfigMap).
+fn read_template<T: serde::de::DeserializeOwned + kube::Resource<DynamicType = ()>>(
+    path: &std::path::Path,
+    what: &'static str,
+    variable: &'static str,
+) -> Result<T, TemplatesError> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string());
+    let parsed = text.and_then(|text| {
+        let kind = T::kind(&());
+        for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+            let value = serde_json::Value::deserialize(doc).map_err(|e| e.to_string())?;
+            if value["kind"] == kind.as_ref() {
+                return serde_json::from_value(value).map_err(|e| e.to_string());
+            }
+        }
+        Err(format!("no {kind} in it"))
+    });
+    parsed.map_err(|reason| TemplatesError::Unreadable {
+        what,
+        path: path.display().to_string(),
+        reason,
+        variable,
+    })
+}
+
+fn generation(meta: &ObjectMeta) -> Option<u64> {
+    meta.labels.as_ref()?.get(GENERATION_LABEL)?.parse().ok()
+}
+
+fn state(claim: &PersistentVolumeClaim) -> Option<ClaimState> {
+    let labels = claim.metadata.labels.as_ref()?;
+    ClaimState::from_label(labels.get(STATE_LABEL)?)
+}
+
+fn snapshot_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", "VolumeSnapshot");
+    ApiResource::from_gvk_with_plural(&gvk, "volumesnapshots")
+}
+
+/// Starts the cycle's watches and task; returns the claims for the dispatcher to hand out.
+pub fn start(
+    client: Client,
+    namespace: &str,
+    identity: String,
+    cycle: Cycle,
+    metrics: Arc<Metrics>,
+) -> Claims {
+    let selector = format!("{MIRROR_LABEL}={}", cycle.prefix);
+    let config = || watcher::Config::default().labels(&selector);
+    let claims = crate::run::watch(
+        Api::namespaced(client.clone(), namespace),
+        config(),
+        metrics.clone(),
+        "persistentvolumeclaims",
+        |c: &mut PersistentVolumeClaim| c.metadata.managed_fields = None,
+        Writer::default(),
+    );
+    let jobs = crate::run::watch(
+        Api::namespaced(client.clone(), namespace),
+        config(),
+        metrics.clone(),
+        "populate jobs",
+        |j: &mut Job| {
+            if let Some(spec) = j.spec.as_mut() {
+                spec.template = Default::default();
+            }
+            j.metadata.managed_fields = None;
+        },
+        Writer::default(),
+    );
+    // Every pod object of the namespace, any queue's: only which claims it names is kept.
+    let pods = crate::run::watch(
+        Api::namespaced(client.clone(), namespace),
+        watcher::Config::default(),
+        metrics.clone(),
+        "pods (for the claims they name)",
+        keep_claim_names,
+        Writer::default(),
+    );
+    let resource = snapshot_resource();
+    let snapshot_api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), namespace, &resource);
+    let snapshots = cycle.snapshot_class.as_ref().map(|_| {
+        crate::run::watch(
+            snapshot_api.clone(),
+            config(),
+            metrics.clone(),
+            "volumesnapshots",
+            |s: &mut DynamicObject| s.metadata.managed_fields = None,
+            Writer::new(resource.clone()),
+        )
+    });
+    let lease = format!("{}-mirror-cycle", cycle.prefix);
+    let leading = crate::leader::elect(Api::namespaced(client.clone(), namespace), lease, identity);
+    let handle = Claims {
+        store: claims.clone(),
+    };
+    let io = Io {
+        claims: Api::namespaced(client.clone(), namespace),
+        jobs: Api::namespaced(client, namespace),
+        snapshots: snapshot_api,
+        metrics,
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(cycle.interval).await;
+            let ready = claims.wait_until_ready();
+            if !*leading.borrow() || tokio::time::timeout(Duration::ZERO, ready).await.is_err() {
+                continue;
+            }
+            let snapshots = snapshots.as_ref().map(Store::state).unwrap_or_default();
+            let observed = observe(&claims.state(), &jobs.state(), &pods.state(), &snapshots);
+            for step in mirror_plan::plan(&observed, &cycle.policy) {
+                io.carry_out(&cycle, step).await;
+            }
+        }
+    });
+    handle
+}
+
+/// A pod reduced to the names of the claims it mounts.
+fn keep_claim_names(pod: &mut Pod) {
+    let claims: Vec<_> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter(|v| v.persistent_volume_claim.is_some())
+        .map(|v| k8s_openapi::api::core::v1::Volume {
+            name: v.name.clone(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: v
+                    .persistent_volume_claim
+                    .as_ref()
+                    .unwrap()
+                    .claim_name
+                    .clone(),
+                read_only: None,
+            }),
+            ..Default::default()
+        })
+        .collect();
+    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+        volumes: Some(claims),
+        ..Default::default()
+    });
+    pod.status = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+}
+
+/// The cycle's view of the watched objects.
+pub fn observe(
+    claims: &[Arc<PersistentVolumeClaim>],
+    jobs: &[Arc<Job>],
+    pods: &[Arc<Pod>],
+    snapshots: &[Arc<DynamicObject>],
+) -> Observed {
+    let now = Timestamp::now();
+    let named = |name: &str| {
+        pods.iter().any(|p| {
+            let volumes = p.spec.iter().flat_map(|s| s.volumes.iter().flatten());
+            let mut claims = volumes.filter_map(|v| v.persistent_volume_claim.as_ref());
+            claims.any(|c| c.claim_name == name)
+        })
+    };
+    Observed {
+        claims: claims
+            .iter()
+            .filter_map(|c| {
+                let ready_at = c
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(READY_AT));
+                let ready_at = ready_at.and_then(|t| t.parse::<Timestamp>().ok());
+                Some(mirror_plan::Claim {
+                    generation: generation(&c.metadata)?,
+                    state: state(c)?,
+                    terminating: c.metadata.deletion_timestamp.is_some(),
+                    ready_for: ready_at.map(|t| {
+                        Duration::from_secs((now.as_second() - t.as_second()).max(0) as u64)
+                    }),
+                    in_use: named(c.metadata.name.as_deref().unwrap_or("")),
+                })
+            })
+            .collect(),
+        jobs: jobs
+            .iter()
+            .filter_map(|j| {
+                let conditions = j.status.as_ref().and_then(|s| s.conditions.as_ref());
+                let ended = |kind: &str| {
+                    conditions
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == kind && c.status == "True"))
+                };
+                let outcome = match (ended("Complete"), ended("Failed")) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                };
+                Some(mirror_plan::PopulateJob {
+                    generation: generation(&j.metadata)?,
+                    outcome,
+                })
+            })
+            .collect(),
+        snapshots: snapshots
+            .iter()
+            .filter_map(|s| {
+                Some(mirror_plan::Snapshot {
+                    generation: generation(&s.metadata)?,
+                    ready: s.data["status"]["readyToUse"] == serde_json::json!(true),
+                    failed: s.data["status"]["error"].is_object(),
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The API calls a step makes.
+struct Io {
+    claims: Api<PersistentVolumeClaim>,
+    jobs: Api<Job>,
+    snapshots: Api<DynamicObject>,
+    metrics: Arc<Metrics>,
+}
+
+impl Io {
+    async fn carry_out(&self, cycle: &Cycle, step: Step) {
+        let result = match step {
+            Step::Snapshot(g) => self.snapshot(cycle, g).await,
+            Step::CreateClaim { generation, from } => self.claim(cycle, generation, from).await,
+            Step::Populate(g) => self.populate(cycle, g).await,
+            Step::MarkReady(g) => {
+                let now = Timestamp::now().to_string();
+                self.label(cycle, g, ClaimState::Ready, Some(now)).await
+            }
+            Step::MarkExpired(g) => self.label(cycle, g, ClaimState::Expired, None).await,
+            Step::DeleteClaim(g) => {
+                let params = DeleteParams::default();
+                gone_is_fine(self.claims.delete(&cycle.claim_name(g), &params).await)
+            }
+            Step::DeletePopulate(g) => {
+                let params = DeleteParams::background();
+                gone_is_fine(self.jobs.delete(&cycle.job_name(g), &params).await)
+            }
+            Step::DeleteSnapshot(g) => {
+                let params = DeleteParams::default();
+                gone_is_fine(self.snapshots.delete(&cycle.claim_name(g), &params).await)
+            }
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(mirror_step = ?step, "mirror cycle: {}", describe(cycle, step))
+            }
+            Err(e) => {
+                let kind = match &e {
+                    kube::Error::Api(s) if s.code == 409 => "conflict",
+                    kube::Error::Api(s) if s.code >= 500 => "server",
+                    _ => "other",
+                };
+                let error = ApiError {
+                    api: "kubernetes",
+                    kind,
+                };
+                self.metrics.api_errors.get_or_create(&error).inc();
+                tracing::warn!(mirror_step = ?step, "mirror cycle: {} failed: {e}; the next cycle decides again", describe(cycle, step));
+            }
+        }
+    }
+
+    async fn snapshot(&self, cycle: &Cycle, generation: u64) -> Result<(), kube::Error> {
+        let mut snapshot = DynamicObject::new(&cycle.claim_name(generation), &snapshot_resource());
+        snapshot.metadata.labels = Some(cycle.labels(generation));
+        snapshot.data = serde_json::json!({"spec": {
+            "volumeSnapshotClassName": cycle.snapshot_class,
+            "source": {"persistentVolumeClaimName": cycle.claim_name(generation)}}});
+        self.snapshots
+            .create(&PostParams::default(), &snapshot)
+            .await
+            .map(drop)
+    }
+
+    async fn claim(
+        &self,
+        cycle: &Cycle,
+        generation: u64,
+        from: Option<u64>,
+    ) -> Result<(), kube::Error> {
+        let mut claim = cycle.claim.clone();
+        let mut labels = cycle.labels(generation);
+        labels.insert(STATE_LABEL.into(), ClaimState::Populating.label().into());
+        claim.metadata = ObjectMeta {
+            name: Some(cycle.claim_name(generation)),
+            labels: Some(labels),
+            annotations: claim.metadata.annotations.clone(),
+            ..ObjectMeta::default()
+        };
+        claim.status = None;
+        let spec = claim.spec.get_or_insert_default();
+        spec.volume_name = None;
+        spec.data_source = from.map(
+            |base| k8s_openapi::api::core::v1::TypedLocalObjectReference {
+                api_group: Some("snapshot.storage.k8s.io".into()),
+                kind: "VolumeSnapshot".into(),
+                name: cycle.claim_name(base),
+            },
+        );
+        spec.data_source_ref = None;
+        self.claims
+            .create(&PostParams::default(), &claim)
+            .await
+            .map(drop)
+    }
+
+    async fn populate(&self, cycle: &Cycle, generation: u64) -> Result<(), kube::Error> {
+        let mut job = cycle.populate.clone();
+        let labels = cycle.labels(generation);
+        job.metadata = ObjectMeta {
+            name: Some(cycle.job_name(generation)),
+            labels: Some(labels.clone()),
+            annotations: job.metadata.annotations.clone(),
+            ..ObjectMeta::default()
+        };
+        job.status = None;
+        let spec = job.spec.get_or_insert_default();
+        spec.selector = None;
+        spec.manual_selector = None;
+        let pod_meta = spec.template.metadata.get_or_insert_default();
+        pod_meta.labels.get_or_insert_default().extend(labels);
+        let volumes = spec.template.spec.as_mut().and_then(|p| p.volumes.as_mut());
+        for volume in volumes
+            .into_iter()
+            .flatten()
+            .filter(|v| v.name == cycle.volume)
+        {
+            *volume = k8s_openapi::api::core::v1::Volume {
+                name: cycle.volume.clone(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: cycle.claim_name(generation),
+                    read_only: Some(false),
+                }),
+                ..Default::default()
+            };
+        }
+        self.jobs
+            .create(&PostParams::default(), &job)
+            .await
+            .map(drop)
+    }
+
+    async fn label(
+        &self,
+        cycle: &Cycle,
+        generation: u64,
+        to: ClaimState,
+        ready_at: Option<String>,
+    ) -> Result<(), kube::Error> {
+        let mut patch = serde_json::json!({"metadata": {"labels": {STATE_LABEL: to.label()}}});
+        if let Some(at) = ready_at {
+            patch["metadata"]["annotations"] = serde_json::json!({READY_AT: at});
+        }
+        let name = cycle.claim_name(generation);
+        let params = PatchParams::default();
+        self.claims
+            .patch(&name, &params, &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+}
+
+/// A delete of what is already gone did its job.
+fn gone_is_fine<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+fn describe(cycle: &Cycle, step: Step) -> String {
+    match step {
+        Step::Snapshot(g) => format!(
+            "snapshot {} of claim {}, to seed the next generation",
+            cycle.claim_name(g),
+            cycle.claim_name(g)
+        ),
+        Step::CreateClaim {
+            generation,
+            from: Some(base),
+        } => format!(
+            "claim {} created from the snapshot of generation {base}",
+            cycle.claim_name(generation)
+        ),
+        Step::CreateClaim {
+            generation,
+            from: None,
+        } => format!("claim {} created empty", cycle.claim_name(generation)),
+        Step::Populate(g) => format!(
+            "Job {} populates claim {}",
+            cycle.job_name(g),
+            cycle.claim_name(g)
+        ),
+        Step::MarkReady(g) => format!(
+            "generation {g} is ready: new agents mount claim {}",
+            cycle.claim_name(g)
+        ),
+        Step::MarkExpired(g) => format!(
+            "generation {g} expired: deleted once no pod names claim {}",
+            cycle.claim_name(g)
+        ),
+        Step::DeleteClaim(g) => format!("claim {} deleted", cycle.claim_name(g)),
+        Step::DeletePopulate(g) => format!(
+            "generation {g}'s populate Job {} deleted: it failed, or a restart left it",
+            cycle.job_name(g)
+        ),
+        Step::DeleteSnapshot(g) => format!("snapshot {} deleted", cycle.claim_name(g)),
+    }
+}
