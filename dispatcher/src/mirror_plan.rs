@@ -54,6 +54,8 @@ pub struct PopulateJob {
     pub generation: u64,
     /// `Some(true)` complete, `Some(false)` failed, `None` running.
     pub outcome: Option<bool>,
+    /// How long ago it ended.
+    pub ended_for: Option<Duration>,
 }
 
 /// A generation's snapshot, as observed.
@@ -76,7 +78,8 @@ pub struct Observed {
 /// The cycle's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    /// A new generation when the newest ready one is this old.
+    /// A new generation when the newest ready one is this old; also how long a failed
+    /// populate holds the next attempt back.
     pub refresh: Duration,
     /// Ready generations kept, the newest (handed out) included.
     pub keep: usize,
@@ -135,7 +138,8 @@ pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
         Some(p) => match job(p.generation).map(|j| j.outcome) {
             None => steps.push(Step::Populate(p.generation)),
             Some(Some(true)) => steps.push(Step::MarkReady(p.generation)),
-            Some(Some(false)) => steps.extend(discard(p.generation, true)),
+            // Its claim goes; its Job stays a while, to hold the next attempt back.
+            Some(Some(false)) => steps.push(Step::DeleteClaim(p.generation)),
             Some(None) => {}
         },
         None => {
@@ -148,20 +152,29 @@ pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
                         .is_none_or(|age| age >= policy.refresh)
                 }
             };
-            if due {
+            let failed_lately = observed.jobs.iter().any(|j| {
+                j.outcome == Some(false) && j.ended_for.is_none_or(|t| t < policy.refresh)
+            });
+            if due && !failed_lately {
                 steps.extend(next_generation(observed, policy, newest_ready));
             }
         }
     }
     // A populate Job whose generation is published, or gone: its pod object would keep the
     // claim in use (pvc-protection counts finished pods) until the Job's TTL.
+    // A failed one goes once it no longer holds the next attempt back.
     for j in &observed.jobs {
         let claim = observed
             .claims
             .iter()
             .find(|c| c.generation == j.generation);
         let published = claim.is_some_and(|c| c.state != ClaimState::Populating);
-        if j.outcome == Some(true) && published || claim.is_none() {
+        let spent = match j.outcome {
+            Some(true) => published || claim.is_none(),
+            Some(false) => j.ended_for.is_some_and(|t| t >= policy.refresh),
+            None => claim.is_none(),
+        };
+        if spent {
             steps.push(Step::DeletePopulate(j.generation));
         }
     }
@@ -271,6 +284,7 @@ mod tests {
         seen.jobs.push(PopulateJob {
             generation: 1,
             outcome: None,
+            ended_for: None,
         });
         assert_eq!(plan(&seen, &POLICY), []);
         assert_eq!(handed_out(&seen), None);
@@ -313,23 +327,35 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_populate_discards_its_generation_and_keeps_the_last() {
-        let seen = Observed {
-            claims: vec![
-                claim(4, ClaimState::Ready),
-                claim(5, ClaimState::Populating),
-            ],
+    fn a_failed_populate_discards_its_generation_keeps_the_last_and_waits_to_try_again() {
+        let mut old = claim(4, ClaimState::Ready);
+        old.ready_for = Some(Duration::from_secs(5000));
+        let mut seen = Observed {
+            claims: vec![old, claim(5, ClaimState::Populating)],
             jobs: vec![PopulateJob {
                 generation: 5,
                 outcome: Some(false),
+                ended_for: Some(Duration::from_secs(1)),
             }],
             ..Observed::default()
         };
+        assert_eq!(plan(&seen, &POLICY), [Step::DeleteClaim(5)]);
+        assert_eq!(handed_out(&seen), Some(4));
+        // 4 is due for a refresh, but the failure is recent: no new attempt yet.
+        seen.claims.pop();
+        assert_eq!(plan(&seen, &POLICY), []);
+        // Once the failure is as old as the refresh interval: its Job goes, 6 is tried.
+        seen.jobs[0].ended_for = Some(Duration::from_secs(900));
         assert_eq!(
             plan(&seen, &POLICY),
-            [Step::DeletePopulate(5), Step::DeleteClaim(5)]
+            [
+                Step::CreateClaim {
+                    generation: 6,
+                    from: None
+                },
+                Step::DeletePopulate(5)
+            ]
         );
-        assert_eq!(handed_out(&seen), Some(4));
     }
 
     #[test]

@@ -254,7 +254,11 @@ pub fn start(
             }
             let snapshots = snapshots.as_ref().map(Store::state).unwrap_or_default();
             let observed = observe(&claims.state(), &jobs.state(), &pods.state(), &snapshots);
-            for step in mirror_plan::plan(&observed, &cycle.policy) {
+            let steps = mirror_plan::plan(&observed, &cycle.policy);
+            if !steps.is_empty() {
+                tracing::debug!(?observed, ?steps, "mirror cycle");
+            }
+            for step in steps {
                 io.carry_out(&cycle, step).await;
             }
         }
@@ -300,6 +304,7 @@ pub fn observe(
     snapshots: &[Arc<DynamicObject>],
 ) -> Observed {
     let now = Timestamp::now();
+    let since = |t: Timestamp| Duration::from_secs((now.as_second() - t.as_second()).max(0) as u64);
     let named = |name: &str| {
         pods.iter().any(|p| {
             let volumes = p.spec.iter().flat_map(|s| s.volumes.iter().flatten());
@@ -321,9 +326,7 @@ pub fn observe(
                     generation: generation(&c.metadata)?,
                     state: state(c)?,
                     terminating: c.metadata.deletion_timestamp.is_some(),
-                    ready_for: ready_at.map(|t| {
-                        Duration::from_secs((now.as_second() - t.as_second()).max(0) as u64)
-                    }),
+                    ready_for: ready_at.map(since),
                     in_use: named(c.metadata.name.as_deref().unwrap_or("")),
                 })
             })
@@ -333,17 +336,18 @@ pub fn observe(
             .filter_map(|j| {
                 let conditions = j.status.as_ref().and_then(|s| s.conditions.as_ref());
                 let ended = |kind: &str| {
-                    conditions
-                        .is_some_and(|c| c.iter().any(|c| c.type_ == kind && c.status == "True"))
+                    let mut all = conditions.into_iter().flatten();
+                    all.find(|c| c.type_ == kind && c.status == "True")
                 };
-                let outcome = match (ended("Complete"), ended("Failed")) {
-                    (true, _) => Some(true),
-                    (_, true) => Some(false),
-                    _ => None,
+                let (outcome, at) = match (ended("Complete"), ended("Failed")) {
+                    (Some(c), _) => (Some(true), c.last_transition_time.as_ref()),
+                    (_, Some(c)) => (Some(false), c.last_transition_time.as_ref()),
+                    _ => (None, None),
                 };
                 Some(mirror_plan::PopulateJob {
                     generation: generation(&j.metadata)?,
                     outcome,
+                    ended_for: at.map(|t| since(t.0)),
                 })
             })
             .collect(),

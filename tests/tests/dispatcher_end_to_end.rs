@@ -131,6 +131,52 @@ impl World {
         command
     }
 
+    /// What the shipped populate Job reads: the repository list (one URL, `url`) and its
+    /// credentials' Secret.
+    fn populate_inputs(&self, url: &str) {
+        let list = json!({"metadata": {"name": "populate-mirror-repositories"},
+                          "data": {"repositories": format!("{url}\n")}});
+        self.kube.replace("configmaps", NS, list);
+        self.kube.replace(
+            "secrets",
+            NS,
+            json!({"metadata": {"name": "populate-mirror-git"},
+                   "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
+        );
+    }
+
+    /// The dispatcher in claims mode, with the shipped claim and populate templates, a new
+    /// generation every `refresh`, one kept.
+    fn claims_dispatcher(&self, name: &str, refresh: &str) -> Command {
+        let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+        let mut command = self.dispatcher_command(name);
+        command
+            .env("DISPATCHER_MIRROR_MODE", "claims")
+            .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
+            .env(
+                "DISPATCHER_POPULATE_TEMPLATE",
+                k8s.join("populate-job.yaml"),
+            )
+            .env("DISPATCHER_MIRROR_REFRESH", refresh)
+            .env("DISPATCHER_MIRROR_KEEP", "1");
+        command
+    }
+
+    /// Generation `generation`'s claim, if it exists.
+    fn claim(&self, generation: u64) -> Option<Value> {
+        let name = format!("{CLAIM}-{generation}");
+        let claims = self.kube.objects("persistentvolumeclaims", NS);
+        claims
+            .into_iter()
+            .find(|c| c["metadata"]["name"] == name.as_str())
+    }
+
+    /// Its `stateless-agent/mirror-state` label (null when the claim is gone).
+    fn claim_state(&self, generation: u64) -> Value {
+        let claim = self.claim(generation).unwrap_or_default();
+        claim["metadata"]["labels"]["stateless-agent/mirror-state"].clone()
+    }
+
     /// The agent pods: those of this queue's dispatches.
     fn pods(&self) -> Vec<Value> {
         let pods = self.kube.objects("pods", NS).into_iter();
@@ -650,47 +696,14 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
         return;
     }
     let mut w = World::new(20, None);
-    let repositories = format!("{}\n", w.served.url);
-    w.kube.create(
-        "configmaps",
-        NS,
-        json!({"metadata": {"name": "populate-mirror-repositories"},
-               "data": {"repositories": repositories}}),
-    );
-    w.kube.create(
-        "secrets",
-        NS,
-        json!({"metadata": {"name": "populate-mirror-git"},
-               "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
-    );
-    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+    w.populate_inputs(&w.served.url);
     let dispatcher = w
-        .dispatcher_command("replica-a")
-        .env("DISPATCHER_MIRROR_MODE", "claims")
-        .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
-        .env(
-            "DISPATCHER_POPULATE_TEMPLATE",
-            k8s.join("populate-job.yaml"),
-        )
-        .env("DISPATCHER_MIRROR_REFRESH", "5s")
-        .env("DISPATCHER_MIRROR_KEEP", "1")
+        .claims_dispatcher("replica-a", "5s")
         .env("DISPATCHER_JOB_TTL", "2s")
         .spawn()
         .unwrap();
-    let claim = |generation: u64| {
-        let name = format!("{CLAIM}-{generation}");
-        let claims = w.kube.objects("persistentvolumeclaims", NS);
-        claims
-            .into_iter()
-            .find(|c| c["metadata"]["name"] == name.as_str())
-    };
-    let state = |generation: u64| {
-        claim(generation)
-            .map(|c| c["metadata"]["labels"]["stateless-agent/mirror-state"].clone())
-            .unwrap_or_default()
-    };
     wait("generation 1 ready", Duration::from_secs(60), || {
-        state(1) == "ready"
+        w.claim_state(1) == "ready"
     });
     // Jobs long enough to outlive generation 1.
     w.job_env
@@ -701,13 +714,13 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
         jobs.iter().filter(|j| j.state == JobState::Running).count() == 2
     });
     wait("generation 2 ready", Duration::from_secs(60), || {
-        state(2) == "ready"
+        w.claim_state(2) == "ready"
     });
     // Expired, but pods still name it: kept.
     wait("generation 1 expired", Duration::from_secs(30), || {
-        state(1) == "expired"
+        w.claim_state(1) == "expired"
     });
-    assert!(claim(1).is_some());
+    assert!(w.claim(1).is_some());
     w.job_env.insert("BUILDKITE_COMMAND".into(), "true".into());
     w.schedule(2);
     wait("the later jobs finished", Duration::from_secs(60), || {
@@ -715,7 +728,7 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
     });
     // Once the first dispatch's Job and pods are gone (their TTL), so is claim 1.
     wait("claim 1 deleted", Duration::from_secs(60), || {
-        claim(1).is_none()
+        w.claim(1).is_none()
     });
     let out = stop(dispatcher);
     // Every job ran to exit 0 (a failed checkout fails its job).
@@ -760,4 +773,77 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
         out.log()
     );
     w.assert_no_secret(&out);
+}
+
+/// The claims mode's faults: a populate that fails leaves the generation in service and waits a
+/// refresh interval before trying again; a dispatcher killed while a populate runs is replaced,
+/// and the new one finishes the cycle (no second populate); a claim deleted by hand (Terminating
+/// while a pod names it) is never handed to a new pod.
+#[test]
+fn claims_mode_survives_a_failed_populate_a_restart_and_a_deleted_claim() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.populate_inputs(&w.served.url);
+    let first = w.claims_dispatcher("replica-a", "3s").spawn().unwrap();
+    wait("generation 1 ready", Duration::from_secs(60), || {
+        w.claim_state(1) == "ready"
+    });
+    // The repository list now holds a URL populate-mirror refuses (exit 2, which the shipped
+    // Job's failure policy does not retry): generation 2's populate fails.
+    w.populate_inputs("ext::sh -c false");
+    // Discarded: its claim deleted (Terminating while the failed pod's object names it).
+    wait("generation 2 discarded", Duration::from_secs(60), || {
+        let claim = w.claim(2).unwrap_or_default();
+        !claim["metadata"]["deletionTimestamp"].is_null()
+    });
+    assert_eq!(w.claim_state(1), "ready", "generation 1 stays in service");
+
+    // Repaired; the dispatcher is killed while generation 3 populates.
+    w.populate_inputs(&w.served.url);
+    wait("generation 3 populating", Duration::from_secs(60), || {
+        w.claim_state(3) == "populating"
+    });
+    let mut first = first;
+    first.kill().unwrap();
+    let first = stateless_e2e::sandbox::finish(first);
+    let second = w.claims_dispatcher("replica-b", "1h").spawn().unwrap();
+    wait("generation 3 ready", Duration::from_secs(60), || {
+        w.claim_state(3) == "ready"
+    });
+    let populates = w
+        .kube
+        .requests()
+        .iter()
+        .filter(|r| *r == "POST jobs")
+        .count();
+
+    // Generation 3 deleted by hand while a pod names it: Terminating, never handed out.
+    w.kube.create(
+        "pods",
+        NS,
+        json!({"metadata": {"name": "holder"}, "spec": {"nodeName": "fake-node-1",
+            "containers": [{"name": "c", "image": "x", "command": ["/bin/sh", "-c", "sleep 30"]}],
+            "volumes": [{"name": "m", "persistentVolumeClaim": {"claimName": format!("{CLAIM}-3")}}]}}),
+    );
+    w.kube
+        .delete("persistentvolumeclaims", NS, &format!("{CLAIM}-3"));
+    w.schedule(1);
+    wait("the job done", Duration::from_secs(60), || {
+        w.finished_jobs() == 1
+    });
+    let second = stop(second);
+    let agent = w.pods().into_iter().next().unwrap();
+    let volumes = agent["spec"]["volumes"].as_array().unwrap().clone();
+    let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
+    assert_ne!(
+        mirror["persistentVolumeClaim"]["claimName"],
+        format!("{CLAIM}-3").as_str(),
+        "{mirror}"
+    );
+    let said = format!("{}\n{}", first.log(), second.log());
+    // One populate Job per generation: 1, 2, 3 (the restart made no second one for 3).
+    assert_eq!(populates, 3, "{said}");
+    w.assert_no_secret(&second);
 }
