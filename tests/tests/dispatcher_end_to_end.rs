@@ -847,3 +847,42 @@ fn claims_mode_survives_a_failed_populate_a_restart_and_a_deleted_claim() {
     assert_eq!(populates, 3, "{said}");
     w.assert_no_secret(&second);
 }
+
+/// The claims mode with a VolumeSnapshotClass: generation 2 is made from a snapshot of
+/// generation 1, so its populate is a refresh (nothing new: unchanged), and generation 1's
+/// snapshot goes once generation 2 is out.
+#[test]
+fn claims_mode_seeds_each_generation_from_a_snapshot_of_the_last() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.populate_inputs(&w.served.url);
+    let dispatcher = w
+        .claims_dispatcher("replica-a", "3s")
+        .env("DISPATCHER_SNAPSHOT_CLASS", "fake-snapshots")
+        .spawn()
+        .unwrap();
+    wait("generation 2 ready", Duration::from_secs(60), || {
+        w.claim_state(2) == "ready"
+    });
+    let seeded = w.claim(2).unwrap();
+    let source = &seeded["spec"]["dataSource"];
+    assert_eq!(source["kind"], "VolumeSnapshot");
+    assert_eq!(source["name"], format!("{CLAIM}-1").as_str());
+    wait(
+        "generation 1's snapshot deleted",
+        Duration::from_secs(30),
+        || {
+            let snapshots = w.kube.objects("volumesnapshots", NS);
+            !snapshots
+                .iter()
+                .any(|s| s["metadata"]["name"] == format!("{CLAIM}-1").as_str())
+        },
+    );
+    let out = stop(dispatcher);
+    // The seeded populate found its mirror up to date: nothing fetched, nothing published anew.
+    let logs = w.cluster.all_logs();
+    assert!(logs.contains("unchanged"), "{logs}\n{}", out.log());
+    w.assert_no_secret(&out);
+}
