@@ -313,6 +313,15 @@ fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_po
 /// Runs `kubectl kustomize` on `dir` (under the workspace): each document by kind, or `None`
 /// (having said why) without kubectl.
 fn kustomize(dir: &str) -> Option<BTreeMap<String, serde_json::Value>> {
+    let docs = kustomize_all(dir)?;
+    let by_kind = docs
+        .into_iter()
+        .map(|d| (d["kind"].as_str().unwrap().to_string(), d));
+    Some(by_kind.collect())
+}
+
+/// Every document `kubectl kustomize` renders from `dir`, in order (kinds may repeat).
+fn kustomize_all(dir: &str) -> Option<Vec<serde_json::Value>> {
     if !stateless_e2e::fake_kube::kubectl_installed() {
         return None;
     }
@@ -327,12 +336,11 @@ fn kustomize(dir: &str) -> Option<BTreeMap<String, serde_json::Value>> {
         "kubectl kustomize {dir}: {stderr}"
     );
     let text = String::from_utf8(rendered.stdout).unwrap();
-    let mut docs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = serde_json::Value::deserialize(doc).unwrap();
-        docs.insert(value["kind"].as_str().unwrap().to_string(), value);
-    }
-    Some(docs)
+    let docs = serde_yaml_ng::Deserializer::from_str(&text);
+    Some(
+        docs.map(|d| serde_json::Value::deserialize(d).unwrap())
+            .collect(),
+    )
 }
 
 /// The names of the environment variables a binary's settings read.
@@ -406,6 +414,81 @@ fn the_node_local_overlay_renders_with_kubectl_kustomize() {
     };
     dispatcher::template::Template::parse(&template, "kubernetes", &node_local)
         .expect("the template's mirror volume is the one the dispatcher replaces");
+}
+
+/// `kubectl kustomize image/overlays/claims`: the base, told to run the claims cycle, with a Role
+/// granting only what the cycle does; the claim and populate templates it reads come from the
+/// base's ConfigMap and are the shipped files, which the cycle accepts.
+#[test]
+fn the_claims_overlay_renders_with_kubectl_kustomize() {
+    use clap::Parser;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::Role;
+    let Some(docs) = kustomize_all("image/overlays/claims") else {
+        return;
+    };
+    let role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "job-dispatcher-mirrors")
+        .unwrap();
+    let role: Role = typed("rendered Role", role);
+    let rules: Vec<(String, Vec<String>)> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.resources.unwrap().join(","), r.verbs))
+        .collect();
+    let verbs = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        rules,
+        [
+            (
+                "persistentvolumeclaims".into(),
+                verbs(&["create", "delete", "get", "list", "patch", "watch"])
+            ),
+            ("jobs".into(), verbs(&["delete"])),
+            (
+                "volumesnapshots".into(),
+                verbs(&["create", "delete", "get", "list", "watch"])
+            ),
+        ]
+    );
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let deployment: Deployment = typed("rendered Deployment", deployment);
+    let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    let value = |name: &str| {
+        let found = env.iter().find(|e| e.name == name);
+        found.and_then(|e| e.value.clone()).unwrap()
+    };
+    assert_eq!(value("DISPATCHER_MIRROR_MODE"), "claims");
+    // The templates the cycle reads by default are the shipped files, from the ConfigMap.
+    let config_map = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    for file in ["mirror-claim.yaml", "populate-job.yaml"] {
+        let shipped = std::fs::read_to_string(workspace().join("image/k8s").join(file)).unwrap();
+        assert_eq!(config_map["data"][file], shipped.as_str(), "{file}");
+    }
+    let k8s = workspace().join("image/k8s");
+    let settings = dispatcher::settings::Settings::try_parse_from([
+        "job-dispatcher".into(),
+        "--queue=kubernetes".into(),
+        "--token=t".into(),
+        "--mirror-mode=claims".into(),
+        format!(
+            "--claim-template={}",
+            k8s.join("mirror-claim.yaml").display()
+        ),
+        format!(
+            "--populate-template={}",
+            k8s.join("populate-job.yaml").display()
+        ),
+        format!("--snapshot-class={}", value("DISPATCHER_SNAPSHOT_CLASS")),
+    ])
+    .unwrap();
+    let cycle = dispatcher::mirror_run::Cycle::load(&settings).expect("the cycle reads them");
+    assert_eq!(cycle.prefix, CLAIM);
 }
 
 /// `kubectl kustomize image/k8s`: the dispatcher's Deployment, its account with only the verbs it
