@@ -11,7 +11,10 @@
 //!   `git fetch --prune` in a `--mirror` clone;
 //! - a round of `populate-mirror --every` with nothing new, all repositories (one process, a
 //!   round each 1 ms: the time between its round lines) vs a no-op refresh as a CronJob runs it
-//!   today (a process per refresh), on the same volume.
+//!   today (a process per refresh), on the same volume;
+//! - the claims mode's next generation after the new commits: populate into a copy of the last
+//!   generation's volume (as a claim restored from its snapshot; the copy itself, the storage's
+//!   work, is not timed) vs populate into an empty claim.
 //!
 //! Environment: `BENCH_RUNS` (5), `BENCH_REPOS` (4 small repositories), `BENCH_FILES` (20000),
 //! `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (200), `BENCH_TAGS` (100), `BENCH_NEW_COMMITS` (200),
@@ -116,6 +119,13 @@ fn main() {
             theirs: vec![],
         },
         Pair {
+            name: "claims: next generation, seeded from the last one's snapshot",
+            baseline: "populate into an empty claim",
+            target: f64::INFINITY,
+            ours: vec![],
+            theirs: vec![],
+        },
+        Pair {
             name: "`--every` round, nothing new, all repositories",
             baseline: "a no-op refresh, one process (today's CronJob)",
             target: f64::INFINITY,
@@ -161,7 +171,25 @@ fn main() {
             }
         }));
 
+        // The last generation's volume, as its snapshot will be restored into the next claim.
+        let seeded = dir.join("seeded");
+        std::fs::create_dir_all(&seeded).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", root.display()))
+            .arg(&seeded)
+            .status()
+            .unwrap()
+            .success();
+        assert!(copied, "copying the volume");
         git(&large_bare, &["update-ref", "refs/heads/main", &new_tip]);
+        pairs[4]
+            .ours
+            .push(time(|| populate(&sandbox, &seeded, &[&large])));
+        let empty = dir.join("empty");
+        pairs[4]
+            .theirs
+            .push(time(|| populate(&sandbox, &empty, &[&large])));
         pairs[3]
             .ours
             .push(time(|| populate(&sandbox, &root, &[&large])));
@@ -177,11 +205,11 @@ fn main() {
     let root = work.join((runs - 1).to_string()).join("root");
     let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
     for _ in 0..runs {
-        pairs[4]
+        pairs[5]
             .theirs
             .push(time(|| populate(&sandbox, &root, &all_refs)));
     }
-    pairs[4].ours = every_rounds(&sandbox, &root, &all_refs, runs);
+    pairs[5].ours = every_rounds(&sandbox, &root, &all_refs, runs);
 
     println!();
     println!("| case | populate-mirror (median) | baseline | baseline (median) | ratio (median of rounds) | target |");
