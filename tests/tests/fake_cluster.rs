@@ -73,6 +73,13 @@ struct Setup {
 }
 
 impl Setup {
+    /// `kubectl create -f -` of `yaml` (the fake serves no OpenAPI to validate against).
+    fn create(&self, yaml: &str) {
+        let args = ["create", "--validate=false", "-f", "-"];
+        let out = kubectl(&self.config, &args, Some(yaml));
+        assert!(out.status.success(), "{out:?}");
+    }
+
     /// `None` (having said why) where the cluster or `kubectl` cannot run.
     fn new() -> Option<Setup> {
         if let Some(why) = FakeCluster::unavailable() {
@@ -107,14 +114,7 @@ fn a_claim_in_use_stays_terminating_until_its_last_pod_object_goes() {
         return;
     };
     let (cluster, config, pods) = (&setup.cluster, &setup.config, &setup.pods);
-    let create = |yaml: &str| {
-        let out = kubectl(
-            config,
-            &["create", "--validate=false", "-f", "-"],
-            Some(yaml),
-        );
-        assert!(out.status.success(), "{out:?}");
-    };
+    let create = |yaml: &str| setup.create(yaml);
     create("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: data\nspec:\n  accessModes: [ReadWriteOnce]\n  resources:\n    requests:\n      storage: 1Gi\n");
     wait_for("the claim bound", || {
         get(config, &["pvc", "data"]).is_some_and(|c| c["status"]["phase"] == "Bound")
@@ -173,12 +173,7 @@ fn a_job_past_its_deadline_fails_and_a_finished_one_goes_after_its_ttl() {
         job("slow", "sleep 60", "  activeDeadlineSeconds: 2\n"),
         job("quick", "true", "  ttlSecondsAfterFinished: 2\n"),
     ] {
-        let out = kubectl(
-            config,
-            &["create", "--validate=false", "-f", "-"],
-            Some(&yaml),
-        );
-        assert!(out.status.success(), "{out:?}");
+        setup.create(&yaml);
     }
     let condition =
         |name: &str| get(config, &["job", name]).map(|j| j["status"]["conditions"][0].clone());
@@ -212,14 +207,7 @@ fn a_snapshot_restores_a_claim_written_under_its_fs_group() {
         return;
     };
     let config = &setup.config;
-    let create = |yaml: &str| {
-        let out = kubectl(
-            config,
-            &["create", "--validate=false", "-f", "-"],
-            Some(yaml),
-        );
-        assert!(out.status.success(), "{out:?}");
-    };
+    let create = |yaml: &str| setup.create(yaml);
     let phase = |pod: &str| {
         let pod = get(config, &["pod", pod]).unwrap_or_default();
         pod["status"]["phase"].as_str().unwrap_or("").to_string()
