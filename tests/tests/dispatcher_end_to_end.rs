@@ -886,3 +886,66 @@ fn claims_mode_seeds_each_generation_from_a_snapshot_of_the_last() {
     assert!(logs.contains("unchanged"), "{logs}\n{}", out.log());
     w.assert_no_secret(&out);
 }
+
+/// The claims cycle restarted over and over, in whatever phase each kill finds it (making a
+/// claim, populating, labelling, expiring, deleting): each generation is made once and populated
+/// once, never two populates at once, no claim is left behind, and the cycle gets on.
+#[test]
+fn claims_mode_restarted_in_every_phase_makes_each_generation_once() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.populate_inputs(&w.served.url);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut most_populating = 0;
+    let mut round = 0u64;
+    while w.claim_state(3) != "ready" {
+        assert!(
+            Instant::now() < deadline,
+            "the cycle did not get to generation 3"
+        );
+        round += 1;
+        // The same pod's container restarted (its name, so its Lease, is the same).
+        let mut dispatcher = w.claims_dispatcher("replica-a", "2s").spawn().unwrap();
+        // A kill 0.2–1.1 s in: each lands in another phase.
+        std::thread::sleep(Duration::from_millis(200 + (round * 300) % 900));
+        let populating = w
+            .kube
+            .objects("persistentvolumeclaims", NS)
+            .iter()
+            .filter(|c| c["metadata"]["labels"]["stateless-agent/mirror-state"] == "populating")
+            .filter(|c| c["metadata"]["deletionTimestamp"].is_null())
+            .count();
+        most_populating = most_populating.max(populating);
+        dispatcher.kill().unwrap();
+        let _ = dispatcher.wait();
+    }
+    assert!(most_populating <= 1, "two generations populating at once");
+    let created = |plural: &str| {
+        w.kube
+            .requests()
+            .iter()
+            .filter(|r| **r == format!("POST {plural}"))
+            .count()
+    };
+    // Generations 1, 2, 3 (and perhaps 4, begun by the last replica): one claim and one Job
+    // each, none made twice across the restarts.
+    let claims = created("persistentvolumeclaims");
+    let populates = created("jobs");
+    assert!(
+        (3..=4).contains(&claims),
+        "{claims} claims made in {round} restarts"
+    );
+    assert_eq!(populates, claims, "one populate per generation");
+    // Only generations that are meant to exist are left: ready, expired in use, or the next.
+    let left: Vec<Value> = w.kube.objects("persistentvolumeclaims", NS);
+    for claim in &left {
+        let state = &claim["metadata"]["labels"]["stateless-agent/mirror-state"];
+        assert!(
+            state.is_null()
+                || ["ready", "expired", "populating"].contains(&state.as_str().unwrap()),
+            "{claim:#}"
+        );
+    }
+}
