@@ -17,9 +17,10 @@
 //!   work, is not timed) vs populate into an empty claim.
 //!
 //! Environment: `BENCH_RUNS` (5), `BENCH_REPOS` (4 small repositories), `BENCH_FILES` (20000),
-//! `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (200), `BENCH_TAGS` (100), `BENCH_NEW_COMMITS` (200),
-//! `BENCH_TMPDIR` (`/dev/shm`). Pull-request refs are left out: populate-mirror skips them by
-//! default, and `clone --mirror` would copy them.
+//! `BENCH_COMMITS` (3000), `BENCH_BRANCHES` (200), `BENCH_TAGS` (100), `BENCH_PULLS` (0),
+//! `BENCH_NEW_COMMITS` (200), `BENCH_TMPDIR` (`/dev/shm`). Pull-request refs are left out by
+//! default: populate-mirror skips them, and `clone --mirror` would copy them; the facts note's
+//! shape (`BENCH_FILES=3000 BENCH_COMMITS=20000 BENCH_PULLS=9000`) has them, served.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -56,7 +57,7 @@ fn main() {
         commits: env_or("BENCH_COMMITS", 3_000),
         branches: env_or("BENCH_BRANCHES", 200),
         tags: env_or("BENCH_TAGS", 100),
-        pulls: 0,
+        pulls: env_or("BENCH_PULLS", 0),
     };
     let small_shape = Shape {
         files: 2_000,
