@@ -130,6 +130,11 @@ pub struct Claims {
 }
 
 impl Claims {
+    /// Waits for the claims' first listing; false if the watch is gone.
+    pub async fn wait_until_ready(&self) -> bool {
+        self.store.wait_until_ready().await.is_ok()
+    }
+
     /// The claim new agents mount: the newest ready generation not being deleted.
     pub fn handed_out(&self) -> Option<String> {
         let claims = self.store.state();

@@ -311,6 +311,12 @@ async fn tick(
             return None;
         }
     }
+    // Handing out a generation needs the claims listed once: none seen is not none ready.
+    if let Some(claims) = mirror {
+        if !claims.wait_until_ready().await {
+            return None;
+        }
+    }
     let polled = match buildkite.poll().await {
         Ok(polled) => polled,
         Err(e) => {
