@@ -1,11 +1,13 @@
 //! The real job-dispatcher pointed at the fakes, for the scenarios that run it.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::fake_buildkite::FakeBuildkite;
-use crate::sandbox::{bin, finish, Finished};
+use crate::sandbox::{bin, Finished};
 
 /// job-dispatcher as replica `name`, with only the fakes' addresses and `token`, its output
 /// captured; the caller adds the queue, template and the rest.
@@ -29,16 +31,72 @@ pub fn job_dispatcher(
     command
 }
 
-/// Stops it as Kubernetes would (SIGTERM, SIGKILL 5 s later) and collects its output.
-pub fn stop(mut child: Child) -> Finished {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+/// A running job-dispatcher whose output is read as it comes: a pipe left unread fills at
+/// 64 KiB, and the dispatcher's one thread then blocks in its next log line, API call done and
+/// line unwritten.
+pub struct Running {
+    child: Child,
+    stdout: JoinHandle<String>,
+    stderr: JoinHandle<String>,
+}
+
+impl Running {
+    pub fn spawn(command: &mut Command) -> Running {
+        let mut child = command.spawn().expect("job-dispatcher starts");
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
     }
-    let _ = child.kill();
-    finish(child)
+
+    /// SIGKILL, as a node's crash: nothing is tidied up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+
+    /// Stops it as Kubernetes would (SIGTERM, SIGKILL 5 s later) and collects its output.
+    pub fn stop(mut self) -> Finished {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        self.finish()
+    }
+
+    /// Waits for it to end by itself, and collects its output.
+    pub fn finish(mut self) -> Finished {
+        let status = self.child.wait().expect("job-dispatcher ends");
+        Finished {
+            status,
+            stdout: self.stdout.join().unwrap_or_default(),
+            stderr: self.stderr.join().unwrap_or_default(),
+        }
+    }
 }

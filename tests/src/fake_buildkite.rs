@@ -25,14 +25,14 @@
 //! is its own to set) so scenarios run in seconds.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::http_server::{read_request, Request};
+use crate::http_server::{serve_connection, Request};
 
 /// What the queue looks like to Buildkite, beyond the agents and jobs of the lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -343,78 +343,70 @@ impl FakeBuildkite {
 }
 
 fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let request = read_request(&mut reader)?;
-        if request.method.is_empty() {
-            return Ok(());
-        }
-        let auth = request.header("Authorization").unwrap_or("").to_string();
-        let metrics = request.path == "/v3/metrics/queue";
-        let (lifecycle, fault, expected, queue, body, poll) = {
-            let mut s = state.lock().unwrap();
-            s.requests
-                .push((format!("{}?{}", request.path, request.query), auth.clone()));
-            let lifecycle = match metrics {
-                true => None,
-                false => s.lifecycle(&request, &auth),
-            };
-            let fault = match metrics {
-                true => s.faults.pop_front(),
-                false => None,
-            };
-            let queue = s.queue.clone();
-            (
-                lifecycle,
-                fault,
-                format!("Token {}", s.token),
-                queue.clone(),
-                s.metrics(&queue),
-                s.poll_duration,
-            )
+    serve_connection(stream, |request, out| answer(request, state, out))
+}
+
+/// Answers one request; whether the connection may serve another.
+fn answer(request: &Request, state: &Mutex<State>, out: &mut TcpStream) -> std::io::Result<bool> {
+    let auth = request.header("Authorization").unwrap_or("").to_string();
+    let metrics = request.path == "/v3/metrics/queue";
+    let (lifecycle, fault, expected, queue, body, poll) = {
+        let mut s = state.lock().unwrap();
+        s.requests
+            .push((format!("{}?{}", request.path, request.query), auth.clone()));
+        let lifecycle = match metrics {
+            true => None,
+            false => s.lifecycle(request, &auth),
         };
-        let (code, body, extra) = match (lifecycle, fault) {
-            (Some((code, body)), _) => (code, body, String::new()),
-            (None, Some(BuildkiteFault::Stall(wait))) => {
-                std::thread::sleep(wait);
-                return Ok(());
-            }
-            (None, Some(BuildkiteFault::Status(429))) => (
-                429,
-                json!({"message": "rate limited"}),
-                "Retry-After: 1\r\n".to_string(),
-            ),
-            (None, Some(BuildkiteFault::Answer(text))) => (200, json!(text), String::new()),
-            (None, Some(BuildkiteFault::Status(code))) => {
-                (code, json!({"message": "injected"}), String::new())
-            }
-            (None, None) if auth != expected => {
-                (401, json!({"message": "Invalid token"}), String::new())
-            }
-            (None, None) if !metrics || request.query != format!("name={queue}") => (
-                404,
-                json!({"message": "No queue by that name"}),
-                String::new(),
-            ),
-            (None, None) => {
-                let extra = poll
-                    .map(|s| format!("Buildkite-Agent-Metrics-Poll-Duration: {s}\r\n"))
-                    .unwrap_or_default();
-                (200, body, extra)
-            }
+        let fault = match metrics {
+            true => s.faults.pop_front(),
+            false => None,
         };
-        let text = body.to_string();
-        write!(
-            out,
-            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
-            text.len()
-        )?;
-        if request
-            .header("Connection")
-            .is_some_and(|c| c.eq_ignore_ascii_case("close"))
-        {
-            return Ok(());
+        let queue = s.queue.clone();
+        (
+            lifecycle,
+            fault,
+            format!("Token {}", s.token),
+            queue.clone(),
+            s.metrics(&queue),
+            s.poll_duration,
+        )
+    };
+    let (code, body, extra) = match (lifecycle, fault) {
+        (Some((code, body)), _) => (code, body, String::new()),
+        (None, Some(BuildkiteFault::Stall(wait))) => {
+            std::thread::sleep(wait);
+            return Ok(false);
         }
-    }
+        (None, Some(BuildkiteFault::Status(429))) => (
+            429,
+            json!({"message": "rate limited"}),
+            "Retry-After: 1\r\n".to_string(),
+        ),
+        (None, Some(BuildkiteFault::Answer(text))) => (200, json!(text), String::new()),
+        (None, Some(BuildkiteFault::Status(code))) => {
+            (code, json!({"message": "injected"}), String::new())
+        }
+        (None, None) if auth != expected => {
+            (401, json!({"message": "Invalid token"}), String::new())
+        }
+        (None, None) if !metrics || request.query != format!("name={queue}") => (
+            404,
+            json!({"message": "No queue by that name"}),
+            String::new(),
+        ),
+        (None, None) => {
+            let extra = poll
+                .map(|s| format!("Buildkite-Agent-Metrics-Poll-Duration: {s}\r\n"))
+                .unwrap_or_default();
+            (200, body, extra)
+        }
+    };
+    let text = body.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{text}",
+        text.len()
+    )?;
+    Ok(true)
 }

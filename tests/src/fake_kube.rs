@@ -41,7 +41,7 @@
 //! `--validate=false`).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -49,7 +49,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::http_server::{read_request, Request};
+use crate::http_server::{serve_connection, Request};
 
 /// Whether a real `kubectl` is here to check the fake with; says why not when it is not.
 pub fn kubectl_installed() -> bool {
@@ -604,23 +604,9 @@ pub(crate) fn random_suffix(seed: u64) -> String {
         .collect()
 }
 
-/// One connection: requests until the client closes it (clients keep connections alive).
+/// One connection's requests.
 fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut out = stream;
-    loop {
-        let request = read_request(&mut reader)?;
-        if request.method.is_empty() {
-            return Ok(());
-        }
-        let keep_going = handle(&request, shared, &mut out)?;
-        let close = request
-            .header("Connection")
-            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
-        if !keep_going || close {
-            return Ok(());
-        }
-    }
+    serve_connection(stream, |request, out| handle(request, shared, out))
 }
 
 fn query(request: &Request) -> BTreeMap<String, String> {

@@ -219,6 +219,30 @@ fn serve(stream: TcpStream, root: &Path, state: &State) -> std::io::Result<()> {
 }
 
 /// Reads one request; an empty method means the peer closed the connection.
+/// One keep-alive connection, as the fakes' clients (kube-rs, kubectl, the stand-in agent) use
+/// them: each request to `answer`, which writes the response and says whether the connection
+/// may serve another, until the client closes it or asks to (`Connection: close`).
+pub(crate) fn serve_connection(
+    stream: TcpStream,
+    mut answer: impl FnMut(&Request, &mut TcpStream) -> std::io::Result<bool>,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let request = read_request(&mut reader)?;
+        if request.method.is_empty() {
+            return Ok(());
+        }
+        let keep_going = answer(&request, &mut out)?;
+        let close = request
+            .header("Connection")
+            .is_some_and(|c| c.eq_ignore_ascii_case("close"));
+        if !keep_going || close {
+            return Ok(());
+        }
+    }
+}
+
 pub(crate) fn read_request(reader: &mut impl BufRead) -> std::io::Result<Request> {
     let mut line = String::new();
     reader.read_line(&mut line)?;

@@ -4,8 +4,9 @@
 //! (v4.0.0-beta.15-41): the requests of `api/agents.go`, `api/pings.go` and `api/jobs.go`, the
 //! `Authorization: Token` header of `internal/agenthttp/auth.go`, and the retries of
 //! `core/client.go`: register 10 attempts 5 s apart (a 4xx ends them), connect likewise,
-//! disconnect 4 attempts 1 s apart, FinishJob up to 12. The access token from registration is
-//! used from then on.
+//! disconnect 4 attempts 1 s apart, FinishJob up to 12; FinishJob's `ignore_agent_in_dispatches`
+//! as `agent/agent_worker_action.go` sets it with `--disconnect-after-job`. The access token from
+//! registration is used from then on.
 //!
 //! Not modelled: TLS (the agent's HTTPS endpoint), request headers and endpoints a ping can
 //! change, ping actions (pause, disconnect), job log chunks, heartbeats.

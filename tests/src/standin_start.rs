@@ -17,7 +17,8 @@
 //!   (`agent/agent_pool.go` `statusJSONHandler`), the worker `busy` with its `current_job_id` from
 //!   accepting a job until FinishJob returned, `idle` otherwise.
 //! - **Waiting for work.** With an `http://` endpoint (the scenarios' fake Buildkite), the agent
-//!   registers there with its `tags`, pings each `ping_interval` plus jitter, and accepts and
+//!   registers there with its `tags`, pings each `ping_interval` plus jitter (the first one
+//!   too), and accepts and
 //!   starts the job a ping hands it, whose `env` is the backend's job environment; FinishJob
 //!   reports the job's exit status with `ignore_agent_in_dispatches`, then it disconnects
 //!   ([`crate::standin_api`]). Otherwise (the default HTTPS endpoint, unreachable here) a job
@@ -213,9 +214,9 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         false => println!("buildkite-agent (stand-in): started, waiting for a job"),
     }
     let started = Instant::now();
-    // The ping loop (`agent/agent_worker_ping.go`): a ping now, then one each interval plus a
-    // jitter of up to an interval.
-    let mut ping_due = api.as_ref().map(|_| started);
+    // The ping loop (`agent/agent_worker_ping.go` at main 5c219808): the first ping skips the
+    // ticker but not the jitter of up to an interval; then one each interval plus that jitter.
+    let mut ping_due = api.as_ref().map(|api| started + jitter(api.ping_interval));
     let job_id = loop {
         let job_due = job_after.map(|d| started + d);
         let idle_due = idle.map(|d| started + d);

@@ -7,11 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stateless_e2e::dispatcher_process::{job_dispatcher, stop};
+use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{FakeBuildkite, JobState};
 use stateless_e2e::fake_cluster::{ClusterSpec, FakeCluster};
 use stateless_e2e::fake_kube::{kubectl_installed, FakeKube};
@@ -115,8 +115,8 @@ impl World {
 
     /// The dispatcher, as replica `name`, ticking every 300 ms; agents it starts idle out after
     /// 4 s without a job.
-    fn dispatcher(&self, name: &str) -> Child {
-        self.dispatcher_command(name).spawn().unwrap()
+    fn dispatcher(&self, name: &str) -> Running {
+        Running::spawn(&mut self.dispatcher_command(name))
     }
 
     fn dispatcher_command(&self, name: &str) -> Command {
@@ -294,7 +294,7 @@ impl World {
     /// Waits for `jobs` finished jobs and every pod ended, stops the dispatcher, and checks
     /// what every run must leave: each job's checkout a mirror hit at the right commit, every
     /// pod ended with exit 0 and a report, no container left, and the token nowhere.
-    fn outcome(&self, dispatcher: Child, jobs: usize, limit: Duration) -> Outcome {
+    fn outcome(&self, dispatcher: Running, jobs: usize, limit: Duration) -> Outcome {
         wait(&format!("{jobs} jobs finished"), limit, || {
             self.finished_jobs() == jobs
         });
@@ -308,7 +308,7 @@ impl World {
             jobs.iter()
                 .all(|j| j["status"]["conditions"][0]["status"] == "True")
         });
-        let out = stop(dispatcher);
+        let out = dispatcher.stop();
         let pods = self.pods();
         let outcome = Outcome {
             reports: reports(&pods),
@@ -448,12 +448,12 @@ fn a_restart_mid_dispatch_and_two_replicas_make_no_duplicate_pods() {
         !w.kube.objects("jobs", NS).is_empty()
     });
     // Killed at once, with its Job's pods not yet running: no chance to tidy up.
-    first.kill().unwrap();
-    let _ = first.wait();
+    first.kill();
+    first.finish();
     let second = w.dispatcher("replica-b");
     let third = w.dispatcher("replica-c");
     let outcome = w.outcome(second, 20, Duration::from_secs(90));
-    let third = stop(third);
+    let third = third.stop();
     assert_eq!(
         outcome.jobs.len(),
         1,
@@ -558,7 +558,7 @@ fn kubectl_deleting_a_busy_pod_lets_its_job_finish_first() {
         .pods()
         .iter()
         .any(|p| p["metadata"]["name"] == busy.as_str()));
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     w.assert_no_secret(&out);
 }
 
@@ -575,11 +575,10 @@ fn agents_that_cannot_register_get_one_dispatch_not_one_a_tick() {
     let secret = |token: &str| json!({"metadata": {"name": "buildkite-agent"}, "stringData": {"token": token}});
     w.kube.replace("secrets", NS, secret("bkua_revoked-t0ken"));
     w.schedule(3);
-    let dispatcher = w
-        .dispatcher_command("replica-a")
-        .env("DISPATCHER_START_DEADLINE", "8s")
-        .spawn()
-        .unwrap();
+    let dispatcher = Running::spawn(
+        w.dispatcher_command("replica-a")
+            .env("DISPATCHER_START_DEADLINE", "8s"),
+    );
     wait("the first dispatch failed", Duration::from_secs(60), || {
         let jobs = w.kube.objects("jobs", NS);
         jobs.iter()
@@ -662,11 +661,10 @@ fn node_local_mirrors_serve_every_checkout_on_two_nodes() {
     }
 
     w.schedule(6);
-    let dispatcher = w
-        .dispatcher_command("replica-a")
-        .env("DISPATCHER_MIRROR_MODE", "node-local")
-        .spawn()
-        .unwrap();
+    let dispatcher = Running::spawn(
+        w.dispatcher_command("replica-a")
+            .env("DISPATCHER_MIRROR_MODE", "node-local"),
+    );
     wait("6 jobs finished", Duration::from_secs(60), || {
         w.finished_jobs() == 6
     });
@@ -697,11 +695,10 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
     }
     let mut w = World::new(20, None);
     w.populate_inputs(&w.served.url);
-    let dispatcher = w
-        .claims_dispatcher("replica-a", "5s")
-        .env("DISPATCHER_JOB_TTL", "2s")
-        .spawn()
-        .unwrap();
+    let dispatcher = Running::spawn(
+        w.claims_dispatcher("replica-a", "5s")
+            .env("DISPATCHER_JOB_TTL", "2s"),
+    );
     wait("generation 1 ready", Duration::from_secs(60), || {
         w.claim_state(1) == "ready"
     });
@@ -730,43 +727,56 @@ fn claims_mode_hands_out_the_newest_generation_and_deletes_the_old_only_when_unu
     wait("claim 1 deleted", Duration::from_secs(60), || {
         w.claim(1).is_none()
     });
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     // Every job ran to exit 0 (a failed checkout fails its job).
     let jobs = w.buildkite.jobs();
     assert!(
         jobs.iter().all(|j| j.exit_status.as_deref() == Some("0")),
         "{jobs:?}"
     );
-    // The first dispatch's pods went with their Job (TTL); the later ones mounted a newer
-    // generation read-only, and checked out from it.
-    let pods = w.pods();
-    for pod in &pods {
-        let volumes = pod["spec"]["volumes"].as_array().unwrap();
-        let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
-        let source = &mirror["persistentVolumeClaim"];
-        assert_eq!(source["readOnly"], true, "{mirror}");
-        assert_ne!(
-            source["claimName"],
-            format!("{CLAIM}-1").as_str(),
-            "{mirror}"
-        );
-    }
-    let ran: Vec<Value> = reports(&pods)
-        .into_iter()
+    // Pods and Jobs go with their TTL, so what they mounted is read from the dispatcher's
+    // lines (each dispatch names its claim) and how their checkouts went from their logs.
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    let claims: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["decision"] == "dispatch")
+        .filter_map(|l| l["mirror_claim"].as_str())
+        .collect();
+    assert_eq!(
+        claims.first(),
+        Some(&format!("{CLAIM}-1").as_str()),
+        "{claims:?}"
+    );
+    assert!(
+        claims.len() >= 2 && claims.last() != claims.first(),
+        "{claims:?}"
+    );
+    let logs = w.cluster.all_logs();
+    let ran: Vec<Value> = logs
+        .lines()
+        .filter(|l| l.contains("\"wrapper_version\""))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|r| r["reason"] == "job-finished")
         .collect();
-    assert_eq!(ran.len(), 2, "{pods:#?}");
+    assert_eq!(ran.len(), 4, "{logs}");
     assert!(
         ran.iter().all(|r| r["checkout"]["mirror"] == "hit"),
         "{ran:#?}"
     );
-    let steps: Vec<Value> = out
-        .stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["mirror_step"].is_string())
-        .collect();
-    let took = |step: &str| steps.iter().any(|s| s["mirror_step"] == step);
+    // The pods still there mounted their generation read-only.
+    for pod in w.pods() {
+        let volumes = pod["spec"]["volumes"].as_array().unwrap().clone();
+        let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
+        assert_eq!(
+            mirror["persistentVolumeClaim"]["readOnly"], true,
+            "{mirror}"
+        );
+    }
+    let took = |step: &str| lines.iter().any(|l| l["mirror_step"] == step);
     assert!(
         took("MarkExpired(1)") && took("DeleteClaim(1)"),
         "{}",
@@ -786,7 +796,7 @@ fn claims_mode_survives_a_failed_populate_a_restart_and_a_deleted_claim() {
     }
     let w = World::new(20, None);
     w.populate_inputs(&w.served.url);
-    let first = w.claims_dispatcher("replica-a", "3s").spawn().unwrap();
+    let first = Running::spawn(&mut w.claims_dispatcher("replica-a", "3s"));
     wait("generation 1 ready", Duration::from_secs(60), || {
         w.claim_state(1) == "ready"
     });
@@ -806,9 +816,9 @@ fn claims_mode_survives_a_failed_populate_a_restart_and_a_deleted_claim() {
         w.claim_state(3) == "populating"
     });
     let mut first = first;
-    first.kill().unwrap();
-    let first = stateless_e2e::sandbox::finish(first);
-    let second = w.claims_dispatcher("replica-b", "1h").spawn().unwrap();
+    first.kill();
+    let first = first.finish();
+    let second = Running::spawn(&mut w.claims_dispatcher("replica-b", "1h"));
     wait("generation 3 ready", Duration::from_secs(60), || {
         w.claim_state(3) == "ready"
     });
@@ -833,7 +843,7 @@ fn claims_mode_survives_a_failed_populate_a_restart_and_a_deleted_claim() {
     wait("the job done", Duration::from_secs(60), || {
         w.finished_jobs() == 1
     });
-    let second = stop(second);
+    let second = second.stop();
     let agent = w.pods().into_iter().next().unwrap();
     let volumes = agent["spec"]["volumes"].as_array().unwrap().clone();
     let mirror = volumes.iter().find(|v| v["name"] == "git-mirrors").unwrap();
@@ -858,11 +868,10 @@ fn claims_mode_seeds_each_generation_from_a_snapshot_of_the_last() {
     }
     let w = World::new(20, None);
     w.populate_inputs(&w.served.url);
-    let dispatcher = w
-        .claims_dispatcher("replica-a", "3s")
-        .env("DISPATCHER_SNAPSHOT_CLASS", "fake-snapshots")
-        .spawn()
-        .unwrap();
+    let dispatcher = Running::spawn(
+        w.claims_dispatcher("replica-a", "3s")
+            .env("DISPATCHER_SNAPSHOT_CLASS", "fake-snapshots"),
+    );
     wait("generation 2 ready", Duration::from_secs(60), || {
         w.claim_state(2) == "ready"
     });
@@ -880,7 +889,7 @@ fn claims_mode_seeds_each_generation_from_a_snapshot_of_the_last() {
                 .any(|s| s["metadata"]["name"] == format!("{CLAIM}-1").as_str())
         },
     );
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     // The seeded populate found its mirror up to date: nothing fetched, nothing published anew.
     let logs = w.cluster.all_logs();
     assert!(logs.contains("unchanged"), "{logs}\n{}", out.log());
@@ -907,7 +916,7 @@ fn claims_mode_restarted_in_every_phase_makes_each_generation_once() {
         );
         round += 1;
         // The same pod's container restarted (its name, so its Lease, is the same).
-        let mut dispatcher = w.claims_dispatcher("replica-a", "2s").spawn().unwrap();
+        let mut dispatcher = Running::spawn(&mut w.claims_dispatcher("replica-a", "2s"));
         // A kill 0.2–1.1 s in: each lands in another phase.
         std::thread::sleep(Duration::from_millis(200 + (round * 300) % 900));
         let populating = w
@@ -918,8 +927,8 @@ fn claims_mode_restarted_in_every_phase_makes_each_generation_once() {
             .filter(|c| c["metadata"]["deletionTimestamp"].is_null())
             .count();
         most_populating = most_populating.max(populating);
-        dispatcher.kill().unwrap();
-        let _ = dispatcher.wait();
+        dispatcher.kill();
+        dispatcher.finish();
     }
     assert!(most_populating <= 1, "two generations populating at once");
     let created = |plural: &str| {

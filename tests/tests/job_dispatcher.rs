@@ -7,15 +7,14 @@
 //! through the fake cluster's Job controller, scheduler and kubelet.)
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use stateless_e2e::dispatcher_process::{job_dispatcher, stop};
+use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
 use stateless_e2e::fake_kube::FakeKube;
 use stateless_e2e::loopback::{self, free_port};
-use stateless_e2e::sandbox::{finish, wait_for, Sandbox};
+use stateless_e2e::sandbox::{wait_for, Sandbox};
 
 const QUEUE: &str = "kubernetes";
 const TOKEN: &str = "bkua_s3cret-dispatcher-t0ken";
@@ -43,22 +42,22 @@ impl World {
     }
 
     /// The dispatcher, as replica `name`, ticking every 200 ms; returns it and its metrics port.
-    fn dispatcher(&self, name: &str, queue: &str) -> (Child, u16) {
+    fn dispatcher(&self, name: &str, queue: &str) -> (Running, u16) {
         self.dispatcher_at(name, queue, &self.buildkite.endpoint())
     }
 
     /// The dispatcher, asking Buildkite at `endpoint`.
-    fn dispatcher_at(&self, name: &str, queue: &str, endpoint: &str) -> (Child, u16) {
+    fn dispatcher_at(&self, name: &str, queue: &str, endpoint: &str) -> (Running, u16) {
         let port = free_port();
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
-        let child = job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
-            .env("BUILDKITE_AGENT_ENDPOINT", endpoint)
-            .env("DISPATCHER_QUEUE", queue)
-            .env("DISPATCHER_TEMPLATE", template)
-            .env("DISPATCHER_POLL_INTERVAL", "200ms")
-            .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
-            .spawn()
-            .unwrap();
+        let child = Running::spawn(
+            job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
+                .env("BUILDKITE_AGENT_ENDPOINT", endpoint)
+                .env("DISPATCHER_QUEUE", queue)
+                .env("DISPATCHER_TEMPLATE", template)
+                .env("DISPATCHER_POLL_INTERVAL", "200ms")
+                .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}")),
+        );
         (child, port)
     }
 
@@ -103,7 +102,7 @@ fn a_burst_is_met_by_one_job_sized_to_demand_and_no_more() {
 
     wait_for("a dispatch", || !w.jobs().is_empty());
     ticks(&w, 5);
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
 
     let jobs = w.jobs();
     assert_eq!(jobs.len(), 1, "{}", out.log());
@@ -151,7 +150,7 @@ fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
     });
     let (first, _) = w.dispatcher("replica-a", QUEUE);
     wait_for("a dispatch", || !w.jobs().is_empty());
-    stop(first);
+    first.stop();
 
     // Two replicas at once, the demand unchanged: the new leader reads the dispatch back.
     let (b, port_b) = w.dispatcher("replica-b", QUEUE);
@@ -169,7 +168,7 @@ fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
         .iter()
         .filter(|m| m.lines().any(|l| l == "dispatcher_leader 1"))
         .count();
-    let (out_b, out_c) = (stop(b), stop(c));
+    let (out_b, out_c) = (b.stop(), c.stop());
     assert_eq!(w.jobs().len(), 1, "{}\n{}", out_b.log(), out_c.log());
     assert_eq!(
         leaders,
@@ -220,7 +219,7 @@ fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
     assert!(http_get(port, "/metrics")
         .1
         .contains("dispatcher_blocked{reason=\"failed-create\"} 1"));
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     let warnings: Vec<Value> = out
         .stderr
         .lines()
@@ -265,7 +264,7 @@ fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
     assert!(http_get(port, "/metrics")
         .1
         .contains("dispatcher_blocked{reason=\"wrong-queue\"} 1"));
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     assert!(
         out.stderr.contains("register in another queue"),
         "{}",
@@ -298,7 +297,7 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     ticks(&w, 3);
     assert_eq!(http_get(port, "/readyz").0, 200);
     let metrics = http_get(port, "/metrics").1;
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     assert_eq!(w.jobs().len(), 1, "{}", out.log());
     assert!(
         out.stderr.contains("BUILDKITE_AGENT_TOKEN"),
@@ -378,7 +377,7 @@ fn a_forbidden_watch_dispatches_nothing_and_names_the_permission() {
     wait_for("a dispatch once pods can be listed", || {
         !w.jobs().is_empty()
     });
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     assert!(
         out.stderr.contains("watching pods is forbidden")
             && out.stderr.contains("list and watch on pods"),
@@ -395,7 +394,7 @@ fn the_poll_interval_follows_what_buildkite_asks() {
     ticks(&w, 1);
     let started = Instant::now();
     ticks(&w, 3);
-    stop(dispatcher);
+    dispatcher.stop();
     // 200 ms asked of it, 1 s asked by Buildkite: the slower wins.
     assert!(
         started.elapsed() >= Duration::from_millis(2800),
@@ -408,7 +407,7 @@ fn the_poll_interval_follows_what_buildkite_asks() {
 fn a_template_for_another_queue_is_refused_naming_both() {
     let w = World::new();
     let (dispatcher, _) = w.dispatcher("replica-a", "linux-large");
-    let out = finish(dispatcher);
+    let out = dispatcher.finish();
     assert_eq!(out.code(), Some(78), "{}", out.log());
     assert!(
         out.stderr.contains("\\\"kubernetes\\\"") && out.stderr.contains("\\\"linux-large\\\""),
@@ -435,7 +434,7 @@ fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
             .1
             .contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"unreachable\"}")
     });
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     assert!(w.jobs().is_empty());
     assert!(
         out.stderr
@@ -454,7 +453,39 @@ fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
     assert_eq!(http_get(port, "/metrics").0, 200);
     assert!(w.jobs().is_empty());
     wait_for("a dispatch after the stall", || !w.jobs().is_empty());
-    let out = stop(dispatcher);
+    let out = dispatcher.stop();
     assert_eq!(w.jobs().len(), 1, "{}", out.log());
     assert!(out.stderr.contains("timed out"), "{}", out.log());
+}
+
+/// The claims mode's templates are read at start: a populate template with no Job in it, or none
+/// at the path, stops the dispatcher with the configuration code and a line saying which
+/// setting to fix.
+#[test]
+fn unreadable_claims_templates_are_refused_at_start() {
+    let w = World::new();
+    let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+    for (populate, says) in [
+        (k8s.join("mirror-claim.yaml"), "no Job in it"),
+        (k8s.join("no-such-file.yaml"), "No such file"),
+    ] {
+        let port = free_port();
+        let child = Running::spawn(
+            job_dispatcher(&w.kubeconfig, &w.buildkite, TOKEN, "replica-a")
+                .env("DISPATCHER_QUEUE", QUEUE)
+                .env("DISPATCHER_TEMPLATE", k8s.join("agent-job.yaml"))
+                .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
+                .env("DISPATCHER_MIRROR_MODE", "claims")
+                .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
+                .env("DISPATCHER_POPULATE_TEMPLATE", &populate),
+        );
+        let out = child.finish();
+        assert_eq!(out.code(), Some(78), "{}", out.log());
+        assert!(
+            out.stderr.contains(says) && out.stderr.contains("DISPATCHER_POPULATE_TEMPLATE"),
+            "{}",
+            out.log()
+        );
+    }
+    assert!(w.jobs().is_empty());
 }
