@@ -4,20 +4,21 @@
 //! Demand comes from Buildkite, supply from Kubernetes, and no agent is counted twice: only job
 //! counts are taken from Buildkite (`scheduled`, `running`), only pod counts from Kubernetes. Every
 //! pod of this queue that has not finished is one agent, busy, idle or on its way; a Job's pods
-//! that its controller has not created yet count too (`parallelism` minus its pods alive or
-//! succeeded and its indexes failed for good), or the tick right after a dispatch would dispatch
-//! again. Pods that cannot be scheduled, and Jobs whose
-//! pods a quota refuses (`FailedCreate`), are never counted as coming: they stop the queue's
-//! dispatches instead, and say why, rather than deploying endlessly; so does a dispatch that
-//! failed with not one agent succeeding, until `--start-deadline` has passed.
+//! that its controller has not created yet count too (`parallelism` minus its pods alive, stuck
+//! or succeeded and its indexes failed for good), or the tick right after a dispatch would
+//! dispatch again. Pods that cannot be scheduled count as coming until `--start-timeout`: an
+//! autoscaler adds nodes for pods that exist, so holding them back would starve a cluster that
+//! is growing. Pods that never start are let go ([`relieve`]) and further dispatches back off
+//! while the cause lasts; a quota that refuses pods, and a dispatch that failed with not one
+//! agent succeeding, stop the queue's dispatches and say why.
 //!
 //! The peers' failures this answers (`../shared/notes/dispatch-peers.md`): Sourcegraph's
 //! dispatcher trusting low agent counts before its last dispatch rolled out (its rollout check,
 //! kept here, counting finished pods as rolled out so short jobs do not make it look stalled);
-//! unschedulable pods seen as coming; a template registering in another queue (pods running, the
-//! queue's agent count not rising: stop and report); agent-stack-k8s's in-flight counter
-//! drifting from the cluster (nothing here is remembered between ticks: every figure is
-//! recomputed from what was observed).
+//! a template registering in another queue (pods running, the queue's agent count not rising:
+//! stop and report); agent-stack-k8s's in-flight counter drifting from the cluster (nothing here
+//! is remembered between ticks: every figure is recomputed from what was observed, the
+//! backoff's memory included, which is in the dispatcher's own Events).
 
 use std::time::Duration;
 
@@ -37,7 +38,8 @@ pub struct Demand {
 pub struct Supply {
     /// Pods waiting to be scheduled, or scheduled and starting.
     pub pending: u32,
-    /// Pods the scheduler said it cannot place (`PodScheduled=False`, `Unschedulable`).
+    /// Pods the scheduler has not placed yet (`PodScheduled=False`, `Unschedulable`): coming,
+    /// once a node has room or an autoscaler adds one.
     pub unschedulable: u32,
     /// Pods running (an agent, once it has registered).
     pub running: u32,
@@ -45,13 +47,53 @@ pub struct Supply {
     pub running_long: u32,
     /// Pods the Job controller has yet to create for Jobs that are not finished.
     pub not_yet_created: u32,
-    /// A Job's pods refused at creation (`FailedCreate`, e.g. `exceeded quota`): the message.
+    /// A Job's pods refused at creation (`FailedCreate`, e.g. `exceeded quota`) lately, while
+    /// that Job still misses pods: Kubernetes' message.
     pub failed_create: Option<String>,
+    /// Unfinished Jobs with pods that never started.
+    pub stuck_jobs: Vec<StuckJob>,
+    /// Dispatches whose pods got stuck since a pod last started.
+    pub streak: Option<Streak>,
     /// The newest dispatch has agents failed for good and not one succeeded (and, if it has
     /// ended, it ended lately): why.
     pub failing: Option<String>,
     /// The newest dispatch, if it is still rolling out.
     pub last: Option<LastDispatch>,
+}
+
+/// A pod whose agent container never started, within `--start-timeout` or ever.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckPod {
+    pub pod: String,
+    pub dispatch: String,
+    /// The kubelet's waiting reason (`ImagePullBackOff`, `CreateContainerConfigError`, …), the
+    /// scheduler's (`Unschedulable`, or `MissingClaim` for a claim not found or being deleted),
+    /// or the pod Event's (`FailedMount`).
+    pub reason: String,
+    /// What Kubernetes said of it.
+    pub message: String,
+    pub waited: Duration,
+}
+
+/// An unfinished Job with stuck pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StuckJob {
+    pub job: String,
+    pub uid: String,
+    pub parallelism: u32,
+    /// Its pods started or still waiting within the timeout.
+    pub healthy: u32,
+    pub pods: Vec<StuckPod>,
+}
+
+/// Dispatches whose pods got stuck, one after another, with no pod starting in between.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Streak {
+    /// The latest stuck pod's reason.
+    pub reason: String,
+    pub dispatches: u32,
+    /// Since the latest pod was found stuck (zero: one is stuck now).
+    pub since_last: Duration,
 }
 
 /// The newest dispatch's rollout.
@@ -81,7 +123,16 @@ pub struct Limits {
     pub rollout_ratio: f64,
     /// A dispatch older than this no longer holds the next one back.
     pub rollout_timeout: Duration,
+    /// After the n-th dispatch in a row whose pods got stuck, the next waits
+    /// `stuck_backoff × 2^(n−1)`, at most `stuck_backoff_cap`.
+    pub stuck_backoff: Duration,
+    pub stuck_backoff_cap: Duration,
 }
+
+/// Pods stuck this long before a new dispatch at first, doubling per dispatch in the streak.
+pub const STUCK_BACKOFF: Duration = Duration::from_secs(30);
+/// At most this long between dispatches while pods keep getting stuck.
+pub const STUCK_BACKOFF_CAP: Duration = Duration::from_secs(600);
 
 /// What one tick decided, with the figures it used (each goes into the decision's log line).
 #[derive(Debug, Clone, PartialEq)]
@@ -90,7 +141,7 @@ pub struct Decision {
     /// The agents this tick wanted alive: running + scheduled jobs, plus the buffer, within the
     /// limits.
     pub wanted: u32,
-    /// Agent pods alive or on their way (unschedulable ones excluded).
+    /// Agent pods alive or on their way (stuck ones excluded).
     pub alive: u32,
 }
 
@@ -111,8 +162,14 @@ pub enum Hold {
     AtMax,
     /// The last dispatch has not rolled out far enough to trust the counts yet.
     RollingOut { id: String, online: u32, size: u32 },
-    /// Pods of this queue cannot be scheduled: more would not run either.
-    Unschedulable { pods: u32 },
+    /// Pods of the last dispatches never started (an image that cannot be pulled, a missing
+    /// Secret, a volume that does not mount, no node for `--start-timeout`): the next dispatch
+    /// waits out a backoff, unless a pod starts or the template changes.
+    Stuck {
+        reason: String,
+        dispatches: u32,
+        retry_in: Duration,
+    },
     /// A quota (or another admission failure) refuses this queue's pods.
     FailedCreate { message: String },
     /// Pods have run long enough to register, but the queue has fewer agents than that: the
@@ -130,7 +187,7 @@ impl Hold {
             Hold::Enough => "enough",
             Hold::AtMax => "at-max",
             Hold::RollingOut { .. } => "rolling-out",
-            Hold::Unschedulable { .. } => "unschedulable",
+            Hold::Stuck { .. } => "stuck",
             Hold::FailedCreate { .. } => "failed-create",
             Hold::WrongQueue { .. } => "wrong-queue",
             Hold::Failing { .. } => "failing",
@@ -142,7 +199,7 @@ impl Hold {
     pub fn is_fault(&self) -> bool {
         matches!(
             self,
-            Hold::Unschedulable { .. }
+            Hold::Stuck { .. }
                 | Hold::FailedCreate { .. }
                 | Hold::WrongQueue { .. }
                 | Hold::Failing { .. }
@@ -152,7 +209,7 @@ impl Hold {
 
 /// Decides one tick.
 pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
-    let alive = supply.pending + supply.running + supply.not_yet_created;
+    let alive = supply.pending + supply.unschedulable + supply.running + supply.not_yet_created;
     let buffer = match demand.scheduled {
         0 => 0,
         n => limits
@@ -172,10 +229,16 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
             message: message.clone(),
         });
     }
-    if supply.unschedulable > 0 {
-        return hold(Hold::Unschedulable {
-            pods: supply.unschedulable,
-        });
+    if let Some(streak) = &supply.streak {
+        let doublings = streak.dispatches.saturating_sub(1).min(16);
+        let backoff = (limits.stuck_backoff * 2u32.pow(doublings)).min(limits.stuck_backoff_cap);
+        if streak.since_last < backoff {
+            return hold(Hold::Stuck {
+                reason: streak.reason.clone(),
+                dispatches: streak.dispatches,
+                retry_in: backoff - streak.since_last,
+            });
+        }
     }
     if let Some(why) = &supply.failing {
         return hold(Hold::Failing { why: why.clone() });
@@ -200,9 +263,7 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
             });
         }
     }
-    let room = limits
-        .max_agents
-        .saturating_sub(alive + supply.unschedulable);
+    let room = limits.max_agents.saturating_sub(alive);
     match short.min(room) {
         0 => hold(Hold::AtMax),
         n => Decision {
@@ -211,6 +272,36 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
             alive,
         },
     }
+}
+
+/// How a Job lets its stuck pods go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Relief {
+    /// None of its pods started or can still start in time: the Job goes, with its pods.
+    DeleteJob,
+    /// Some run: `parallelism` down to those, and the Job controller removes the surplus,
+    /// least started first (`controller.ActivePods`: unscheduled, then pending, then not ready),
+    /// so never a running pod while stuck ones are left. Deleting a stuck pod alone would not
+    /// do: the Job controller makes its index again.
+    Parallelism { from: u32, to: u32 },
+}
+
+/// What each Job with stuck pods is to do, so that they stop holding quota and leave supply.
+pub fn relieve(stuck: &[StuckJob]) -> Vec<(&StuckJob, Relief)> {
+    stuck
+        .iter()
+        .filter_map(|job| match job.healthy {
+            0 => Some((job, Relief::DeleteJob)),
+            n if n < job.parallelism => Some((
+                job,
+                Relief::Parallelism {
+                    from: job.parallelism,
+                    to: n,
+                },
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -225,6 +316,8 @@ mod tests {
             buffer_ratio: 0.0,
             rollout_ratio: 0.5,
             rollout_timeout: Duration::from_secs(300),
+            stuck_backoff: STUCK_BACKOFF,
+            stuck_backoff_cap: STUCK_BACKOFF_CAP,
         }
     }
 
@@ -263,13 +356,6 @@ mod tests {
 
     #[test]
     fn faults_stop_the_queue_and_say_why() {
-        let unschedulable = Supply {
-            pending: 3,
-            unschedulable: 2,
-            ..Supply::default()
-        };
-        let d = decide(demand(20, 0, 0), &unschedulable, &limits());
-        assert_eq!(d.action, Action::Hold(Hold::Unschedulable { pods: 2 }));
         let quota = Supply {
             failed_create: Some("exceeded quota: agents".into()),
             ..Supply::default()
@@ -295,6 +381,58 @@ mod tests {
         };
         let d = decide(demand(6, 0, 0), &failing, &limits());
         assert!(matches!(d.action, Action::Hold(Hold::Failing { .. })));
+    }
+
+    #[test]
+    fn unschedulable_pods_are_coming_so_an_autoscaler_sees_the_demand() {
+        let unschedulable = Supply {
+            pending: 3,
+            unschedulable: 2,
+            ..Supply::default()
+        };
+        // 20 jobs + 2 buffer wanted, 5 coming: 17 more, up to the maximum.
+        let d = decide(demand(20, 0, 0), &unschedulable, &limits());
+        assert_eq!((d.action, d.alive), (Action::Dispatch(17), 5));
+        let d = decide(demand(100, 0, 0), &unschedulable, &limits());
+        assert_eq!(d.action, Action::Dispatch(45));
+    }
+
+    #[test]
+    fn stuck_dispatches_back_off_doubling_up_to_the_cap() {
+        let streak = |dispatches, since| Supply {
+            streak: Some(Streak {
+                reason: "ImagePullBackOff".into(),
+                dispatches,
+                since_last: Duration::from_secs(since),
+            }),
+            ..Supply::default()
+        };
+        let retry_in = |supply: &Supply| match decide(demand(5, 0, 0), supply, &limits()).action {
+            Action::Hold(Hold::Stuck { retry_in, .. }) => Some(retry_in.as_secs()),
+            _ => None,
+        };
+        assert_eq!(retry_in(&streak(1, 0)), Some(30));
+        assert_eq!(retry_in(&streak(1, 29)), Some(1));
+        assert_eq!(retry_in(&streak(1, 30)), None, "served again");
+        assert_eq!(retry_in(&streak(3, 20)), Some(100));
+        assert_eq!(retry_in(&streak(30, 0)), Some(600), "capped");
+    }
+
+    #[test]
+    fn a_job_lets_its_stuck_pods_go_without_stopping_a_started_one() {
+        let stuck = |healthy, parallelism| StuckJob {
+            job: "j".into(),
+            uid: "u".into(),
+            parallelism,
+            healthy,
+            pods: vec![],
+        };
+        let all = [stuck(0, 4)];
+        assert_eq!(relieve(&all)[0].1, Relief::DeleteJob);
+        let some = [stuck(3, 5)];
+        assert_eq!(relieve(&some)[0].1, Relief::Parallelism { from: 5, to: 3 });
+        // Already down to what runs: nothing more.
+        assert!(relieve(&[stuck(3, 3)]).is_empty());
     }
 
     #[test]

@@ -27,11 +27,65 @@ const LEASE_DURATION: Duration = Duration::from_secs(15);
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
-/// Runs the election for `identity` on Lease `name` forever; the channel says whether this
-/// replica leads now.
-pub fn elect(api: Api<Lease>, name: String, identity: String) -> watch::Receiver<bool> {
+/// A running election: whether this replica leads, and the way out.
+pub struct Election {
+    pub leading: watch::Receiver<bool>,
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Election {
+    /// Stops campaigning and, if this replica holds the Lease, gives it up as client-go's
+    /// `ReleaseOnCancel` does (holder cleared, a 1 s duration), so that a standby takes over at
+    /// its next retry instead of waiting out the Lease: what a rollout needs. Bounded, so a
+    /// silent API server cannot hold the exit past the pod's grace period.
+    pub async fn release(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let released = tokio::time::timeout(
+            RENEW_DEADLINE / 2,
+            give_up(&self.api, &self.name, &self.identity),
+        );
+        match released.await {
+            Ok(Ok(true)) => tracing::info!(lease = %self.name, "released the Lease"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %self.name, "could not release the Lease: {e}; another replica takes over once it expires")
+            }
+            Err(_) => {
+                tracing::warn!(lease = %self.name, "releasing the Lease timed out; another replica takes over once it expires")
+            }
+        }
+    }
+}
+
+/// Clears the holder if it is `identity`; whether it did.
+async fn give_up(api: &Api<Lease>, name: &str, identity: &str) -> Result<bool, kube::Error> {
+    let Some(mut lease) = api.get_opt(name).await? else {
+        return Ok(false);
+    };
+    let spec = lease.spec.get_or_insert_default();
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(false);
+    }
+    let now = MicroTime(Timestamp::now());
+    spec.holder_identity = None;
+    spec.lease_duration_seconds = Some(1);
+    spec.renew_time = Some(now.clone());
+    spec.acquire_time = Some(now);
+    // The read's resourceVersion goes with it: a replica that took it since is left alone.
+    api.replace(name, &PostParams::default(), &lease).await?;
+    Ok(true)
+}
+
+/// Runs the election for `identity` on Lease `name` until released.
+pub fn elect(api: Api<Lease>, name: String, identity: String) -> Election {
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
+    let (campaign, lease, who) = (api.clone(), name.clone(), identity.clone());
+    let task = tokio::spawn(async move {
+        let (api, name, identity) = (campaign, lease, who);
         let mut last_renewal: Option<tokio::time::Instant> = None;
         loop {
             let now = tokio::time::Instant::now();
@@ -60,7 +114,13 @@ pub fn elect(api: Api<Lease>, name: String, identity: String) -> watch::Receiver
             tokio::time::sleep(RETRY_PERIOD).await;
         }
     });
-    rx
+    Election {
+        leading: rx,
+        api,
+        name,
+        identity,
+        task,
+    }
 }
 
 /// One round: whether this replica holds the Lease after it.

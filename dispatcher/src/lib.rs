@@ -6,6 +6,7 @@
 //! Buildkite edges feed them. `benches/dispatch.rs` drives it through a
 //! simulated day of CI beside the peers' policies.
 
+pub mod act;
 pub mod buildkite;
 pub mod decide;
 pub mod leader;
@@ -16,6 +17,7 @@ pub mod observe;
 pub mod run;
 pub mod settings;
 pub mod template;
+pub mod watches;
 
 /// JSON log lines on stderr, one a decision; `DISPATCHER_LOG` filters (`info` by default). Also
 /// installs rustls's ring provider, which the Buildkite client needs.

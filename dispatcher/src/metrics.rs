@@ -23,13 +23,20 @@ pub struct Reason {
     pub reason: &'static str,
 }
 
+/// A stuck pod's waiting reason: the kubelet's and the scheduler's are a short, fixed list.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StuckReason {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiError {
     pub api: &'static str,
     pub kind: &'static str,
 }
 
-/// Everything the dispatcher reports.
+/// Everything the dispatcher reports; every series carries the `queue` label, so that one
+/// Prometheus over several queues' dispatchers tells them apart.
 pub struct Metrics {
     pub registry: Registry,
     pub demand: Family<State, Gauge>,
@@ -39,6 +46,7 @@ pub struct Metrics {
     pub pods_created: Counter,
     pub holds: Family<Reason, Counter>,
     pub blocked: Family<Reason, Gauge>,
+    pub stuck_pods: Family<StuckReason, Counter>,
     pub api_errors: Family<ApiError, Counter>,
     pub tick_seconds: Histogram,
     pub leader: Gauge,
@@ -48,8 +56,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Arc<Metrics> {
-        let mut registry = Registry::with_prefix("dispatcher");
+    pub fn new(queue: &str) -> Arc<Metrics> {
+        let queue = [("queue".into(), queue.to_string().into())];
+        let mut registry = Registry::with_prefix_and_labels("dispatcher", queue.into_iter());
         let metrics = Metrics {
             demand: Family::default(),
             agents: Gauge::default(),
@@ -58,6 +67,7 @@ impl Metrics {
             pods_created: Counter::default(),
             holds: Family::default(),
             blocked: Family::default(),
+            stuck_pods: Family::default(),
             api_errors: Family::default(),
             tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
@@ -100,6 +110,11 @@ impl Metrics {
             metrics.blocked.clone(),
         );
         registry.register(
+            "stuck_pods",
+            "Agent pods that never started within --start-timeout (or could never), let go, by reason",
+            metrics.stuck_pods.clone(),
+        );
+        registry.register(
             "api_errors",
             "Failed calls, by API and kind",
             metrics.api_errors.clone(),
@@ -128,7 +143,8 @@ impl Metrics {
 }
 
 /// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the watches have synced and
-/// Buildkite accepted the token on the last poll) until the process ends.
+/// Buildkite accepted the token: on the last poll, or a standby's check at start) until the
+/// process ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -152,7 +168,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 }
                 "/readyz" => (
                     "503 Service Unavailable",
-                    "not ready: the watches have not synced yet, or the last Buildkite poll failed (see the log)\n".to_string(),
+                    "not ready: the watches have not synced yet, or Buildkite refused BUILDKITE_AGENT_TOKEN or did not answer (see the log)\n".to_string(),
                     "text/plain",
                 ),
                 _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
@@ -163,5 +179,30 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             );
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_names_its_queue() {
+        let metrics = Metrics::new("linux-large");
+        metrics.dispatches.inc();
+        let reason = StuckReason {
+            reason: "ImagePullBackOff".into(),
+        };
+        metrics.stuck_pods.get_or_create(&reason).inc();
+        metrics
+            .blocked
+            .get_or_create(&Reason { reason: "stuck" })
+            .set(1);
+        let text = metrics.text();
+        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(series.len() >= 4, "{text}");
+        for line in series {
+            assert!(line.contains("queue=\"linux-large\""), "{line}");
+        }
     }
 }

@@ -1,8 +1,10 @@
-//! The claims mode's IO: watches of the mirror's claims, its populate Jobs, its snapshots and
-//! every pod of the namespace (only which claims each names is kept); the cycle's own Lease, so
-//! that one dispatcher of the namespace runs it, whichever queues the others serve; and each
-//! cycle, [`mirror_plan::plan`] on what the watches show, its steps carried out, one log line
-//! each. Everything it knows is in labels (`stateless-agent/mirror`, `mirror-generation`,
+//! The claims mode's IO, a task of its own beside the dispatch loop: watches of the mirror's
+//! claims, its populate Jobs, its snapshots, and every pod and Job of the namespace (only which
+//! claims each names is kept: a claim is in use while a pod names it or an unfinished Job that
+//! mounts it can still make a pod, e.g. an evicted agent's index waiting out its backoff); the
+//! cycle's own Lease, so that one dispatcher of the namespace runs it, whichever queues the
+//! others serve; and each cycle, [`mirror_plan::plan`] on what the watches show, its steps
+//! carried out, one log line each. Everything it knows is in labels (`stateless-agent/mirror`, `mirror-generation`,
 //! `mirror-state`) and the `stateless-agent/mirror-ready-at` annotation, so a restart in any
 //! phase resumes.
 //!
@@ -28,9 +30,11 @@ use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::Client;
 
+use crate::leader::Election;
 use crate::metrics::{ApiError, Metrics};
 use crate::mirror_plan::{self, ClaimState, Observed, Policy, Step};
 use crate::template::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::watches::watch;
 
 pub const MIRROR_LABEL: &str = "stateless-agent/mirror";
 pub const GENERATION_LABEL: &str = "stateless-agent/mirror-generation";
@@ -186,96 +190,206 @@ fn snapshot_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, "volumesnapshots")
 }
 
-/// Starts the cycle's watches and task; returns the claims for the dispatcher to hand out.
-pub fn start(
-    client: Client,
-    namespace: &str,
-    identity: String,
-    cycle: Cycle,
-    metrics: Arc<Metrics>,
-) -> Claims {
-    let selector = format!("{MIRROR_LABEL}={}", cycle.prefix);
-    let config = || watcher::Config::default().labels(&selector);
-    let claims = crate::run::watch(
-        Api::namespaced(client.clone(), namespace),
-        config(),
-        metrics.clone(),
-        "persistentvolumeclaims",
-        |c: &mut PersistentVolumeClaim| c.metadata.managed_fields = None,
-        Writer::default(),
-    );
-    let jobs = crate::run::watch(
-        Api::namespaced(client.clone(), namespace),
-        config(),
-        metrics.clone(),
-        "populate jobs",
-        |j: &mut Job| {
+/// The running cycle: the claims the dispatcher hands out, and its election, released on
+/// shutdown.
+pub struct MirrorCycle {
+    pub claims: Claims,
+    pub election: Election,
+}
+
+/// The cycle's stores.
+struct Stores {
+    claims: Store<PersistentVolumeClaim>,
+    populates: Store<Job>,
+    pods: Store<Pod>,
+    jobs: Store<Job>,
+    snapshots: Option<Store<DynamicObject>>,
+}
+
+impl Stores {
+    /// The mirror's claims, populate Jobs and snapshots; every pod and Job of the namespace, any
+    /// queue's, of which only the claims each names is kept.
+    fn start(client: &Client, namespace: &str, cycle: &Cycle, metrics: &Arc<Metrics>) -> Stores {
+        let selector = format!("{MIRROR_LABEL}={}", cycle.prefix);
+        let ours = || watcher::Config::default().labels(&selector);
+        let all = watcher::Config::default;
+        let strip_claim = |c: &mut PersistentVolumeClaim| c.metadata.managed_fields = None;
+        let strip_populate = |j: &mut Job| {
             if let Some(spec) = j.spec.as_mut() {
                 spec.template = Default::default();
             }
             j.metadata.managed_fields = None;
-        },
-        Writer::default(),
-    );
-    // Every pod object of the namespace, any queue's: only which claims it names is kept.
-    let pods = crate::run::watch(
-        Api::namespaced(client.clone(), namespace),
-        watcher::Config::default(),
-        metrics.clone(),
-        "pods (for the claims they name)",
-        keep_claim_names,
-        Writer::default(),
-    );
-    let resource = snapshot_resource();
-    let snapshot_api: Api<DynamicObject> =
-        Api::namespaced_with(client.clone(), namespace, &resource);
-    let snapshots = cycle.snapshot_class.as_ref().map(|_| {
-        crate::run::watch(
-            snapshot_api.clone(),
-            config(),
-            metrics.clone(),
-            "volumesnapshots",
-            |s: &mut DynamicObject| s.metadata.managed_fields = None,
-            Writer::new(resource.clone()),
-        )
-    });
+        };
+        let resource = snapshot_resource();
+        let snapshots = cycle.snapshot_class.as_ref().map(|_| {
+            let api = Api::namespaced_with(client.clone(), namespace, &resource);
+            let strip = |s: &mut DynamicObject| s.metadata.managed_fields = None;
+            let writer = Writer::new(resource.clone());
+            watch(
+                api,
+                ours(),
+                metrics.clone(),
+                "volumesnapshots",
+                strip,
+                writer,
+            )
+        });
+        let m = || metrics.clone();
+        Stores {
+            claims: watch(
+                Api::namespaced(client.clone(), namespace),
+                ours(),
+                m(),
+                "persistentvolumeclaims",
+                strip_claim,
+                Writer::default(),
+            ),
+            populates: watch(
+                Api::namespaced(client.clone(), namespace),
+                ours(),
+                m(),
+                "populate jobs",
+                strip_populate,
+                Writer::default(),
+            ),
+            pods: watch(
+                Api::namespaced(client.clone(), namespace),
+                all(),
+                m(),
+                "pods (for the claims they name)",
+                keep_claim_names,
+                Writer::default(),
+            ),
+            jobs: watch(
+                Api::namespaced(client.clone(), namespace),
+                all(),
+                m(),
+                "jobs (for the claims they name)",
+                keep_job_claim_names,
+                Writer::default(),
+            ),
+            snapshots,
+        }
+    }
+}
+
+/// Starts the cycle's watches and task, on a Lease of its own.
+pub fn start(
+    client: &Client,
+    namespace: &str,
+    identity: String,
+    cycle: Cycle,
+    metrics: Arc<Metrics>,
+) -> MirrorCycle {
+    let stores = Stores::start(client, namespace, &cycle, &metrics);
     let lease = format!("{}-mirror-cycle", cycle.prefix);
-    let leading = crate::leader::elect(Api::namespaced(client.clone(), namespace), lease, identity);
+    let election =
+        crate::leader::elect(Api::namespaced(client.clone(), namespace), lease, identity);
     let handle = Claims {
-        store: claims.clone(),
+        store: stores.claims.clone(),
     };
     let io = Io {
         claims: Api::namespaced(client.clone(), namespace),
-        jobs: Api::namespaced(client, namespace),
-        snapshots: snapshot_api,
+        jobs: Api::namespaced(client.clone(), namespace),
+        snapshots: Api::namespaced_with(client.clone(), namespace, &snapshot_resource()),
         metrics,
     };
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(cycle.interval).await;
-            let ready = claims.wait_until_ready();
-            if !*leading.borrow() || tokio::time::timeout(Duration::ZERO, ready).await.is_err() {
-                continue;
-            }
-            let snapshots = snapshots.as_ref().map(Store::state).unwrap_or_default();
-            let observed = observe(&claims.state(), &jobs.state(), &pods.state(), &snapshots);
-            let steps = mirror_plan::plan(&observed, &cycle.policy);
-            if !steps.is_empty() {
-                tracing::debug!(?observed, ?steps, "mirror cycle");
-            }
-            for step in steps {
-                io.carry_out(&cycle, step).await;
-            }
+    tokio::spawn(cycle_loop(cycle, stores, io, election.leading.clone()));
+    MirrorCycle {
+        claims: handle,
+        election,
+    }
+}
+
+/// Each interval, while leading: observe, plan, carry the steps out.
+async fn cycle_loop(
+    cycle: Cycle,
+    stores: Stores,
+    io: Io,
+    leading: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        tokio::time::sleep(cycle.interval).await;
+        let ready = stores.claims.wait_until_ready();
+        if !*leading.borrow() || tokio::time::timeout(Duration::ZERO, ready).await.is_err() {
+            continue;
         }
-    });
-    handle
+        let snapshots = stores
+            .snapshots
+            .as_ref()
+            .map(Store::state)
+            .unwrap_or_default();
+        let users = Users {
+            pods: &stores.pods.state(),
+            jobs: &stores.jobs.state(),
+        };
+        let populates = stores.populates.state();
+        let observed = observe(&stores.claims.state(), &populates, &users, &snapshots);
+        let steps = mirror_plan::plan(&observed, &cycle.policy);
+        if !steps.is_empty() {
+            tracing::debug!(?observed, ?steps, "mirror cycle");
+        }
+        for step in steps {
+            io.carry_out(&cycle, step, &populates).await;
+        }
+    }
+}
+
+/// Who may still mount a claim: the namespace's pods, and its Jobs (reduced to claim names).
+pub struct Users<'a> {
+    pub pods: &'a [Arc<Pod>],
+    pub jobs: &'a [Arc<Job>],
+}
+
+impl Users<'_> {
+    /// Whether a pod object (any phase: pvc-protection counts finished pods too) names claim
+    /// `name`, or an unfinished Job that can still make a pod mounting it does.
+    fn name(&self, name: &str) -> bool {
+        let pods = self.pods.iter().map(|p| p.spec.as_ref());
+        let jobs = self.jobs.iter().filter(|j| !crate::observe::finished(j));
+        let templates = jobs.map(|j| j.spec.as_ref().and_then(|s| s.template.spec.as_ref()));
+        pods.chain(templates).flatten().any(|spec| {
+            let volumes = spec.volumes.iter().flatten();
+            let mut claims = volumes.filter_map(|v| v.persistent_volume_claim.as_ref());
+            claims.any(|c| c.claim_name == name)
+        })
+    }
 }
 
 /// A pod reduced to the names of the claims it mounts.
 fn keep_claim_names(pod: &mut Pod) {
-    let claims: Vec<_> = pod
-        .spec
-        .iter()
+    pod.spec = Some(claims_only(pod.spec.as_ref()));
+    pod.status = None;
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+}
+
+/// A Job reduced to the names of the claims its pods mount, and its conditions (whether it can
+/// still make pods).
+fn keep_job_claim_names(job: &mut Job) {
+    if let Some(spec) = job.spec.as_mut() {
+        let pod = claims_only(spec.template.spec.as_ref());
+        spec.template = k8s_openapi::api::core::v1::PodTemplateSpec {
+            metadata: None,
+            spec: Some(pod),
+        };
+    }
+    if let Some(status) = job.status.as_mut() {
+        *status = k8s_openapi::api::batch::v1::JobStatus {
+            conditions: status.conditions.take(),
+            ..Default::default()
+        };
+    }
+    job.metadata.managed_fields = None;
+    job.metadata.annotations = None;
+}
+
+/// A pod spec with only its claim volumes.
+fn claims_only(
+    spec: Option<&k8s_openapi::api::core::v1::PodSpec>,
+) -> k8s_openapi::api::core::v1::PodSpec {
+    let claims: Vec<_> = spec
+        .into_iter()
         .flat_map(|s| s.volumes.iter().flatten())
         .filter(|v| v.persistent_volume_claim.is_some())
         .map(|v| k8s_openapi::api::core::v1::Volume {
@@ -292,31 +406,22 @@ fn keep_claim_names(pod: &mut Pod) {
             ..Default::default()
         })
         .collect();
-    pod.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+    k8s_openapi::api::core::v1::PodSpec {
         volumes: Some(claims),
         ..Default::default()
-    });
-    pod.status = None;
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
+    }
 }
 
 /// The cycle's view of the watched objects.
 pub fn observe(
     claims: &[Arc<PersistentVolumeClaim>],
     jobs: &[Arc<Job>],
-    pods: &[Arc<Pod>],
+    users: &Users,
     snapshots: &[Arc<DynamicObject>],
 ) -> Observed {
     let now = Timestamp::now();
     let since = |t: Timestamp| Duration::from_secs((now.as_second() - t.as_second()).max(0) as u64);
-    let named = |name: &str| {
-        pods.iter().any(|p| {
-            let volumes = p.spec.iter().flat_map(|s| s.volumes.iter().flatten());
-            let mut claims = volumes.filter_map(|v| v.persistent_volume_claim.as_ref());
-            claims.any(|c| c.claim_name == name)
-        })
-    };
+    let named = |name: &str| users.name(name);
     Observed {
         claims: claims
             .iter()
@@ -378,7 +483,7 @@ struct Io {
 }
 
 impl Io {
-    async fn carry_out(&self, cycle: &Cycle, step: Step) {
+    async fn carry_out(&self, cycle: &Cycle, step: Step, populates: &[Arc<Job>]) {
         let result = match step {
             Step::Snapshot(g) => self.snapshot(cycle, g).await,
             Step::CreateClaim { generation, from } => self.claim(cycle, generation, from).await,
@@ -401,9 +506,13 @@ impl Io {
                 gone_is_fine(self.snapshots.delete(&cycle.claim_name(g), &params).await)
             }
         };
+        let ended = populate_end(populates, step);
         match result {
+            Ok(()) if matches!((step, &ended), (Step::DeleteClaim(_), Some(End::Failed(_)))) => {
+                tracing::warn!(mirror_step = ?step, "mirror cycle: {}", describe(cycle, step, ended.as_ref()))
+            }
             Ok(()) => {
-                tracing::info!(mirror_step = ?step, "mirror cycle: {}", describe(cycle, step))
+                tracing::info!(mirror_step = ?step, "mirror cycle: {}", describe(cycle, step, ended.as_ref()))
             }
             Err(e) => {
                 let kind = match &e {
@@ -416,7 +525,7 @@ impl Io {
                     kind,
                 };
                 self.metrics.api_errors.get_or_create(&error).inc();
-                tracing::warn!(mirror_step = ?step, "mirror cycle: {} failed: {e}; the next cycle decides again", describe(cycle, step));
+                tracing::warn!(mirror_step = ?step, "mirror cycle: {} failed: {e}; the next cycle decides again", describe(cycle, step, ended.as_ref()));
             }
         }
     }
@@ -529,7 +638,40 @@ fn gone_is_fine<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
     }
 }
 
-fn describe(cycle: &Cycle, step: Step) -> String {
+/// How a generation's populate Job ended.
+enum End {
+    Complete,
+    /// Its `Failed` condition's reason and message.
+    Failed(String),
+}
+
+/// How the populate Job of the generation `step` is about ended, if it has.
+fn populate_end(populates: &[Arc<Job>], step: Step) -> Option<End> {
+    let g = match step {
+        Step::DeleteClaim(g) | Step::DeletePopulate(g) => g,
+        _ => return None,
+    };
+    let job = populates
+        .iter()
+        .find(|j| generation(&j.metadata) == Some(g))?;
+    let conditions = job.status.as_ref()?.conditions.as_ref()?;
+    let ended = |kind: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == kind && c.status == "True")
+    };
+    if ended("Complete").is_some() {
+        return Some(End::Complete);
+    }
+    let failed = ended("Failed")?;
+    let reason = failed.reason.as_deref().unwrap_or("Failed");
+    Some(End::Failed(format!(
+        "{reason}: {}",
+        failed.message.as_deref().unwrap_or("")
+    )))
+}
+
+fn describe(cycle: &Cycle, step: Step, ended: Option<&End>) -> String {
     match step {
         Step::Snapshot(g) => format!(
             "snapshot {} of claim {}, to seed the next generation",
@@ -560,11 +702,28 @@ fn describe(cycle: &Cycle, step: Step) -> String {
             "generation {g} expired: deleted once no pod names claim {}",
             cycle.claim_name(g)
         ),
-        Step::DeleteClaim(g) => format!("claim {} deleted", cycle.claim_name(g)),
-        Step::DeletePopulate(g) => format!(
-            "generation {g}'s populate Job {} deleted: it failed, or a restart left it",
-            cycle.job_name(g)
-        ),
+        Step::DeleteClaim(g) => match ended {
+            Some(End::Failed(why)) => format!(
+                "generation {g}'s populate Job {} failed ({why}); claim {} deleted, and the next attempt waits DISPATCHER_MIRROR_REFRESH; see the Job's pod log",
+                cycle.job_name(g),
+                cycle.claim_name(g)
+            ),
+            _ => format!("claim {} deleted", cycle.claim_name(g)),
+        },
+        Step::DeletePopulate(g) => match ended {
+            Some(End::Complete) => format!(
+                "generation {g}'s populate Job {} deleted: it succeeded and the generation is published",
+                cycle.job_name(g)
+            ),
+            Some(End::Failed(why)) => format!(
+                "generation {g}'s populate Job {} deleted: it failed ({why}) and no longer holds the next attempt back",
+                cycle.job_name(g)
+            ),
+            None => format!(
+                "generation {g}'s populate Job {} deleted: its claim is gone (a restart left it)",
+                cycle.job_name(g)
+            ),
+        },
         Step::DeleteSnapshot(g) => format!("snapshot {} deleted", cycle.claim_name(g)),
     }
 }

@@ -1,30 +1,32 @@
-//! The dispatcher's edges and its loop: Kubernetes through watches feeding reflector stores
-//! (reads never list each tick), Buildkite through the metrics API, a Lease for the leader, and
-//! one decision a tick ([`crate::decide`]) logged as one JSON line with its dispatch ID and
-//! figures. Nothing is remembered between ticks that Kubernetes does not hold: a restarted or
-//! newly elected dispatcher sees every earlier dispatch in the watched Jobs and pods.
+//! The dispatcher's process: its edges set up (the template, Kubernetes through watches,
+//! Buildkite's metrics API, a Lease for the leader, the claims mode's cycle as a task of its
+//! own), then the loop: while leading, one tick each poll interval; observe ([`crate::watches`],
+//! [`crate::observe`]), decide ([`crate::decide`]), act ([`crate::act`]). Nothing is remembered
+//! between ticks that Kubernetes does not hold: a restarted or newly elected dispatcher sees
+//! every earlier dispatch in the watched Jobs, pods and its own Events.
+//!
+//! On SIGTERM or SIGINT (a rollout, a drain) it stops dispatching and gives its Leases up, so a
+//! standby takes over at its next retry, and exits 0.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Event, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{watcher, WatchStreamExt};
+use kube::api::Api;
 use kube::Client;
+use stateless_core::repo_url::Redactor;
 
+use crate::act::Act;
 use crate::buildkite::{MetricsClient, MetricsError};
-use crate::decide::{decide, Action, Limits};
-use crate::metrics::{ApiError, Metrics, Reason, State};
+use crate::decide::{self, decide, Limits};
+use crate::leader;
+use crate::metrics::{ApiError, Metrics};
 use crate::mirror_run;
-use crate::observe;
+use crate::observe::Timeouts;
 use crate::settings::{MirrorMode, Settings};
-use crate::template::{Dispatch, Template, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL};
+use crate::template::Template;
+use crate::watches::Stores;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -44,6 +46,8 @@ pub enum RunError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot handle signals: {0}")]
+    Signals(std::io::Error),
 }
 
 impl RunError {
@@ -56,18 +60,15 @@ impl RunError {
     }
 }
 
-/// Runs until the process is stopped.
+/// How recent a `FailedCreate` must be to count as a refusal still going on: the Job controller
+/// retries a refused create with a backoff capped at a minute (`pkg/controller/job/
+/// job_controller.go`, `MaxJobApiBackOff`), and each retry refreshes the Event.
+const REFUSAL_FRESH: Duration = Duration::from_secs(75);
+
+/// Runs until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
-    let yaml =
-        std::fs::read_to_string(&settings.template).map_err(|source| RunError::TemplateFile {
-            path: settings.template.display().to_string(),
-            source,
-        })?;
-    let template = Template::parse(&yaml, &settings.queue, &settings.mirror())?;
-    let cycle = match settings.mirror_mode {
-        MirrorMode::Claims => Some(mirror_run::Cycle::load(&settings)?),
-        _ => None,
-    };
+    let (template, cycle) = load(&settings)?;
+    let mut stop = Shutdown::listen()?;
     let client = Client::try_default()
         .await
         .map_err(|e| RunError::Kubernetes(e.to_string()))?;
@@ -75,7 +76,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
-    let metrics = Metrics::new();
+    let metrics = Metrics::new(&settings.queue);
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -83,433 +84,232 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             source,
         })?;
     tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+    let (identity, lease) = names(&settings);
+    let leases = Api::namespaced(client.clone(), &namespace);
+    let election = leader::elect(leases, lease.clone(), identity.clone());
+    let mirror = cycle.map(|cycle| {
+        mirror_run::start(
+            &client,
+            &namespace,
+            identity.clone(),
+            cycle,
+            metrics.clone(),
+        )
+    });
+    tracing::info!(queue = %settings.queue, namespace = %namespace, identity = %identity, template = template.hash(),
+        "serving queue {} in namespace {namespace}", settings.queue);
+    let edges = (&client, namespace.as_str(), metrics);
+    let dispatcher = Dispatcher::new(&settings, template, edges, mirror.as_ref());
+    tokio::select! {
+        () = dispatcher.serve(election.leading.clone(), &lease) => {}
+        signal = stop.next() => {
+            tracing::info!(signal, "stopping on {signal}: no more dispatches; giving the Lease up");
+        }
+    }
+    election.release().await;
+    if let Some(mirror) = mirror {
+        mirror.election.release().await;
+    }
+    Ok(())
+}
 
-    let selector = format!(
-        "{QUEUE_LABEL}={},{MANAGED_BY_LABEL}={MANAGED_BY}",
-        settings.queue
-    );
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let jobs: Api<Job> = Api::namespaced(client.clone(), &namespace);
-    let events: Api<Event> = Api::namespaced(client.clone(), &namespace);
-    // The stores keep only what `observe` reads: a pod's spec and a Job's pod template are most
-    // of their size, and a large queue holds thousands of pods.
-    let pod_store = watch(
-        pods,
-        watcher::Config::default().labels(&selector),
-        metrics.clone(),
-        "pods",
-        |pod: &mut Pod| {
-            pod.spec = None;
-            pod.metadata.managed_fields = None;
-            pod.metadata.annotations = None;
-            let statuses = pod
-                .status
-                .as_mut()
-                .and_then(|s| s.container_statuses.as_mut());
-            for status in statuses.into_iter().flatten() {
-                let terminated = status.state.as_mut().and_then(|s| s.terminated.as_mut());
-                if let Some(message) = terminated.and_then(|t| t.message.as_mut()) {
-                    *message = observe::brief(message);
-                }
-            }
-        },
-        reflector::store::Writer::default(),
-    );
-    let job_store = watch(
-        jobs.clone(),
-        watcher::Config::default().labels(&selector),
-        metrics.clone(),
-        "jobs",
-        |job: &mut Job| {
-            if let Some(spec) = job.spec.as_mut() {
-                spec.template = Default::default();
-            }
-            job.metadata.managed_fields = None;
-            job.metadata.annotations = None;
-        },
-        reflector::store::Writer::default(),
-    );
-    let event_store = watch(
-        events.clone(),
-        watcher::Config::default().fields("reason=FailedCreate"),
-        metrics.clone(),
-        "events",
-        |event: &mut Event| event.metadata.managed_fields = None,
-        reflector::store::Writer::default(),
-    );
+/// The agent template and, in claims mode, the cycle's templates: read and checked before
+/// anything else, by every replica.
+fn load(settings: &Settings) -> Result<(Template, Option<mirror_run::Cycle>), RunError> {
+    let yaml =
+        std::fs::read_to_string(&settings.template).map_err(|source| RunError::TemplateFile {
+            path: settings.template.display().to_string(),
+            source,
+        })?;
+    let template = Template::parse(&yaml, &settings.queue, &settings.mirror())?;
+    let cycle = match settings.mirror_mode {
+        MirrorMode::Claims => Some(mirror_run::Cycle::load(settings)?),
+        _ => None,
+    };
+    Ok((template, cycle))
+}
 
-    let lease = settings
-        .lease
-        .clone()
-        .unwrap_or_else(|| format!("job-dispatcher-{}", settings.queue));
+/// This replica's identity in the Lease, and the Lease's name.
+fn names(settings: &Settings) -> (String, String) {
     let identity = settings
         .identity
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| random_id()[..12].to_string());
-    let mut leading = crate::leader::elect(
-        Api::namespaced(client.clone(), &namespace),
-        lease.clone(),
-        identity.clone(),
-    );
-    let mirror = match cycle {
-        Some(cycle) => {
-            let client = client.clone();
-            let metrics = metrics.clone();
-            Some(mirror_run::start(
-                client,
-                &namespace,
-                identity.clone(),
-                cycle,
-                metrics,
-            ))
-        }
-        None => None,
-    };
+        .unwrap_or_else(|| crate::act::random_id()[..12].to_string());
+    let lease = settings
+        .lease
+        .clone()
+        .unwrap_or_else(|| format!("job-dispatcher-{}", settings.queue));
+    (identity, lease)
+}
 
-    let buildkite = MetricsClient::new(&settings.endpoint, &settings.token, &settings.queue);
-    let limits = Limits {
-        min_agents: settings.min_agents,
-        max_agents: settings.max_agents,
-        buffer: settings.buffer,
-        buffer_ratio: settings.buffer_ratio,
-        rollout_ratio: settings.rollout_ratio,
-        rollout_timeout: settings.start_deadline,
-    };
-    tracing::info!(
-        queue = %settings.queue,
-        namespace = %namespace,
-        identity = %identity,
-        "serving queue {} in namespace {namespace}",
-        settings.queue
-    );
-    let mut interval = settings.poll_interval;
-    let mut was_leader = false;
-    loop {
-        let leader = *leading.borrow_and_update();
-        if leader != was_leader {
-            tracing::info!(leader, lease = %lease, "{}", if leader { "this replica leads" } else { "another replica leads" });
-            was_leader = leader;
+/// SIGTERM and SIGINT.
+struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn listen() -> Result<Shutdown, RunError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Shutdown {
+            term: signal(SignalKind::terminate()).map_err(RunError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(RunError::Signals)?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
         }
-        metrics.leader.set(i64::from(leader));
-        if !leader {
-            // Wake when leadership changes, or at the next tick to keep the metrics fresh.
-            let _ = tokio::time::timeout(interval, leading.changed()).await;
-            continue;
-        }
-        let started = Instant::now();
-        let wait = tick(
-            &settings,
-            &template,
-            mirror.as_ref(),
-            &buildkite,
-            &limits,
-            &jobs,
-            &events,
-            &pod_store,
-            &job_store,
-            &event_store,
-            &metrics,
-        )
-        .await;
-        metrics
-            .tick_seconds
-            .observe(started.elapsed().as_secs_f64());
-        if let Some(server) = wait {
-            // Never more often than Buildkite asks.
-            interval = settings.poll_interval.max(server);
-        }
-        tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
     }
 }
 
-/// A watched kind mirrored into a store, `strip`ped of what is never read; watch errors (410 Gone
-/// included) are retried with backoff by the watcher and counted.
-pub(crate) fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    metrics: Arc<Metrics>,
-    what: &'static str,
-    strip: fn(&mut K),
-    writer: reflector::store::Writer<K>,
-) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let store = writer.as_reader();
-    let stream = watcher(api, config)
-        .default_backoff()
-        .modify(strip)
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(async move {
-        futures_util::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            if let Err(e) = item {
-                metrics
-                    .api_errors
-                    .get_or_create(&ApiError {
-                        api: "kubernetes",
-                        kind: "watch",
-                    })
-                    .inc();
-                if forbidden(&e) {
-                    tracing::warn!(
-                        kind = what,
-                        "watching {what} is forbidden: {e}; grant the dispatcher's ServiceAccount \
-                         list and watch on {what} (image/k8s/dispatcher/rbac.yaml); retrying"
-                    );
-                } else {
-                    tracing::warn!(kind = what, "watching {what} failed: {e}; retrying");
+/// The dispatch loop's settings and edges.
+pub struct Dispatcher<'a> {
+    pub settings: &'a Settings,
+    pub template: Template,
+    pub claims: Option<&'a mirror_run::Claims>,
+    pub buildkite: MetricsClient,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub jobs: Api<k8s_openapi::api::batch::v1::Job>,
+    pub events: Api<k8s_openapi::api::core::v1::Event>,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    /// The agent token, and any credentials in a URL, out of what Kubernetes says.
+    pub redactor: Redactor,
+}
+
+impl<'a> Dispatcher<'a> {
+    fn new(
+        settings: &'a Settings,
+        template: Template,
+        (client, namespace, metrics): (&Client, &str, Arc<Metrics>),
+        mirror: Option<&'a mirror_run::MirrorCycle>,
+    ) -> Dispatcher<'a> {
+        Dispatcher {
+            template,
+            claims: mirror.map(|m| &m.claims),
+            buildkite: MetricsClient::new(&settings.endpoint, &settings.token, &settings.queue),
+            limits: Limits {
+                min_agents: settings.min_agents,
+                max_agents: settings.max_agents,
+                buffer: settings.buffer,
+                buffer_ratio: settings.buffer_ratio,
+                rollout_ratio: settings.rollout_ratio,
+                rollout_timeout: settings.start_deadline,
+                stuck_backoff: settings.stuck_backoff,
+                stuck_backoff_cap: decide::STUCK_BACKOFF_CAP,
+            },
+            timeouts: Timeouts {
+                registered_by: settings.start_deadline,
+                start_timeout: settings.start_timeout,
+                refusal_fresh: REFUSAL_FRESH.max(settings.poll_interval * 2),
+            },
+            jobs: Api::namespaced(client.clone(), namespace),
+            events: Api::namespaced(client.clone(), namespace),
+            stores: Stores::start(client, namespace, &settings.queue, &metrics),
+            metrics,
+            redactor: Redactor::new(vec![settings.token.clone()]),
+            settings,
+        }
+    }
+
+    /// Ticks while leading; every replica checks the token first, so a standby with a refused
+    /// one says so in its log and `/readyz` rather than when it takes over.
+    async fn serve(&self, mut leading: tokio::sync::watch::Receiver<bool>, lease: &str) {
+        let mut token = self.check_token().await;
+        let mut interval = self.settings.poll_interval;
+        let mut was_leader = false;
+        loop {
+            let leader = *leading.borrow_and_update();
+            if leader != was_leader {
+                tracing::info!(leader, lease = %lease, "{}", if leader { "this replica leads" } else { "another replica leads" });
+                was_leader = leader;
+            }
+            self.metrics.leader.set(i64::from(leader));
+            if !leader {
+                if token.is_none() {
+                    token = self.check_token().await;
                 }
+                let ready = token == Some(true) && self.stores.synced();
+                self.metrics.ready.store(ready, Ordering::Relaxed);
+                // Wake when leadership changes, or at the next tick to keep the metrics fresh.
+                let _ = tokio::time::timeout(interval, leading.changed()).await;
+                continue;
+            }
+            let started = Instant::now();
+            if let Some(server) = self.tick().await {
+                // Never more often than Buildkite asks.
+                interval = self.settings.poll_interval.max(server);
+            }
+            let took = started.elapsed();
+            self.metrics.tick_seconds.observe(took.as_secs_f64());
+            tokio::time::sleep(interval.saturating_sub(took)).await;
+        }
+    }
+
+    /// One metrics call: whether Buildkite accepted the token (`None`: it did not answer).
+    async fn check_token(&self) -> Option<bool> {
+        match self.buildkite.poll().await {
+            Ok(_) => Some(true),
+            Err(e) => {
+                self.poll_failed(&e);
+                matches!(e, MetricsError::Unauthorized(_)).then_some(false)
             }
         }
-    });
-    store
-}
+    }
 
-/// Whether the API server refused a watch's list or watch for lack of RBAC: retrying alone will
-/// not mend it, so the log says what will.
-fn forbidden(e: &watcher::Error) -> bool {
-    match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
-        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.is_forbidden(),
-        watcher::Error::WatchError(status) => status.is_forbidden(),
-        _ => false,
-    }
-}
-
-/// One tick: demand, supply, decision, action. Returns the poll interval Buildkite asked for.
-#[allow(clippy::too_many_arguments)]
-async fn tick(
-    settings: &Settings,
-    template: &Template,
-    mirror: Option<&mirror_run::Claims>,
-    buildkite: &MetricsClient,
-    limits: &Limits,
-    jobs: &Api<Job>,
-    events: &Api<Event>,
-    pod_store: &Store<Pod>,
-    job_store: &Store<Job>,
-    event_store: &Store<Event>,
-    metrics: &Metrics,
-) -> Option<Duration> {
-    for store in [
-        pod_store.wait_until_ready().await.is_ok(),
-        job_store.wait_until_ready().await.is_ok(),
-        event_store.wait_until_ready().await.is_ok(),
-    ] {
-        if !store {
-            return None;
-        }
-    }
-    // Handing out a generation needs the claims listed once: none seen is not none ready.
-    if let Some(claims) = mirror {
-        if !claims.wait_until_ready().await {
-            return None;
-        }
-    }
-    let polled = match buildkite.poll().await {
-        Ok(polled) => polled,
-        Err(e) => {
-            metrics
-                .api_errors
-                .get_or_create(&ApiError {
-                    api: "buildkite",
-                    kind: e.name(),
-                })
-                .inc();
-            if let MetricsError::Unauthorized(_) = e {
-                metrics.ready.store(false, Ordering::Relaxed);
-            }
+    /// Counts and logs a failed poll; a refused token makes the replica unready.
+    fn poll_failed(&self, e: &MetricsError) {
+        let error = ApiError {
+            api: "buildkite",
+            kind: e.name(),
+        };
+        self.metrics.api_errors.get_or_create(&error).inc();
+        if let MetricsError::Unauthorized(_) = e {
+            self.metrics.ready.store(false, Ordering::Relaxed);
+            tracing::error!(error = e.name(), "{e}");
+        } else {
             tracing::warn!(error = e.name(), "{e}");
-            return match e {
-                MetricsError::Throttled(wait) => Some(wait),
-                _ => None,
-            };
         }
-    };
-    metrics.ready.store(true, Ordering::Relaxed);
-    let demand = polled.demand;
-    let pods = pod_store.state();
-    let job_list = job_store.state();
-    let event_list = event_store.state();
-    let supply = observe::supply(
-        &pods.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-        &job_list.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-        &event_list.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
-        Timestamp::now(),
-        settings.start_deadline,
-    );
-    metrics
-        .demand
-        .get_or_create(&State { state: "scheduled" })
-        .set(i64::from(demand.scheduled));
-    metrics
-        .demand
-        .get_or_create(&State { state: "running" })
-        .set(i64::from(demand.running));
-    metrics.agents.set(i64::from(demand.agents));
-    for (state, n) in [
-        ("pending", supply.pending),
-        ("unschedulable", supply.unschedulable),
-        ("running", supply.running),
-        ("not-yet-created", supply.not_yet_created),
-    ] {
-        metrics
-            .supply
-            .get_or_create(&State { state })
-            .set(i64::from(n));
     }
-    let decision = decide(demand, &supply, limits);
-    for reason in ["unschedulable", "failed-create", "wrong-queue", "failing"] {
-        let on = matches!(&decision.action, crate::decide::Action::Hold(h) if h.name() == reason);
-        metrics
-            .blocked
-            .get_or_create(&Reason { reason })
-            .set(i64::from(on));
-    }
-    let figures = format!(
-        "scheduled={} running={} agents={} pending={} unschedulable={} running_pods={} not_yet_created={} wanted={} alive={}",
-        demand.scheduled, demand.running, demand.agents, supply.pending, supply.unschedulable,
-        supply.running, supply.not_yet_created, decision.wanted, decision.alive
-    );
-    match decision.action {
-        Action::Hold(hold) => {
-            metrics
-                .holds
-                .get_or_create(&Reason {
-                    reason: hold.name(),
-                })
-                .inc();
-            if hold.is_fault() {
-                tracing::warn!(decision = "hold", reason = hold.name(), figures = %figures, "not dispatching: {}", describe(&hold));
-            } else {
-                tracing::info!(decision = "hold", reason = hold.name(), figures = %figures, "not dispatching: {}", describe(&hold));
+
+    /// One tick: observe, decide, act. Returns the poll interval Buildkite asked for.
+    async fn tick(&self) -> Option<Duration> {
+        if !self.stores.ready().await {
+            return None;
+        }
+        // Handing out a generation needs the claims listed once: none seen is not none ready.
+        if let Some(claims) = self.claims {
+            if !claims.wait_until_ready().await {
+                return None;
             }
         }
-        Action::Dispatch(agents) => {
-            let dispatch = Dispatch {
-                id: random_id(),
-                agents,
-                active_deadline: settings.job_deadline,
-                ttl: settings.job_ttl,
-                idle_timeout: settings.idle_timeout,
-                mirror_claim: mirror.and_then(|m| m.handed_out()),
-            };
-            let job = template.job(&dispatch);
-            match jobs.create(&PostParams::default(), &job).await {
-                Ok(created) => {
-                    metrics.dispatches.inc();
-                    metrics.pods_created.inc_by(u64::from(agents));
-                    let name = created.metadata.name.clone().unwrap_or_default();
-                    let mirror_claim = dispatch.mirror_claim.as_deref().unwrap_or("");
-                    tracing::info!(decision = "dispatch", dispatch_id = %dispatch.id, agents, job = %name, mirror_claim, figures = %figures, "dispatched {agents} agents as Job {name}");
-                    record_event(events, &created, &dispatch, &settings.queue).await;
-                    // The next tick must see this Job: wait (briefly) for the watch to bring it.
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    while Instant::now() < deadline
-                        && !job_store
-                            .state()
-                            .iter()
-                            .any(|j| j.metadata.name.as_deref() == Some(name.as_str()))
-                    {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-                Err(e) => {
-                    let kind = match &e {
-                        kube::Error::Api(status) if status.code == 409 => "conflict",
-                        kube::Error::Api(status) if status.code == 429 => "throttled",
-                        kube::Error::Api(status) if status.code >= 500 => "server",
-                        _ => "other",
-                    };
-                    metrics
-                        .api_errors
-                        .get_or_create(&ApiError {
-                            api: "kubernetes",
-                            kind,
-                        })
-                        .inc();
-                    tracing::warn!(decision = "dispatch-failed", dispatch_id = %dispatch.id, agents, figures = %figures, "creating the Job for {agents} agents failed: {e}; the next tick decides again");
-                }
+        let polled = match self.buildkite.poll().await {
+            Ok(polled) => polled,
+            Err(e) => {
+                self.poll_failed(&e);
+                return match e {
+                    MetricsError::Throttled(wait) => Some(wait),
+                    _ => None,
+                };
             }
+        };
+        self.metrics.ready.store(true, Ordering::Relaxed);
+        let view = self.stores.view();
+        let supply = view.supply(Timestamp::now(), self.template.hash(), &self.timeouts);
+        let decision = decide(polled.demand, &supply, &self.limits);
+        let relief = decide::relieve(&supply.stuck_jobs);
+        let act = Act(self);
+        for (job, relief) in relief {
+            act.relieve(job, &relief).await;
         }
+        let figures = crate::act::figures(&polled.demand, &supply, &decision);
+        act.report(&polled.demand, &supply, &decision, &figures);
+        act.carry_out(decision, &figures).await;
+        polled.poll_duration
     }
-    polled.poll_duration
-}
-
-fn describe(hold: &crate::decide::Hold) -> String {
-    use crate::decide::Hold;
-    match hold {
-        Hold::Enough => "enough agents are alive or coming".into(),
-        Hold::AtMax => "DISPATCHER_MAX_AGENTS agent pods are not finished".into(),
-        Hold::RollingOut { id, online, size } => format!("dispatch {id} has {online} of {size} pods online; waiting for it to roll out"),
-        Hold::Unschedulable { pods } => format!("{pods} agent pods cannot be scheduled; add capacity or lower DISPATCHER_MAX_AGENTS"),
-        Hold::FailedCreate { message } => format!("Kubernetes refuses this queue's pods ({message}); raise the quota or lower DISPATCHER_MAX_AGENTS"),
-        Hold::Failing { why } => format!("the last dispatch's agents fail before taking a job: {why}; fix what they report, and the next dispatch is tried DISPATCHER_START_DEADLINE after that failure"),
-        Hold::WrongQueue { running, agents } => format!("{running} agent pods have run past DISPATCHER_START_DEADLINE but the queue has {agents} agents: the template's agents register in another queue or cannot connect; check BUILDKITE_AGENT_TAGS and the token"),
-    }
-}
-
-/// A Kubernetes Event on the Job: who made it, for which queue and dispatch.
-async fn record_event(events: &Api<Event>, job: &Job, dispatch: &Dispatch, queue: &str) {
-    let now = Timestamp::now();
-    let event = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!(
-                "{}.",
-                job.metadata.name.clone().unwrap_or_default()
-            )),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("batch/v1".into()),
-            kind: Some("Job".into()),
-            name: job.metadata.name.clone(),
-            namespace: job.metadata.namespace.clone(),
-            uid: job.metadata.uid.clone(),
-            ..ObjectReference::default()
-        },
-        reason: Some("Dispatched".into()),
-        message: Some(format!(
-            "{} agents for queue {queue} (dispatch {})",
-            dispatch.agents, dispatch.id
-        )),
-        type_: Some("Normal".into()),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        reporting_component: Some("job-dispatcher".into()),
-        reporting_instance: Some(dispatch.id.clone()),
-        action: Some("Dispatch".into()),
-        count: Some(1),
-        ..Event::default()
-    };
-    if let Err(e) = events.create(&PostParams::default(), &event).await {
-        tracing::debug!("could not record an Event on the Job: {e}");
-    }
-}
-
-/// 32 hex digits, as Sourcegraph's dispatch IDs (a UUID without dashes).
-fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_err()
-    {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        bytes = nanos.to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

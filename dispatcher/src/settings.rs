@@ -65,6 +65,19 @@ pub struct Settings {
     #[arg(long, env = "DISPATCHER_START_DEADLINE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub start_deadline: Duration,
 
+    /// How long an agent pod may take to start its container (scheduled, image pulled, volumes
+    /// mounted, Secrets found): a pod not running by then is stuck, reported (log line, Event,
+    /// metric) and let go, and dispatches back off while pods keep getting stuck. An
+    /// Unschedulable pod counts as coming until then, so that an autoscaler can add a node.
+    #[arg(long, env = "DISPATCHER_START_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub start_timeout: Duration,
+
+    /// After a dispatch whose pods got stuck, the next waits this long, doubling for each
+    /// further one in a row (at most 10 minutes), so a broken image never makes a storm of Jobs;
+    /// a pod that starts, or a new template, ends the wait at once.
+    #[arg(long, env = "DISPATCHER_STUCK_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stuck_backoff: Duration,
+
     /// The long deadline: each Job's `activeDeadlineSeconds`, above the longest CI job.
     #[arg(long, env = "DISPATCHER_JOB_DEADLINE", default_value = "4h", value_parser = humantime::parse_duration)]
     pub job_deadline: Duration,

@@ -20,6 +20,17 @@ pub const QUEUE_LABEL: &str = "stateless-agent/queue";
 pub const DISPATCH_LABEL: &str = "stateless-agent/dispatch-id";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "job-dispatcher";
+/// The hash of the template a Job was made from: what a Job, or an Event, says of one template
+/// says nothing of the next (a fixed image is served at once).
+pub const TEMPLATE_LABEL: &str = "stateless-agent/template";
+
+/// Annotations that keep autoscalers from evicting an agent mid-job when they consolidate
+/// nodes (the Cluster Autoscaler's and Karpenter's), on every pod unless the template sets them.
+/// An idle agent leaves by itself within the idle timeout, so a node empties soon anyway.
+pub const DO_NOT_DISRUPT: [(&str, &str); 2] = [
+    ("cluster-autoscaler.kubernetes.io/safe-to-evict", "false"),
+    ("karpenter.sh/do-not-disrupt", "true"),
+];
 
 /// The container that runs the agent: the one named `agent`, else the first.
 const AGENT_CONTAINER: &str = "agent";
@@ -46,6 +57,7 @@ pub struct Template {
     job: Job,
     queue: String,
     mirror: Mirror,
+    hash: String,
 }
 
 /// One dispatch's settings.
@@ -100,6 +112,7 @@ impl Template {
             job,
             queue: queue.to_string(),
             mirror: mirror.clone(),
+            hash: fnv1a(&format!("{yaml}\0{queue}\0{mirror:?}")),
         };
         let agent = template.agent().ok_or(TemplateError::NoContainer)?;
         let env = |name: &str| env_value(agent.env.as_deref().unwrap_or_default(), name);
@@ -117,6 +130,11 @@ impl Template {
             }
         }
         Ok(template)
+    }
+
+    /// The template's hash (its text, the queue and the mirror mode).
+    pub fn hash(&self) -> &str {
+        &self.hash
     }
 
     fn agent(&self) -> Option<&Container> {
@@ -137,6 +155,7 @@ impl Template {
             (QUEUE_LABEL, self.queue.as_str()),
             (DISPATCH_LABEL, dispatch.id.as_str()),
             (MANAGED_BY_LABEL, MANAGED_BY),
+            (TEMPLATE_LABEL, self.hash.as_str()),
         ];
         let meta = &mut job.metadata;
         meta.name = None;
@@ -169,6 +188,12 @@ impl Template {
         });
         for (key, value) in labels {
             pod_labels.insert(key.to_string(), value.to_string());
+        }
+        let annotations = pod_meta.annotations.get_or_insert_default();
+        for (key, value) in DO_NOT_DISRUPT {
+            annotations
+                .entry(key.to_string())
+                .or_insert_with(|| value.to_string());
         }
         let agent_name = self.agent().map(|c| c.name.clone()).unwrap_or_default();
         if let Some(agent) = spec
@@ -239,6 +264,11 @@ fn replace_volume(job: &mut Job, volume: &str, source: Volume) -> Result<(), Tem
 /// Kubernetes 1.33, beta and on by default since 1.29), a pod that fails ends only its index
 /// (retried up to the template's `backoffLimit` times, `FailIndex` where the template said
 /// `FailJob`), and the others run on.
+///
+/// Rules on pod conditions (`DisruptionTarget`: a drain, a preemption, a consolidation) go
+/// first: Kubernetes takes the first rule that matches (`pkg/controller/job/
+/// pod_failure_policy.go`), and an idle agent stopped by a drain exits 81, which a `FailIndex`
+/// rule on exit codes would take first and fail its index for a disruption.
 fn isolate_failures(spec: &mut JobSpec) {
     spec.completion_mode = Some("Indexed".into());
     spec.backoff_limit_per_index = Some(spec.backoff_limit.take().unwrap_or(DEFAULT_RETRIES));
@@ -250,6 +280,18 @@ fn isolate_failures(spec: &mut JobSpec) {
     for rule in rules.filter(|r| r.action == "FailJob") {
         rule.action = "FailIndex".into();
     }
+    if let Some(policy) = spec.pod_failure_policy.as_mut() {
+        policy.rules.sort_by_key(|r| r.on_pod_conditions.is_none());
+    }
+}
+
+/// FNV-1a, 64 bits, in hex: a hash that stays the same across builds and Rust versions (std's
+/// `DefaultHasher` promises neither), for a label compared across restarts.
+fn fnv1a(text: &str) -> String {
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// Retries of a failed agent pod when the template sets no `backoffLimit`.
@@ -340,7 +382,22 @@ mod tests {
         assert_eq!(spec.backoff_limit, None);
         let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
         let actions: Vec<&str> = rules.iter().map(|r| r.action.as_str()).collect();
-        assert_eq!(actions, ["FailIndex", "Ignore"]);
+        // Disruptions first: the first rule that matches wins.
+        assert_eq!(actions, ["Ignore", "FailIndex"]);
+        let annotations = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref();
+        let annotations = annotations.unwrap();
+        assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "true");
+        assert_eq!(
+            annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"],
+            "false"
+        );
+        assert_eq!(labels[TEMPLATE_LABEL], template.hash());
         let pod_labels = spec
             .template
             .metadata
@@ -416,6 +473,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn disruption_rules_go_first_and_the_templates_annotations_win() {
+        // A template written with the exit-code rule first, as ours once was.
+        let wrong_order = SHIPPED
+            .replace("      - action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n", "")
+            .replace("          values: [78, 80, 81, 126, 127]\n", "          values: [78, 80, 81, 126, 127]\n      - action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n")
+            .replace("karpenter.sh/do-not-disrupt: \"true\"", "karpenter.sh/do-not-disrupt: \"false\"");
+        assert_ne!(wrong_order, SHIPPED);
+        let template = Template::parse(&wrong_order, "kubernetes", &Mirror::Shared).unwrap();
+        let spec = template.job(&dispatch()).spec.unwrap();
+        let rules = &spec.pod_failure_policy.as_ref().unwrap().rules;
+        assert_eq!(rules[0].action, "Ignore");
+        assert!(rules[0].on_pod_conditions.is_some());
+        let annotations = spec.template.metadata.unwrap().annotations.unwrap();
+        assert_eq!(annotations["karpenter.sh/do-not-disrupt"], "false");
+        // Another template, another hash: what failed with the last says nothing of it.
+        assert_ne!(
+            template.hash(),
+            Template::parse(SHIPPED, "kubernetes", &Mirror::Shared)
+                .unwrap()
+                .hash()
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod container;
+pub mod dispatch_world;
 pub mod dispatcher_process;
 pub mod fake_buildkite;
 pub mod fake_cluster;

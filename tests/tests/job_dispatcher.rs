@@ -49,16 +49,30 @@ impl World {
     /// The dispatcher, asking Buildkite at `endpoint`.
     fn dispatcher_at(&self, name: &str, queue: &str, endpoint: &str) -> (Running, u16) {
         let port = free_port();
-        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
         let child = Running::spawn(
-            job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name)
-                .env("BUILDKITE_AGENT_ENDPOINT", endpoint)
-                .env("DISPATCHER_QUEUE", queue)
-                .env("DISPATCHER_TEMPLATE", template)
-                .env("DISPATCHER_POLL_INTERVAL", "200ms")
-                .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}")),
+            self.command(name, queue, port)
+                .env("BUILDKITE_AGENT_ENDPOINT", endpoint),
         );
         (child, port)
+    }
+
+    /// The dispatcher for [`QUEUE`], with `settings` added to its environment.
+    fn dispatcher_with(&self, name: &str, settings: &[(&str, &str)]) -> (Running, u16) {
+        let port = free_port();
+        let mut command = self.command(name, QUEUE, port);
+        command.envs(settings.iter().copied());
+        (Running::spawn(&mut command), port)
+    }
+
+    fn command(&self, name: &str, queue: &str, port: u16) -> std::process::Command {
+        let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
+        let mut command = job_dispatcher(&self.kubeconfig, &self.buildkite, TOKEN, name);
+        command
+            .env("DISPATCHER_QUEUE", queue)
+            .env("DISPATCHER_TEMPLATE", template)
+            .env("DISPATCHER_POLL_INTERVAL", "200ms")
+            .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"));
+        command
     }
 
     fn jobs(&self) -> Vec<Value> {
@@ -166,7 +180,10 @@ fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
     let metrics = |port| http_get(port, "/metrics").1;
     let leaders = [metrics(port_b), metrics(port_c)]
         .iter()
-        .filter(|m| m.lines().any(|l| l == "dispatcher_leader 1"))
+        .filter(|m| {
+            m.lines()
+                .any(|l| l == "dispatcher_leader{queue=\"kubernetes\"} 1")
+        })
         .count();
     let (out_b, out_c) = (b.stop(), c.stop());
     assert_eq!(w.jobs().len(), 1, "{}\n{}", out_b.log(), out_c.log());
@@ -180,8 +197,142 @@ fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
     );
 }
 
+/// A rollout: SIGTERM makes the leader stop dispatching, give its Lease up and exit 0, and the
+/// standby takes over at its next retry (2 s), not when the Lease would have expired (15 s). A
+/// standby checks the token at start: one with a refused token says so at once, in its log and
+/// `/readyz`, though it does not lead.
 #[test]
-fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
+fn a_rollout_hands_the_lease_over_at_once_and_every_replica_checks_its_token() {
+    let w = World::new();
+    let holder = || {
+        let leases = w.kube.objects("leases", NS);
+        leases.first().map(|l| {
+            l["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+    };
+    let (a, _) = w.dispatcher("replica-a", QUEUE);
+    wait_for("replica-a leading", || {
+        holder().as_deref() == Some("replica-a")
+    });
+    let (b, _) = w.dispatcher("replica-b", QUEUE);
+    let port_c = free_port();
+    let mut wrong = w.command("replica-c", QUEUE, port_c);
+    wrong.env("BUILDKITE_AGENT_TOKEN", "bkua_revoked-t0ken");
+    let c = Running::spawn(&mut wrong);
+    wait_for("the refused standby unready", || {
+        http_get(port_c, "/metrics").0 == 200 && http_get(port_c, "/readyz").0 == 503
+    });
+    ticks(&w, 2);
+    let stopped = Instant::now();
+    let out = a.stop();
+    assert!(out.status.success(), "exit 0 on SIGTERM: {}", out.log());
+    assert!(stopped.elapsed() < Duration::from_secs(3), "{}", out.log());
+    assert!(out.stderr.contains("released the Lease"), "{}", out.log());
+    let released = Instant::now();
+    wait_for("replica-b leading", || {
+        holder().as_deref() == Some("replica-b")
+    });
+    let handover = released.elapsed();
+    assert!(handover < Duration::from_secs(4), "took {handover:?}");
+    w.buildkite.set(QueueState {
+        scheduled: 3,
+        ..QueueState::default()
+    });
+    wait_for("replica-b dispatching", || !w.jobs().is_empty());
+    let (out_b, out_c) = (b.stop(), c.stop());
+    assert_eq!(w.jobs().len(), 1, "{}", out_b.log());
+    let refused = json_lines(&out_c.stderr);
+    let said = refused.iter().find(|l| l["level"] == "ERROR");
+    let said = said.map(|l| l["message"].to_string()).unwrap_or_default();
+    assert!(said.contains("BUILDKITE_AGENT_TOKEN"), "{}", out_c.log());
+    eprintln!("lease handed over in {handover:?}");
+}
+
+/// Now, as the API server would write `lastTimestamp`.
+fn now() -> String {
+    format!("{:.0}", k8s_openapi::jiff::Timestamp::now())
+}
+
+/// Unschedulable pods are coming (an autoscaler adds nodes for pods that exist) until the start
+/// timeout; then they are stuck: the Job goes with them (none started), each pod is reported
+/// (log line, Warning Event on the Job, counter by reason) and dispatches back off, a backoff a
+/// restarted dispatcher reads back from its Events rather than dispatching again at once.
+#[test]
+fn unschedulable_pods_are_coming_until_the_start_timeout_then_let_go_with_a_backoff() {
+    let w = World::new();
+    w.buildkite.set(QueueState {
+        scheduled: 4,
+        ..QueueState::default()
+    });
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "3s"),
+        ("DISPATCHER_STUCK_BACKOFF", "1h"),
+    ];
+    let (dispatcher, port) = w.dispatcher_with("replica-a", &settings);
+    wait_for("a dispatch", || !w.jobs().is_empty());
+    let job = w.jobs()[0].clone();
+    let pending = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
+        "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient cpu."}]});
+    for i in 0..6 {
+        w.pod(&job, &format!("p{i}"), pending.clone());
+    }
+    ticks(&w, 3);
+    assert_eq!(w.jobs().len(), 1, "six pods coming: enough");
+    wait_for("the stuck pods let go", || w.jobs().is_empty());
+    ticks(&w, 3);
+    let metrics = http_get(port, "/metrics").1;
+    let out = dispatcher.stop();
+    assert!(w.jobs().is_empty(), "backing off: {}", out.log());
+    assert!(
+        metrics.contains(
+            "dispatcher_stuck_pods_total{queue=\"kubernetes\",reason=\"Unschedulable\"} 6"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dispatcher_blocked{queue=\"kubernetes\",reason=\"stuck\"} 1"),
+        "{metrics}"
+    );
+    let lines = json_lines(&out.stderr);
+    let stuck: Vec<&Value> = lines.iter().filter(|l| l["decision"] == "stuck").collect();
+    assert_eq!(stuck.len(), 6, "{}", out.log());
+    assert_eq!(stuck[0]["job"], job["metadata"]["name"]);
+    assert_eq!(stuck[0]["reason"], "Unschedulable");
+    assert!(stuck[0]["kubelet_message"]
+        .as_str()
+        .unwrap()
+        .contains("Insufficient cpu"));
+    assert!(stuck[0]["dispatch_id"].as_str().unwrap().len() == 32);
+    let events = w.kube.objects("events", NS);
+    let warned = events
+        .iter()
+        .find(|e| e["reason"] == "PodsStuck")
+        .expect("a Warning Event on the Job");
+    assert_eq!(warned["type"], "Warning");
+    assert_eq!(warned["involvedObject"]["uid"], job["metadata"]["uid"]);
+    assert!(warned["message"]
+        .as_str()
+        .unwrap()
+        .contains("6 agent pods never started: Unschedulable"));
+    // Restarted: the backoff is read back; no dispatch, no second report.
+    let (again, _) = w.dispatcher_with("replica-a", &settings);
+    ticks(&w, 4);
+    let out = again.stop();
+    assert!(w.jobs().is_empty(), "{}", out.log());
+    assert!(
+        out.stderr.contains("never started (Unschedulable)"),
+        "{}",
+        out.log()
+    );
+}
+
+/// A fresh `FailedCreate` on a Job still missing pods holds new dispatches and says what
+/// Kubernetes said; once the refusals stop (the quota freed), the hold ends with them.
+#[test]
+fn a_quota_refusal_holds_while_it_lasts_and_not_a_tick_longer() {
     let w = World::new();
     w.buildkite.set(QueueState {
         scheduled: 4,
@@ -190,55 +341,45 @@ fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
     let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
     wait_for("a dispatch", || !w.jobs().is_empty());
     let job = w.jobs()[0].clone();
-
-    // The scheduler cannot place the pods: no more dispatches, and the metric says why.
-    for i in 0..3 {
-        w.pod(&job, &format!("p{i}"), json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
-            "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient cpu."}]}));
-    }
+    w.pod(&job, "p0", json!({"phase": "Pending"}));
+    w.kube.create("events", NS, json!({"metadata": {"generateName": "quota."}, "reason": "FailedCreate",
+        "type": "Warning", "message": "Error creating: pods \"x\" is forbidden: exceeded quota: agents",
+        "lastTimestamp": now(),
+        "involvedObject": {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}}));
     w.buildkite.set(QueueState {
         scheduled: 40,
         ..QueueState::default()
     });
     ticks(&w, 4);
     assert_eq!(w.jobs().len(), 1);
-    assert!(http_get(port, "/metrics")
-        .1
-        .contains("dispatcher_blocked{reason=\"unschedulable\"} 1"));
-
-    // A quota refuses the Job's pods.
-    for i in 0..3 {
-        w.kube
-            .set_status("pods", NS, &format!("p{i}"), json!({"phase": "Succeeded"}));
+    let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"failed-create\"} 1";
+    assert!(http_get(port, "/metrics").1.contains(blocked));
+    // The quota freed: the Job controller made the pods, the refusals stopped.
+    for i in 1..6 {
+        w.pod(&job, &format!("p{i}"), json!({"phase": "Pending"}));
     }
-    w.kube.create("events", NS, json!({"metadata": {"generateName": "quota."}, "reason": "FailedCreate",
-        "type": "Warning", "message": "Error creating: pods \"x\" is forbidden: exceeded quota: agents",
-        "involvedObject": {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"]}}));
-    ticks(&w, 4);
-    assert_eq!(w.jobs().len(), 1);
-    assert!(http_get(port, "/metrics")
-        .1
-        .contains("dispatcher_blocked{reason=\"failed-create\"} 1"));
+    wait_for("a dispatch for the rest", || w.jobs().len() == 2);
+    ticks(&w, 1);
+    assert!(!http_get(port, "/metrics").1.contains(blocked));
     let out = dispatcher.stop();
-    let warnings: Vec<Value> = out
-        .stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["level"] == "WARN")
-        .collect();
-    assert!(
-        warnings.iter().any(|l| l["reason"] == "unschedulable"
-            && l["message"].as_str().unwrap().contains("add capacity")),
-        "{}",
-        out.log()
-    );
+    let warnings = json_lines(&out.stderr);
     assert!(
         warnings.iter().any(|l| l["reason"] == "failed-create"
             && l["message"].as_str().unwrap().contains("exceeded quota")),
         "{}",
         out.log()
     );
+}
 
+/// What the dispatcher printed as JSON lines.
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn a_wrong_queue_stops_dispatching_and_says_why() {
     // Pods running for long while the queue has no agent: they register somewhere else.
     let w = World::new();
     w.buildkite.set(QueueState {
@@ -263,7 +404,7 @@ fn unschedulable_pods_a_quota_and_a_wrong_queue_stop_dispatching_and_say_why() {
     assert_eq!(w.jobs().len(), 1);
     assert!(http_get(port, "/metrics")
         .1
-        .contains("dispatcher_blocked{reason=\"wrong-queue\"} 1"));
+        .contains("dispatcher_blocked{queue=\"kubernetes\",reason=\"wrong-queue\"} 1"));
     let out = dispatcher.stop();
     assert!(
         out.stderr.contains("register in another queue"),
@@ -305,15 +446,15 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
         out.log()
     );
     assert!(
-        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"unauthorized\"} 3"),
+        metrics.contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"unauthorized\"} 3"),
         "{metrics}"
     );
     assert!(
-        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"throttled\"} 1"),
+        metrics.contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"throttled\"} 1"),
         "{metrics}"
     );
     for kind in ["server", "conflict"] {
-        let line = format!("dispatcher_api_errors_total{{api=\"kubernetes\",kind=\"{kind}\"}} 1");
+        let line = format!("dispatcher_api_errors_total{{queue=\"kubernetes\",api=\"kubernetes\",kind=\"{kind}\"}} 1");
         assert!(metrics.contains(&line), "{metrics}");
     }
     // The 429 is retried by the client itself (kube-client 5.0.0 `src/client/retry.rs` retries
@@ -326,7 +467,7 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
         .count();
     assert_eq!(creates, 4);
     assert!(
-        metrics.contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"invalid\"} 1"),
+        metrics.contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"invalid\"} 1"),
         "{metrics}"
     );
     assert!(
@@ -432,7 +573,7 @@ fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
     wait_for("a failed poll counted", || {
         http_get(port, "/metrics")
             .1
-            .contains("dispatcher_api_errors_total{api=\"buildkite\",kind=\"unreachable\"}")
+            .contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"unreachable\"}")
     });
     let out = dispatcher.stop();
     assert!(w.jobs().is_empty());

@@ -102,9 +102,28 @@ fn env<'c>(container: &'c Container, name: &str) -> Option<&'c str> {
 /// What the Job controller does with a pod whose container `name` exited with `code`, reading
 /// the exit-code rules the way it does: the first rule that matches decides; none means Count.
 fn decision(policy: &PodFailurePolicy, container: &str, code: i32) -> String {
+    decision_with(policy, container, code, &[])
+}
+
+/// The action Kubernetes takes for a pod whose `container` exited `code` with the pod conditions
+/// `conditions` True: the first rule that matches, in order (`pkg/controller/job/
+/// pod_failure_policy.go`, `matchPodFailurePolicy`), else `Count`.
+fn decision_with(
+    policy: &PodFailurePolicy,
+    container: &str,
+    code: i32,
+    conditions: &[&str],
+) -> String {
     for rule in &policy.rules {
+        let on_conditions = rule.on_pod_conditions.iter().flatten();
+        if on_conditions.clone().any(|c| {
+            c.status.as_deref().unwrap_or("True") == "True"
+                && conditions.contains(&c.type_.as_str())
+        }) {
+            return rule.action.clone();
+        }
         let Some(on) = &rule.on_exit_codes else {
-            continue; // A pod-condition rule: not about exit codes.
+            continue;
         };
         if on.container_name.as_deref().is_some_and(|c| c != container) {
             continue;
@@ -159,6 +178,12 @@ fn the_agent_jobs_failure_policy_is_the_wrappers_exit_code_table() {
             } else {
                 "fail the Job"
             }
+        );
+        // A drain, a preemption or a consolidation is never the pod's fault, whatever it exits.
+        let disrupted = decision_with(policy, "agent", code.into(), &["DisruptionTarget"]);
+        assert_eq!(
+            disrupted, "Ignore",
+            "exit code {code} with DisruptionTarget"
         );
     }
 }
@@ -515,7 +540,8 @@ fn the_dispatcher_base_renders_with_kubectl_kustomize() {
     );
 
     // Only the verbs the dispatcher uses: watches (get, list, watch) of pods, Jobs and events,
-    // creating Jobs and Events, and the Lease's get, create and update (a replace).
+    // creating Jobs and Events, deleting or patching a Job whose pods never start, and the
+    // Lease's get, create and update (a replace).
     let role: Role = typed("rendered Role", &docs["Role"]);
     let mut rules: Vec<(String, Vec<String>)> = role
         .rules
@@ -533,7 +559,9 @@ fn the_dispatcher_base_renders_with_kubectl_kustomize() {
             ),
             (
                 "jobs".into(),
-                vec!["create".into(), "get".into(), "list".into(), "watch".into()]
+                ["create", "delete", "get", "list", "patch", "watch"]
+                    .map(String::from)
+                    .to_vec()
             ),
             (
                 "leases".into(),

@@ -1,0 +1,460 @@
+//! The dispatcher in the states a real cluster puts pods in, through the real binaries in the
+//! fake cluster (`tests/src/fake_cluster.rs`, which learned each state from the Kubernetes
+//! source): an image that cannot be pulled or named, a Secret that is missing, pods that cannot
+//! be scheduled with and without an autoscaler, a quota that refuses pods and then frees up, a
+//! drain and the other disruptions, and the claims mode with an agent evicted from an expired
+//! generation. Each checks that the fault is reported where an operator looks, that it never
+//! makes a storm of Jobs, and that the queue is served again once the cause is gone, printing how
+//! long that took. A soak mixes them. Without root (the kubelet's namespaces) these say so and
+//! skip.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stateless_e2e::dispatch_world::*;
+use stateless_e2e::dispatcher_process::Running;
+use stateless_e2e::fake_buildkite::JobState;
+use stateless_e2e::fake_cluster::{Autoscaler, ClusterSpec};
+
+/// The shipped template's image, which the fake kubelet runs.
+const GOOD: &str = "registry.example.com/stateless-agent:latest";
+/// A tag nobody pushed.
+const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
+/// A reference that does not parse (upper case, two colons).
+const INVALID: &str = "Registry.Example.com/Stateless::agent";
+
+/// `path`'s template with the agent's image set to `image`.
+fn set_image(path: &Path, image: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = image.into();
+    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+}
+
+/// The dispatcher's JSON lines whose `decision` is `decision`.
+fn decided(log: &str, decision: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["decision"] == decision)
+        .collect()
+}
+
+/// Jobs the dispatchers have made so far (their `Dispatched` Events outlive deleted Jobs).
+fn dispatches(w: &World) -> usize {
+    let events = w.kube.objects("events", NS);
+    events.iter().filter(|e| e["reason"] == "Dispatched").count()
+}
+
+/// The dispatcher with `settings` added.
+fn dispatcher_with(w: &World, name: &str, settings: &[(&str, &str)]) -> Running {
+    let mut command = w.dispatcher_command(name);
+    command.envs(settings.iter().copied());
+    Running::spawn(&mut command)
+}
+
+/// An image nobody pushed: the pods wait in `ErrImagePull`/`ImagePullBackOff`; after the start
+/// timeout each is reported (log line with the kubelet's message, a Warning Event on its Job)
+/// and let go with its Job, and the next dispatches back off instead of making a Job a tick.
+/// The fix is a new template (a rollout of the dispatcher): served at once, whatever the
+/// backoff.
+#[test]
+fn an_image_that_cannot_be_pulled_is_reported_let_go_and_backed_off_until_fixed() {
+    if skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        capacity: 20,
+        missing_images: BTreeSet::from([BROKEN.to_string()]),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    set_image(&w.template, BROKEN);
+    w.schedule(3);
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "4s"),
+        ("DISPATCHER_STUCK_BACKOFF", "3s"),
+    ];
+    let broken = dispatcher_with(&w, "replica-a", &settings);
+    let started = Instant::now();
+    wait("pods let go", Duration::from_secs(60), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "PodsStuck")
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    let dispatches = dispatches(&w);
+    let elapsed = started.elapsed().as_secs();
+    // Without the backoff: a Job every 4 s at least. With it: 4 s stuck, 3 s, 4 s, 6 s, …
+    assert!(dispatches <= 3, "{dispatches} Jobs in {elapsed}s");
+    let log = broken.stop();
+    assert!(w.buildkite.jobs().iter().all(|j| j.state == JobState::Scheduled));
+    let stuck = decided(&log.stderr, "stuck");
+    assert!(!stuck.is_empty(), "{}", log.log());
+    let reason = stuck[0]["reason"].as_str().unwrap();
+    assert!(matches!(reason, "ErrImagePull" | "ImagePullBackOff"), "{reason}");
+    assert!(stuck[0]["message"].as_str().unwrap().contains("fix the template's image"));
+    let holds = decided(&log.stderr, "hold");
+    assert!(holds.iter().any(|h| h["reason"] == "stuck"), "{}", log.log());
+    let events = w.kube.objects("events", NS);
+    let warning = events.iter().find(|e| e["reason"] == "PodsStuck").unwrap();
+    assert_eq!(warning["type"], "Warning");
+    assert!(warning["message"].as_str().unwrap().contains(reason));
+
+    // The rollout: a new template, served at once.
+    set_image(&w.template, GOOD);
+    let fixed = Instant::now();
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    let took = served_again_after(&w, 0, fixed);
+    eprintln!("broken image: {dispatches} Jobs in {elapsed}s; served again {took:?} after the fix");
+    w.outcome(dispatcher, 3, Duration::from_secs(90));
+}
+
+/// An image reference that can never work is stuck at once, not after the timeout, and backs
+/// off all the same.
+#[test]
+fn an_invalid_image_name_is_stuck_at_once() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    set_image(&w.template, INVALID);
+    w.schedule(2);
+    let settings = [("DISPATCHER_STUCK_BACKOFF", "2s")];
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    let started = Instant::now();
+    wait("pods let go", Duration::from_secs(30), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "PodsStuck")
+    });
+    // The default start timeout is 5 minutes: this was at once.
+    let at_once = started.elapsed();
+    assert!(at_once < Duration::from_secs(20), "{at_once:?}");
+    std::thread::sleep(Duration::from_secs(6));
+    let log = dispatcher.stop();
+    // 2 s, 4 s, 8 s: at most three more in those seconds.
+    assert!(dispatches(&w) <= 4, "{} Jobs: {}", dispatches(&w), log.log());
+    let stuck = decided(&log.stderr, "stuck");
+    assert_eq!(stuck[0]["reason"], "InvalidImageName", "{}", log.log());
+    eprintln!("invalid image name: let go {at_once:?} after the dispatch");
+}
+
+/// A Secret the template reads is missing: the pods wait in `CreateContainerConfigError`. Created
+/// within the start timeout, the kubelet's retry starts them by themselves: nothing is let go.
+#[test]
+fn a_missing_secret_created_in_time_lets_the_waiting_pods_start() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.kube.delete("secrets", NS, "buildkite-agent");
+    w.schedule(2);
+    let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_START_TIMEOUT", "60s")]);
+    wait("pods waiting on the Secret", Duration::from_secs(30), || {
+        w.pods().iter().any(|p| {
+            let state = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+            state["reason"] == "CreateContainerConfigError"
+        })
+    });
+    let secret = serde_json::json!({"metadata": {"name": "buildkite-agent"}, "stringData": {"token": TOKEN}});
+    w.kube.create("secrets", NS, secret);
+    let fixed = Instant::now();
+    let took = served_again_after(&w, 0, fixed);
+    let outcome = w.outcome(dispatcher, 2, Duration::from_secs(90));
+    assert!(outcome.decisions("stuck").is_empty(), "{}", outcome.dispatcher);
+    assert_eq!(outcome.jobs.len(), 1, "the same pods started");
+    eprintln!("missing Secret: served {took:?} after it was created");
+}
+
+/// A cluster that grows: pods that cannot be scheduled count as coming, so the dispatcher asks
+/// for every agent the queue needs, and the autoscaler adds nodes for them.
+#[test]
+fn unschedulable_pods_are_the_demand_an_autoscaler_adds_nodes_for() {
+    if skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: 1,
+        capacity: 2,
+        autoscaler: Some(Autoscaler {
+            max_nodes: 5,
+            delay: Duration::from_secs(3),
+        }),
+        ..ClusterSpec::default()
+    };
+    let mut w = World::with_cluster(spec);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 1".into());
+    w.schedule(8);
+    let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_START_TIMEOUT", "60s")]);
+    let outcome = w.outcome(dispatcher, 8, Duration::from_secs(120));
+    assert_eq!(outcome.jobs.len(), 1, "one dispatch for the whole demand");
+    assert!(outcome.pods.len() <= 8 + 2, "{} pods", outcome.pods.len());
+    assert!(w.cluster.nodes() > 1, "the autoscaler added nodes");
+    assert!(outcome.decisions("stuck").is_empty(), "{}", outcome.dispatcher);
+    let events = w.kube.objects("events", NS);
+    assert!(events.iter().any(|e| e["reason"] == "TriggeredScaleUp"));
+}
+
+/// No autoscaler, no room: pods that wait past the start timeout are let go while the ones that
+/// run keep running (the Job's parallelism lowered: the Job controller removes pending pods
+/// first), and the jobs are served as room frees.
+#[test]
+fn pods_unschedulable_past_the_timeout_are_let_go_and_running_ones_kept() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(2, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 4".into());
+    w.schedule(4);
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "3s"),
+        ("DISPATCHER_STUCK_BACKOFF", "2s"),
+    ];
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    let outcome = w.outcome(dispatcher, 4, Duration::from_secs(180));
+    let stuck = outcome.decisions("stuck");
+    assert!(!stuck.is_empty(), "{}", outcome.dispatcher);
+    assert!(stuck.iter().all(|s| s["reason"] == "Unschedulable"));
+    // No agent was stopped mid-job: every job ran to exit 0 (outcome checks each report).
+    let ran = outcome.ran_a_job();
+    assert!(ran.iter().all(|r| r["job"]["command_exit_status"] == 0));
+}
+
+/// A quota refuses pods; once it frees up, the Job controller makes them, and the hold ends
+/// with the refusals.
+#[test]
+fn a_quota_that_frees_up_ends_its_hold() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(20, Some(2));
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 2".into());
+    w.schedule(6);
+    let dispatcher = dispatcher_with(&w, "replica-a", &[]);
+    wait("a refusal", Duration::from_secs(30), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "FailedCreate")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    w.cluster.change(|spec| spec.quota_pods = None);
+    let freed = Instant::now();
+    let outcome = w.outcome(dispatcher, 6, Duration::from_secs(120));
+    outcome.assert_held("failed-create");
+    let holds = outcome.decisions("hold");
+    let last = holds.iter().rposition(|h| h["reason"] == "failed-create").unwrap();
+    let after: Vec<&Value> = holds[last + 1..].iter().collect();
+    assert!(after.iter().all(|h| h["reason"] != "failed-create"));
+    eprintln!("quota freed: every job served {:?} after", freed.elapsed());
+}
+
+/// A drain evicts idle agents: `DisruptionTarget` is matched before the exit-code rules, so no
+/// index fails and the queue is never held as failing; the Job controller replaces them.
+#[test]
+fn a_drain_of_idle_agents_fails_no_index_and_raises_no_hold() {
+    if skip() {
+        return;
+    }
+    let mut w = World::on_nodes(2, 10, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 3".into());
+    w.schedule(2);
+    let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_IDLE_TIMEOUT", "20s")]);
+    wait("four agents running", Duration::from_secs(60), || {
+        w.pods()
+            .iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .count()
+            >= 4
+    });
+    // The idle ones: those whose log shows no job.
+    let idle: Vec<String> = w
+        .pods()
+        .iter()
+        .filter(|p| p["status"]["phase"] == "Running")
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .filter(|name| !w.cluster.log(name).contains("running job"))
+        .collect();
+    assert!(!idle.is_empty());
+    for pod in &idle {
+        w.cluster.evict(NS, pod);
+    }
+    let outcome = w.outcome(dispatcher, 2, Duration::from_secs(120));
+    for job in &outcome.jobs {
+        let failed = job["status"]["failedIndexes"].as_str().unwrap_or("");
+        assert_eq!(failed, "", "a disruption failed an index: {job:#}");
+    }
+    assert!(
+        !outcome.decisions("hold").iter().any(|h| h["reason"] == "failing"),
+        "{}",
+        outcome.dispatcher
+    );
+    let evicted = outcome.pods.iter().filter(|p| {
+        let conditions = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        conditions.iter().any(|c| c["type"] == "DisruptionTarget")
+    });
+    eprintln!("drain: {} idle agents evicted, no index failed", evicted.count());
+}
+
+/// Claims mode: idle agents on a generation that has since expired are evicted. Their indexes
+/// come back after the Job controller's backoff (10 s), and for those seconds no pod object
+/// names the claim; the claim is kept all the same, since the unfinished Job can still make a
+/// pod that mounts it, and the pods made again start on it.
+#[test]
+fn claims_mode_keeps_an_expired_generation_while_a_job_can_still_mount_it() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.populate_inputs(&w.served.url);
+    let mut command = w.claims_dispatcher("replica-a", "4s");
+    command
+        .env("DISPATCHER_MIN_AGENTS", "2")
+        .env("DISPATCHER_IDLE_TIMEOUT", "90s");
+    let dispatcher = Running::spawn(&mut command);
+    wait("two agents on generation 1", Duration::from_secs(90), || {
+        let pods = w.pods();
+        let on_1 = pods.iter().filter(|p| {
+            let volumes = p["spec"]["volumes"].as_array().cloned().unwrap_or_default();
+            let mounts = |v: &Value| v["persistentVolumeClaim"]["claimName"] == format!("{CLAIM}-1");
+            p["status"]["phase"] == "Running" && volumes.iter().any(mounts)
+        });
+        on_1.count() == 2
+    });
+    wait("generation 1 expired", Duration::from_secs(60), || {
+        w.claim_state(1) == "expired"
+    });
+    let evicted: Vec<String> = w
+        .pods()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for pod in &evicted {
+        w.cluster.evict(NS, pod);
+    }
+    wait("no pod object names claim 1", Duration::from_secs(60), || {
+        w.pods().iter().all(|p| !evicted.contains(&p["metadata"]["name"].as_str().unwrap().to_string()))
+    });
+    let gap = Instant::now();
+    wait("the indexes made again", Duration::from_secs(60), || !w.pods().is_empty());
+    let gap = gap.elapsed();
+    assert!(w.claim(1).is_some(), "claim 1 deleted while its Job could still mount it");
+    wait("the new pods running on claim 1", Duration::from_secs(60), || {
+        let pods = w.pods();
+        pods.len() == 2 && pods.iter().all(|p| p["status"]["phase"] == "Running")
+    });
+    let out = dispatcher.stop();
+    assert!(
+        !out.stderr.contains("DeleteClaim(1)"),
+        "{}",
+        out.log()
+    );
+    eprintln!("claims mode: no pod named claim 1 for {gap:?}; kept, and its pods started again");
+}
+
+/// The soak: evictions at random, a quota that flaps, an image that breaks and is fixed, bursts
+/// on a cluster whose autoscaler adds nodes late. Every job is served, no more pods than
+/// `--max-agents` are ever alive, no disruption fails an index, and no hold outlives its cause
+/// by more than two polls plus its backoff.
+#[test]
+fn a_soak_of_faults_serves_every_job_within_the_limits() {
+    if skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        nodes: 1,
+        capacity: 4,
+        autoscaler: Some(Autoscaler {
+            max_nodes: 3,
+            delay: Duration::from_secs(4),
+        }),
+        missing_images: BTreeSet::from([BROKEN.to_string()]),
+        ..ClusterSpec::default()
+    };
+    let mut w = World::with_cluster(spec);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 1".into());
+    let settings = [
+        ("DISPATCHER_MAX_AGENTS", "10"),
+        ("DISPATCHER_START_TIMEOUT", "8s"),
+        ("DISPATCHER_STUCK_BACKOFF", "2s"),
+    ];
+    let max_alive = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let (kube, max_alive, watching) = (w.kube.clone(), max_alive.clone(), watching.clone());
+        std::thread::spawn(move || {
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                let pods = kube.objects("pods", NS);
+                let alive = pods.iter().filter(|p| {
+                    p["metadata"]["deletionTimestamp"].is_null()
+                        && !matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
+                });
+                max_alive.fetch_max(alive.count(), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let mut rng = 0x5eed_u64;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+    // A burst on a small cluster, with evictions while it runs.
+    w.schedule(8);
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(2));
+        let running: Vec<Value> = w.pods().into_iter().filter(|p| p["status"]["phase"] == "Running").collect();
+        if !running.is_empty() {
+            let pod = &running[next(running.len())];
+            w.cluster.evict(NS, pod["metadata"]["name"].as_str().unwrap());
+        }
+    }
+    wait("the burst served", Duration::from_secs(120), || w.finished_jobs() == 8);
+    // The quota flaps.
+    w.cluster.change(|s| s.quota_pods = Some(2));
+    w.schedule(6);
+    std::thread::sleep(Duration::from_secs(5));
+    w.cluster.change(|s| s.quota_pods = None);
+    wait("served after the quota", Duration::from_secs(120), || w.finished_jobs() == 14);
+    // The image breaks (a rollout of a bad template), then is fixed (another).
+    let first = dispatcher.stop();
+    set_image(&w.template, BROKEN);
+    w.schedule(4);
+    let broken = dispatcher_with(&w, "replica-a", &settings);
+    std::thread::sleep(Duration::from_secs(12));
+    let broken = broken.stop();
+    set_image(&w.template, GOOD);
+    let fixed = Instant::now();
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    let took = served_again_after(&w, 14, fixed);
+    let outcome = w.outcome(dispatcher, 18, Duration::from_secs(180));
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    sampler.join().unwrap();
+    let most = max_alive.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(most <= 10, "{most} pods alive at once");
+    for job in &outcome.jobs {
+        assert_eq!(job["status"]["failedIndexes"].as_str().unwrap_or(""), "", "{job:#}");
+    }
+    let all = format!("{}{}{}", first.stderr, broken.stderr, outcome.dispatcher);
+    assert!(!decided(&all, "hold").iter().any(|h| h["reason"] == "failing"));
+    assert!(!decided(&broken.stderr, "stuck").is_empty(), "{}", broken.log());
+    // The fixed template is not held back by the broken one's streak.
+    let fixed_holds = decided(&outcome.dispatcher, "hold");
+    assert!(!fixed_holds.iter().any(|h| h["reason"] == "stuck"), "{}", outcome.dispatcher);
+    eprintln!("soak: at most {most} pods alive; after the image fix, served again in {took:?}; {} nodes", w.cluster.nodes());
+}
+
+/// Waits until more than `before` jobs have been taken; how long after `since`.
+fn served_again_after(w: &World, before: usize, since: Instant) -> Duration {
+    wait("a job taken", Duration::from_secs(120), || {
+        let jobs = w.buildkite.jobs();
+        jobs.iter().filter(|j| j.state != JobState::Scheduled).count() > before
+    });
+    since.elapsed()
+}
