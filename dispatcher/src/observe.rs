@@ -436,10 +436,16 @@ fn phase(pod: &Pod) -> &str {
     status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
 }
 
-/// When the pod's first container to start did (running, or ended after running).
+/// When the pod's first container to start did (running, or ended after running); for a
+/// running pod whose containers say nothing, its `startTime`.
 fn started_at(pod: &Pod) -> Option<Timestamp> {
-    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
-    statuses
+    let status = pod.status.as_ref()?;
+    let fallback = || match phase(pod) {
+        "Running" => status.start_time.as_ref().map(|t| t.0),
+        _ => None,
+    };
+    let statuses = status.container_statuses.as_deref().unwrap_or_default();
+    let started = statuses
         .iter()
         .filter_map(|c| {
             let state = c.state.as_ref()?;
@@ -450,7 +456,8 @@ fn started_at(pod: &Pod) -> Option<Timestamp> {
                 .and_then(|t| t.started_at.as_ref());
             running.or(ran).map(|t| t.0)
         })
-        .min()
+        .min();
+    started.or_else(fallback)
 }
 
 /// When an Event last happened: `lastTimestamp`, else `eventTime`, else `firstTimestamp`.

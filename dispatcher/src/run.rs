@@ -85,8 +85,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         })?;
     tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     let (identity, lease) = names(&settings);
-    let leases = Api::namespaced(client.clone(), &namespace);
-    let election = leader::elect(leases, lease.clone(), identity.clone());
     let mirror = cycle.map(|cycle| {
         mirror_run::start(
             &client,
@@ -100,13 +98,33 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         "serving queue {} in namespace {namespace}", settings.queue);
     let edges = (&client, namespace.as_str(), metrics);
     let dispatcher = Dispatcher::new(&settings, template, edges, mirror.as_ref());
+    // Every replica checks the token first; one Buildkite refuses does not campaign, so that it
+    // never holds the Lease that a replica able to serve the queue could.
+    let token = tokio::select! {
+        token = dispatcher.check_token() => token,
+        signal = stop.next() => {
+            tracing::info!(signal, "stopping on {signal}");
+            return Ok(());
+        }
+    };
+    let election = (token != Some(false)).then(|| {
+        let leases = Api::namespaced(client.clone(), &namespace);
+        leader::elect(leases, lease.clone(), identity.clone())
+    });
+    if election.is_none() {
+        tracing::error!(lease = %lease, "not campaigning for the Lease: Buildkite refused BUILDKITE_AGENT_TOKEN; fix the Secret and restart this replica");
+    }
+    let (_never_sent, never) = tokio::sync::watch::channel(false);
+    let leading = election.as_ref().map_or(never, |e| e.leading.clone());
     tokio::select! {
-        () = dispatcher.serve(election.leading.clone(), &lease) => {}
+        () = dispatcher.serve(leading, &lease, token) => {}
         signal = stop.next() => {
             tracing::info!(signal, "stopping on {signal}: no more dispatches; giving the Lease up");
         }
     }
-    election.release().await;
+    if let Some(election) = election {
+        election.release().await;
+    }
     if let Some(mirror) = mirror {
         mirror.election.release().await;
     }
@@ -217,10 +235,14 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
-    /// Ticks while leading; every replica checks the token first, so a standby with a refused
-    /// one says so in its log and `/readyz` rather than when it takes over.
-    async fn serve(&self, mut leading: tokio::sync::watch::Receiver<bool>, lease: &str) {
-        let mut token = self.check_token().await;
+    /// Ticks while leading; a standby keeps `/readyz` true to its token (`token`: what the
+    /// check at start found) and to the watches.
+    async fn serve(
+        &self,
+        mut leading: tokio::sync::watch::Receiver<bool>,
+        lease: &str,
+        mut token: Option<bool>,
+    ) {
         let mut interval = self.settings.poll_interval;
         let mut was_leader = false;
         loop {

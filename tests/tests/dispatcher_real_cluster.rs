@@ -44,7 +44,10 @@ fn decided(log: &str, decision: &str) -> Vec<Value> {
 /// Jobs the dispatchers have made so far (their `Dispatched` Events outlive deleted Jobs).
 fn dispatches(w: &World) -> usize {
     let events = w.kube.objects("events", NS);
-    events.iter().filter(|e| e["reason"] == "Dispatched").count()
+    events
+        .iter()
+        .filter(|e| e["reason"] == "Dispatched")
+        .count()
 }
 
 /// The dispatcher with `settings` added.
@@ -88,14 +91,28 @@ fn an_image_that_cannot_be_pulled_is_reported_let_go_and_backed_off_until_fixed(
     // Without the backoff: a Job every 4 s at least. With it: 4 s stuck, 3 s, 4 s, 6 s, …
     assert!(dispatches <= 3, "{dispatches} Jobs in {elapsed}s");
     let log = broken.stop();
-    assert!(w.buildkite.jobs().iter().all(|j| j.state == JobState::Scheduled));
+    assert!(w
+        .buildkite
+        .jobs()
+        .iter()
+        .all(|j| j.state == JobState::Scheduled));
     let stuck = decided(&log.stderr, "stuck");
     assert!(!stuck.is_empty(), "{}", log.log());
     let reason = stuck[0]["reason"].as_str().unwrap();
-    assert!(matches!(reason, "ErrImagePull" | "ImagePullBackOff"), "{reason}");
-    assert!(stuck[0]["message"].as_str().unwrap().contains("fix the template's image"));
+    assert!(
+        matches!(reason, "ErrImagePull" | "ImagePullBackOff"),
+        "{reason}"
+    );
+    assert!(stuck[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("fix the template's image"));
     let holds = decided(&log.stderr, "hold");
-    assert!(holds.iter().any(|h| h["reason"] == "stuck"), "{}", log.log());
+    assert!(
+        holds.iter().any(|h| h["reason"] == "stuck"),
+        "{}",
+        log.log()
+    );
     let events = w.kube.objects("events", NS);
     let warning = events.iter().find(|e| e["reason"] == "PodsStuck").unwrap();
     assert_eq!(warning["type"], "Warning");
@@ -133,7 +150,12 @@ fn an_invalid_image_name_is_stuck_at_once() {
     std::thread::sleep(Duration::from_secs(6));
     let log = dispatcher.stop();
     // 2 s, 4 s, 8 s: at most three more in those seconds.
-    assert!(dispatches(&w) <= 4, "{} Jobs: {}", dispatches(&w), log.log());
+    assert!(
+        dispatches(&w) <= 4,
+        "{} Jobs: {}",
+        dispatches(&w),
+        log.log()
+    );
     let stuck = decided(&log.stderr, "stuck");
     assert_eq!(stuck[0]["reason"], "InvalidImageName", "{}", log.log());
     eprintln!("invalid image name: let go {at_once:?} after the dispatch");
@@ -150,20 +172,76 @@ fn a_missing_secret_created_in_time_lets_the_waiting_pods_start() {
     w.kube.delete("secrets", NS, "buildkite-agent");
     w.schedule(2);
     let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_START_TIMEOUT", "60s")]);
-    wait("pods waiting on the Secret", Duration::from_secs(30), || {
-        w.pods().iter().any(|p| {
-            let state = &p["status"]["containerStatuses"][0]["state"]["waiting"];
-            state["reason"] == "CreateContainerConfigError"
-        })
-    });
+    wait(
+        "pods waiting on the Secret",
+        Duration::from_secs(30),
+        || {
+            w.pods().iter().any(|p| {
+                let state = &p["status"]["containerStatuses"][0]["state"]["waiting"];
+                state["reason"] == "CreateContainerConfigError"
+            })
+        },
+    );
     let secret = serde_json::json!({"metadata": {"name": "buildkite-agent"}, "stringData": {"token": TOKEN}});
     w.kube.create("secrets", NS, secret);
     let fixed = Instant::now();
     let took = served_again_after(&w, 0, fixed);
     let outcome = w.outcome(dispatcher, 2, Duration::from_secs(90));
-    assert!(outcome.decisions("stuck").is_empty(), "{}", outcome.dispatcher);
+    assert!(
+        outcome.decisions("stuck").is_empty(),
+        "{}",
+        outcome.dispatcher
+    );
     assert_eq!(outcome.jobs.len(), 1, "the same pods started");
     eprintln!("missing Secret: served {took:?} after it was created");
+}
+
+/// A volume that does not mount (a ConfigMap the template mounts is missing): the pods wait in
+/// `ContainerCreating` and only the kubelet's `FailedMount` Event says why, which the stuck
+/// report quotes; once the ConfigMap exists, the next dispatch runs the jobs.
+#[test]
+fn a_volume_that_does_not_mount_is_reported_with_the_kubelets_event_then_served() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    let text = std::fs::read_to_string(&w.template).unwrap();
+    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let pod = &mut job["spec"]["template"]["spec"];
+    pod["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+        {"name": "settings", "configMap": {"name": "agent-settings"}}));
+    pod["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+        {"name": "settings", "mountPath": "/etc/agent-settings", "readOnly": true}));
+    std::fs::write(&w.template, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+    w.schedule(2);
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "4s"),
+        ("DISPATCHER_STUCK_BACKOFF", "2s"),
+    ];
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    wait("pods let go", Duration::from_secs(60), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "PodsStuck")
+    });
+    let config = serde_json::json!({"metadata": {"name": "agent-settings"}, "data": {"a": "b"}});
+    w.kube.create("configmaps", NS, config);
+    let fixed = Instant::now();
+    let took = served_again_after(&w, 0, fixed);
+    let outcome = w.outcome(dispatcher, 2, Duration::from_secs(120));
+    let stuck = outcome.decisions("stuck");
+    assert_eq!(stuck[0]["reason"], "FailedMount", "{}", outcome.dispatcher);
+    let said = stuck[0]["kubelet_message"].as_str().unwrap();
+    assert!(
+        said.contains("configmap \"agent-settings\" not found"),
+        "{said}"
+    );
+    eprintln!("volume that does not mount: served {took:?} after the ConfigMap was created");
 }
 
 /// A cluster that grows: pods that cannot be scheduled count as coming, so the dispatcher asks
@@ -191,7 +269,11 @@ fn unschedulable_pods_are_the_demand_an_autoscaler_adds_nodes_for() {
     assert_eq!(outcome.jobs.len(), 1, "one dispatch for the whole demand");
     assert!(outcome.pods.len() <= 8 + 2, "{} pods", outcome.pods.len());
     assert!(w.cluster.nodes() > 1, "the autoscaler added nodes");
-    assert!(outcome.decisions("stuck").is_empty(), "{}", outcome.dispatcher);
+    assert!(
+        outcome.decisions("stuck").is_empty(),
+        "{}",
+        outcome.dispatcher
+    );
     let events = w.kube.objects("events", NS);
     assert!(events.iter().any(|e| e["reason"] == "TriggeredScaleUp"));
 }
@@ -244,7 +326,10 @@ fn a_quota_that_frees_up_ends_its_hold() {
     let outcome = w.outcome(dispatcher, 6, Duration::from_secs(120));
     outcome.assert_held("failed-create");
     let holds = outcome.decisions("hold");
-    let last = holds.iter().rposition(|h| h["reason"] == "failed-create").unwrap();
+    let last = holds
+        .iter()
+        .rposition(|h| h["reason"] == "failed-create")
+        .unwrap();
     let after: Vec<&Value> = holds[last + 1..].iter().collect();
     assert!(after.iter().all(|h| h["reason"] != "failed-create"));
     eprintln!("quota freed: every job served {:?} after", freed.elapsed());
@@ -287,15 +372,24 @@ fn a_drain_of_idle_agents_fails_no_index_and_raises_no_hold() {
         assert_eq!(failed, "", "a disruption failed an index: {job:#}");
     }
     assert!(
-        !outcome.decisions("hold").iter().any(|h| h["reason"] == "failing"),
+        !outcome
+            .decisions("hold")
+            .iter()
+            .any(|h| h["reason"] == "failing"),
         "{}",
         outcome.dispatcher
     );
     let evicted = outcome.pods.iter().filter(|p| {
-        let conditions = p["status"]["conditions"].as_array().cloned().unwrap_or_default();
+        let conditions = p["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         conditions.iter().any(|c| c["type"] == "DisruptionTarget")
     });
-    eprintln!("drain: {} idle agents evicted, no index failed", evicted.count());
+    eprintln!(
+        "drain: {} idle agents evicted, no index failed",
+        evicted.count()
+    );
 }
 
 /// Claims mode: idle agents on a generation that has since expired are evicted. Their indexes
@@ -314,15 +408,20 @@ fn claims_mode_keeps_an_expired_generation_while_a_job_can_still_mount_it() {
         .env("DISPATCHER_MIN_AGENTS", "2")
         .env("DISPATCHER_IDLE_TIMEOUT", "90s");
     let dispatcher = Running::spawn(&mut command);
-    wait("two agents on generation 1", Duration::from_secs(90), || {
-        let pods = w.pods();
-        let on_1 = pods.iter().filter(|p| {
-            let volumes = p["spec"]["volumes"].as_array().cloned().unwrap_or_default();
-            let mounts = |v: &Value| v["persistentVolumeClaim"]["claimName"] == format!("{CLAIM}-1");
-            p["status"]["phase"] == "Running" && volumes.iter().any(mounts)
-        });
-        on_1.count() == 2
-    });
+    wait(
+        "two agents on generation 1",
+        Duration::from_secs(90),
+        || {
+            let pods = w.pods();
+            let on_1 = pods.iter().filter(|p| {
+                let volumes = p["spec"]["volumes"].as_array().cloned().unwrap_or_default();
+                let mounts =
+                    |v: &Value| v["persistentVolumeClaim"]["claimName"] == format!("{CLAIM}-1");
+                p["status"]["phase"] == "Running" && volumes.iter().any(mounts)
+            });
+            on_1.count() == 2
+        },
+    );
     wait("generation 1 expired", Duration::from_secs(60), || {
         w.claim_state(1) == "expired"
     });
@@ -334,23 +433,34 @@ fn claims_mode_keeps_an_expired_generation_while_a_job_can_still_mount_it() {
     for pod in &evicted {
         w.cluster.evict(NS, pod);
     }
-    wait("no pod object names claim 1", Duration::from_secs(60), || {
-        w.pods().iter().all(|p| !evicted.contains(&p["metadata"]["name"].as_str().unwrap().to_string()))
-    });
-    let gap = Instant::now();
-    wait("the indexes made again", Duration::from_secs(60), || !w.pods().is_empty());
-    let gap = gap.elapsed();
-    assert!(w.claim(1).is_some(), "claim 1 deleted while its Job could still mount it");
-    wait("the new pods running on claim 1", Duration::from_secs(60), || {
-        let pods = w.pods();
-        pods.len() == 2 && pods.iter().all(|p| p["status"]["phase"] == "Running")
-    });
-    let out = dispatcher.stop();
-    assert!(
-        !out.stderr.contains("DeleteClaim(1)"),
-        "{}",
-        out.log()
+    wait(
+        "no pod object names claim 1",
+        Duration::from_secs(60),
+        || {
+            w.pods()
+                .iter()
+                .all(|p| !evicted.contains(&p["metadata"]["name"].as_str().unwrap().to_string()))
+        },
     );
+    let gap = Instant::now();
+    wait("the indexes made again", Duration::from_secs(60), || {
+        !w.pods().is_empty()
+    });
+    let gap = gap.elapsed();
+    assert!(
+        w.claim(1).is_some(),
+        "claim 1 deleted while its Job could still mount it"
+    );
+    wait(
+        "the new pods running on claim 1",
+        Duration::from_secs(60),
+        || {
+            let pods = w.pods();
+            pods.len() == 2 && pods.iter().all(|p| p["status"]["phase"] == "Running")
+        },
+    );
+    let out = dispatcher.stop();
+    assert!(!out.stderr.contains("DeleteClaim(1)"), "{}", out.log());
     eprintln!("claims mode: no pod named claim 1 for {gap:?}; kept, and its pods started again");
 }
 
@@ -409,19 +519,28 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
     let dispatcher = dispatcher_with(&w, "replica-a", &settings);
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(2));
-        let running: Vec<Value> = w.pods().into_iter().filter(|p| p["status"]["phase"] == "Running").collect();
+        let running: Vec<Value> = w
+            .pods()
+            .into_iter()
+            .filter(|p| p["status"]["phase"] == "Running")
+            .collect();
         if !running.is_empty() {
             let pod = &running[next(running.len())];
-            w.cluster.evict(NS, pod["metadata"]["name"].as_str().unwrap());
+            w.cluster
+                .evict(NS, pod["metadata"]["name"].as_str().unwrap());
         }
     }
-    wait("the burst served", Duration::from_secs(120), || w.finished_jobs() == 8);
+    wait("the burst served", Duration::from_secs(120), || {
+        w.finished_jobs() == 8
+    });
     // The quota flaps.
     w.cluster.change(|s| s.quota_pods = Some(2));
     w.schedule(6);
     std::thread::sleep(Duration::from_secs(5));
     w.cluster.change(|s| s.quota_pods = None);
-    wait("served after the quota", Duration::from_secs(120), || w.finished_jobs() == 14);
+    wait("served after the quota", Duration::from_secs(120), || {
+        w.finished_jobs() == 14
+    });
     // The image breaks (a rollout of a bad template), then is fixed (another).
     let first = dispatcher.stop();
     set_image(&w.template, BROKEN);
@@ -439,22 +558,42 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
     let most = max_alive.load(std::sync::atomic::Ordering::SeqCst);
     assert!(most <= 10, "{most} pods alive at once");
     for job in &outcome.jobs {
-        assert_eq!(job["status"]["failedIndexes"].as_str().unwrap_or(""), "", "{job:#}");
+        assert_eq!(
+            job["status"]["failedIndexes"].as_str().unwrap_or(""),
+            "",
+            "{job:#}"
+        );
     }
     let all = format!("{}{}{}", first.stderr, broken.stderr, outcome.dispatcher);
-    assert!(!decided(&all, "hold").iter().any(|h| h["reason"] == "failing"));
-    assert!(!decided(&broken.stderr, "stuck").is_empty(), "{}", broken.log());
+    assert!(!decided(&all, "hold")
+        .iter()
+        .any(|h| h["reason"] == "failing"));
+    assert!(
+        !decided(&broken.stderr, "stuck").is_empty(),
+        "{}",
+        broken.log()
+    );
     // The fixed template is not held back by the broken one's streak.
     let fixed_holds = decided(&outcome.dispatcher, "hold");
-    assert!(!fixed_holds.iter().any(|h| h["reason"] == "stuck"), "{}", outcome.dispatcher);
-    eprintln!("soak: at most {most} pods alive; after the image fix, served again in {took:?}; {} nodes", w.cluster.nodes());
+    assert!(
+        !fixed_holds.iter().any(|h| h["reason"] == "stuck"),
+        "{}",
+        outcome.dispatcher
+    );
+    eprintln!(
+        "soak: at most {most} pods alive; after the image fix, served again in {took:?}; {} nodes",
+        w.cluster.nodes()
+    );
 }
 
 /// Waits until more than `before` jobs have been taken; how long after `since`.
 fn served_again_after(w: &World, before: usize, since: Instant) -> Duration {
     wait("a job taken", Duration::from_secs(120), || {
         let jobs = w.buildkite.jobs();
-        jobs.iter().filter(|j| j.state != JobState::Scheduled).count() > before
+        jobs.iter()
+            .filter(|j| j.state != JobState::Scheduled)
+            .count()
+            > before
     });
     since.elapsed()
 }

@@ -198,9 +198,9 @@ fn a_restart_and_a_second_replica_make_no_duplicate_dispatch() {
 }
 
 /// A rollout: SIGTERM makes the leader stop dispatching, give its Lease up and exit 0, and the
-/// standby takes over at its next retry (2 s), not when the Lease would have expired (15 s). A
-/// standby checks the token at start: one with a refused token says so at once, in its log and
-/// `/readyz`, though it does not lead.
+/// standby takes over at its next retry (2 s), not when the Lease would have expired (15 s).
+/// Every replica checks the token at start: one with a refused token says so at once, in its log
+/// and `/readyz`, and does not campaign for the Lease.
 #[test]
 fn a_rollout_hands_the_lease_over_at_once_and_every_replica_checks_its_token() {
     let w = World::new();
@@ -248,6 +248,12 @@ fn a_rollout_hands_the_lease_over_at_once_and_every_replica_checks_its_token() {
     let said = refused.iter().find(|l| l["level"] == "ERROR");
     let said = said.map(|l| l["message"].to_string()).unwrap_or_default();
     assert!(said.contains("BUILDKITE_AGENT_TOKEN"), "{}", out_c.log());
+    // It never took the Lease a replica able to serve could hold.
+    assert!(
+        out_c.stderr.contains("not campaigning for the Lease"),
+        "{}",
+        out_c.log()
+    );
     eprintln!("lease handed over in {handover:?}");
 }
 
@@ -354,9 +360,13 @@ fn a_quota_refusal_holds_while_it_lasts_and_not_a_tick_longer() {
     assert_eq!(w.jobs().len(), 1);
     let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"failed-create\"} 1";
     assert!(http_get(port, "/metrics").1.contains(blocked));
-    // The quota freed: the Job controller made the pods, the refusals stopped.
+    // The quota freed: the Job controller made the pods, which started; the refusals stopped.
     for i in 1..6 {
-        w.pod(&job, &format!("p{i}"), json!({"phase": "Pending"}));
+        w.pod(
+            &job,
+            &format!("p{i}"),
+            json!({"phase": "Running", "startTime": now()}),
+        );
     }
     wait_for("a dispatch for the rest", || w.jobs().len() == 2);
     ticks(&w, 1);
@@ -532,7 +542,8 @@ fn the_poll_interval_follows_what_buildkite_asks() {
     let w = World::new();
     w.buildkite.ask_poll_duration(1);
     let (dispatcher, _) = w.dispatcher("replica-a", QUEUE);
-    ticks(&w, 1);
+    // The token check at start, then the first tick.
+    ticks(&w, 2);
     let started = Instant::now();
     ticks(&w, 3);
     dispatcher.stop();

@@ -116,10 +116,10 @@ fn decision_with(
 ) -> String {
     for rule in &policy.rules {
         let on_conditions = rule.on_pod_conditions.iter().flatten();
-        if on_conditions.clone().any(|c| {
-            c.status.as_deref().unwrap_or("True") == "True"
-                && conditions.contains(&c.type_.as_str())
-        }) {
+        if on_conditions
+            .clone()
+            .any(|c| c.status == "True" && conditions.contains(&c.type_.as_str()))
+        {
             return rule.action.clone();
         }
         let Some(on) = &rule.on_exit_codes else {
