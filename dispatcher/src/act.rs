@@ -193,6 +193,7 @@ impl Act<'_, '_> {
         ));
         let mut note = Note::normal(STUCK_EVENT, "LetGo", message, &first.dispatch);
         note.warning = true;
+        note.template = Some(first.template.clone());
         note.annotations
             .insert(STUCK_REASON_ANNOTATION.into(), first.reason.clone());
         let reference = Job {
@@ -232,7 +233,11 @@ impl Act<'_, '_> {
             (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         ]);
         let mut annotations = note.annotations;
-        annotations.insert(TEMPLATE_LABEL.into(), d.template.hash().to_string());
+        // The template the Job was made from: a Job let go after a rollout is the old one's.
+        let template = note
+            .template
+            .unwrap_or_else(|| d.template.hash().to_string());
+        annotations.insert(TEMPLATE_LABEL.into(), template);
         annotations.insert(DISPATCH_LABEL.into(), note.dispatch.clone());
         let event = Event {
             metadata: ObjectMeta {
@@ -278,6 +283,8 @@ struct Note {
     dispatch: String,
     warning: bool,
     annotations: BTreeMap<String, String>,
+    /// The template's hash, when not this dispatcher's.
+    template: Option<String>,
 }
 
 impl Note {
@@ -289,6 +296,7 @@ impl Note {
             dispatch: dispatch.to_string(),
             warning: false,
             annotations: BTreeMap::new(),
+            template: None,
         }
     }
 }

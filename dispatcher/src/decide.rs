@@ -73,6 +73,8 @@ pub struct StuckPod {
     /// What Kubernetes said of it.
     pub message: String,
     pub waited: Duration,
+    /// The hash of the template its Job was made from.
+    pub template: String,
 }
 
 /// An unfinished Job with stuck pods.

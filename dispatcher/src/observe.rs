@@ -180,6 +180,7 @@ fn life(pod: &Pod, seen: &Observed, timeouts: &Timeouts) -> Life {
             reason,
             message,
             waited,
+            template: label(&pod.metadata, TEMPLATE_LABEL),
         });
     }
     Life::Waiting {
@@ -285,7 +286,10 @@ fn streak(seen: &Observed, stuck_now: &[StuckJob]) -> Option<Streak> {
     }
     let mut since = newest.as_ref().map(|(t, _)| elapsed(*t, seen.now));
     let mut reason = newest.map(|(_, r)| r);
-    for pod in stuck_now.iter().flat_map(|j| &j.pods) {
+    // Another template's pods are let go all the same, but what failed with it says nothing
+    // of this one.
+    let this_template = |p: &&StuckPod| p.template == seen.template;
+    for pod in stuck_now.iter().flat_map(|j| &j.pods).filter(this_template) {
         dispatches.insert(pod.dispatch.clone());
         since = Some(Duration::ZERO);
         reason = Some(pod.reason.clone());
@@ -551,7 +555,7 @@ mod tests {
     fn pod_at(owner: &str, name: &str, created: &str, status: serde_json::Value) -> Pod {
         serde_json::from_value(json!({
             "metadata": {"name": name, "creationTimestamp": created,
-                "labels": {DISPATCH_LABEL: format!("id-{owner}")},
+                "labels": {DISPATCH_LABEL: format!("id-{owner}"), TEMPLATE_LABEL: TEMPLATE},
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": owner,
                     "uid": owner, "controller": true}]},
             "status": status,
@@ -709,6 +713,13 @@ mod tests {
         assert_eq!((s.running, s.pending, s.not_yet_created), (1, 1, 0));
         let streak = s.streak.unwrap();
         assert_eq!((streak.dispatches, streak.since_last), (1, Duration::ZERO));
+        // Pods of another template (the one just fixed) are let go, and hold nothing back.
+        let mut old_template = pods[1].clone();
+        let labels = old_template.metadata.labels.as_mut().unwrap();
+        labels.insert(TEMPLATE_LABEL.into(), "t0".into());
+        let s = read(&[old_template], &jobs, &[]);
+        assert_eq!(s.stuck_jobs[0].pods.len(), 1);
+        assert_eq!(s.streak, None);
     }
 
     #[test]

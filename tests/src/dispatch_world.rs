@@ -233,6 +233,13 @@ pub fn write_template(path: &Path, endpoint: &str) {
     std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
 }
 
+/// Whether `job` has the condition `kind` True (a finished Job's conditions start with the
+/// interim `SuccessCriteriaMet` or `FailureTarget`, so the one sought is looked for by type).
+pub fn ended(job: &Value, kind: &str) -> bool {
+    let conditions = job["status"]["conditions"].as_array();
+    conditions.is_some_and(|c| c.iter().any(|c| c["type"] == kind && c["status"] == "True"))
+}
+
 /// Waits up to `limit` for `done`.
 pub fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -301,15 +308,18 @@ impl World {
         wait(&format!("{jobs} jobs finished"), limit, || {
             self.finished_jobs() == jobs
         });
+        // A Job ends once none of its pods is active; one whose parallelism was lowered (stuck
+        // pods let go), or whose evicted pods come back after the per-index backoff, makes
+        // pods for its open indexes until then.
+        wait("every Job finished", Duration::from_secs(120), || {
+            let jobs = self.kube.objects("jobs", NS);
+            jobs.iter()
+                .all(|j| ended(j, "Complete") || ended(j, "Failed"))
+        });
         wait("every pod ended", Duration::from_secs(60), || {
             self.pods()
                 .iter()
                 .all(|p| matches!(p["status"]["phase"].as_str(), Some("Succeeded" | "Failed")))
-        });
-        wait("every Job finished", Duration::from_secs(10), || {
-            let jobs = self.kube.objects("jobs", NS);
-            jobs.iter()
-                .all(|j| j["status"]["conditions"][0]["status"] == "True")
         });
         let out = dispatcher.stop();
         let pods = self.pods();
@@ -330,7 +340,7 @@ impl World {
         let complete: Vec<&Value> = outcome
             .jobs
             .iter()
-            .filter(|j| j["status"]["conditions"][0]["type"] == "Complete")
+            .filter(|j| ended(j, "Complete"))
             .map(|j| &j["metadata"]["uid"])
             .collect();
         for pod in &outcome.pods {

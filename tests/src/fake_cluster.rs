@@ -1,36 +1,62 @@
-//! The rest of a cluster behind [`FakeKube`]: a Job controller, a scheduler with one node of
-//! fixed capacity, a namespace pod quota, and a kubelet stand-in that runs every pod bound to
-//! its node for real. They read and write the fake API server's store as the real ones do the
-//! API, so the dispatcher and `kubectl` see their work through lists and watches.
+//! The rest of a cluster behind [`FakeKube`]: a Job controller, a scheduler, nodes, a namespace
+//! pod quota, an optional Cluster Autoscaler, PodGC, and a kubelet stand-in that runs every pod
+//! bound to a node for real. They read and write the fake API server's store as the real ones
+//! do the API, so the dispatcher and `kubectl` see their work through lists and watches.
 //!
-//! Modelled on Kubernetes 1.33 as its documentation describes it (kubernetes.io "Jobs",
-//! "Pod Lifecycle", "Resource Quotas", "Determine the Reason for Pod Failure"), with the Job
-//! controller's words and names checked against kubernetes/kubernetes `pkg/controller/job/`:
-//! `job_controller.go` (the `BackoffLimitExceeded`, `DeadlineExceeded` and `FailedIndexes`
-//! conditions and their messages) and `indexed_job_utils.go` (`podGenerateNameWithIndex`, the
-//! completion-index annotation and label, `JOB_COMPLETION_INDEX` from a field reference). Where
-//! neither says, this says what it chose. Not modelled: the interim `FailureTarget` and
-//! `SuccessCriteriaMet` conditions (1.31+) that precede `Failed` and `Complete` while pods are
-//! still being stopped.
+//! Modelled on Kubernetes 1.33, each behaviour on the source file named with it
+//! (kubernetes/kubernetes unless another repository is named). Where the source is silent, this
+//! says what it chose.
 //!
-//! - **Job controller** (`batch/v1`): keeps `min(parallelism, completions − succeeded)` pods
-//!   active, each from the template with `generateName: <job>-`, the `batch.kubernetes.io/
-//!   controller-uid` and `job-name` labels (and the legacy unprefixed pair) and a controller
-//!   owner reference; a `SuccessfulCreate` Event per pod. Status `active`, `ready`,
-//!   `succeeded`, `failed`, `startTime`. Complete when `succeeded ≥ completions`; Failed on a
-//!   `podFailurePolicy` `FailJob` exit-code rule (reason `PodFailurePolicy`), on more failed pods
-//!   than `backoffLimit` (`BackoffLimitExceeded`) or past `activeDeadlineSeconds`
-//!   (`DeadlineExceeded`), its active pods then deleted. `completionMode: Indexed`: one pod per
-//!   open index (`<job>-<i>-` names, the `job-completion-index` annotation and label,
-//!   `JOB_COMPLETION_INDEX`); with `backoffLimitPerIndex`, an index fails alone (past that many
-//!   failures, or on a `FailIndex` rule) while the others go on, and the Job ends when every
-//!   index has: Failed (`FailedIndexes`) if any failed, with `completedIndexes` and
-//!   `failedIndexes` (comma lists, not the API's ranges). `maxFailedIndexes`, the pod-failure
-//!   backoff delay and `successPolicy` are not modelled. A finished Job is deleted
-//!   `ttlSecondsAfterFinished` later, its pods with it. A pod the quota refuses is a
+//! - **Job controller** (`pkg/controller/job/job_controller.go`): keeps `min(parallelism,
+//!   completions − succeeded)` pods active, each from the template with `generateName: <job>-`, the
+//!   `batch.kubernetes.io/controller-uid` and `job-name` labels (and the legacy pair), a controller
+//!   owner reference and the `batch.kubernetes.io/job-tracking` finalizer; a `SuccessfulCreate`
+//!   Event per pod. Status `active`, `ready`, `terminating`, `succeeded`, `failed`, `startTime`,
+//!   `uncountedTerminatedPods` (always empty: counting a pod and removing its finalizer is one step
+//!   here). A finished pod (Failed; or deleted before it succeeded, unless a `podFailurePolicy` or
+//!   `podReplacementPolicy: Failed` makes the controller wait for Failed, `isPodFailed`) is counted
+//!   and loses its finalizer, so a deleted pod object stays, with its `deletionTimestamp`, until
+//!   counted. A Job ends on a `FailJob` rule (reason `PodFailurePolicy`), on more counted failures
+//!   than `backoffLimit` (`BackoffLimitExceeded`), past `activeDeadlineSeconds`
+//!   (`DeadlineExceeded`), with `backoffLimitPerIndex` on failed indexes (`FailedIndexes`,
+//!   `MaxFailedIndexesExceeded`), or on reaching its completions with no pod active: first the
+//!   interim `FailureTarget` (same reason and message as the final one; its active pods deleted,
+//!   `SuccessfulDelete`) or `SuccessCriteriaMet` (`CompletionsReached`, "Reached expected number of
+//!   succeeded pods"), and only once none of its pods is still terminating `Failed` (a Warning
+//!   Event of its reason) or `Complete` (`Completed`, `completionTime`):
+//!   `newFailureCondition`/`newSuccessCondition` with `delayTerminalCondition` (on since 1.31),
+//!   `enactJobFinished`. The stored `job_controller.go` gives `SuccessCriteriaMet` no reason;
+//!   `CompletionsReached` and its message are 1.31+'s (`JobReasonCompletionsReached`). A finished
+//!   Job's pods, and a deleted Job's, lose the finalizer (the orphan worker). `completionMode:
+//!   Indexed` (`indexed_job_utils.go`): one pod per open index (`<job>-<i>-`, the
+//!   `job-completion-index` annotation and label, `hostname: <job>-<i>`, `JOB_COMPLETION_INDEX`
+//!   from the label), `completedIndexes` and `failedIndexes` in the API's interval form (`1,3-5`);
+//!   with `backoffLimitPerIndex` an index fails alone (`FailIndex`, or a counted failure whose pod
+//!   had `backoffLimitPerIndex` failures before it) while the others go on, each pod carries
+//!   `batch.kubernetes.io/job-index-failure-count` and `…/job-index-ignored-failure-count`, and a
+//!   failed index's next pod waits 10 s × 2^(n−1), at most 10 minutes, n its failures counted and
+//!   ignored, from the last one's end (`backoff_utils.go` `getRemainingTimePerIndex`; the failed
+//!   pod keeps its finalizer until then). A `parallelism` lowered below the pods active deletes
+//!   the surplus, least started first (`activePodsForRemoval`, `controller.ActivePods`). Not
+//!   modelled: the Job-wide pod failure backoff of Jobs
+//!   without `backoffLimitPerIndex`, `successPolicy`, `suspend`, duplicate-index cleanup, init
+//!   containers. A finished Job is deleted `ttlSecondsAfterFinished` later, its pods with it.
+//! - **podFailurePolicy** (`pod_failure_policy.go` `matchPodFailurePolicy`): the rules in order,
+//!   the first that matches decides. `onExitCodes` (`In`/`NotIn`, optional `containerName`)
+//!   looks at terminated containers with a non-zero code, the containers then the init
+//!   containers; `onPodConditions` at type and status (`DisruptionTarget=True`). `FailJob` ends
+//!   the Job ("Container X for pod ns/name failed with exit code N matching FailJob rule at
+//!   index I", or "Pod ns/name has condition T matching FailJob rule at index I"), `FailIndex`
+//!   its index, `Ignore` leaves the failure out of `failed` and the backoff limits (but not of
+//!   the per-index delay), `Count` counts it.
+//! - **Quota**: a `pods` limit on the namespace's pods that have not ended, not a served kind:
+//!   set on the cluster, and changed with [`FakeCluster::change`]. A refused pod is a
 //!   `FailedCreate` Warning on the Job, `Error creating: pods "<name>" is forbidden: exceeded
-//!   quota: ...` as the quota admission words it, at most once a second per Job (the controller
-//!   backs off), counted as the event recorder aggregates.
+//!   quota: ...` as the quota admission words it, aggregated (`count`, `lastTimestamp`) as the
+//!   event recorder does, and the Job is tried again after `DefaultJobApiBackOff` (1 s)
+//!   doubling to `MaxJobApiBackOff` (a minute), reset by a creation: a freed quota is noticed at
+//!   that next attempt. The real controller also syncs a Job when its own pods change; here
+//!   only the backoff paces the retries.
 //! - **Claims**: a new claim is bound to a volume, a directory: the one the test provisioned
 //!   for it, else a new one, deleted with the claim. The pvc-protection controller lets a
 //!   deleted claim go only once no scheduled pod object names it, whatever that pod's phase; the
@@ -40,12 +66,39 @@
 //!   volume and becomes `readyToUse` (of an unbound one, `status.error` says so); a claim whose
 //!   `dataSource` is a snapshot is bound, to a copy of it, once the snapshot is ready. No
 //!   VolumeSnapshotContent or class objects.
-//! - **Quota**: a `pods` limit on the namespace's pods that have not ended (a ResourceQuota's
-//!   `count/pods` counts pods in a non-terminal phase). Not a served kind: set on the cluster.
-//! - **Scheduler**: `nodes` nodes, `fake-node-1` to `fake-node-N`, each running at most
-//!   `capacity` pods that have not ended. A pending pod is bound to the least loaded node with
-//!   room; without one, its `PodScheduled` condition is `False`, reason `Unschedulable`, with the
-//!   scheduler's message.
+//! - **Nodes and scheduler**: `nodes` Node objects, `fake-node-1` to `fake-node-N`, Ready, each
+//!   running at most `capacity` pods that have not ended; `spec.unschedulable` (a cordon, by
+//!   `kubectl cordon`/`drain` or [`FakeCluster::drain`]) keeps new pods off. A pending pod is
+//!   bound to the least loaded schedulable node with room; without one, `PodScheduled=False`,
+//!   `Unschedulable`, with the scheduler's `FitError` message (`0/N nodes are available: 1
+//!   Insufficient cpu, 1 node(s) were unschedulable. preemption: …`).
+//! - **Cluster Autoscaler** (`ClusterSpec::autoscaler`; kubernetes/autoscaler
+//!   `cluster-autoscaler/core/scaleup/`): while pods wait for room (not for a claim), it scales
+//!   the node group up by one node, up to `max_nodes`, posting a Normal `TriggeredScaleUp` Event
+//!   from `cluster-autoscaler` on each such pod, "pod triggered scale-up:
+//!   [{fake-node-group 1->2 (max: 3)}]" (`processors/status/eventing_scale_up_processor.go`
+//!   with `ScaleUpInfo`'s form); the node joins `delay` later.
+//! - **Disruptions**, each a `DisruptionTarget=True` pod condition with the real reason and
+//!   message: the Eviction API (`pkg/registry/core/pod/storage/eviction.go`,
+//!   `EvictionByEvictionAPI`, "Eviction API: evicting", then a graceful delete; served by
+//!   [`FakeKube`], and [`FakeCluster::evict`], [`FakeCluster::drain`]); preemption
+//!   (`pkg/scheduler/framework/preemption/preemption.go`, `PreemptionByScheduler`,
+//!   "default-scheduler: preempting to accommodate a higher priority pod"; the victim's
+//!   `Preempted` Event is not posted, there being no preemptor); taint eviction
+//!   (`pkg/controller/tainteviction/taint_eviction.go`, `DeletionByTaintManager`, "Taint
+//!   manager: deleting due to NoExecute taint"); node-pressure eviction by the kubelet
+//!   (`pkg/kubelet/eviction/eviction_manager.go`, `TerminationByKubelet`, with the message of a
+//!   default hard memory threshold, "The node was low on resource: memory. Threshold quantity:
+//!   100Mi, available: 51200Ki. ", also a Warning `Evicted` Event): the container gets SIGTERM
+//!   and SIGKILL after the pod's `terminationGracePeriodSeconds` (chosen: a soft threshold with
+//!   a maximum grace period no shorter), and the pod fails in place, phase Failed, reason
+//!   `Evicted`, not deleted. A pod deleted through the API gets no condition.
+//! - **PodGC** (`pkg/controller/podgc/gc_controller.go`): a pod being deleted that was never
+//!   scheduled is failed and deleted with no grace period, with no condition
+//!   (`gcUnscheduledTerminating` calls `markFailedAndDeletePod`, not the condition form); a pod
+//!   on a node gone from the spec for 40 s (`quarantineTime`) is failed with
+//!   `DisruptionTarget` `DeletionByPodGC`, "PodGC: node no longer exists", and deleted
+//!   (`gcOrphaned`).
 //! - **DaemonSet controller**: a pod of each DaemonSet on each node, created bound to it (the
 //!   real controller leaves the binding to the scheduler, through node affinity); one that ended
 //!   is replaced, where a real kubelet would restart its container (`restartPolicy: Always`).
@@ -53,26 +106,59 @@
 //!   (`unshare`), a root made of the host's `/usr` and `/etc` read-only, the image's files (the
 //!   Dockerfile's final stage: its `/usr/local/bin` binaries from this workspace's build, the
 //!   stand-in as `buildkite-agent`, `image/buildkite-agent.cfg`, `image/install.sh`'s hook
-//!   links, its `ENV`, `USER`, `WORKDIR` and `ENTRYPOINT`), its own `/tmp`, `/proc` and
-//!   `/dev`, and each volume mount bound at its path: `emptyDir` a fresh directory owned by the
-//!   `fsGroup`, `persistentVolumeClaim` its claim's volume (read-only when the mount or the volume
-//!   says so; mounted read-write with an `fsGroup`, its files are given to that group, group
-//!   writable, directories setgid, as the kubelet's `SetVolumeOwnership` does), `hostPath` that
-//!   node's own directory for the path (created for
-//!   `DirectoryOrCreate`), `configMap` its data as files, read-only. The entrypoint is PID 1, as the user the security context
-//!   names; its env is the image's, then the container's (`value`, `secretKeyRef` from the
-//!   store's Secrets, `fieldRef` `metadata.name`/`namespace`), and `HOSTNAME`. The pod goes
+//!   links, its `ENV`, `USER`, `WORKDIR` and `ENTRYPOINT`), whatever image the pod names, its own
+//!   `/tmp`, `/proc` and `/dev`, and each volume mount bound at its path: `emptyDir` a fresh
+//!   directory owned by the `fsGroup`, `persistentVolumeClaim` its claim's volume (read-only when
+//!   the mount or the volume says so; mounted read-write with an `fsGroup`, its files are given
+//!   to that group, group writable, directories setgid, as the kubelet's `SetVolumeOwnership`
+//!   does), `hostPath` that node's own directory for the path (created for
+//!   `DirectoryOrCreate`), `configMap` and `secret` their data as files, read-only. The
+//!   entrypoint is PID 1, as the user the security context names; its env is the image's, then
+//!   the container's (`value`, `secretKeyRef`, `configMapKeyRef`, `fieldRef`), and `HOSTNAME`.
+//!   Only the first container runs; every container's status reports its state. The pod goes
 //!   `Running`, then `Succeeded` or `Failed` with the container's exit code and its termination
 //!   message (the file at `terminationMessagePath`, else with `FallbackToLogsOnError` the log's
-//!   tail). A deleted pod gets SIGTERM, SIGKILL after its grace period, and is then removed. A
-//!   missing Secret leaves the pod Pending with `CreateContainerConfigError`, as the kubelet
-//!   does. The test image's one addition to the real one: `BUILDKITE_STANDIN_STATE`, the
-//!   stand-in agent's state directory, in `/tmp`.
+//!   tail). A deleted pod's container gets SIGTERM, SIGKILL after its grace period (the
+//!   delete's `gracePeriodSeconds`, else its `terminationGracePeriodSeconds`; it ends with
+//!   whatever code its process returns); a pod deleted before it ran fails with each container
+//!   137 `ContainerStatusUnknown`; then the kubelet deletes it for good, and it goes once no
+//!   finalizer holds it. Conditions set by others (`DisruptionTarget`) are kept, and
+//!   `startTime` once set. A node taken out of the spec takes its containers with it, and its
+//!   pods are left as they were for PodGC. The test image's one addition to the real one:
+//!   `BUILDKITE_STANDIN_STATE`, the stand-in agent's state directory, in `/tmp`.
+//! - **Pods that never start**, Pending, `PodScheduled=True`, `startTime` set (the status
+//!   manager sets it on the first status it writes, `pkg/kubelet/status/status_manager.go`),
+//!   each container waiting, and Events from `kubelet`, in the kubelet's order (volumes, then
+//!   per container image, then config):
+//!   - a `configMap` or `secret` volume whose object is missing (not `optional`): every
+//!     container `ContainerCreating`, a Warning `FailedMount` "MountVolume.SetUp failed for
+//!     volume "v" : configmap "x" not found" (`pkg/kubelet/volumemanager/`, the volume
+//!     plugin's error), retried after 500 ms doubling to 2 min 2 s
+//!     (`pkg/util/goroutinemap/exponentialbackoff`), so creating the object lets it start;
+//!   - an image reference that does not parse (`parsers.ParseImageName`, the
+//!     distribution/reference grammar): `InvalidImageName`, "Failed to apply default image tag
+//!     "X": couldn't parse image name "X": invalid reference format…" (a Warning
+//!     `InspectFailed`), never retried; a `missing_images` image under `imagePullPolicy: Never`:
+//!     `ErrImageNeverPull`, "Container image "X" is not present with pull policy of Never",
+//!     never retried (taking it out of the set is a push to the registry, which such a pod never
+//!     pulls from); any other image in `missing_images`: its pull fails with containerd's error
+//!     through the CRI ("rpc error: code = NotFound desc = failed to pull and unpack image
+//!     "docker.io/library/x:latest": failed to resolve reference "…": …: not found"), waiting
+//!     `ErrImagePull` with it (Normal `Pulling`, Warning `Failed` "Failed to pull image "X":
+//!     …"), then, until the image backoff (10 s doubling to 300 s) has passed, `ImagePullBackOff`
+//!     "Back-off pulling image "X"" (a Normal `BackOff` Event, as `image_manager.go` records it);
+//!     the kubelet syncs the pod every second meanwhile (the fake's choice), and the first pull
+//!     after the backoff once the image left the set starts it. Each of these also a Warning
+//!     `Failed` "Error: <reason>" (`kuberuntime_container.go` `startContainer`);
+//!   - env from a Secret or ConfigMap that is missing (`secret "x" not found`) or lacks the key
+//!     (`couldn't find key k in Secret ns/x`, `kubelet_pods.go` `makeEnvironmentVariables`):
+//!     `CreateContainerConfigError` with that message and a Warning `Failed` "Error: <it>",
+//!     retried every 10 s, so creating the Secret lets the pod start.
 //!
 //! Needs root (mount namespaces) and util-linux's `unshare`; [`FakeCluster::unavailable`] says
 //! why it cannot run.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -82,7 +168,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::fake_kube::{kind_of, now_rfc3339, FakeKube, Key, Store, PVC_PROTECTION};
+use crate::fake_kube::{
+    disruption, kind_of, now_rfc3339, with_condition, FakeKube, Key, Store, PVC_PROTECTION,
+};
 use crate::sandbox::bin;
 
 /// What the cluster is made of; change it while it runs with [`FakeCluster::change`].
@@ -97,6 +185,19 @@ pub struct ClusterSpec {
     /// Volumes provisioned beforehand: claim name → the directory that is its volume. Other
     /// claims get a new directory when bound, deleted with the claim.
     pub claims: BTreeMap<String, PathBuf>,
+    /// Image references (as a pod spells them) the registry does not have: pulling one fails.
+    /// Taking one out is pushing it: a pod waiting for it starts at its next pull.
+    pub missing_images: BTreeSet<String>,
+    /// A Cluster Autoscaler adding nodes for pods that do not fit, if any.
+    pub autoscaler: Option<Autoscaler>,
+}
+
+/// The Cluster Autoscaler's node group: at most `max_nodes` nodes, each joining `delay` after
+/// the scale-up that asked for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Autoscaler {
+    pub max_nodes: usize,
+    pub delay: Duration,
 }
 
 impl ClusterSpec {
@@ -138,8 +239,10 @@ struct Container {
     dir: PathBuf,
     started_at: String,
     fallback_to_logs: bool,
-    /// When SIGTERM was sent, and the grace period.
-    stopping: Option<(Instant, Duration)>,
+    /// When it is killed, once SIGTERM has been sent.
+    deadline: Option<Instant>,
+    /// The eviction manager's message, when its kubelet evicts the pod.
+    evicted: Option<String>,
 }
 
 impl FakeCluster {
@@ -176,6 +279,92 @@ impl FakeCluster {
 
     pub fn change(&self, change: impl FnOnce(&mut ClusterSpec)) {
         change(&mut self.inner.spec.lock().unwrap());
+    }
+
+    /// How many nodes the cluster has now (the autoscaler may have added some).
+    pub fn nodes(&self) -> usize {
+        self.inner.spec.lock().unwrap().nodes.max(1)
+    }
+
+    /// Pod `pod` evicted as through the Eviction API (`POST …/pods/<pod>/eviction`).
+    pub fn evict(&self, namespace: &str, pod: &str) {
+        let key = pod_key(namespace, pod);
+        self.inner.kube.with_store(|store| {
+            let _ = store.evict(&key, None);
+        });
+    }
+
+    /// `kubectl drain --ignore-daemonsets`: node `node` cordoned, then each of its pods but a
+    /// DaemonSet's evicted.
+    pub fn drain(&self, node: &str) {
+        self.cordon(node, true);
+        self.inner.kube.with_store(|store| {
+            let on = |p: &Value| p["spec"]["nodeName"] == node;
+            let daemon = |p: &Value| p["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet";
+            let pods = store.all("pods").into_iter();
+            for (key, _) in pods.filter(|(_, p)| on(p) && !daemon(p)) {
+                let _ = store.evict(&key, None);
+            }
+        });
+    }
+
+    /// `kubectl uncordon`: new pods may be scheduled on node `node` again.
+    pub fn uncordon(&self, node: &str) {
+        self.cordon(node, false);
+    }
+
+    /// Pod `pod` preempted by the scheduler for a pod of higher priority
+    /// (`pkg/scheduler/framework/preemption/`): `DisruptionTarget` `PreemptionByScheduler`, then
+    /// deleted gracefully.
+    pub fn preempt(&self, namespace: &str, pod: &str) {
+        let message = "default-scheduler: preempting to accommodate a higher priority pod";
+        self.disrupt(namespace, pod, "PreemptionByScheduler", message);
+    }
+
+    /// Pod `pod` evicted by the taint eviction controller for a `NoExecute` taint it does not
+    /// tolerate (`pkg/controller/tainteviction/`): `DisruptionTarget` `DeletionByTaintManager`,
+    /// then deleted.
+    pub fn taint_evict(&self, namespace: &str, pod: &str) {
+        let message = "Taint manager: deleting due to NoExecute taint";
+        self.disrupt(namespace, pod, "DeletionByTaintManager", message);
+    }
+
+    /// Pod `pod` evicted by its kubelet for node pressure (`pkg/kubelet/eviction/`): a Warning
+    /// `Evicted` Event and `DisruptionTarget` `TerminationByKubelet`; the kubelet then stops its
+    /// container and fails it in place (phase Failed, reason `Evicted`), not deleted.
+    pub fn kubelet_evict(&self, namespace: &str, pod: &str) {
+        let key = pod_key(namespace, pod);
+        self.inner.kube.with_store(|store| {
+            let Some(object) = store.objects.get(&key).cloned() else {
+                return;
+            };
+            let note = ("Warning", "Evicted", EVICTION_MESSAGE);
+            record(store, &object, &Source::kubelet(&object, None), note);
+            let condition = disruption("TerminationByKubelet", EVICTION_MESSAGE);
+            store.set_pod_condition(&key, condition);
+        });
+    }
+
+    /// `DisruptionTarget` with `reason` and `message` on the pod, then the pod deleted.
+    fn disrupt(&self, namespace: &str, pod: &str, reason: &str, message: &str) {
+        let key = pod_key(namespace, pod);
+        self.inner.kube.with_store(|store| {
+            if store.set_pod_condition(&key, disruption(reason, message)) {
+                store.delete(kind_of("pods").unwrap(), &key, false, None);
+            }
+        });
+    }
+
+    /// Node `node` cordoned (`spec.unschedulable`), or uncordoned.
+    fn cordon(&self, node: &str, on: bool) {
+        let spec = self.inner.spec.lock().unwrap().clone();
+        self.inner.kube.with_store(|store| {
+            node_controller(store, &spec);
+            if let Some(mut object) = store.objects.get(&node_key(node)).cloned() {
+                object["spec"]["unschedulable"] = if on { json!(true) } else { Value::Null };
+                store.put(kind_of("nodes").unwrap(), object);
+            }
+        });
     }
 
     /// Node `node`'s directory for the host path `path`.
@@ -222,104 +411,163 @@ impl Drop for FakeCluster {
     }
 }
 
+fn pod_key(namespace: &str, name: &str) -> Key {
+    ("pods", namespace.to_string(), name.to_string())
+}
+
+/// What the controllers keep between syncs, as the real ones keep it in memory.
+#[derive(Default)]
+struct Memory {
+    /// Running containers, by pod uid.
+    containers: HashMap<String, Container>,
+    refused: Refusals,
+    /// The kubelet's attempts at pods it has not started, by pod uid.
+    attempts: HashMap<String, Attempts>,
+    /// When the node the autoscaler is adding joins.
+    scale_up: Option<Instant>,
+    /// Nodes gone, since when PodGC has missed them.
+    gone_nodes: HashMap<String, Instant>,
+}
+
 /// The controllers' loop; on stop, every container is killed.
 fn run(inner: &Inner) {
-    let mut containers: HashMap<String, Container> = HashMap::new();
-    let mut backoff: HashMap<String, Instant> = HashMap::new();
+    let mut memory = Memory::default();
     while !inner.stop.load(Ordering::SeqCst) {
+        join_nodes(inner, &mut memory.scale_up);
         let spec = inner.spec.lock().unwrap().clone();
-        let now = epoch_now();
-        let (to_start, to_stop, to_remove) = inner.kube.with_store(|store| {
-            job_controller(store, &spec, now, &mut backoff);
-            snapshot_controller(store, &spec, &inner.dir);
-            claims_controller(store, &spec, &inner.dir);
-            scheduler(store, &spec);
-            daemonset_controller(store, &spec);
-            kubelet_plan(store, &spec, &containers)
-        });
-        for (key, pod, inputs) in to_start {
-            let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
-            match inputs.and_then(|inputs| start_container(inner, &spec, &key, &pod, inputs)) {
-                Ok(container) => {
-                    let status = running_status(&pod, &container.started_at);
-                    inner
-                        .kube
-                        .with_store(|store| set_status(store, &key, status));
-                    containers.insert(uid, container);
-                }
-                Err(reason) => {
-                    let status = waiting_status(&pod, &reason);
-                    inner
-                        .kube
-                        .with_store(|store| set_status(store, &key, status));
-                }
-            }
-        }
-        for uid in to_stop {
-            if let Some(c) = containers.get_mut(&uid) {
-                stop_container(c, inner);
-            }
-        }
-        for key in to_remove {
-            inner.kube.with_store(|store| {
-                store.remove(kind_of("pods").unwrap(), &key);
-            });
-        }
-        let ended: Vec<String> = containers
-            .iter_mut()
-            .filter_map(|(uid, c)| {
-                if let Some((sent, grace)) = c.stopping {
-                    if sent.elapsed() >= grace {
-                        kill_container(c);
-                    }
-                }
-                c.child.try_wait().ok().flatten().map(|_| uid.clone())
-            })
-            .collect();
-        for uid in ended {
-            let mut c = containers.remove(&uid).unwrap();
-            let code = exit_code(c.child.wait().unwrap());
-            let status = ended_status(&c, code);
-            inner.kube.with_store(|store| {
-                let deleting = store
-                    .objects
-                    .get(&c.key)
-                    .is_some_and(|p| !p["metadata"]["deletionTimestamp"].is_null());
-                set_status(store, &c.key, status);
-                if deleting {
-                    store.remove(kind_of("pods").unwrap(), &c.key);
-                }
-            });
-        }
+        let plan = inner
+            .kube
+            .with_store(|store| controllers(store, inner, &spec, &mut memory));
+        act(inner, &spec, &mut memory, plan);
+        reap(inner, &spec.node_names(), &mut memory);
         std::thread::sleep(Duration::from_millis(50));
     }
-    for c in containers.values_mut() {
+    for c in memory.containers.values_mut() {
         kill_container(c);
         let _ = c.child.wait();
     }
 }
 
-fn set_status(store: &mut Store, key: &Key, status: Value) {
-    if let Some(mut pod) = store.objects.get(key).cloned() {
-        if pod["status"] != status {
-            pod["status"] = status;
-            store.put(kind_of(key.0).unwrap(), pod);
+/// One sync of every controller against the store; what the kubelet is to do outside it.
+fn controllers(store: &mut Store, inner: &Inner, spec: &ClusterSpec, memory: &mut Memory) -> Plan {
+    node_controller(store, spec);
+    job_controller(store, spec, epoch_now(), &mut memory.refused);
+    snapshot_controller(store, spec, &inner.dir);
+    claims_controller(store, spec, &inner.dir);
+    let short = scheduler(store, spec);
+    autoscaler(store, spec, &short, &mut memory.scale_up);
+    daemonset_controller(store, spec);
+    pod_gc(store, spec, &mut memory.gone_nodes);
+    kubelet(store, spec, memory)
+}
+
+/// The kubelet's plan carried out: containers stopped, and started (or why not, retried later).
+fn act(inner: &Inner, spec: &ClusterSpec, memory: &mut Memory, plan: Plan) {
+    for stop in plan.stop {
+        if let Some(c) = memory.containers.get_mut(&stop.uid) {
+            stop_container(c, stop.grace, stop.evicted);
         }
+    }
+    for (key, pod, inputs) in plan.start {
+        let uid = uid_of(&pod);
+        let status = match start_container(inner, spec, &key, &pod, inputs) {
+            Ok(container) => {
+                let status = running_status(&pod, &container.started_at);
+                memory.attempts.remove(&uid);
+                memory.containers.insert(uid, container);
+                status
+            }
+            Err(why) => {
+                let attempts = memory.attempts.entry(uid).or_default();
+                attempts.next_sync = Some(Instant::now() + CONFIG_RESYNC);
+                let waiting = json!({"reason": "CreateContainerConfigError", "message": why});
+                pending_status(&pod, &vec![Some(waiting); containers(&pod).len()])
+            }
+        };
+        inner
+            .kube
+            .with_store(|store| set_status(store, &key, status));
     }
 }
 
-fn owned_by<'s>(store: &'s Store, job: &Value) -> Vec<(&'s Key, &'s Value)> {
-    let uid = &job["metadata"]["uid"];
+/// Containers past their grace period killed; those that ended reported (by the kubelets of
+/// `nodes`: a node that is gone reports nothing).
+fn reap(inner: &Inner, nodes: &[String], memory: &mut Memory) {
+    let ended: Vec<String> = memory
+        .containers
+        .iter_mut()
+        .filter_map(|(uid, c)| {
+            if c.deadline.is_some_and(|at| Instant::now() >= at) {
+                kill_container(c);
+            }
+            c.child.try_wait().ok().flatten().map(|_| uid.clone())
+        })
+        .collect();
+    for uid in ended {
+        let mut c = memory.containers.remove(&uid).unwrap();
+        let code = exit_code(c.child.wait().unwrap());
+        inner
+            .kube
+            .with_store(|store| container_ended(store, nodes, &uid, &c, code));
+    }
+}
+
+/// The pod of a container that ended: Succeeded or Failed with its exit code (Failed and
+/// `Evicted` when its kubelet evicted it), and deleted for good if it was being deleted.
+fn container_ended(store: &mut Store, nodes: &[String], uid: &str, c: &Container, code: i64) {
+    let pod = store
+        .objects
+        .get(&c.key)
+        .filter(|p| uid_of(p) == uid && on_node(p, nodes))
+        .cloned();
+    let Some(pod) = pod else {
+        return;
+    };
+    let status = ended_status(c, code);
+    let status = match &c.evicted {
+        Some(message) => evicted(status, message),
+        None => status,
+    };
+    set_status(store, &c.key, status);
+    if deleting(&pod) {
+        final_delete(store, &c.key);
+    }
+}
+
+/// A pod's status as a controller or its kubelet writes it: conditions merged by type (those of
+/// others kept, a transition time kept while the status holds), `startTime` kept once set.
+fn set_status(store: &mut Store, key: &Key, mut status: Value) {
+    let Some(mut pod) = store.objects.get(key).cloned() else {
+        return;
+    };
+    let mut conditions = pod["status"]["conditions"].clone();
+    for condition in status["conditions"].as_array().cloned().unwrap_or_default() {
+        conditions = with_condition(&conditions, condition);
+    }
+    status["conditions"] = conditions;
+    if pod["status"]["startTime"].is_string() {
+        status["startTime"] = pod["status"]["startTime"].clone();
+    }
+    if pod["status"] != status {
+        pod["status"] = status;
+        store.put(kind_of("pods").unwrap(), pod);
+    }
+}
+
+/// The pods `owner` controls.
+fn owned_by(store: &Store, owner: &Value) -> Vec<(Key, Value)> {
+    let uid = &owner["metadata"]["uid"];
     store
         .objects
         .iter()
         .filter(|((plural, ns, _), pod)| {
             *plural == "pods"
-                && *ns == job["metadata"]["namespace"]
+                && *ns == owner["metadata"]["namespace"]
                 && pod["metadata"]["ownerReferences"]
                     .as_array()
                     .is_some_and(|o| o.iter().any(|r| r["uid"] == *uid))
         })
+        .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
 
@@ -331,327 +579,1231 @@ fn ended(pod: &Value) -> bool {
     matches!(phase(pod), "Succeeded" | "Failed")
 }
 
-fn finished_at(job: &Value) -> Option<u64> {
-    job["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True")
-        .and_then(|c| epoch(c["lastTransitionTime"].as_str()?))
+fn deleting(object: &Value) -> bool {
+    !object["metadata"]["deletionTimestamp"].is_null()
 }
 
-/// What a Job's pods say of it: the status counts, and what the controller is to do.
-#[derive(Default)]
-struct Progress {
-    active: Vec<Key>,
-    ready: usize,
-    succeeded: usize,
-    failed: usize,
-    /// The Job failed: its condition's reason and message.
-    failure: Option<(&'static str, String)>,
-    complete: bool,
-    /// Pods to create, each with its completion index in an Indexed Job.
-    wanted: Vec<Option<u64>>,
-    /// `completedIndexes` and `failedIndexes`, in an Indexed Job.
-    indexes: Option<(String, String)>,
+fn pod_ready(pod: &Value) -> bool {
+    let conditions = pod["status"]["conditions"].as_array();
+    conditions.is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
+fn uid_of(object: &Value) -> String {
+    text(&object["metadata"]["uid"])
+}
+
+fn containers(pod: &Value) -> Vec<Value> {
+    pod["spec"]["containers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A string field, or empty.
+fn text(value: &Value) -> String {
+    value.as_str().unwrap_or("").to_string()
+}
+
+fn object_or_empty(value: &Value) -> Value {
+    match value.is_object() {
+        true => value.clone(),
+        false => json!({}),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The Job controller (`pkg/controller/job/job_controller.go`).
+
+/// The finalizer that keeps a Job's pod until the controller has counted it.
+const TRACKING: &str = "batch.kubernetes.io/job-tracking";
 const INDEX: &str = "batch.kubernetes.io/job-completion-index";
+/// An Indexed Job's pod: failures of its index before it, counted and ignored.
+const FAILURES: &str = "batch.kubernetes.io/job-index-failure-count";
+const IGNORED: &str = "batch.kubernetes.io/job-index-ignored-failure-count";
 
-/// A non-indexed Job: `completions` successes, any pod; at most `backoffLimit` failures in all,
-/// and a `FailJob` rule fails it at once.
-fn non_indexed(job: &Value, pods: &[(Key, Value)]) -> Progress {
-    let s = &job["spec"];
-    let parallelism = s["parallelism"].as_u64().unwrap_or(1) as usize;
-    let completions = s["completions"].as_u64().unwrap_or(parallelism as u64) as usize;
-    let mut p = counts(pods);
-    let failed: Vec<&Value> = pods
-        .iter()
-        .map(|(_, p)| p)
-        .filter(|p| phase(p) == "Failed")
-        .collect();
-    p.failure = failed
-        .iter()
-        .find_map(|pod| failure_rule(job, pod, "FailJob"))
-        .map(|m| ("PodFailurePolicy", m))
-        .or_else(|| {
-            let limit = s["backoffLimit"].as_u64().unwrap_or(6) as usize;
-            (p.failed > limit).then(|| {
-                let message = "Job has reached the specified backoff limit";
-                ("BackoffLimitExceeded", message.to_string())
-            })
-        });
-    p.complete = p.succeeded >= completions;
-    let want = parallelism.min(completions.saturating_sub(p.succeeded));
-    p.wanted = vec![None; want.saturating_sub(p.active.len())];
-    p
+/// `DefaultJobApiBackOff` and `MaxJobApiBackOff`: a Job whose pod creation was refused is synced
+/// again after 1 s, doubling to a minute (the work queue's per-item exponential rate limiter).
+const API_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+/// `DefaultJobPodFailureBackOff` and `MaxJobPodFailureBackOff`: a failed index's next pod.
+const POD_FAILURE_BACKOFF: (Duration, Duration) =
+    (Duration::from_secs(10), Duration::from_secs(600));
+
+/// The Job controller's refused creations: Job uid → (refusals in a row, the last).
+type Refusals = HashMap<String, (u32, Instant)>;
+
+/// `base` doubled for each of `n` failures after the first, at most `max`.
+fn backoff((base, max): (Duration, Duration), n: u32) -> Duration {
+    let doubled = base.saturating_mul(2u32.saturating_pow(n.saturating_sub(1)));
+    doubled.min(max)
 }
 
-/// An Indexed Job: each index `0..completions` once; with `backoffLimitPerIndex`, an index
-/// fails on its own (past that many failures, or on a `FailIndex` rule) and its siblings go on;
-/// the Job ends when every index has, failed if any did (`FailedIndexes`).
-fn indexed(job: &Value, pods: &[(Key, Value)]) -> Progress {
-    let s = &job["spec"];
-    let parallelism = s["parallelism"].as_u64().unwrap_or(1) as usize;
-    let completions = s["completions"].as_u64().unwrap_or(1);
-    let per_index = s["backoffLimitPerIndex"].as_u64();
-    let mut p = counts(pods);
-    let of = |i: u64| {
-        let all = pods.iter().map(|(_, p)| p);
-        all.filter(move |p| {
-            let index = p["metadata"]["annotations"][INDEX].as_str();
-            index.and_then(|n| n.parse::<u64>().ok()) == Some(i)
-        })
-    };
-    let (mut done, mut failed_indexes, mut open) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..completions {
-        let failures: Vec<&Value> = of(i).filter(|p| phase(p) == "Failed").collect();
-        let index_failed = failures
-            .iter()
-            .any(|f| failure_rule(job, f, "FailIndex").is_some())
-            || per_index.is_some_and(|limit| failures.len() as u64 > limit);
-        if of(i).any(|p| phase(p) == "Succeeded") {
-            done.push(i);
-        } else if index_failed {
-            failed_indexes.push(i);
-        } else if !of(i).any(|p| !ended(p)) {
-            open.push(i);
-        }
-    }
-    p.failure = pods
-        .iter()
-        .find_map(|(_, pod)| failure_rule(job, pod, "FailJob"))
-        .map(|m| ("PodFailurePolicy", m));
-    let all_ended = done.len() + failed_indexes.len() == completions as usize;
-    if all_ended && !failed_indexes.is_empty() && p.failure.is_none() {
-        p.failure = Some(("FailedIndexes", "Job has failed indexes".into()));
-    }
-    p.complete = all_ended && failed_indexes.is_empty();
-    let room = parallelism.saturating_sub(p.active.len());
-    p.wanted = open.into_iter().take(room).map(Some).collect();
-    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
-    p.indexes = Some((list(&done), list(&failed_indexes)));
-    p
-}
-
-/// The active, ready, succeeded and failed pods.
-fn counts(pods: &[(Key, Value)]) -> Progress {
-    let live = |p: &Value| !ended(p) && p["metadata"]["deletionTimestamp"].is_null();
-    let active: Vec<&(Key, Value)> = pods.iter().filter(|(_, p)| live(p)).collect();
-    let count = |what: &str| pods.iter().filter(|(_, p)| phase(p) == what).count();
-    Progress {
-        ready: active.iter().filter(|(_, p)| phase(p) == "Running").count(),
-        active: active.into_iter().map(|(k, _)| k.clone()).collect(),
-        succeeded: count("Succeeded"),
-        failed: count("Failed"),
-        ..Progress::default()
-    }
-}
-
-/// One sync of every Job.
-fn job_controller(
-    store: &mut Store,
-    spec: &ClusterSpec,
-    now: u64,
-    backoff: &mut HashMap<String, Instant>,
-) {
-    let jobs_kind = kind_of("jobs").unwrap();
+/// One sync of every Job, and the finalizers of pods whose Job is gone or finished.
+fn job_controller(store: &mut Store, spec: &ClusterSpec, now: u64, refused: &mut Refusals) {
+    release_orphans(store);
     for (key, job) in store.all("jobs") {
         if let Some(at) = finished_at(&job) {
             let ttl = job["spec"]["ttlSecondsAfterFinished"].as_u64();
             if ttl.is_some_and(|ttl| now >= at + ttl) {
-                store.delete(jobs_kind, &key, false);
+                store.delete(kind_of("jobs").unwrap(), &key, false, None);
             }
-            continue;
-        }
-        if !job["metadata"]["deletionTimestamp"].is_null() {
-            continue;
-        }
-        let pods: Vec<(Key, Value)> = owned_by(store, &job)
-            .into_iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut progress = match job["spec"]["completionMode"] == "Indexed" {
-            true => indexed(&job, &pods),
-            false => non_indexed(&job, &pods),
-        };
-        let start_time = job["status"]["startTime"]
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(now_rfc3339);
-        let deadline = job["spec"]["activeDeadlineSeconds"].as_u64();
-        if deadline.is_some_and(|d| now >= epoch(&start_time).unwrap_or(now) + d) {
-            let message = "Job was active longer than specified deadline";
-            progress.failure = Some(("DeadlineExceeded", message.into()));
-        }
-        let mut status = json!({"startTime": start_time, "active": progress.active.len(),
-            "ready": progress.ready, "succeeded": progress.succeeded, "failed": progress.failed,
-            "conditions": job["status"]["conditions"].clone()});
-        if let Some((done, failed)) = &progress.indexes {
-            status["completedIndexes"] = json!(done);
-            status["failedIndexes"] = json!(failed);
-        }
-        let condition = |kind: &str, reason: &str, message: &str| {
-            json!([{"type": kind, "status": "True", "reason": reason, "message": message,
-                "lastProbeTime": now_rfc3339(), "lastTransitionTime": now_rfc3339()}])
-        };
-        if let Some((reason, message)) = &progress.failure {
-            status["conditions"] = condition("Failed", reason, message);
-            for pod in &progress.active {
-                store.delete(kind_of("pods").unwrap(), pod, false);
-            }
-            status["active"] = json!(0);
-        } else if progress.complete {
-            let message = "Reached expected number of succeeded pods";
-            status["conditions"] = condition("Complete", "CompletionsReached", message);
-            status["completionTime"] = json!(now_rfc3339());
-        } else {
-            for index in progress.wanted {
-                let used = store
-                    .objects
-                    .iter()
-                    .filter(|((p, ns, _), pod)| *p == "pods" && *ns == key.1 && !ended(pod))
-                    .count();
-                if let Some(limit) = spec.quota_pods.filter(|l| used >= *l) {
-                    let uid = job["metadata"]["uid"].as_str().unwrap_or("").to_string();
-                    let due = backoff
-                        .get(&uid)
-                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
-                    if due {
-                        backoff.insert(uid, Instant::now());
-                        let message = format!(
-                            "Error creating: pods \"{}-{}\" is forbidden: exceeded quota: agent-pods, requested: pods=1, used: pods={used}, limited: pods={limit}",
-                            key.2,
-                            crate::fake_kube::random_suffix(used as u64)
-                        );
-                        job_event(store, &job, "Warning", "FailedCreate", &message);
-                    }
-                    break;
-                }
-                let created = create_pod(store, &job, index);
-                let message = format!("Created pod: {created}");
-                job_event(store, &job, "Normal", "SuccessfulCreate", &message);
-                status["active"] = json!(status["active"].as_u64().unwrap_or(0) + 1);
-            }
-        }
-        if job["status"] != status {
-            let mut next = job.clone();
-            next["status"] = status;
-            store.put(jobs_kind, next);
+        } else if job["metadata"]["deletionTimestamp"].is_null() {
+            let pods = owned_by(store, &job);
+            let view = JobView {
+                job: &job,
+                pods,
+                now,
+            };
+            sync_job(store, spec, &view, refused);
         }
     }
 }
 
-/// The message of a `podFailurePolicy` rule with `action` that `pod`'s exit code matches.
-fn failure_rule(job: &Value, pod: &Value, action: &str) -> Option<String> {
-    let code = pod["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"].as_i64()?;
-    let rules = job["spec"]["podFailurePolicy"]["rules"].as_array()?;
-    rules.iter().enumerate().find_map(|(i, rule)| {
-        let on = &rule["onExitCodes"];
-        let listed = on["values"]
-            .as_array()?
-            .iter()
-            .any(|v| v.as_i64() == Some(code));
-        let hit = match on["operator"].as_str()? {
-            "In" => listed,
-            _ => !listed,
+/// A Job and its pods, as one sync sees them (`syncJobCtx`).
+struct JobView<'a> {
+    job: &'a Value,
+    pods: Vec<(Key, Value)>,
+    now: u64,
+}
+
+/// A Job condition to set: its type, reason and message.
+type Condition = (&'static str, String, String);
+
+/// `syncJob`: the Job's end, or the pods it still wants; then the finished pods counted and
+/// their finalizers removed; then its status.
+fn sync_job(store: &mut Store, spec: &ClusterSpec, view: &JobView, refused: &mut Refusals) {
+    let mut tally = Tally::of(view);
+    let mut end = ending(view, &tally);
+    let mut moves = Moves::default();
+    if end.is_some() {
+        moves.deleted = delete_active(store, view);
+    } else {
+        moves.created = manage(store, spec, view, &tally, refused);
+        end = completion(view, &tally, moves.created);
+    }
+    count_finished(store, view, &mut tally, end.as_ref());
+    let status = job_status(view, &tally, end.as_ref(), moves);
+    announce_end(store, view.job, &status);
+    if view.job["status"] != status {
+        let mut next = view.job.clone();
+        next["status"] = status;
+        store.put(kind_of("jobs").unwrap(), next);
+    }
+}
+
+/// The pods this sync created and deleted, which its view of them does not show yet.
+#[derive(Default, Clone, Copy)]
+struct Moves {
+    created: usize,
+    deleted: usize,
+}
+
+/// What the Job's status counts: pods counted already (in its status) and those still tracked.
+struct Tally {
+    succeeded: u64,
+    failed: u64,
+    /// Indexed: the succeeded and failed indexes.
+    done: BTreeSet<u64>,
+    failed_indexes: BTreeSet<u64>,
+    /// Failed pods whose index waits for its next pod, by index
+    /// (`podsWithDelayedDeletionPerIndex`).
+    delayed: BTreeMap<u64, Value>,
+}
+
+impl Tally {
+    fn of(view: &JobView) -> Tally {
+        let status = &view.job["status"];
+        let mut tally = Tally {
+            succeeded: status["succeeded"].as_u64().unwrap_or(0),
+            failed: status["failed"].as_u64().unwrap_or(0),
+            done: parse_indexes(status["completedIndexes"].as_str().unwrap_or("")),
+            failed_indexes: parse_indexes(status["failedIndexes"].as_str().unwrap_or("")),
+            delayed: BTreeMap::new(),
         };
-        (rule["action"] == action && hit).then(|| {
-            format!(
-                "Container {} for pod {}/{} failed with exit code {code} matching {action} rule at index {i}",
-                on["containerName"].as_str().unwrap_or("agent"),
-                pod["metadata"]["namespace"].as_str().unwrap_or(""),
-                pod["metadata"]["name"].as_str().unwrap_or("")
-            )
-        })
+        if indexed(view.job) {
+            tally.add_indexes(view);
+        }
+        tally
+    }
+
+    /// Indexes that succeeded or failed since the last count, and the failed pods to replace.
+    fn add_indexes(&mut self, view: &JobView) {
+        let tracked = view.pods.iter().map(|(_, p)| p).filter(|p| tracked(p));
+        for pod in tracked {
+            let Some(i) = index_of(view.job, pod) else {
+                continue;
+            };
+            if phase(pod) == "Succeeded" {
+                self.done.insert(i);
+            } else if per_index(view.job).is_some() && index_failed(view.job, pod) {
+                self.failed_indexes.insert(i);
+            }
+        }
+        if per_index(view.job).is_some() {
+            self.delayed = delayed_pods(view, &self.done, &self.failed_indexes);
+        }
+    }
+
+    /// Failures counted so far and about to be: those no `Ignore` rule matched.
+    fn failures(&self, view: &JobView) -> u64 {
+        let new = view
+            .pods
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| tracked(p) && pod_failed(view.job, p) && counts_failure(view.job, p));
+        self.failed + new.count() as u64
+    }
+}
+
+/// The failed pod of each open index whose replacement is still to come: the one with the
+/// most failures before it, the latest.
+fn delayed_pods(
+    view: &JobView,
+    done: &BTreeSet<u64>,
+    failed: &BTreeSet<u64>,
+) -> BTreeMap<u64, Value> {
+    let busy = active_indexes(view);
+    let mut delayed: BTreeMap<u64, Value> = BTreeMap::new();
+    for (_, pod) in &view.pods {
+        let Some(i) = index_of(view.job, pod) else {
+            continue;
+        };
+        let open = !done.contains(&i) && !failed.contains(&i) && !busy.contains(&i);
+        if !tracked(pod) || !pod_failed(view.job, pod) || !open {
+            continue;
+        }
+        let later = |last: &Value| {
+            (index_failures(last), finished_time(last)) <= (index_failures(pod), finished_time(pod))
+        };
+        if delayed.get(&i).is_none_or(later) {
+            delayed.insert(i, pod.clone());
+        }
+    }
+    delayed
+}
+
+/// Why the Job ends, if it does: the condition it already set, else the first of a `FailJob`
+/// rule, the backoff limit, the deadline and (with `backoffLimitPerIndex`) its failed indexes.
+/// Each is the interim `FailureTarget` first (1.31+: `delayTerminalCondition`).
+fn ending(view: &JobView, tally: &Tally) -> Option<Condition> {
+    let job = view.job;
+    let set = |kind: &'static str| {
+        job_condition(job, kind).map(|c| (kind, text(&c["reason"]), text(&c["message"])))
+    };
+    let target = |reason: &str, message: &str| ("FailureTarget", reason.into(), message.into());
+    if let Some(met) = set("SuccessCriteriaMet").or_else(|| set("FailureTarget")) {
+        return Some(met);
+    }
+    if let Some(message) = fail_job_message(view) {
+        return Some(target("PodFailurePolicy", &message));
+    }
+    let limit = job["spec"]["backoffLimit"].as_u64();
+    let limit = limit.unwrap_or(if per_index(job).is_some() {
+        i32::MAX as u64
+    } else {
+        6
+    });
+    if tally.failures(view) > limit {
+        return Some(target(
+            "BackoffLimitExceeded",
+            "Job has reached the specified backoff limit",
+        ));
+    }
+    if past_deadline(view) {
+        return Some(target(
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline",
+        ));
+    }
+    indexes_ending(job, tally).map(|(reason, message)| target(reason, message))
+}
+
+/// With `backoffLimitPerIndex`: too many failed indexes, or every index ended and some failed.
+fn indexes_ending(job: &Value, tally: &Tally) -> Option<(&'static str, &'static str)> {
+    per_index(job)?;
+    let failed = tally.failed_indexes.len() as u64;
+    if job["spec"]["maxFailedIndexes"]
+        .as_u64()
+        .is_some_and(|max| failed > max)
+    {
+        let message = "Job has exceeded the specified maximal number of failed indexes";
+        return Some(("MaxFailedIndexesExceeded", message));
+    }
+    let ended = failed + tally.done.len() as u64 >= completions(job).unwrap_or(1);
+    (failed > 0 && ended).then_some(("FailedIndexes", "Job has failed indexes"))
+}
+
+/// `getFailJobMessage`: the message of the first failed pod that a `FailJob` rule matches first.
+fn fail_job_message(view: &JobView) -> Option<String> {
+    view.pods.iter().find_map(|(_, pod)| {
+        let (action, message) =
+            match_policy(view.job, pod).filter(|_| pod_failed(view.job, pod))?;
+        (action == "FailJob").then_some(message)
     })
 }
 
-/// A pod from the Job's template; in an Indexed Job, with its index as the annotation, label and
-/// `JOB_COMPLETION_INDEX` the controller sets, and in its name.
-fn create_pod(store: &mut Store, job: &Value, index: Option<u64>) -> String {
+fn past_deadline(view: &JobView) -> bool {
+    let deadline = view.job["spec"]["activeDeadlineSeconds"].as_u64();
+    let start = view.job["status"]["startTime"].as_str().and_then(epoch);
+    deadline.is_some_and(|d| view.now >= start.unwrap_or(view.now) + d)
+}
+
+/// A Job that reached its completions with no pod left active: `SuccessCriteriaMet` first
+/// (`newSuccessCondition` in 1.31+), `Complete` once its pods are counted and none is stopping.
+fn completion(view: &JobView, tally: &Tally, created: usize) -> Option<Condition> {
+    let active = count(view, active) + created;
+    let succeeded = succeeded(view.job, tally, view);
+    let complete = match completions(view.job) {
+        Some(n) => succeeded >= n,
+        None => succeeded > 0,
+    };
+    let message = "Reached expected number of succeeded pods";
+    (complete && active == 0).then(|| {
+        (
+            "SuccessCriteriaMet",
+            "CompletionsReached".into(),
+            message.into(),
+        )
+    })
+}
+
+/// Succeeded pods: indexes for an Indexed Job, else pods counted and about to be.
+fn succeeded(job: &Value, tally: &Tally, view: &JobView) -> u64 {
+    if indexed(job) {
+        return tally.done.len() as u64;
+    }
+    let new = view
+        .pods
+        .iter()
+        .filter(|(_, p)| tracked(p) && phase(p) == "Succeeded");
+    tally.succeeded + new.count() as u64
+}
+
+/// `deleteActivePods`: a Job that ends stops its pods (their finalizers come off as counted).
+fn delete_active(store: &mut Store, view: &JobView) -> usize {
+    let active: Vec<&(Key, Value)> = view.pods.iter().filter(|(_, p)| active(p)).collect();
+    let deleted = active.len();
+    delete_pods(store, view, active);
+    deleted
+}
+
+/// The Job controller's deletes of its pods, each with its `SuccessfulDelete` Event.
+fn delete_pods<'v>(
+    store: &mut Store,
+    view: &JobView,
+    pods: impl IntoIterator<Item = &'v (Key, Value)>,
+) {
+    for (key, pod) in pods {
+        store.delete(kind_of("pods").unwrap(), key, false, None);
+        let message = format!("Deleted pod: {}", text(&pod["metadata"]["name"]));
+        record(
+            store,
+            view.job,
+            &JOB_CONTROLLER,
+            ("Normal", "SuccessfulDelete", &message),
+        );
+    }
+}
+
+/// `manageJob`: the pods the Job still wants, created; how many were.
+fn manage(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    view: &JobView,
+    tally: &Tally,
+    refused: &mut Refusals,
+) -> usize {
+    let job = view.job;
+    let parallelism = job["spec"]["parallelism"].as_u64().unwrap_or(1);
+    let succeeded = succeeded(job, tally, view);
+    let want = match completions(job) {
+        Some(n) => parallelism.min(n.saturating_sub(succeeded)),
+        None if succeeded > 0 => count(view, active) as u64,
+        None => parallelism,
+    };
+    let stopping = if only_replace_failed(job) {
+        count(view, terminating)
+    } else {
+        0
+    };
+    let surplus = count(view, active).saturating_sub(want as usize);
+    if surplus > 0 {
+        remove_surplus(store, view, surplus);
+        return 0;
+    }
+    let missing = (want as usize).saturating_sub(stopping + count(view, active));
+    let wanted: Vec<Option<u64>> = match indexed(job) {
+        true => due_indexes(view, tally, missing)
+            .into_iter()
+            .map(Some)
+            .collect(),
+        false => vec![None; missing],
+    };
+    create_pods(store, spec, view, &wanted, &tally.delayed, refused)
+}
+
+/// `activePodsForRemoval`: more pods active than the Job wants (its `parallelism` lowered), so
+/// `surplus` of them are deleted, least started first (`controller.ActivePods` in
+/// `pkg/controller/controller_utils.go`: unscheduled before scheduled, then Pending before
+/// Unknown before Running, then not ready before ready; the later tie-breakers, restarts and
+/// ages, are left out).
+fn remove_surplus(store: &mut Store, view: &JobView, surplus: usize) {
+    let mut active: Vec<&(Key, Value)> = view.pods.iter().filter(|(_, p)| active(p)).collect();
+    let rank = |p: &Value| {
+        let scheduled = p["spec"]["nodeName"].is_string();
+        let phase = match phase(p) {
+            "Pending" => 0,
+            "Running" => 2,
+            _ => 1,
+        };
+        let conditions = p["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let ready = conditions
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        (scheduled, phase, ready)
+    };
+    active.sort_by_key(|(_, p)| rank(p));
+    delete_pods(store, view, active.into_iter().take(surplus));
+}
+
+/// `firstPendingIndexes`, then with `backoffLimitPerIndex` those whose last failure's backoff
+/// delay has passed (`getPodCreationInfoForIndependentIndexes`).
+fn due_indexes(view: &JobView, tally: &Tally, room: usize) -> Vec<u64> {
+    let job = view.job;
+    let mut taken: BTreeSet<u64> = active_indexes(view);
+    taken.extend(&tally.done);
+    taken.extend(&tally.failed_indexes);
+    if only_replace_failed(job) {
+        let stopping = view.pods.iter().filter(|(_, p)| terminating(p));
+        taken.extend(stopping.filter_map(|(_, p)| index_of(job, p)));
+    }
+    let pending = (0..completions(job).unwrap_or(1)).filter(|i| !taken.contains(i));
+    let pending: Vec<u64> = pending.take(room).collect();
+    let due = |i: &u64| {
+        tally
+            .delayed
+            .get(i)
+            .is_none_or(|pod| retry_in(pod, view.now) == 0)
+    };
+    pending.into_iter().filter(due).collect()
+}
+
+/// Seconds until the index of failed `pod` may have its next pod: 10 s × 2^(n−1), at most
+/// 10 minutes, n its failures counted and ignored (`getRemainingTimePerIndex`).
+fn retry_in(pod: &Value, now: u64) -> u64 {
+    let failures = u32::try_from(index_failures(pod) + 1).unwrap_or(u32::MAX);
+    let delay = backoff(POD_FAILURE_BACKOFF, failures).as_secs();
+    delay.saturating_sub(now.saturating_sub(finished_time(pod)))
+}
+
+/// Creates the pods while the quota admits them; a refusal is a `FailedCreate` Event and backs
+/// the Job off (`DefaultJobApiBackOff`), a success resets that.
+fn create_pods(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    view: &JobView,
+    wanted: &[Option<u64>],
+    delayed: &BTreeMap<u64, Value>,
+    refused: &mut Refusals,
+) -> usize {
+    let uid = text(&view.job["metadata"]["uid"]);
+    let waiting = refused
+        .get(&uid)
+        .is_some_and(|(n, at)| at.elapsed() < backoff(API_BACKOFF, *n));
+    if wanted.is_empty() || waiting {
+        return 0;
+    }
+    for (created, index) in wanted.iter().enumerate() {
+        if let Err(message) = quota_admits(store, spec, view.job) {
+            let n = refused.get(&uid).map_or(0, |(n, _)| *n);
+            refused.insert(uid, (n + 1, Instant::now()));
+            record(
+                store,
+                view.job,
+                &JOB_CONTROLLER,
+                ("Warning", "FailedCreate", &message),
+            );
+            return created;
+        }
+        let replaced = index.and_then(|i| delayed.get(&i));
+        let name = create_pod(store, view.job, *index, replaced);
+        let message = format!("Created pod: {name}");
+        record(
+            store,
+            view.job,
+            &JOB_CONTROLLER,
+            ("Normal", "SuccessfulCreate", &message),
+        );
+    }
+    refused.remove(&uid);
+    wanted.len()
+}
+
+/// The namespace's pod quota: a pod that has not ended counts; past the limit, the refusal
+/// as the quota admission words it.
+fn quota_admits(store: &Store, spec: &ClusterSpec, job: &Value) -> Result<(), String> {
+    let namespace = text(&job["metadata"]["namespace"]);
+    let used = store
+        .objects
+        .iter()
+        .filter(|((p, ns, _), pod)| *p == "pods" && *ns == namespace && !ended(pod))
+        .count();
+    match spec.quota_pods.filter(|limit| used >= *limit) {
+        None => Ok(()),
+        Some(limit) => Err(format!(
+            "Error creating: pods \"{}-{}\" is forbidden: exceeded quota: agent-pods, requested: pods=1, used: pods={used}, limited: pods={limit}",
+            text(&job["metadata"]["name"]),
+            crate::fake_kube::random_suffix(used as u64)
+        )),
+    }
+}
+
+/// `trackJobStatusAndRemoveFinalizers`: each finished pod still tracked is counted (succeeded,
+/// or failed unless an `Ignore` rule matched; once the Job ends, every pod not succeeded is
+/// failed) and its finalizer removed, but a failed pod whose index waits for its next pod.
+fn count_finished(store: &mut Store, view: &JobView, tally: &mut Tally, end: Option<&Condition>) {
+    let failing = end.is_some_and(|(kind, _, _)| *kind == "FailureTarget");
+    for (key, pod) in view.pods.iter().filter(|(_, p)| tracked(p)) {
+        let failed = pod_failed(view.job, pod);
+        let waits = index_of(view.job, pod).is_some_and(|i| tally.delayed.contains_key(&i));
+        let release = end.is_some() || phase(pod) == "Succeeded" || (failed && !waits);
+        if !release {
+            continue;
+        }
+        let valid = !indexed(view.job) || index_of(view.job, pod).is_some();
+        if phase(pod) == "Succeeded" {
+            tally.succeeded += u64::from(!indexed(view.job));
+        } else if (failed || failing) && valid && counts_failure(view.job, pod) {
+            tally.failed += 1;
+        }
+        release_pod(store, key);
+    }
+}
+
+/// The pod without the Job's finalizer (gone, if it was only waiting for that).
+fn release_pod(store: &mut Store, key: &Key) {
+    let Some(mut pod) = store.objects.get(key).cloned() else {
+        return;
+    };
+    let finalizers = pod["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let rest: Vec<Value> = finalizers.into_iter().filter(|f| f != TRACKING).collect();
+    pod["metadata"]["finalizers"] = json!(rest);
+    store.put(kind_of("pods").unwrap(), pod);
+}
+
+/// The orphan worker and `cleanupPodFinalizers`: a pod whose Job is gone or finished is released.
+fn release_orphans(store: &mut Store) {
+    let jobs = store.all("jobs");
+    let live = |uid: &Value| {
+        jobs.iter()
+            .any(|(_, j)| j["metadata"]["uid"] == *uid && finished_at(j).is_none())
+    };
+    let orphans: Vec<Key> = store
+        .all("pods")
+        .into_iter()
+        .filter(|(_, pod)| tracked(pod) && !live(&controller_uid(pod)))
+        .map(|(key, _)| key)
+        .collect();
+    for key in orphans {
+        release_pod(store, &key);
+    }
+}
+
+/// The Job's status after this sync: counts, indexes, and its conditions: the interim one of
+/// its end, then the final one once no pod of it is still stopping (`enactJobFinished`).
+fn job_status(view: &JobView, tally: &Tally, end: Option<&Condition>, moves: Moves) -> Value {
+    let job = view.job;
+    let start = job["status"]["startTime"]
+        .as_str()
+        .map(String::from)
+        .unwrap_or_else(now_rfc3339);
+    // Deleting stops every active pod, the ready ones with them.
+    let ready = view.pods.iter().filter(|(_, p)| active(p) && pod_ready(p));
+    let ready = if moves.deleted > 0 { 0 } else { ready.count() };
+    let active = count(view, active) + moves.created - moves.deleted;
+    let stopping = count(view, terminating) + moves.deleted;
+    let mut status = json!({"startTime": start, "active": active, "ready": ready,
+        "terminating": stopping, "succeeded": tally.succeeded, "failed": tally.failed,
+        "uncountedTerminatedPods": {}});
+    if job["status"]["conditions"].is_array() {
+        status["conditions"] = job["status"]["conditions"].clone();
+    }
+    if indexed(job) {
+        status["succeeded"] = json!(tally.done.len());
+        status["completedIndexes"] = json!(format_indexes(&tally.done));
+        if per_index(job).is_some() {
+            status["failedIndexes"] = json!(format_indexes(&tally.failed_indexes));
+        }
+    }
+    if let Some((kind, reason, message)) = end {
+        add_condition(&mut status, kind, reason, message);
+        if stopping == 0 {
+            let last = if *kind == "FailureTarget" {
+                "Failed"
+            } else {
+                "Complete"
+            };
+            add_condition(&mut status, last, reason, message);
+        }
+    }
+    if job_condition_in(&status, "Complete").is_some() {
+        status["completionTime"] = json!(now_rfc3339());
+    }
+    status
+}
+
+/// `kind` appended to the status's conditions unless there.
+fn add_condition(status: &mut Value, kind: &str, reason: &str, message: &str) {
+    if job_condition_in(status, kind).is_some() {
+        return;
+    }
+    let mut list = status["conditions"].as_array().cloned().unwrap_or_default();
+    list.push(
+        json!({"type": kind, "status": "True", "reason": reason, "message": message,
+        "lastProbeTime": now_rfc3339(), "lastTransitionTime": now_rfc3339()}),
+    );
+    status["conditions"] = json!(list);
+}
+
+/// `recordJobFinished`: a Warning of the failure's reason, or `Completed`.
+fn announce_end(store: &mut Store, job: &Value, status: &Value) {
+    let was = |kind| job_condition(job, kind).is_some();
+    if let Some(failed) = job_condition_in(status, "Failed").filter(|_| !was("Failed")) {
+        let (reason, message) = (text(&failed["reason"]), text(&failed["message"]));
+        record(store, job, &JOB_CONTROLLER, ("Warning", &reason, &message));
+    } else if job_condition_in(status, "Complete").is_some() && !was("Complete") {
+        record(
+            store,
+            job,
+            &JOB_CONTROLLER,
+            ("Normal", "Completed", "Job completed"),
+        );
+    }
+}
+
+/// A pod from the Job's template, with the tracking finalizer; in an Indexed Job its index as
+/// the annotation, label, hostname and `JOB_COMPLETION_INDEX`, in its name, and with
+/// `backoffLimitPerIndex` the failures of its index so far (`addIndexFailureCountAnnotation`).
+fn create_pod(
+    store: &mut Store,
+    job: &Value,
+    index: Option<u64>,
+    replaced: Option<&Value>,
+) -> String {
     let meta = &job["metadata"];
     let template = &job["spec"]["template"];
-    let mut labels = template["metadata"]["labels"].clone();
-    if !labels.is_object() {
-        labels = json!({});
-    }
+    let mut pod = json!({
+        "metadata": {"generateName": format!("{}-", text(&meta["name"])),
+            "labels": object_or_empty(&template["metadata"]["labels"]),
+            "annotations": object_or_empty(&template["metadata"]["annotations"]),
+            "finalizers": [TRACKING],
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                "uid": meta["uid"], "controller": true, "blockOwnerDeletion": true}]},
+        "spec": template["spec"].clone(),
+    });
     for (k, v) in [
         ("batch.kubernetes.io/controller-uid", &meta["uid"]),
         ("batch.kubernetes.io/job-name", &meta["name"]),
         ("controller-uid", &meta["uid"]),
         ("job-name", &meta["name"]),
     ] {
-        labels[k] = v.clone();
+        pod["metadata"]["labels"][k] = v.clone();
     }
-    let mut annotations = template["metadata"]["annotations"].clone();
-    let mut spec = template["spec"].clone();
-    let mut prefix = format!("{}-", meta["name"].as_str().unwrap_or("job"));
     if let Some(i) = index {
-        if !annotations.is_object() {
-            annotations = json!({});
-        }
-        annotations[INDEX] = json!(i.to_string());
-        labels[INDEX] = json!(i.to_string());
-        prefix += &format!("{i}-");
-        for container in spec["containers"].as_array_mut().into_iter().flatten() {
-            if !container["env"].is_array() {
-                container["env"] = json!([]);
-            }
-            let env = container["env"].as_array_mut().unwrap();
-            env.push(
-                json!({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
-                "fieldPath": format!("metadata.annotations['{INDEX}']")}}}),
-            );
-        }
+        give_index(&mut pod, job, i, replaced);
     }
-    let pod = json!({
-        "metadata": {"generateName": prefix, "labels": labels, "annotations": annotations,
-            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                "uid": meta["uid"], "controller": true, "blockOwnerDeletion": true}]},
-        "spec": spec,
-    });
-    let namespace = meta["namespace"].as_str().unwrap_or("default").to_string();
-    let created = store
-        .create(kind_of("pods").unwrap(), &namespace, pod)
-        .expect("a generated name");
-    created["metadata"]["name"]
-        .as_str()
-        .unwrap_or("")
-        .to_string()
+    let namespace = text(&meta["namespace"]);
+    let created = store.create(kind_of("pods").unwrap(), &namespace, pod);
+    text(&created.expect("a generated name")["metadata"]["name"])
 }
 
-/// A Normal or Warning Event on a Job, aggregated with the last of the same reason.
-fn job_event(store: &mut Store, job: &Value, kind: &str, reason: &str, message: &str) {
-    let meta = &job["metadata"];
-    let namespace = meta["namespace"].as_str().unwrap_or("default").to_string();
-    let events = kind_of("events").unwrap();
-    let same = store
-        .objects
+/// An Indexed Job's pod's index (`indexed_job_utils.go`).
+fn give_index(pod: &mut Value, job: &Value, i: u64, replaced: Option<&Value>) {
+    let meta = &mut pod["metadata"];
+    meta["annotations"][INDEX] = json!(i.to_string());
+    meta["labels"][INDEX] = json!(i.to_string());
+    meta["generateName"] = json!(format!("{}-{i}-", text(&job["metadata"]["name"])));
+    if per_index(job).is_some() {
+        let (failures, ignored) = replaced.map_or((0, 0), |old| {
+            let counted = counts_failure(job, old);
+            let (f, g) = (annotation(old, FAILURES), annotation(old, IGNORED));
+            (f + u64::from(counted), g + u64::from(!counted))
+        });
+        meta["annotations"][FAILURES] = json!(failures.to_string());
+        if ignored > 0 {
+            meta["annotations"][IGNORED] = json!(ignored.to_string());
+        }
+    }
+    pod["spec"]["hostname"] = json!(format!("{}-{i}", text(&job["metadata"]["name"])));
+    let path = format!("metadata.labels['{INDEX}']");
+    for container in pod["spec"]["containers"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        let env = container["env"].as_array().cloned().unwrap_or_default();
+        let mut env: Vec<Value> = env
+            .into_iter()
+            .filter(|e| e["name"] != "JOB_COMPLETION_INDEX")
+            .collect();
+        env.push(
+            json!({"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath": path}}}),
+        );
+        container["env"] = json!(env);
+    }
+}
+
+// The podFailurePolicy (`pkg/controller/job/pod_failure_policy.go`).
+
+/// `matchPodFailurePolicy`: the first rule, in order, that `pod` matches, as its action and the
+/// message a `FailJob` rule gives. `onExitCodes` looks at terminated containers with a non-zero
+/// code, the containers first, then the init containers; `onPodConditions` at the conditions.
+fn match_policy(job: &Value, pod: &Value) -> Option<(String, String)> {
+    let rules = job["spec"]["podFailurePolicy"]["rules"].as_array()?;
+    let (namespace, name) = (
+        text(&pod["metadata"]["namespace"]),
+        text(&pod["metadata"]["name"]),
+    );
+    rules.iter().enumerate().find_map(|(i, rule)| {
+        let action = rule["action"].as_str()?;
+        if !matches!(action, "Ignore" | "Count" | "FailJob" | "FailIndex") {
+            return None;
+        }
+        let message = match rule["onExitCodes"].is_object() {
+            true => {
+                let (container, code) = exit_code_match(pod, &rule["onExitCodes"])?;
+                format!("Container {container} for pod {namespace}/{name} failed with exit code {code} matching {action} rule at index {i}")
+            }
+            false => {
+                let kind = condition_match(pod, &rule["onPodConditions"])?;
+                format!("Pod {namespace}/{name} has condition {kind} matching {action} rule at index {i}")
+            }
+        };
+        Some((action.to_string(), message))
+    })
+}
+
+/// `matchOnExitCodes`: the first terminated container (then init container) with a non-zero
+/// exit code the requirement matches, as its name and code.
+fn exit_code_match(pod: &Value, requirement: &Value) -> Option<(String, i64)> {
+    let values: Vec<i64> = requirement["values"]
+        .as_array()?
         .iter()
-        .find(|((p, _, _), e)| {
-            *p == "events"
-                && e["involvedObject"]["uid"] == meta["uid"]
-                && e["reason"] == reason
-                && reason == "FailedCreate"
-        })
-        .map(|(_, e)| e.clone());
-    if let Some(mut event) = same {
+        .filter_map(Value::as_i64)
+        .collect();
+    let operator = requirement["operator"].as_str()?;
+    let named = requirement["containerName"].as_str();
+    let statuses = ["containerStatuses", "initContainerStatuses"].into_iter();
+    let all = statuses.flat_map(|list| pod["status"][list].as_array().cloned().unwrap_or_default());
+    all.into_iter().find_map(|status| {
+        let code = status["state"]["terminated"]["exitCode"]
+            .as_i64()
+            .filter(|c| *c != 0)?;
+        let name = text(&status["name"]);
+        let listed = values.contains(&code);
+        let hit = match operator {
+            "In" => listed,
+            "NotIn" => !listed,
+            _ => false,
+        };
+        (hit && named.is_none_or(|n| n == name)).then_some((name, code))
+    })
+}
+
+/// `matchOnPodConditions`: the type of the first pod condition a pattern matches.
+fn condition_match(pod: &Value, patterns: &Value) -> Option<String> {
+    let patterns = patterns.as_array()?;
+    let conditions = pod["status"]["conditions"].as_array()?;
+    conditions.iter().find_map(|c| {
+        let hit = patterns
+            .iter()
+            .any(|p| p["type"] == c["type"] && p["status"] == c["status"]);
+        hit.then(|| text(&c["type"]))
+    })
+}
+
+/// Whether a failure counts toward the backoff limits: no `Ignore` rule matched first.
+fn counts_failure(job: &Value, pod: &Value) -> bool {
+    match_policy(job, pod).is_none_or(|(action, _)| action != "Ignore")
+}
+
+/// `isIndexFailed`: a `FailIndex` rule matched first, or a counted failure with as many failures
+/// before it in its index as `backoffLimitPerIndex`.
+fn index_failed(job: &Value, pod: &Value) -> bool {
+    if !pod_failed(job, pod) {
+        return false;
+    }
+    if match_policy(job, pod).is_some_and(|(action, _)| action == "FailIndex") {
+        return true;
+    }
+    let limit = per_index(job).unwrap_or(u64::MAX);
+    counts_failure(job, pod) && annotation(pod, FAILURES) >= limit
+}
+
+// Small readings of Jobs and their pods.
+
+/// `isPodFailed`: Failed, or (unless only failed pods are replaced) deleted before it succeeded.
+fn pod_failed(job: &Value, pod: &Value) -> bool {
+    phase(pod) == "Failed"
+        || (!only_replace_failed(job) && deleting(pod) && phase(pod) != "Succeeded")
+}
+
+/// `onlyReplaceFailedPods`: with a podFailurePolicy or `podReplacementPolicy: Failed`, a pod
+/// being deleted is replaced only once it has failed.
+fn only_replace_failed(job: &Value) -> bool {
+    job["spec"]["podFailurePolicy"].is_object() || job["spec"]["podReplacementPolicy"] == "Failed"
+}
+
+fn active(pod: &Value) -> bool {
+    !ended(pod) && !deleting(pod)
+}
+
+fn terminating(pod: &Value) -> bool {
+    !ended(pod) && deleting(pod)
+}
+
+fn count(view: &JobView, which: fn(&Value) -> bool) -> usize {
+    view.pods.iter().filter(|(_, p)| which(p)).count()
+}
+
+fn tracked(pod: &Value) -> bool {
+    let finalizers = pod["metadata"]["finalizers"].as_array();
+    finalizers.is_some_and(|f| f.iter().any(|f| f == TRACKING))
+}
+
+fn indexed(job: &Value) -> bool {
+    job["spec"]["completionMode"] == "Indexed"
+}
+
+fn per_index(job: &Value) -> Option<u64> {
+    job["spec"]["backoffLimitPerIndex"]
+        .as_u64()
+        .filter(|_| indexed(job))
+}
+
+fn completions(job: &Value) -> Option<u64> {
+    job["spec"]["completions"].as_u64()
+}
+
+/// A pod's completion index, if valid for its Job.
+fn index_of(job: &Value, pod: &Value) -> Option<u64> {
+    let i = pod["metadata"]["annotations"][INDEX]
+        .as_str()?
+        .parse()
+        .ok()?;
+    (i < completions(job).unwrap_or(1)).then_some(i)
+}
+
+fn active_indexes(view: &JobView) -> BTreeSet<u64> {
+    let pods = view.pods.iter().filter(|(_, p)| active(p));
+    pods.filter_map(|(_, p)| index_of(view.job, p)).collect()
+}
+
+/// Failures of a pod's index before it, counted and ignored (`getIndexAbsoluteFailureCount`).
+fn index_failures(pod: &Value) -> u64 {
+    annotation(pod, FAILURES) + annotation(pod, IGNORED)
+}
+
+fn annotation(pod: &Value, name: &str) -> u64 {
+    let value = pod["metadata"]["annotations"][name].as_str();
+    value.and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// When a pod finished (`getFinishedTime`): its containers' last end, else its deletion less its
+/// grace period, else its creation.
+fn finished_time(pod: &Value) -> u64 {
+    let statuses = pod["status"]["containerStatuses"].as_array();
+    let ends: Option<Vec<u64>> = statuses.filter(|s| !s.is_empty()).and_then(|s| {
+        s.iter()
+            .map(|c| {
+                c["state"]["terminated"]["finishedAt"]
+                    .as_str()
+                    .and_then(epoch)
+            })
+            .collect()
+    });
+    if let Some(last) = ends.and_then(|e| e.into_iter().max()) {
+        return last;
+    }
+    let meta = &pod["metadata"];
+    let grace = meta["deletionGracePeriodSeconds"].as_u64().unwrap_or(0);
+    let deleted = meta["deletionTimestamp"]
+        .as_str()
+        .and_then(epoch)
+        .map(|t| t.saturating_sub(grace));
+    deleted
+        .or_else(|| meta["creationTimestamp"].as_str().and_then(epoch))
+        .unwrap_or(0)
+}
+
+fn controller_uid(pod: &Value) -> Value {
+    let owners = pod["metadata"]["ownerReferences"].as_array();
+    let owner = owners.and_then(|o| {
+        o.iter()
+            .find(|r| r["controller"] == true && r["kind"] == "Job")
+    });
+    owner.map_or(Value::Null, |r| r["uid"].clone())
+}
+
+fn job_condition(job: &Value, kind: &str) -> Option<Value> {
+    job_condition_in(&job["status"], kind)
+}
+
+fn job_condition_in(status: &Value, kind: &str) -> Option<Value> {
+    let conditions = status["conditions"].as_array()?;
+    conditions
+        .iter()
+        .find(|c| c["type"] == kind && c["status"] == "True")
+        .cloned()
+}
+
+fn finished_at(job: &Value) -> Option<u64> {
+    let done = job_condition(job, "Complete").or_else(|| job_condition(job, "Failed"))?;
+    epoch(done["lastTransitionTime"].as_str()?)
+}
+
+/// Indexes as the API writes them: ascending, runs of three or more as `first-last`
+/// (`orderedIntervals.String`).
+fn format_indexes(indexes: &BTreeSet<u64>) -> String {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &i in indexes {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == i => *last = i,
+            _ => runs.push((i, i)),
+        }
+    }
+    let run = |(first, last): (u64, u64)| match last - first {
+        0 => first.to_string(),
+        1 => format!("{first},{last}"),
+        _ => format!("{first}-{last}"),
+    };
+    runs.into_iter().map(run).collect::<Vec<_>>().join(",")
+}
+
+fn parse_indexes(text: &str) -> BTreeSet<u64> {
+    let runs = text.split(',').filter(|r| !r.is_empty());
+    runs.flat_map(|run| {
+        let (first, last) = run.split_once('-').unwrap_or((run, run));
+        let (first, last) = (first.parse().unwrap_or(1), last.parse().unwrap_or(0));
+        first..=last
+    })
+    .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events.
+
+/// Who records an Event: its component, the kubelet's node, the container it is about.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    component: &'a str,
+    host: Option<&'a str>,
+    container: Option<&'a str>,
+}
+
+const JOB_CONTROLLER: Source<'static> = Source::of("job-controller");
+
+impl<'a> Source<'a> {
+    const fn of(component: &'a str) -> Source<'a> {
+        Source {
+            component,
+            host: None,
+            container: None,
+        }
+    }
+
+    /// The kubelet of `pod`'s node, about its container `container`.
+    fn kubelet(pod: &'a Value, container: Option<&'a str>) -> Source<'a> {
+        Source {
+            component: "kubelet",
+            host: pod["spec"]["nodeName"].as_str(),
+            container,
+        }
+    }
+}
+
+/// An Event's type, reason and message.
+type Note<'a> = (&'a str, &'a str, &'a str);
+
+/// An Event on `object`, aggregated as the event recorder does: the same again from the same
+/// source bumps the last one's `count` and `lastTimestamp`; so does any `FailedCreate`, whose
+/// message then is the latest.
+fn record(store: &mut Store, object: &Value, from: &Source, (kind, reason, message): Note) {
+    let mut involved = json!({"apiVersion": object["apiVersion"], "kind": object["kind"],
+        "name": object["metadata"]["name"], "namespace": object["metadata"]["namespace"],
+        "uid": object["metadata"]["uid"]});
+    if let Some(container) = from.container {
+        involved["fieldPath"] = json!(format!("spec.containers{{{container}}}"));
+    }
+    let events = kind_of("events").unwrap();
+    let same = store.objects.iter().find(|((p, _, _), e)| {
+        *p == "events"
+            && e["involvedObject"] == involved
+            && e["reason"] == reason
+            && e["source"]["component"] == from.component
+            && (e["message"] == message || reason == "FailedCreate")
+    });
+    if let Some((_, event)) = same {
+        let mut event = event.clone();
         event["count"] = json!(event["count"].as_u64().unwrap_or(1) + 1);
         event["message"] = json!(message);
         event["lastTimestamp"] = json!(now_rfc3339());
         store.put(events, event);
         return;
     }
+    let mut source = json!({"component": from.component});
+    if let Some(host) = from.host {
+        source["host"] = json!(host);
+    }
     let event = json!({
-        "metadata": {"generateName": format!("{}.", meta["name"].as_str().unwrap_or("job"))},
-        "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-            "namespace": namespace, "uid": meta["uid"]},
-        "reason": reason, "message": message, "type": kind, "count": 1,
-        "source": {"component": "job-controller"},
+        "metadata": {"generateName": format!("{}.", text(&object["metadata"]["name"]))},
+        "involvedObject": involved, "reason": reason, "message": message, "type": kind,
+        "count": 1, "source": source, "reportingComponent": from.component,
         "firstTimestamp": now_rfc3339(), "lastTimestamp": now_rfc3339(),
     });
+    let namespace = text(&object["metadata"]["namespace"]);
     let _ = store.create(events, &namespace, event);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Nodes, the scheduler, the autoscaler, PodGC.
+
+fn node_key(name: &str) -> Key {
+    ("nodes", String::new(), name.to_string())
+}
+
+/// Node objects for the cluster's nodes, Ready, with their pod capacity; one that left goes.
+/// `spec.unschedulable` (a cordon) is the API's to set.
+fn node_controller(store: &mut Store, spec: &ClusterSpec) {
+    let kind = kind_of("nodes").unwrap();
+    let names = spec.node_names();
+    for name in &names {
+        let status = node_status(name, spec.capacity);
+        match store.objects.get(&node_key(name)).cloned() {
+            None => {
+                let node = json!({"metadata": {"name": name,
+                    "labels": {"kubernetes.io/hostname": name}}, "spec": {}, "status": status});
+                let _ = store.create(kind, "", node);
+            }
+            Some(mut node) if node["status"] != status => {
+                node["status"] = status;
+                store.put(kind, node);
+            }
+            Some(_) => {}
+        }
+    }
+    for (key, _) in store.all("nodes") {
+        if !names.contains(&key.2) {
+            store.remove(kind, &key);
+        }
+    }
+}
+
+fn node_status(name: &str, capacity: usize) -> Value {
+    let resources = json!({"pods": capacity.to_string()});
+    json!({"capacity": resources, "allocatable": resources,
+        "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+            "message": "kubelet is posting ready status"}],
+        "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+            {"type": "Hostname", "address": name}]})
+}
+
+/// Whether node `name` is cordoned.
+fn cordoned(store: &Store, name: &str) -> bool {
+    store
+        .objects
+        .get(&node_key(name))
+        .is_some_and(|n| n["spec"]["unschedulable"] == true)
+}
+
+/// Binds pending pods, oldest first, to the least loaded node with room that is not cordoned;
+/// marks the rest `Unschedulable` with the scheduler's message (`FitError`: each node's reason,
+/// counted). The pods left waiting for room (not for a claim).
+fn scheduler(store: &mut Store, spec: &ClusterSpec) -> Vec<Key> {
+    let nodes = spec.node_names();
+    let pods = store.all("pods");
+    let mut load: Vec<usize> = nodes
+        .iter()
+        .map(|n| {
+            pods.iter()
+                .filter(|(_, p)| p["spec"]["nodeName"] == n.as_str() && !ended(p))
+                .count()
+        })
+        .collect();
+    let closed: Vec<bool> = nodes.iter().map(|n| cordoned(store, n)).collect();
+    let mut waiting: Vec<(Key, Value)> = pods
+        .into_iter()
+        .filter(|(_, p)| !p["spec"]["nodeName"].is_string() && !ended(p) && !deleting(p))
+        .collect();
+    // Oldest first: uids are handed out in order.
+    waiting.sort_by_key(|(_, p)| text(&p["metadata"]["uid"]));
+    let mut short = Vec::new();
+    for (key, pod) in waiting {
+        let free = |i: &usize| !closed[*i] && load[*i] < spec.capacity;
+        let status = if let Some(why) = claim_problem(store, &key.1, &pod) {
+            let n = nodes.len();
+            unschedulable(
+                n,
+                &[(n, why)],
+                &[(n, "Preemption is not helpful for scheduling")],
+            )
+        } else if let Some(i) = (0..nodes.len()).filter(free).min_by_key(|i| load[*i]) {
+            load[i] += 1;
+            bind(store, &key, &nodes[i]);
+            continue;
+        } else {
+            short.push(key.clone());
+            no_room(&closed)
+        };
+        set_status(store, &key, status);
+    }
+    short
+}
+
+/// The pod bound to `node`, `PodScheduled`.
+fn bind(store: &mut Store, key: &Key, node: &str) {
+    let Some(mut pod) = store.objects.get(key).cloned() else {
+        return;
+    };
+    pod["spec"]["nodeName"] = json!(node);
+    let scheduled =
+        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()});
+    pod["status"]["conditions"] = with_condition(&pod["status"]["conditions"], scheduled);
+    store.put(kind_of("pods").unwrap(), pod);
+}
+
+/// The message for a pod no node has room for: cordoned nodes are unschedulable, the others full.
+fn no_room(closed: &[bool]) -> Value {
+    let n = closed.len();
+    let cordoned = closed.iter().filter(|c| **c).count();
+    let reasons = [
+        (cordoned, "node(s) were unschedulable"),
+        (n - cordoned, "Insufficient cpu"),
+    ];
+    let preemption = [
+        (cordoned, "Preemption is not helpful for scheduling"),
+        (n - cordoned, "No preemption victims found for incoming pod"),
+    ];
+    unschedulable(n, &reasons, &preemption)
+}
+
+/// A pending pod's status as the scheduler leaves it: `PodScheduled=False`, `Unschedulable`,
+/// `0/N nodes are available: <count reason, …>. preemption: 0/N nodes are available: …`.
+fn unschedulable<S: AsRef<str>>(
+    n: usize,
+    reasons: &[(usize, S)],
+    preemption: &[(usize, &str)],
+) -> Value {
+    let histogram = |counted: Vec<(usize, &str)>| {
+        let mut parts: Vec<String> = counted
+            .into_iter()
+            .filter(|(c, _)| *c > 0)
+            .map(|(c, r)| format!("{c} {r}"))
+            .collect();
+        parts.sort();
+        parts.join(", ")
+    };
+    let reasons = histogram(reasons.iter().map(|(c, r)| (*c, r.as_ref())).collect());
+    let preemption = histogram(preemption.to_vec());
+    let message = format!("0/{n} nodes are available: {reasons}. preemption: 0/{n} nodes are available: {preemption}.");
+    json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+        "reason": "Unschedulable", "message": message, "lastTransitionTime": now_rfc3339()}]})
+}
+
+/// The node group the autoscaler grows (any name: the message shows it).
+const NODE_GROUP: &str = "fake-node-group";
+
+/// The Cluster Autoscaler: pods waiting for room make it grow the node group by one node, up to
+/// `max_nodes`, each pod told by a `TriggeredScaleUp` Event; the node joins `delay` later
+/// ([`join_nodes`]). One scale-up at a time.
+fn autoscaler(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    short: &[Key],
+    scale_up: &mut Option<Instant>,
+) {
+    let Some(auto) = spec.autoscaler else {
+        return;
+    };
+    let nodes = spec.nodes.max(1);
+    if short.is_empty() || scale_up.is_some() || nodes >= auto.max_nodes {
+        return;
+    }
+    *scale_up = Some(Instant::now() + auto.delay);
+    // processors/status/eventing_scale_up_processor.go, ScaleUpInfo's `{group from->to (max: n)}`.
+    let message = format!(
+        "pod triggered scale-up: [{{{NODE_GROUP} {nodes}->{} (max: {})}}]",
+        nodes + 1,
+        auto.max_nodes
+    );
+    for key in short {
+        if let Some(pod) = store.objects.get(key).cloned() {
+            let note = ("Normal", "TriggeredScaleUp", message.as_str());
+            record(store, &pod, &Source::of("cluster-autoscaler"), note);
+        }
+    }
+}
+
+/// The node the autoscaler added, once it has joined.
+fn join_nodes(inner: &Inner, scale_up: &mut Option<Instant>) {
+    if scale_up.is_some_and(|at| Instant::now() >= at) {
+        *scale_up = None;
+        let mut spec = inner.spec.lock().unwrap();
+        spec.nodes = spec.nodes.max(1) + 1;
+    }
+}
+
+/// How long PodGC waits before it takes a node for gone (`quarantineTime`).
+const NODE_QUARANTINE: Duration = Duration::from_secs(40);
+
+/// PodGC (`pkg/controller/podgc/gc_controller.go`): a pod being deleted that was never scheduled
+/// is failed (no condition) and deleted at once (`gcUnscheduledTerminating`); a pod on a node
+/// gone for [`NODE_QUARANTINE`] is failed with `DisruptionTarget` `DeletionByPodGC` and deleted
+/// at once (`gcOrphaned`).
+fn pod_gc(store: &mut Store, spec: &ClusterSpec, gone: &mut HashMap<String, Instant>) {
+    let nodes = spec.node_names();
+    gone.retain(|node, _| !nodes.contains(node));
+    for (key, pod) in store.all("pods") {
+        match pod["spec"]["nodeName"].as_str() {
+            None if deleting(&pod) => force_fail(store, &key, None),
+            Some(node) if !nodes.iter().any(|n| n == node) => {
+                let since = *gone.entry(node.to_string()).or_insert_with(Instant::now);
+                if since.elapsed() >= NODE_QUARANTINE {
+                    let condition = disruption("DeletionByPodGC", "PodGC: node no longer exists");
+                    force_fail(store, &key, Some(condition));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `markFailedAndDeletePodWithCondition`: Failed (with `condition`) unless it ended, then
+/// deleted with no grace period.
+fn force_fail(store: &mut Store, key: &Key, condition: Option<Value>) {
+    let Some(mut pod) = store.objects.get(key).cloned() else {
+        return;
+    };
+    if !ended(&pod) {
+        pod["status"]["phase"] = json!("Failed");
+        if let Some(condition) = condition {
+            pod["status"]["conditions"] = with_condition(&pod["status"]["conditions"], condition);
+        }
+        store.put(kind_of("pods").unwrap(), pod);
+    }
+    store.delete(kind_of("pods").unwrap(), key, false, Some(0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// DaemonSets, claims, snapshots.
 
 /// One pod of each DaemonSet on each node, created bound to it; a pod that ended is replaced
 /// (where a real kubelet would restart its container: `restartPolicy: Always`).
@@ -859,148 +2011,659 @@ fn snapshot_controller(store: &mut Store, spec: &ClusterSpec, dir: &Path) {
     }
 }
 
-/// Binds pending pods to the node while it has room; marks the rest Unschedulable.
-fn scheduler(store: &mut Store, spec: &ClusterSpec) {
-    let pods: Vec<(Key, Value)> = store.all("pods");
+// ---------------------------------------------------------------------------------------------
+// The kubelet.
+
+/// What the kubelet does outside the store's lock: containers to start and to stop.
+#[derive(Default)]
+struct Plan {
+    start: Vec<(Key, Value, Inputs)>,
+    stop: Vec<Stop>,
+}
+
+/// A container to stop: SIGTERM, then SIGKILL after `grace`; `evicted` with the eviction
+/// manager's message when its kubelet evicts the pod (which then fails in place).
+struct Stop {
+    uid: String,
+    grace: Duration,
+    evicted: Option<String>,
+}
+
+/// The kubelet's record of a pod it has not started yet.
+#[derive(Default)]
+struct Attempts {
+    /// When it syncs the pod again.
+    next_sync: Option<Instant>,
+    /// Image → pull failures in a row, and when the last was (the image backoff).
+    pulls: HashMap<String, (u32, Instant)>,
+    /// Mount failures in a row.
+    mounts: u32,
+    /// A start error the kubelet never retries (`InvalidImageName`, `ErrImageNeverPull`).
+    stuck: bool,
+}
+
+/// The image pull backoff (`pkg/kubelet/kubelet.go`: `backOffPeriod` 10 s, `MaxContainerBackOff`
+/// 300 s): a failed pull is not tried again before it has passed.
+const IMAGE_BACKOFF: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(300));
+/// A failed mount's retries (`pkg/util/goroutinemap/exponentialbackoff`: 500 ms doubling to
+/// 2 min 2 s).
+const MOUNT_BACKOFF: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(122));
+/// How soon the kubelet syncs a pod again after a start error (the fake's choice: often enough
+/// to show `ImagePullBackOff` between pulls) and after a config error (the pod worker's ~10 s).
+const IMAGE_RESYNC: Duration = Duration::from_secs(1);
+const CONFIG_RESYNC: Duration = Duration::from_secs(10);
+
+/// The node-pressure eviction's message (`pkg/kubelet/eviction/helpers.go`: `nodeLowMessageFmt`
+/// then `thresholdMetMessageFmt`, for the default hard threshold `memory.available<100Mi`).
+const EVICTION_MESSAGE: &str =
+    "The node was low on resource: memory. Threshold quantity: 100Mi, available: 51200Ki. ";
+
+/// The kubelets of every node: containers to stop (their pod deleted, gone, or evicted by its
+/// kubelet) and pods to start; a pod that cannot start yet gets its waiting state, and Events.
+fn kubelet(store: &mut Store, spec: &ClusterSpec, memory: &mut Memory) -> Plan {
     let nodes = spec.node_names();
-    let mut bound: Vec<usize> = nodes
-        .iter()
-        .map(|n| {
-            let on = pods
-                .iter()
-                .filter(|(_, p)| p["spec"]["nodeName"] == n.as_str());
-            on.filter(|(_, p)| !ended(p)).count()
-        })
+    let mut plan = Plan {
+        stop: orphans(store, &nodes, &memory.containers),
+        ..Plan::default()
+    };
+    let pods = store.all("pods").into_iter();
+    let pods: Vec<(Key, Value)> = pods
+        .filter(|(_, p)| on_node(p, &nodes) && !ended(p))
         .collect();
-    let n = nodes.len();
-    let mut waiting: Vec<&(Key, Value)> = pods
-        .iter()
-        .filter(|(_, p)| {
-            !p["spec"]["nodeName"].is_string()
-                && !ended(p)
-                && p["metadata"]["deletionTimestamp"].is_null()
-        })
-        .collect();
-    // Oldest first: uids are handed out in order.
-    waiting.sort_by_key(|(_, p)| p["metadata"]["uid"].as_str().unwrap_or("").to_string());
-    for (key, pod) in waiting {
-        let mut next = pod.clone();
-        if let Some(why) = claim_problem(store, &key.1, pod) {
-            next["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
-                "status": "False", "reason": "Unschedulable",
-                "message": format!("0/{n} nodes are available: {why}. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling."),
-                "lastTransitionTime": now_rfc3339()}]});
-        } else if let Some(i) = (0..n)
-            .filter(|i| bound[*i] < spec.capacity)
-            .min_by_key(|i| bound[*i])
-        {
-            // The least loaded node with room, as the default scheduler's spreading prefers.
-            bound[i] += 1;
-            next["spec"]["nodeName"] = json!(nodes[i]);
-            next["status"] = json!({"phase": "Pending", "conditions": [
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]});
-        } else {
-            next["status"] = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled",
-                "status": "False", "reason": "Unschedulable",
-                "message": format!("0/{n} nodes are available: {n} Insufficient cpu. preemption: 0/{n} nodes are available: {n} No preemption victims found for incoming pod."),
-                "lastTransitionTime": now_rfc3339()}]});
+    let live: HashSet<String> = pods.iter().map(|(_, p)| uid_of(p)).collect();
+    memory.attempts.retain(|uid, _| live.contains(uid));
+    for (key, pod) in &pods {
+        let uid = uid_of(pod);
+        match memory.containers.get(&uid) {
+            Some(c) => plan.stop.extend(to_stop(pod, c)),
+            None => {
+                let attempts = memory.attempts.entry(uid).or_default();
+                plan.start
+                    .extend(sync_idle(store, spec, key, pod, attempts));
+            }
         }
-        if next != *pod {
-            store.put(kind_of("pods").unwrap(), next);
+    }
+    plan
+}
+
+fn on_node(pod: &Value, nodes: &[String]) -> bool {
+    pod["spec"]["nodeName"]
+        .as_str()
+        .is_some_and(|n| nodes.iter().any(|m| m == n))
+}
+
+/// Containers whose pod is gone (or is another now), or whose node is: killed.
+fn orphans(store: &Store, nodes: &[String], containers: &HashMap<String, Container>) -> Vec<Stop> {
+    let kept = |uid: &str, c: &Container| {
+        let pod = store.objects.get(&c.key);
+        pod.is_some_and(|p| uid_of(p) == uid && on_node(p, nodes))
+    };
+    containers
+        .iter()
+        .filter(|(uid, c)| !kept(uid, c))
+        .map(|(uid, _)| Stop {
+            uid: uid.clone(),
+            grace: Duration::ZERO,
+            evicted: None,
+        })
+        .collect()
+}
+
+/// A running pod's container to stop: its pod deleted (its deletion grace period), or evicted
+/// by its kubelet (its own grace period: a soft eviction threshold whose maximum grace period is
+/// no shorter, `pod_workers.go` `calculateEffectiveGracePeriod` keeping the shorter).
+fn to_stop(pod: &Value, c: &Container) -> Option<Stop> {
+    let uid = uid_of(pod);
+    let seconds = |s: Option<u64>| Duration::from_secs(s.unwrap_or(30));
+    if deleting(pod) {
+        let grace = seconds(pod["metadata"]["deletionGracePeriodSeconds"].as_u64());
+        return Some(Stop {
+            uid,
+            grace,
+            evicted: None,
+        });
+    }
+    let message = kubelet_eviction(pod).filter(|_| c.evicted.is_none())?;
+    let grace = seconds(pod["spec"]["terminationGracePeriodSeconds"].as_u64());
+    Some(Stop {
+        uid,
+        grace,
+        evicted: Some(message),
+    })
+}
+
+/// The message of a node-pressure eviction the pod's kubelet has begun.
+fn kubelet_eviction(pod: &Value) -> Option<String> {
+    let conditions = pod["status"]["conditions"].as_array()?;
+    let evicted = conditions.iter().find(|c| {
+        c["type"] == "DisruptionTarget"
+            && c["status"] == "True"
+            && c["reason"] == "TerminationByKubelet"
+    });
+    evicted.map(|c| text(&c["message"]))
+}
+
+/// A pod with no container running: deleted (so it ends, never started), evicted (so it fails in
+/// place), or still Pending: started if nothing stops it.
+fn sync_idle(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    key: &Key,
+    pod: &Value,
+    attempts: &mut Attempts,
+) -> Option<(Key, Value, Inputs)> {
+    if deleting(pod) {
+        set_status(store, key, never_ran(pod));
+        final_delete(store, key);
+        return None;
+    }
+    if let Some(message) = kubelet_eviction(pod) {
+        set_status(store, key, evicted(never_ran(pod), &message));
+        return None;
+    }
+    if phase(pod) != "Pending" {
+        return None;
+    }
+    match pending(store, spec, pod, attempts)? {
+        Ok(inputs) => Some((key.clone(), pod.clone(), inputs)),
+        Err(waiting) => {
+            set_status(store, key, pending_status(pod, &waiting));
+            None
         }
     }
 }
 
-/// A pod to start: its env and the data of the ConfigMaps it mounts, read from the store (or
-/// why they cannot be).
-type Start = (Key, Value, Result<Inputs, String>);
+/// The kubelet's final delete of a pod it has finished with: no grace period left, so the pod
+/// goes once no finalizer holds it.
+fn final_delete(store: &mut Store, key: &Key) {
+    if let Some(mut pod) = store.objects.get(key).cloned() {
+        pod["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        store.put(kind_of("pods").unwrap(), pod);
+    }
+}
 
-/// What a container is given from the API: its environment, and ConfigMap name → `data`.
+/// A pod that ended before its container ran: Failed, each container's state unknown, as the
+/// kubelet reports containers it cannot find (137, `ContainerStatusUnknown`).
+fn never_ran(pod: &Value) -> Value {
+    let state = json!({"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+        "message": "The container could not be located when the pod was terminated",
+        "finishedAt": now_rfc3339()}});
+    let states = vec![state; containers(pod).len()];
+    json!({"phase": "Failed", "conditions": conditions(false),
+        "containerStatuses": container_statuses(pod, &states, false)})
+}
+
+/// An ended pod's status as the eviction manager leaves it: Failed, reason `Evicted`.
+fn evicted(mut status: Value, message: &str) -> Value {
+    status["phase"] = json!("Failed");
+    status["reason"] = json!("Evicted");
+    status["message"] = json!(message);
+    status
+}
+
+/// A Pending pod's sync, if due: its volumes mounted, then each container's image and config
+/// (`SyncPod`: volumes first, then per container `EnsureImageExists`, then the config). The
+/// inputs to start it with, or each container's waiting state (`None`: `ContainerCreating`).
+fn pending(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    pod: &Value,
+    attempts: &mut Attempts,
+) -> Option<Result<Inputs, Vec<Option<Value>>>> {
+    let now = Instant::now();
+    if attempts.stuck || attempts.next_sync.is_some_and(|at| now < at) {
+        return None;
+    }
+    if let Some((volume, why)) = missing_volume(store, pod) {
+        mount_failed(store, pod, attempts, &volume, &why);
+        return Some(Err(vec![None; containers(pod).len()]));
+    }
+    attempts.mounts = 0;
+    let waiting = containers_waiting(store, spec, pod, attempts);
+    if waiting.iter().all(Option::is_none) {
+        return Some(Ok(inputs(store, pod)));
+    }
+    resync(attempts, &waiting);
+    Some(Err(waiting))
+}
+
+/// A ConfigMap or Secret volume whose object is missing (and not optional): the volume's name,
+/// and the volume plugin's error.
+fn missing_volume(store: &Store, pod: &Value) -> Option<(String, String)> {
+    let namespace = text(&pod["metadata"]["namespace"]);
+    let volumes = pod["spec"]["volumes"].as_array()?;
+    volumes.iter().find_map(|v| {
+        let (plural, singular, source) = match (v["configMap"].is_object(), v["secret"].is_object())
+        {
+            (true, _) => ("configmaps", "configmap", &v["configMap"]),
+            (_, true) => ("secrets", "secret", &v["secret"]),
+            _ => return None,
+        };
+        let name = source["name"].as_str().or(source["secretName"].as_str())?;
+        let missing = !store
+            .objects
+            .contains_key(&(plural, namespace.clone(), name.to_string()));
+        (missing && source["optional"] != true)
+            .then(|| (text(&v["name"]), format!("{singular} \"{name}\" not found")))
+    })
+}
+
+/// A failed mount: a Warning `FailedMount` Event from the kubelet, retried with backoff, the
+/// containers `ContainerCreating` meanwhile.
+fn mount_failed(store: &mut Store, pod: &Value, attempts: &mut Attempts, volume: &str, why: &str) {
+    attempts.mounts += 1;
+    attempts.next_sync = Some(Instant::now() + backoff(MOUNT_BACKOFF, attempts.mounts));
+    let message = format!("MountVolume.SetUp failed for volume \"{volume}\" : {why}");
+    record(
+        store,
+        pod,
+        &Source::kubelet(pod, None),
+        ("Warning", "FailedMount", &message),
+    );
+}
+
+/// Each container's waiting state, if its image or its config stops it.
+fn containers_waiting(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    pod: &Value,
+    attempts: &mut Attempts,
+) -> Vec<Option<Value>> {
+    let containers = containers(pod);
+    let check = |c: &Value, store: &mut Store, attempts: &mut Attempts| {
+        image_waiting(store, spec, pod, c, attempts).or_else(|| config_waiting(store, pod, c))
+    };
+    containers
+        .iter()
+        .map(|c| check(c, store, attempts))
+        .collect()
+}
+
+/// When to sync again after start errors; never after one the kubelet does not retry.
+fn resync(attempts: &mut Attempts, waiting: &[Option<Value>]) {
+    let reasons: Vec<String> = waiting
+        .iter()
+        .flatten()
+        .map(|w| text(&w["reason"]))
+        .collect();
+    let stuck = ["InvalidImageName", "ErrImageNeverPull"];
+    attempts.stuck = reasons.iter().any(|r| stuck.contains(&r.as_str()));
+    let config_only = reasons.iter().all(|r| r == "CreateContainerConfigError");
+    let wait = if config_only {
+        CONFIG_RESYNC
+    } else {
+        IMAGE_RESYNC
+    };
+    attempts.next_sync = Some(Instant::now() + wait);
+}
+
+/// The image step (`pkg/kubelet/images/image_manager.go` `EnsureImageExists`): a reference that
+/// does not parse is `InvalidImageName`; a missing image under `imagePullPolicy: Never`
+/// `ErrImageNeverPull`; within the backoff after a failed pull `ImagePullBackOff`; else it is
+/// pulled, which fails for an image in `missing_images` (`ErrImagePull`, the runtime's error).
+fn image_waiting(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    pod: &Value,
+    container: &Value,
+    attempts: &mut Attempts,
+) -> Option<Value> {
+    let image = text(&container["image"]);
+    let from = Source::kubelet(pod, container["name"].as_str());
+    let reference = match image_reference(&image) {
+        Ok(reference) => reference,
+        Err(why) => {
+            let message = format!("Failed to apply default image tag \"{image}\": {why}");
+            let note = ("Warning", "InspectFailed", message.as_str());
+            return Some(image_error(store, pod, &from, note, "InvalidImageName"));
+        }
+    };
+    let missing = spec.missing_images.contains(&image);
+    if container["imagePullPolicy"] == "Never" {
+        let message =
+            format!("Container image \"{image}\" is not present with pull policy of Never");
+        let note = ("Warning", "ErrImageNeverPull", message.as_str());
+        return missing.then(|| image_error(store, pod, &from, note, "ErrImageNeverPull"));
+    }
+    let pulls = attempts.pulls.get(&image).copied();
+    if pulls.is_some_and(|(n, last)| last.elapsed() < backoff(IMAGE_BACKOFF, n)) {
+        let message = format!("Back-off pulling image \"{image}\"");
+        let note = ("Normal", "BackOff", message.as_str());
+        return Some(image_error(store, pod, &from, note, "ImagePullBackOff"));
+    }
+    if !missing {
+        attempts.pulls.remove(&image);
+        return None;
+    }
+    let failures = pulls.map_or(0, |(n, _)| n);
+    attempts
+        .pulls
+        .insert(image.clone(), (failures + 1, Instant::now()));
+    Some(pull_failed(store, pod, &from, &image, &reference))
+}
+
+/// An image the kubelet will not run: its Event, then the start error of `reason` with the same
+/// message.
+fn image_error(store: &mut Store, pod: &Value, from: &Source, note: Note, reason: &str) -> Value {
+    record(store, pod, from, note);
+    start_error(store, pod, from, reason, note.2)
+}
+
+/// A pull of an image the registry does not have: the Events, and `ErrImagePull` with the
+/// runtime's error (containerd's form, through the CRI's gRPC status).
+fn pull_failed(
+    store: &mut Store,
+    pod: &Value,
+    from: &Source,
+    image: &str,
+    reference: &str,
+) -> Value {
+    record(
+        store,
+        pod,
+        from,
+        ("Normal", "Pulling", &format!("Pulling image \"{image}\"")),
+    );
+    let error = format!(
+        "rpc error: code = NotFound desc = failed to pull and unpack image \"{reference}\": failed to resolve reference \"{reference}\": {reference}: not found"
+    );
+    let message = format!("Failed to pull image \"{image}\": {error}");
+    record(store, pod, from, ("Warning", "Failed", &message));
+    start_error(store, pod, from, "ErrImagePull", &error)
+}
+
+/// A container that does not start for `reason`: the kubelet's Warning `Failed` Event
+/// (`Error: <reason>`, `kuberuntime_container.go` `startContainer`) and its waiting state.
+fn start_error(
+    store: &mut Store,
+    pod: &Value,
+    from: &Source,
+    reason: &str,
+    message: &str,
+) -> Value {
+    record(
+        store,
+        pod,
+        from,
+        ("Warning", "Failed", &format!("Error: {reason}")),
+    );
+    json!({"reason": reason, "message": message})
+}
+
+/// The config step: env from a Secret or ConfigMap missing, or without the key, is
+/// `CreateContainerConfigError` with that error, and a Warning `Failed` `Error: <error>`.
+fn config_waiting(store: &mut Store, pod: &Value, container: &Value) -> Option<Value> {
+    let why = container_env(store, pod, container).err()?;
+    let from = Source::kubelet(pod, container["name"].as_str());
+    record(
+        store,
+        pod,
+        &from,
+        ("Warning", "Failed", &format!("Error: {why}")),
+    );
+    Some(json!({"reason": "CreateContainerConfigError", "message": why}))
+}
+
+/// What a container is given from the API: its environment, and the files of its ConfigMap
+/// and Secret volumes (volume name → file → content).
 struct Inputs {
     env: Vec<(String, String)>,
-    config_maps: BTreeMap<String, Value>,
+    files: BTreeMap<String, BTreeMap<String, String>>,
 }
 
-/// The kubelet's view: bound pods to start (with their env resolved, or why not), running pods
-/// being deleted, and deleted pods with nothing running to remove.
-fn kubelet_plan(
-    store: &Store,
-    spec: &ClusterSpec,
-    containers: &HashMap<String, Container>,
-) -> (Vec<Start>, Vec<String>, Vec<Key>) {
-    let (mut start, mut stop, mut remove) = (Vec::new(), Vec::new(), Vec::new());
-    let nodes = spec.node_names();
-    for (key, pod) in store.objects.iter().filter(|(k, _)| k.0 == "pods") {
-        let node = pod["spec"]["nodeName"].as_str().unwrap_or("");
-        if !nodes.iter().any(|n| n == node) {
-            continue;
-        }
-        let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
-        let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
-        match (containers.contains_key(&uid), deleting) {
-            (true, true) => stop.push(uid),
-            (false, true) => remove.push(key.clone()),
-            (false, false) if phase(pod) == "Pending" => {
-                let inputs = container_env(store, pod).map(|env| Inputs {
-                    env,
-                    config_maps: config_maps(store, pod),
-                });
-                start.push((key.clone(), pod.clone(), inputs));
-            }
-            _ => {}
-        }
-    }
-    (start, stop, remove)
-}
-
-/// The image's env, then the container's, then `HOSTNAME`.
-fn container_env(store: &Store, pod: &Value) -> Result<Vec<(String, String)>, String> {
-    let image = image();
-    let mut env: Vec<(String, String)> = image.env.clone();
-    let namespace = pod["metadata"]["namespace"].as_str().unwrap_or("");
-    for var in pod["spec"]["containers"][0]["env"]
+/// The inputs of `pod`'s container (its first: the one that runs).
+fn inputs(store: &Store, pod: &Value) -> Inputs {
+    let container = &pod["spec"]["containers"][0];
+    let namespace = text(&pod["metadata"]["namespace"]);
+    let volumes = pod["spec"]["volumes"]
         .as_array()
-        .into_iter()
-        .flatten()
-    {
-        let name = var["name"].as_str().unwrap_or("").to_string();
-        let value = if let Some(v) = var["value"].as_str() {
-            v.to_string()
-        } else if let Some(r) = var["valueFrom"]["secretKeyRef"].as_object() {
-            let secret = r["name"].as_str().unwrap_or("");
-            let key = r["key"].as_str().unwrap_or("");
-            let data = store
-                .objects
-                .get(&("secrets", namespace.to_string(), secret.to_string()))
-                .and_then(|s| {
-                    s["stringData"][key]
-                        .as_str()
-                        .map(String::from)
-                        .or_else(|| s["data"][key].as_str().and_then(base64_decode))
-                });
-            data.ok_or_else(|| format!("secret \"{secret}\" not found"))?
-        } else if let Some(path) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            let field = path.strip_prefix("metadata.").unwrap_or(path);
-            let annotation = field
-                .strip_prefix("annotations['")
-                .and_then(|a| a.strip_suffix("']"));
-            let value = match annotation {
-                Some(name) => &pod["metadata"]["annotations"][name],
-                None => &pod["metadata"][field],
-            };
-            value.as_str().unwrap_or("").to_string()
-        } else {
-            String::new()
+        .cloned()
+        .unwrap_or_default();
+    let files = volumes.iter().filter_map(|v| {
+        let (plural, name) = match v["configMap"]["name"].as_str() {
+            Some(name) => ("configmaps", name),
+            None => ("secrets", v["secret"]["secretName"].as_str()?),
         };
-        env.retain(|(n, _)| *n != name);
-        env.push((name, value));
+        let object = store
+            .objects
+            .get(&(plural, namespace.clone(), name.to_string()));
+        Some((text(&v["name"]), object.map(data_of).unwrap_or_default()))
+    });
+    Inputs {
+        env: container_env(store, pod, container).unwrap_or_default(),
+        files: files.collect(),
     }
-    env.push((
-        "HOSTNAME".into(),
-        pod["metadata"]["name"].as_str().unwrap_or("").into(),
-    ));
+}
+
+/// A ConfigMap's or Secret's data as text (a Secret's `data` decoded, and its `stringData`).
+fn data_of(object: &Value) -> BTreeMap<String, String> {
+    let secret = object["kind"] == "Secret";
+    let decode = |v: &str| {
+        if secret {
+            base64_decode(v)
+        } else {
+            Some(v.to_string())
+        }
+    };
+    let data = object["data"].as_object().into_iter().flatten();
+    let data = data.map(|(k, v)| {
+        (
+            k.clone(),
+            decode(v.as_str().unwrap_or("")).unwrap_or_default(),
+        )
+    });
+    let plain = object["stringData"].as_object().into_iter().flatten();
+    let plain = plain.map(|(k, v)| (k.clone(), text(v)));
+    data.chain(plain).collect()
+}
+
+/// The image's env, then the container's, then `HOSTNAME`; the first reference that cannot be
+/// resolved is the kubelet's error (`kubelet_pods.go` `makeEnvironmentVariables`).
+fn container_env(
+    store: &Store,
+    pod: &Value,
+    container: &Value,
+) -> Result<Vec<(String, String)>, String> {
+    let mut env: Vec<(String, String)> = image().env;
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = text(&var["name"]);
+        if let Some(value) = env_value(store, pod, var)? {
+            env.retain(|(n, _)| *n != name);
+            env.push((name, value));
+        }
+    }
+    env.push(("HOSTNAME".into(), text(&pod["metadata"]["name"])));
     Ok(env)
 }
+
+/// The references an env var's value may come from, with the kind each names.
+const KEY_REFS: [(&str, ObjectKind); 2] = [
+    ("secretKeyRef", ("secrets", "secret", "Secret")),
+    ("configMapKeyRef", ("configmaps", "configmap", "ConfigMap")),
+];
+
+/// A kind's plural, the singular its errors say, and its name.
+type ObjectKind = (&'static str, &'static str, &'static str);
+
+/// One env var's value; `None` for an optional reference to what is missing.
+fn env_value(store: &Store, pod: &Value, var: &Value) -> Result<Option<String>, String> {
+    let from = &var["valueFrom"];
+    if let Some(value) = var["value"].as_str() {
+        return Ok(Some(value.to_string()));
+    }
+    if let Some((field, kind)) = KEY_REFS.iter().find(|(f, _)| from[*f].is_object()) {
+        return key_ref(store, pod, &from[*field], *kind);
+    }
+    let path = from["fieldRef"]["fieldPath"].as_str().unwrap_or("");
+    Ok(Some(field_ref(pod, path)))
+}
+
+/// A `secretKeyRef` or `configMapKeyRef`: the object missing is its `not found` error, the key
+/// missing `couldn't find key <k> in <Kind> <ns>/<name>`.
+fn key_ref(
+    store: &Store,
+    pod: &Value,
+    reference: &Value,
+    (plural, singular, kind): ObjectKind,
+) -> Result<Option<String>, String> {
+    let (name, key) = (text(&reference["name"]), text(&reference["key"]));
+    let optional = reference["optional"] == true;
+    let namespace = text(&pod["metadata"]["namespace"]);
+    let Some(object) = store
+        .objects
+        .get(&(plural, namespace.clone(), name.clone()))
+    else {
+        return match optional {
+            true => Ok(None),
+            false => Err(format!("{singular} \"{name}\" not found")),
+        };
+    };
+    match data_of(object).remove(&key) {
+        Some(value) => Ok(Some(value)),
+        None if optional => Ok(None),
+        None => Err(format!(
+            "couldn't find key {key} in {kind} {namespace}/{name}"
+        )),
+    }
+}
+
+/// A `fieldRef`: the pod's name, namespace, uid, node, or one of its labels or annotations.
+fn field_ref(pod: &Value, path: &str) -> String {
+    let keyed = |prefix: &str| path.strip_prefix(prefix).and_then(|k| k.strip_suffix("']"));
+    if let Some(label) = keyed("metadata.labels['") {
+        return text(&pod["metadata"]["labels"][label]);
+    }
+    if let Some(annotation) = keyed("metadata.annotations['") {
+        return text(&pod["metadata"]["annotations"][annotation]);
+    }
+    let mut value = pod;
+    for part in path.split('.') {
+        value = &value[part];
+    }
+    text(value)
+}
+
+/// A reference as the kubelet parses it (`parsers.ParseImageName`, the distribution/reference
+/// grammar), normalised as the runtime names it (`docker.io/library/…:latest`); else its error
+/// (`couldn't parse image name "<image>": …`).
+fn image_reference(image: &str) -> Result<String, String> {
+    let error = |why: &str| format!("couldn't parse image name \"{image}\": {why}");
+    let hex = image.len() == 64
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    if hex {
+        let why = format!(
+            "invalid repository name ({image}), cannot specify 64-byte hexadecimal strings"
+        );
+        return Err(error(&why));
+    }
+    let (domain, remainder) = split_domain(image);
+    let remote = remainder.split(':').next().unwrap_or("");
+    if remote.to_lowercase() != remote {
+        let why = format!("invalid reference format: repository name ({remote}) must be lowercase");
+        return Err(error(&why));
+    }
+    let full = format!("{domain}/{remainder}");
+    if !valid_reference(&full) {
+        return Err(error("invalid reference format"));
+    }
+    let tagged = remainder.contains(':') || remainder.contains('@');
+    Ok(if tagged {
+        full
+    } else {
+        format!("{full}:latest")
+    })
+}
+
+/// `splitDockerDomain`: the registry (docker.io unless the first component looks like a host)
+/// and the rest, `library/` added for an official image.
+fn split_domain(image: &str) -> (String, String) {
+    let (first, rest) = image.split_once('/').unwrap_or(("", image));
+    let host = first.contains(['.', ':']) || first == "localhost" || first.to_lowercase() != first;
+    let (domain, remainder) = match image.contains('/') && host {
+        true => (first, rest.to_string()),
+        false => ("docker.io", image.to_string()),
+    };
+    let domain = if domain == "index.docker.io" {
+        "docker.io"
+    } else {
+        domain
+    };
+    match domain == "docker.io" && !remainder.contains('/') {
+        true => (domain.to_string(), format!("library/{remainder}")),
+        false => (domain.to_string(), remainder),
+    }
+}
+
+/// Whether `domain/path[:tag][@digest]` follows the reference grammar.
+fn valid_reference(full: &str) -> bool {
+    let (name, digest) = full
+        .split_once('@')
+        .map_or((full, None), |(n, d)| (n, Some(d)));
+    let (domain, path) = name.split_once('/').unwrap_or(("", name));
+    let (path, tag) = match path.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t)),
+        _ => (path, None),
+    };
+    let tag_ok = tag.is_none_or(|t| {
+        let mut chars = t.chars();
+        let first = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        first && t.len() <= 128 && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    });
+    let digest_ok = digest.is_none_or(|d| {
+        d.split_once(':').is_some_and(|(a, h)| {
+            !a.is_empty() && h.len() >= 32 && h.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+    });
+    valid_domain(domain)
+        && !path.is_empty()
+        && path.split('/').all(valid_component)
+        && tag_ok
+        && digest_ok
+}
+
+fn valid_domain(domain: &str) -> bool {
+    let (host, port) = domain
+        .split_once(':')
+        .map_or((domain, None), |(h, p)| (h, Some(p)));
+    let label = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    host.split('.').all(label)
+        && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A path component: lower-case alphanumerics joined by `.`, `_`, `__` or dashes.
+fn valid_component(component: &str) -> bool {
+    let mut separator = String::new();
+    let mut started = false;
+    for c in component.chars() {
+        if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            let ok = separator.is_empty()
+                || matches!(separator.as_str(), "." | "_" | "__")
+                || separator.chars().all(|s| s == '-');
+            if !ok || (!started && !separator.is_empty()) {
+                return false;
+            }
+            separator.clear();
+            started = true;
+        } else if "._-".contains(c) {
+            separator.push(c);
+        } else {
+            return false;
+        }
+    }
+    started && separator.is_empty()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The container runtime.
 
 fn base64_decode(text: &str) -> Option<String> {
     use base64::Engine;
@@ -1107,7 +2770,7 @@ fn start_container(
     let sources = Sources {
         spec,
         cluster: &inner.dir,
-        config_maps: &inputs.config_maps,
+        files: &inputs.files,
     };
     root.volumes(pod, &sources, fs_group)?;
     let strings = |v: &Value| -> Vec<String> {
@@ -1146,7 +2809,8 @@ fn start_container(
         dir: root.dir,
         started_at: now_rfc3339(),
         fallback_to_logs: container["terminationMessagePolicy"] == "FallbackToLogsOnError",
-        stopping: None,
+        deadline: None,
+        evicted: None,
     })
 }
 
@@ -1159,7 +2823,8 @@ struct Sources<'a> {
     spec: &'a ClusterSpec,
     /// The kubelet's directory: provisioned volumes, nodes' host paths.
     cluster: &'a Path,
-    config_maps: &'a BTreeMap<String, Value>,
+    /// ConfigMap and Secret volumes' files, by volume name.
+    files: &'a BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// The host path `path` of node `node`: a directory of its own under the cluster's.
@@ -1168,23 +2833,6 @@ fn node_dir(cluster: &Path, node: &str, path: &str) -> PathBuf {
         .join(".nodes")
         .join(node)
         .join(path.trim_start_matches('/'))
-}
-
-/// The `data` of every ConfigMap `pod` mounts that exists.
-fn config_maps(store: &Store, pod: &Value) -> BTreeMap<String, Value> {
-    let namespace = pod["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let volumes = pod["spec"]["volumes"].as_array().into_iter().flatten();
-    let names = volumes.filter_map(|v| v["configMap"]["name"].as_str());
-    names
-        .filter_map(|name| {
-            let key = ("configmaps", namespace.clone(), name.to_string());
-            let data = store.objects.get(&key)?["data"].clone();
-            Some((name.to_string(), data))
-        })
-        .collect()
 }
 
 /// A pod's root directory, and the script of mounts that completes it inside the container's
@@ -1348,17 +2996,11 @@ impl Root {
                     }
                 }
                 dir
-            } else if let Some(name) = volume["configMap"]["name"].as_str() {
-                let data = sources.config_maps.get(name);
-                let data = data.ok_or_else(|| format!("configmap \"{name}\" not found"))?;
-                let dir = self
-                    .dir
-                    .join("volumes")
-                    .join(volume["name"].as_str().unwrap_or("v"));
+            } else if let Some(files) = sources.files.get(volume["name"].as_str().unwrap_or("")) {
+                let dir = self.dir.join("volumes").join(text(&volume["name"]));
                 std::fs::create_dir_all(&dir).map_err(io)?;
-                for (key, value) in data.as_object().into_iter().flatten() {
-                    let text = value.as_str().unwrap_or("");
-                    std::fs::write(dir.join(key), text).map_err(io)?;
+                for (key, content) in files {
+                    std::fs::write(dir.join(key), content).map_err(io)?;
                 }
                 read_only = true;
                 dir
@@ -1428,23 +3070,21 @@ fn init_pid(c: &Container) -> Option<nix::unistd::Pid> {
     Some(nix::unistd::Pid::from_raw(child))
 }
 
-fn stop_container(c: &mut Container, inner: &Inner) {
-    if c.stopping.is_some() {
-        return;
+/// SIGTERM to PID 1 (once), and SIGKILL `grace` later; a shorter grace period brings that
+/// forward, as a second delete may.
+fn stop_container(c: &mut Container, grace: Duration, evicted: Option<String>) {
+    if c.evicted.is_none() {
+        c.evicted = evicted;
     }
-    let grace = inner
-        .kube
-        .with_store(|store| {
-            store
-                .objects
-                .get(&c.key)
-                .and_then(|p| p["metadata"]["deletionGracePeriodSeconds"].as_u64())
-        })
-        .unwrap_or(30);
-    if let Some(pid) = init_pid(c) {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    if c.deadline.is_none() {
+        if let Some(pid) = init_pid(c) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
     }
-    c.stopping = Some((Instant::now(), Duration::from_secs(grace)));
+    let deadline = Instant::now() + grace;
+    if c.deadline.is_none_or(|at| deadline < at) {
+        c.deadline = Some(deadline);
+    }
 }
 
 /// SIGKILL to PID 1 ends the whole PID namespace.
@@ -1464,33 +3104,50 @@ fn exit_code(status: std::process::ExitStatus) -> i64 {
     )
 }
 
-fn container_status(pod: &Value, state: Value, ready: bool) -> Value {
-    let container = &pod["spec"]["containers"][0];
-    json!([{"name": container["name"], "image": container["image"], "imageID": "",
-        "containerID": format!("fake://{}", pod["metadata"]["uid"].as_str().unwrap_or("")),
-        "ready": ready, "restartCount": 0, "started": ready, "state": state}])
+/// Each container's status, in the spec's order, with its state; a container that was created
+/// has an ID. Only the first container runs: the others are reported in the same state.
+fn container_statuses(pod: &Value, states: &[Value], ready: bool) -> Value {
+    let uid = uid_of(pod);
+    let containers = containers(pod);
+    let statuses = containers.iter().zip(states).map(|(c, state)| {
+        let mut status = json!({"name": c["name"], "image": c["image"], "imageID": "",
+            "ready": ready, "restartCount": 0, "started": ready, "state": state});
+        if state["waiting"].is_null() {
+            status["containerID"] = json!(format!("fake://{uid}"));
+        }
+        status
+    });
+    json!(statuses.collect::<Vec<_>>())
 }
 
 fn conditions(ready: bool) -> Value {
     let ready = if ready { "True" } else { "False" };
+    let condition = |kind: &str, status: &str| json!({"type": kind, "status": status, "lastTransitionTime": now_rfc3339()});
     json!([
-        {"type": "PodScheduled", "status": "True"},
-        {"type": "Initialized", "status": "True"},
-        {"type": "ContainersReady", "status": ready},
-        {"type": "Ready", "status": ready},
+        condition("PodScheduled", "True"),
+        condition("Initialized", "True"),
+        condition("ContainersReady", ready),
+        condition("Ready", ready),
     ])
 }
 
 fn running_status(pod: &Value, started_at: &str) -> Value {
+    let states = vec![json!({"running": {"startedAt": started_at}}); containers(pod).len()];
     json!({"phase": "Running", "startTime": started_at, "hostIP": "127.0.0.1",
         "podIP": "127.0.0.1", "conditions": conditions(true),
-        "containerStatuses": container_status(pod, json!({"running": {"startedAt": started_at}}), true)})
+        "containerStatuses": container_statuses(pod, &states, true)})
 }
 
-fn waiting_status(pod: &Value, reason: &str) -> Value {
-    let state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": reason}});
-    json!({"phase": "Pending", "conditions": conditions(false),
-        "containerStatuses": container_status(pod, state, false)})
+/// A Pending pod's status as its kubelet reports it: `startTime` set, each container waiting,
+/// for its own reason or `ContainerCreating`.
+fn pending_status(pod: &Value, waiting: &[Option<Value>]) -> Value {
+    let creating = json!({"reason": "ContainerCreating"});
+    let states: Vec<Value> = waiting
+        .iter()
+        .map(|w| json!({"waiting": w.clone().unwrap_or_else(|| creating.clone())}))
+        .collect();
+    json!({"phase": "Pending", "startTime": now_rfc3339(), "hostIP": "127.0.0.1",
+        "conditions": conditions(false), "containerStatuses": container_statuses(pod, &states, false)})
 }
 
 /// The kubelet keeps at most this much of a termination message.
@@ -1510,8 +3167,9 @@ fn ended_status(c: &Container, code: i64) -> Value {
     let reason = if code == 0 { "Completed" } else { "Error" };
     let state = json!({"terminated": {"exitCode": code, "reason": reason, "message": message,
         "startedAt": c.started_at, "finishedAt": now_rfc3339()}});
+    let states = vec![state; containers(&c.pod).len()];
     json!({"phase": if code == 0 { "Succeeded" } else { "Failed" }, "startTime": c.started_at,
-        "conditions": conditions(false), "containerStatuses": container_status(&c.pod, state, false)})
+        "conditions": conditions(false), "containerStatuses": container_statuses(&c.pod, &states, false)})
 }
 
 fn epoch_now() -> u64 {
@@ -1557,5 +3215,74 @@ mod tests {
         assert!(image
             .env
             .contains(&("BUILDKITE_BUILD_PATH".into(), "/buildkite/builds".into())));
+    }
+
+    #[test]
+    fn image_references_parse_as_the_kubelet_parses_them() {
+        let ok = |image: &str| image_reference(image).unwrap();
+        assert_eq!(ok("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            ok("registry.example.com:5000/a/b_c:v1.2"),
+            "registry.example.com:5000/a/b_c:v1.2"
+        );
+        assert_eq!(ok("localhost/x"), "localhost/x:latest");
+        let why = |image: &str| image_reference(image).unwrap_err();
+        let lower = "invalid reference format: repository name (Agent) must be lowercase";
+        assert_eq!(
+            why("registry.example.com/Agent:1"),
+            format!("couldn't parse image name \"registry.example.com/Agent:1\": {lower}")
+        );
+        for bad in ["", "::", "a..b", "x:", "-x", "x@sha256:12"] {
+            let said = why(bad);
+            assert!(
+                said.ends_with(": invalid reference format"),
+                "{bad}: {said}"
+            );
+        }
+        let hex = "a".repeat(64);
+        assert!(why(&hex).contains("cannot specify 64-byte hexadecimal strings"));
+    }
+
+    #[test]
+    fn indexes_read_and_write_in_the_api_form() {
+        let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<u64>>();
+        assert_eq!(format_indexes(&set(&[0, 1, 3, 4, 5, 7])), "0,1,3-5,7");
+        assert_eq!(parse_indexes("0,1,3-5,7"), set(&[0, 1, 3, 4, 5, 7]));
+        assert_eq!(format_indexes(&set(&[])), "");
+    }
+
+    #[test]
+    fn the_first_matching_rule_decides() {
+        let rules = |rules: Value| json!({"spec": {"podFailurePolicy": {"rules": rules}}});
+        let ignore = json!({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]});
+        let fail = json!({"action": "FailJob", "onExitCodes": {"containerName": "agent", "operator": "In", "values": [81]}});
+        let pod = json!({"metadata": {"namespace": "ci", "name": "p"}, "status": {"phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True"}],
+            "containerStatuses": [{"name": "agent", "state": {"terminated": {"exitCode": 81}}}]}});
+        let first = rules(json!([ignore, fail]));
+        assert_eq!(match_policy(&first, &pod).unwrap().0, "Ignore");
+        assert!(!counts_failure(&first, &pod));
+        let reversed = rules(json!([fail, ignore]));
+        let (action, message) = match_policy(&reversed, &pod).unwrap();
+        assert_eq!(action, "FailJob");
+        assert_eq!(message, "Container agent for pod ci/p failed with exit code 81 matching FailJob rule at index 0");
+        let on_condition = rules(
+            json!([{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]),
+        );
+        let said = match_policy(&on_condition, &pod).unwrap().1;
+        assert_eq!(
+            said,
+            "Pod ci/p has condition DisruptionTarget matching FailJob rule at index 0"
+        );
+    }
+
+    #[test]
+    fn backoffs_double_to_their_cap() {
+        let secs = |n| backoff(POD_FAILURE_BACKOFF, n).as_secs();
+        assert_eq!(
+            (secs(1), secs(2), secs(4), secs(7), secs(40)),
+            (10, 20, 80, 600, 600)
+        );
+        assert_eq!(backoff(API_BACKOFF, 7), Duration::from_secs(60));
     }
 }

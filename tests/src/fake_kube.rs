@@ -4,10 +4,12 @@
 //! conventions (kubernetes.io "API Concepts", the `meta/v1` types) where a client can tell:
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
-//!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events (v1), daemonsets
-//!   (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1), volumesnapshots
-//!   (snapshot.storage.k8s.io/v1). A new claim gets the `kubernetes.io/pvc-protection` finalizer, as
-//!   the StorageObjectInUseProtection admission plugin adds it.
+//!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events, nodes (v1, nodes
+//!   cluster-scoped), daemonsets (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1),
+//!   volumesnapshots (snapshot.storage.k8s.io/v1), and the `pods/eviction` subresource (policy/v1
+//!   `Eviction`, which `kubectl drain` looks for). A new claim gets the
+//!   `kubernetes.io/pvc-protection` finalizer, as the StorageObjectInUseProtection admission
+//!   plugin adds it.
 //! - **Reads**: get, and list with `labelSelector` (`k=v`, `k==v`, `k!=v`, `k`, `!k`,
 //!   `k in (a,b)`, `k notin (a,b)`) and `fieldSelector` (`path=v`, `path!=v` on any field, e.g.
 //!   `metadata.name`, `status.phase`, `reason`, `involvedObject.name`); the list's
@@ -25,20 +27,27 @@
 //!   list merging here), server-side apply with field ownership (a field another `fieldManager`
 //!   set to another value is a 409 `Conflict` unless `force=true`; a patch's `null` gives the
 //!   field up; which Lease-based leader election relies on), delete (objects with finalizers,
-//!   and pods bound to a node that have not ended, get a `deletionTimestamp` and stay, the
-//!   latter until the kubelet has stopped them; a Job's pods go with it unless
-//!   `propagationPolicy=Orphan`). Every write bumps the resourceVersion and is seen by watchers.
-//! - **The rest of a cluster** (Job controller, scheduler, quota, kubelet) is
+//!   and pods bound to a node that have not ended, get a `deletionTimestamp` and stay: a pod
+//!   with `deletionGracePeriodSeconds`, the delete's `gracePeriodSeconds` or else its
+//!   `terminationGracePeriodSeconds`, which a later delete may only shorten, until its kubelet
+//!   has stopped it and deleted it for good; any of them until its last finalizer is removed,
+//!   when it goes; a Job's pods go with it unless `propagationPolicy=Orphan`). Every write
+//!   bumps the resourceVersion and is seen by watchers.
+//! - **Eviction** (`POST …/pods/<name>/eviction`, `pkg/registry/core/pod/storage/eviction.go`):
+//!   no PodDisruptionBudget to consult, so the pod gets `DisruptionTarget=True`, reason
+//!   `EvictionByEvictionAPI`, message "Eviction API: evicting", and is deleted with the
+//!   Eviction's `deleteOptions`; the answer is 201 with a `Success` Status.
+//! - **The rest of a cluster** (Job controller, scheduler, nodes, quota, kubelet) is
 //!   [`crate::fake_cluster`], which works on this store.
 //! - **Faults** on request ([`FakeKube::inject`]): a status (403, 409, 429 with `Retry-After`,
 //!   500, 503, each with the real server's `reason`) for the next matching requests.
 //!
 //! Namespaces are not stored: every one exists and is `Active`.
 //!
-//! Not modelled: authentication and RBAC, admission beyond the above, server-side apply's
-//! `managedFields` in the object (ownership is kept aside) and list merging, Table output
-//! (`kubectl get` needs `-o json`, `-o name` or the like), OpenAPI (`kubectl create` needs
-//! `--validate=false`).
+//! Not modelled: authentication and RBAC, PodDisruptionBudgets, admission beyond the above,
+//! server-side apply's `managedFields` in the object (ownership is kept aside) and list merging,
+//! Table output (`kubectl get` needs `-o json`, `-o name` or the like), OpenAPI (`kubectl create`
+//! needs `--validate=false`).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
@@ -70,9 +79,21 @@ pub struct Kind {
     pub version: &'static str,
     pub plural: &'static str,
     pub kind: &'static str,
+    /// Whether its objects live in a namespace (Nodes do not).
+    pub namespaced: bool,
 }
 
 impl Kind {
+    const fn new(group: &'static str, plural: &'static str, kind: &'static str) -> Kind {
+        Kind {
+            group,
+            version: "v1",
+            plural,
+            kind,
+            namespaced: true,
+        }
+    }
+
     fn api_version(&self) -> String {
         match self.group {
             "" => self.version.to_string(),
@@ -81,60 +102,23 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 9] = [
+pub const KINDS: [Kind; 10] = [
+    Kind::new(
+        "snapshot.storage.k8s.io",
+        "volumesnapshots",
+        "VolumeSnapshot",
+    ),
+    Kind::new("", "configmaps", "ConfigMap"),
+    Kind::new("apps", "daemonsets", "DaemonSet"),
+    Kind::new("", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    Kind::new("", "pods", "Pod"),
+    Kind::new("", "secrets", "Secret"),
+    Kind::new("", "events", "Event"),
+    Kind::new("batch", "jobs", "Job"),
+    Kind::new("coordination.k8s.io", "leases", "Lease"),
     Kind {
-        group: "snapshot.storage.k8s.io",
-        version: "v1",
-        plural: "volumesnapshots",
-        kind: "VolumeSnapshot",
-    },
-    Kind {
-        group: "",
-        version: "v1",
-        plural: "configmaps",
-        kind: "ConfigMap",
-    },
-    Kind {
-        group: "apps",
-        version: "v1",
-        plural: "daemonsets",
-        kind: "DaemonSet",
-    },
-    Kind {
-        group: "",
-        version: "v1",
-        plural: "persistentvolumeclaims",
-        kind: "PersistentVolumeClaim",
-    },
-    Kind {
-        group: "",
-        version: "v1",
-        plural: "pods",
-        kind: "Pod",
-    },
-    Kind {
-        group: "",
-        version: "v1",
-        plural: "secrets",
-        kind: "Secret",
-    },
-    Kind {
-        group: "",
-        version: "v1",
-        plural: "events",
-        kind: "Event",
-    },
-    Kind {
-        group: "batch",
-        version: "v1",
-        plural: "jobs",
-        kind: "Job",
-    },
-    Kind {
-        group: "coordination.k8s.io",
-        version: "v1",
-        plural: "leases",
-        kind: "Lease",
+        namespaced: false,
+        ..Kind::new("", "nodes", "Node")
     },
 ];
 
@@ -263,7 +247,7 @@ impl FakeKube {
     pub fn delete(&self, plural: &str, namespace: &str, name: &str) {
         let kind = kind_of(plural).expect("a served kind");
         let key = (kind.plural, namespace.to_string(), name.to_string());
-        self.with_store(|store| store.delete(kind, &key, false));
+        self.with_store(|store| store.delete(kind, &key, false, None));
     }
 
     /// Replaces an object's `status`, as a controller does.
@@ -375,7 +359,9 @@ impl Store {
             };
             meta["name"] = json!(format!("{prefix}{}", random_suffix(self.uid + self.rv)));
         }
-        meta["namespace"] = json!(namespace);
+        if kind.namespaced {
+            meta["namespace"] = json!(namespace);
+        }
         let key = Store::key(kind, &object);
         if self.objects.contains_key(&key) {
             let message = format!(
@@ -470,8 +456,14 @@ impl Store {
         Ok((200, self.put(kind, next)))
     }
 
-    /// Stores `object` as the new version and tells watchers.
+    /// Stores `object` as the new version and tells watchers. An object being deleted whose
+    /// last finalizer is gone, with no grace period left (a pod's kubelet has finished with it),
+    /// is removed instead, as the API server does on that update.
     pub(crate) fn put(&mut self, kind: Kind, mut object: Value) -> Value {
+        if released(&object) {
+            self.remove(kind, &Store::key(kind, &object));
+            return object;
+        }
         let rv = self.next_rv();
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let key = Store::key(kind, &object);
@@ -494,56 +486,136 @@ impl Store {
         Some(object)
     }
 
-    /// Deletes an object: with finalizers it only gets a deletion timestamp, as does a pod
-    /// bound to a node and not yet ended, whose kubelet stops it within its grace period and
-    /// then removes it (`pkg/registry/core/pod/strategy.go` `CheckGracefulDelete`); what names it
-    /// as its owner (a Job's or a DaemonSet's pods) goes along unless orphaning.
-    pub(crate) fn delete(&mut self, kind: Kind, key: &Key, orphan: bool) -> Option<Value> {
+    /// Deletes an object. One with finalizers only gets a deletion timestamp, as does a pod bound
+    /// to a node and not yet ended, for `grace` seconds (else its `terminationGracePeriodSeconds`),
+    /// whose kubelet stops it and then deletes it for good (`pkg/registry/core/pod/strategy.go`
+    /// `CheckGracefulDelete`: an unbound or ended pod has none); a second delete may only shorten
+    /// the grace period. What names it as its owner (a Job's pods, a DaemonSet's) goes along
+    /// unless orphaning.
+    pub(crate) fn delete(
+        &mut self,
+        kind: Kind,
+        key: &Key,
+        orphan: bool,
+        grace: Option<u64>,
+    ) -> Option<Value> {
         let object = self.objects.get(key)?.clone();
+        let grace = grace_period(kind, &object, grace);
         let finalizers = object["metadata"]["finalizers"]
             .as_array()
             .is_some_and(|f| !f.is_empty());
-        let graceful = kind.plural == "pods"
-            && object["spec"]["nodeName"].is_string()
-            && !matches!(
-                object["status"]["phase"].as_str(),
-                Some("Succeeded" | "Failed")
-            );
-        if graceful || finalizers {
-            let mut marked = object;
-            if marked["metadata"]["deletionTimestamp"].is_null() {
-                marked["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
-                if graceful {
-                    let grace = marked["spec"]["terminationGracePeriodSeconds"]
-                        .as_u64()
-                        .unwrap_or(30);
-                    marked["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
-                }
-                return Some(self.put(kind, marked));
-            }
-            return Some(marked);
+        if grace > 0 || finalizers {
+            return Some(self.mark_deleted(kind, object, grace));
         }
-        // Garbage collection: what it owns goes with it (a Job's pods, a DaemonSet's).
         if !orphan {
-            let uid = object["metadata"]["uid"].clone();
-            let pods: Vec<_> = self
-                .objects
-                .iter()
-                .filter(|((p, ns, _), pod)| {
-                    *p == "pods"
-                        && *ns == key.1
-                        && pod["metadata"]["ownerReferences"]
-                            .as_array()
-                            .is_some_and(|o| o.iter().any(|r| r["uid"] == uid))
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for pod in pods {
-                self.delete(kind_of("pods").unwrap(), &pod, false);
-            }
+            self.delete_dependents(key, &object["metadata"]["uid"]);
         }
         self.remove(kind, key)
     }
+
+    /// The deletion timestamp and grace period of an object that cannot go yet.
+    fn mark_deleted(&mut self, kind: Kind, mut object: Value, grace: u64) -> Value {
+        let meta = &mut object["metadata"];
+        let current = meta["deletionGracePeriodSeconds"].as_u64();
+        if meta["deletionTimestamp"].is_null() {
+            meta["deletionTimestamp"] = json!(now_rfc3339());
+        } else if current.is_some_and(|c| c <= grace) {
+            return object;
+        }
+        meta["deletionGracePeriodSeconds"] = json!(grace);
+        self.put(kind, object)
+    }
+
+    /// Garbage collection: the pods `owner` owns go with it.
+    fn delete_dependents(&mut self, key: &Key, owner: &Value) {
+        let pods: Vec<_> = self
+            .objects
+            .iter()
+            .filter(|((p, ns, _), pod)| {
+                *p == "pods"
+                    && *ns == key.1
+                    && pod["metadata"]["ownerReferences"]
+                        .as_array()
+                        .is_some_and(|o| o.iter().any(|r| r["uid"] == *owner))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for pod in pods {
+            self.delete(kind_of("pods").unwrap(), &pod, false, None);
+        }
+    }
+
+    /// Sets a condition in a pod's status as `UpdatePodCondition` does: one of each type, its
+    /// `lastTransitionTime` kept while its status stays the same. Whether the pod is there.
+    pub(crate) fn set_pod_condition(&mut self, key: &Key, condition: Value) -> bool {
+        let Some(mut pod) = self.objects.get(key).cloned() else {
+            return false;
+        };
+        pod["status"]["conditions"] = with_condition(&pod["status"]["conditions"], condition);
+        self.put(kind_of("pods").unwrap(), pod);
+        true
+    }
+
+    /// The Eviction API (`pkg/registry/core/pod/storage/eviction.go` `addConditionAndDeletePod`):
+    /// with no PodDisruptionBudget to refuse it, the pod gets `DisruptionTarget` and is deleted
+    /// with the eviction's grace period; the answer is a 201 success Status.
+    pub(crate) fn evict(
+        &mut self,
+        key: &Key,
+        grace: Option<u64>,
+    ) -> Result<(u16, Value), (u16, Value)> {
+        let pods = kind_of("pods").unwrap();
+        let condition = disruption("EvictionByEvictionAPI", "Eviction API: evicting");
+        if !self.set_pod_condition(key, condition) {
+            return Err(not_found(pods, &key.2));
+        }
+        self.delete(pods, key, false, grace);
+        let success = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Success", "code": 201});
+        Ok((201, success))
+    }
+}
+
+/// Whether an object being deleted can go: no finalizer left, no grace period left.
+fn released(object: &Value) -> bool {
+    let meta = &object["metadata"];
+    !meta["deletionTimestamp"].is_null()
+        && meta["finalizers"].as_array().is_none_or(|f| f.is_empty())
+        && meta["deletionGracePeriodSeconds"].as_u64().unwrap_or(0) == 0
+}
+
+/// A delete's grace period: only a pod bound to a node and not ended has one.
+fn grace_period(kind: Kind, object: &Value, requested: Option<u64>) -> u64 {
+    let ended = matches!(
+        object["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    );
+    if kind.plural != "pods" || !object["spec"]["nodeName"].is_string() || ended {
+        return 0;
+    }
+    let own = object["spec"]["terminationGracePeriodSeconds"].as_u64();
+    requested.or(own).unwrap_or(30)
+}
+
+/// A `DisruptionTarget=True` pod condition, as the disruption's controller sets it.
+pub(crate) fn disruption(reason: &str, message: &str) -> Value {
+    json!({"type": "DisruptionTarget", "status": "True", "reason": reason, "message": message,
+        "lastTransitionTime": now_rfc3339()})
+}
+
+/// `conditions` with `condition` set in place of the one of its type.
+pub(crate) fn with_condition(conditions: &Value, mut condition: Value) -> Value {
+    let mut list = conditions.as_array().cloned().unwrap_or_default();
+    match list.iter().position(|c| c["type"] == condition["type"]) {
+        Some(i) => {
+            if list[i]["status"] == condition["status"] {
+                condition["lastTransitionTime"] = list[i]["lastTransitionTime"].clone();
+            }
+            list[i] = condition;
+        }
+        None => list.push(condition),
+    }
+    json!(list)
 }
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
@@ -654,6 +726,7 @@ fn respond(out: &mut TcpStream, code: u16, body: &Value, extra: &str) -> std::io
         200 => "OK",
         201 => "Created",
         403 => "Forbidden",
+        400 => "Bad Request",
         404 => "Not Found",
         409 => "Conflict",
         410 => "Gone",
@@ -714,17 +787,25 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
             } else {
                 segments[1]
             };
-            let resources: Vec<Value> = KINDS
+            let mut resources: Vec<Value> = KINDS
                 .iter()
                 .filter(|k| k.group == group && k.version == *version)
                 .flat_map(|k| {
                     let verbs = ["create", "delete", "get", "list", "patch", "update", "watch"];
                     [
-                        json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": true, "kind": k.kind, "verbs": verbs, "shortNames": short_names(k.plural)}),
-                        json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": true, "kind": k.kind, "verbs": ["get", "patch", "update"]}),
+                        json!({"name": k.plural, "singularName": k.kind.to_lowercase(), "namespaced": k.namespaced, "kind": k.kind, "verbs": verbs, "shortNames": short_names(k.plural)}),
+                        json!({"name": format!("{}/status", k.plural), "singularName": "", "namespaced": k.namespaced, "kind": k.kind, "verbs": ["get", "patch", "update"]}),
                     ]
                 })
                 .collect();
+            if group.is_empty() {
+                // The subresource `kubectl drain` looks for before it evicts rather than deletes
+                // (k8s.io/kubectl `pkg/drain` `CheckEvictionSupport`).
+                resources.push(
+                    json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
+                    "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}),
+                );
+            }
             let gv = if group.is_empty() {
                 version.to_string()
             } else {
@@ -860,6 +941,9 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
             None => Err(not_found(kind, n)),
         },
         ("POST", None) => store.create(kind, &ns, body).map(|o| (201, o)),
+        ("POST", Some(n)) if kind.plural == "pods" && subresource == Some("eviction") => {
+            eviction(&mut store, &key, n, &params, &body)
+        }
         ("PUT", Some(n)) => match store.objects.get(&key).cloned() {
             None => Err(not_found(kind, n)),
             Some(current) => {
@@ -907,7 +991,8 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
                 .get("propagationPolicy")
                 .is_some_and(|p| p == "Orphan")
                 || body["propagationPolicy"] == "Orphan";
-            match store.delete(kind, &key, orphan) {
+            let grace = grace_requested(&params, &body);
+            match store.delete(kind, &key, orphan, grace) {
                 Some(o) => Ok((200, o)),
                 None => Err(not_found(kind, n)),
             }
@@ -925,6 +1010,29 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
     }
 }
 
+/// `POST …/pods/<name>/eviction` with a policy/v1 Eviction.
+fn eviction(
+    store: &mut Store,
+    key: &Key,
+    name: &str,
+    params: &BTreeMap<String, String>,
+    body: &Value,
+) -> Result<(u16, Value), (u16, Value)> {
+    if body["metadata"]["name"].as_str().is_some_and(|b| b != name) {
+        let message = "name in URL does not match name in Eviction object";
+        return Err(status(400, "BadRequest", message));
+    }
+    store.evict(key, grace_requested(params, &body["deleteOptions"]))
+}
+
+/// The grace period a delete asks for: `gracePeriodSeconds` in the query or the DeleteOptions.
+fn grace_requested(params: &BTreeMap<String, String>, options: &Value) -> Option<u64> {
+    let query = params
+        .get("gracePeriodSeconds")
+        .and_then(|g| g.parse().ok());
+    query.or_else(|| options["gracePeriodSeconds"].as_u64())
+}
+
 /// The short names discovery gives, which `kubectl get pvc` resolves through.
 fn short_names(plural: &str) -> &'static [&'static str] {
     match plural {
@@ -932,6 +1040,7 @@ fn short_names(plural: &str) -> &'static [&'static str] {
         "volumesnapshots" => &["vs"],
         "pods" => &["po"],
         "events" => &["ev"],
+        "nodes" => &["no"],
         _ => &[],
     }
 }

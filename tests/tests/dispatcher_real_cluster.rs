@@ -295,13 +295,36 @@ fn pods_unschedulable_past_the_timeout_are_let_go_and_running_ones_kept() {
         ("DISPATCHER_STUCK_BACKOFF", "2s"),
     ];
     let dispatcher = dispatcher_with(&w, "replica-a", &settings);
-    let outcome = w.outcome(dispatcher, 4, Duration::from_secs(180));
-    let stuck = outcome.decisions("stuck");
-    assert!(!stuck.is_empty(), "{}", outcome.dispatcher);
+    let out = served(&w, dispatcher, 4);
+    let stuck = decided(&out.stderr, "stuck");
+    assert!(!stuck.is_empty(), "{}", out.log());
     assert!(stuck.iter().all(|s| s["reason"] == "Unschedulable"));
-    // No agent was stopped mid-job: every job ran to exit 0 (outcome checks each report).
-    let ran = outcome.ran_a_job();
-    assert!(ran.iter().all(|r| r["job"]["command_exit_status"] == 0));
+}
+
+/// Waits for `jobs` Buildkite jobs run, each once and to exit 0 (so no agent was stopped
+/// mid-job), every Job finished and every container gone; stops the dispatcher, and checks the
+/// token is nowhere. For runs whose let-go Jobs or evicted pods took their reports along.
+fn served(w: &World, dispatcher: Running, jobs: usize) -> stateless_e2e::sandbox::Finished {
+    wait("every job served", Duration::from_secs(180), || {
+        w.finished_jobs() == jobs
+    });
+    wait("every Job finished", Duration::from_secs(120), || {
+        let jobs = w.kube.objects("jobs", NS);
+        jobs.iter()
+            .all(|j| ended(j, "Complete") || ended(j, "Failed"))
+    });
+    let out = dispatcher.stop();
+    let ran = w.buildkite.jobs();
+    assert_eq!(ran.len(), jobs);
+    assert!(
+        ran.iter().all(|j| j.exit_status.as_deref() == Some("0")),
+        "{ran:?}"
+    );
+    wait("no container left", Duration::from_secs(30), || {
+        w.cluster.leftover_processes().is_empty()
+    });
+    w.assert_no_secret(&out);
+    out
 }
 
 /// A quota refuses pods; once it frees up, the Job controller makes them, and the hold ends
@@ -346,7 +369,15 @@ fn a_drain_of_idle_agents_fails_no_index_and_raises_no_hold() {
     w.job_env
         .insert("BUILDKITE_COMMAND".into(), "sleep 3".into());
     w.schedule(2);
-    let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_IDLE_TIMEOUT", "20s")]);
+    let dispatcher = dispatcher_with(&w, "replica-a", &[("DISPATCHER_IDLE_TIMEOUT", "10s")]);
+    wait(
+        "both jobs running on agents",
+        Duration::from_secs(60),
+        || {
+            let jobs = w.buildkite.jobs();
+            jobs.iter().all(|j| j.state == JobState::Running)
+        },
+    );
     wait("four agents running", Duration::from_secs(60), || {
         w.pods()
             .iter()
@@ -354,13 +385,19 @@ fn a_drain_of_idle_agents_fails_no_index_and_raises_no_hold() {
             .count()
             >= 4
     });
-    // The idle ones: those whose log shows no job.
+    // The idle ones: running pods whose agent (named after its host, the pod) has no job.
+    let busy: Vec<String> = w
+        .buildkite
+        .jobs()
+        .into_iter()
+        .filter_map(|j| j.agent)
+        .collect();
     let idle: Vec<String> = w
         .pods()
         .iter()
         .filter(|p| p["status"]["phase"] == "Running")
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
-        .filter(|name| !w.cluster.log(name).contains("running job"))
+        .filter(|name| !busy.iter().any(|agent| agent.starts_with(name.as_str())))
         .collect();
     assert!(!idle.is_empty());
     for pod in &idle {
@@ -403,6 +440,12 @@ fn claims_mode_keeps_an_expired_generation_while_a_job_can_still_mount_it() {
     }
     let w = World::new(20, None);
     w.populate_inputs(&w.served.url);
+    let first = Running::spawn(&mut w.claims_dispatcher("replica-a", "4s"));
+    wait("generation 1 ready", Duration::from_secs(60), || {
+        w.claim_state(1) == "ready"
+    });
+    first.stop();
+    // Two agents kept warm, long enough to outlive generation 1.
     let mut command = w.claims_dispatcher("replica-a", "4s");
     command
         .env("DISPATCHER_MIN_AGENTS", "2")
@@ -552,19 +595,19 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
     let fixed = Instant::now();
     let dispatcher = dispatcher_with(&w, "replica-a", &settings);
     let took = served_again_after(&w, 14, fixed);
-    let outcome = w.outcome(dispatcher, 18, Duration::from_secs(180));
+    let last = served(&w, dispatcher, 18);
     watching.store(false, std::sync::atomic::Ordering::SeqCst);
     sampler.join().unwrap();
     let most = max_alive.load(std::sync::atomic::Ordering::SeqCst);
     assert!(most <= 10, "{most} pods alive at once");
-    for job in &outcome.jobs {
+    for job in w.kube.objects("jobs", NS) {
         assert_eq!(
             job["status"]["failedIndexes"].as_str().unwrap_or(""),
             "",
             "{job:#}"
         );
     }
-    let all = format!("{}{}{}", first.stderr, broken.stderr, outcome.dispatcher);
+    let all = format!("{}{}{}", first.stderr, broken.stderr, last.stderr);
     assert!(!decided(&all, "hold")
         .iter()
         .any(|h| h["reason"] == "failing"));
@@ -574,11 +617,11 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
         broken.log()
     );
     // The fixed template is not held back by the broken one's streak.
-    let fixed_holds = decided(&outcome.dispatcher, "hold");
+    let fixed_holds = decided(&last.stderr, "hold");
     assert!(
         !fixed_holds.iter().any(|h| h["reason"] == "stuck"),
         "{}",
-        outcome.dispatcher
+        last.log()
     );
     eprintln!(
         "soak: at most {most} pods alive; after the image fix, served again in {took:?}; {} nodes",
