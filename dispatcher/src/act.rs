@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
 
 use crate::decide::{Action, Decision, Demand, Hold, Relief, StuckJob, Supply};
-use crate::metrics::{ApiError, Reason, State, StuckReason};
+use crate::metrics::{Reason, State, StuckReason};
 use crate::observe::{STUCK_EVENT, STUCK_REASON_ANNOTATION};
 use crate::run::Dispatcher;
 use crate::template::{
@@ -98,7 +98,7 @@ impl Act<'_, '_> {
         let created = match d.jobs.create(&PostParams::default(), &job).await {
             Ok(created) => created,
             Err(e) => {
-                self.api_error(&e);
+                self.0.metrics.kubernetes_error(&e);
                 tracing::warn!(decision = "dispatch-failed", dispatch_id = %dispatch.id, agents, figures = %figures, "creating the Job for {agents} agents failed: {e}; the next tick decides again");
                 return;
             }
@@ -128,7 +128,7 @@ impl Act<'_, '_> {
             Ok(true) => self.report_stuck(job, relief).await,
             Ok(false) => {}
             Err(e) => {
-                self.api_error(&e);
+                self.0.metrics.kubernetes_error(&e);
                 tracing::warn!(job = %job.job, "letting Job {}'s stuck pods go failed: {e}; the next tick tries again", job.job);
             }
         }
@@ -207,20 +207,6 @@ impl Act<'_, '_> {
             ..Job::default()
         };
         self.record(&reference, note).await;
-    }
-
-    fn api_error(&self, e: &kube::Error) {
-        let kind = match e {
-            kube::Error::Api(status) if status.code == 409 => "conflict",
-            kube::Error::Api(status) if status.code == 429 => "throttled",
-            kube::Error::Api(status) if status.code >= 500 => "server",
-            _ => "other",
-        };
-        let error = ApiError {
-            api: "kubernetes",
-            kind,
-        };
-        self.0.metrics.api_errors.get_or_create(&error).inc();
     }
 
     /// An Event on `job`, labelled with the queue and annotated with the template and dispatch,

@@ -135,6 +135,21 @@ impl Metrics {
         })
     }
 
+    /// Counts a failed Kubernetes call by its kind.
+    pub fn kubernetes_error(&self, e: &kube::Error) {
+        let kind = match e {
+            kube::Error::Api(status) if status.code == 409 => "conflict",
+            kube::Error::Api(status) if status.code == 429 => "throttled",
+            kube::Error::Api(status) if status.code >= 500 => "server",
+            _ => "other",
+        };
+        let error = ApiError {
+            api: "kubernetes",
+            kind,
+        };
+        self.api_errors.get_or_create(&error).inc();
+    }
+
     fn text(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -31,7 +31,7 @@ use kube::runtime::watcher;
 use kube::Client;
 
 use crate::leader::Election;
-use crate::metrics::{ApiError, Metrics};
+use crate::metrics::Metrics;
 use crate::mirror_plan::{self, ClaimState, Observed, Policy, Step};
 use crate::template::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::watches::watch;
@@ -515,16 +515,7 @@ impl Io {
                 tracing::info!(mirror_step = ?step, "mirror cycle: {}", describe(cycle, step, ended.as_ref()))
             }
             Err(e) => {
-                let kind = match &e {
-                    kube::Error::Api(s) if s.code == 409 => "conflict",
-                    kube::Error::Api(s) if s.code >= 500 => "server",
-                    _ => "other",
-                };
-                let error = ApiError {
-                    api: "kubernetes",
-                    kind,
-                };
-                self.metrics.api_errors.get_or_create(&error).inc();
+                self.metrics.kubernetes_error(&e);
                 tracing::warn!(mirror_step = ?step, "mirror cycle: {} failed: {e}; the next cycle decides again", describe(cycle, step, ended.as_ref()));
             }
         }
