@@ -10,15 +10,23 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions, PropagationPolicy,
+};
+use stateless_core::repo_url::Redactor;
+use std::sync::Arc;
 
 use crate::decide::{Action, Decision, Demand, Hold, Relief, StuckJob, Supply};
+use crate::metrics::Metrics;
 use crate::metrics::{Reason, State, StuckReason};
+use crate::mirror_run::Claims;
 use crate::observe::{STUCK_EVENT, STUCK_REASON_ANNOTATION};
-use crate::run::Dispatcher;
+use crate::settings::Settings;
+use crate::template::Template;
 use crate::template::{
     Dispatch, DISPATCH_LABEL, MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL, TEMPLATE_LABEL,
 };
+use crate::watches::Stores;
 
 /// The dispatcher's Events' messages are cut to this (the API server refuses past 1 KiB for
 /// `events.k8s.io`; the core kind has no limit, but a `kubectl describe` line should stay short).
@@ -27,12 +35,24 @@ const EVENT_MESSAGE_LIMIT: usize = 1024;
 /// The faults a `dispatcher_blocked` gauge tracks.
 const FAULTS: [&str; 4] = ["stuck", "failed-create", "wrong-queue", "failing"];
 
-pub struct Act<'d, 'a>(pub &'d Dispatcher<'a>);
+/// What the actions need: the settings, the template, the APIs they call, the stores they read
+/// back from, and where they report.
+pub struct Edges<'a> {
+    pub settings: &'a Settings,
+    pub template: Template,
+    pub claims: Option<&'a Claims>,
+    pub jobs: Api<Job>,
+    pub events: Api<Event>,
+    pub stores: Stores,
+    pub metrics: Arc<Metrics>,
+    /// The agent token, and any credentials in a URL, out of what Kubernetes says.
+    pub redactor: Redactor,
+}
 
-impl Act<'_, '_> {
+impl Edges<'_> {
     /// The gauges of demand and supply, the blocked faults, and a hold's log line.
     pub fn report(&self, demand: &Demand, supply: &Supply, decision: &Decision, figures: &str) {
-        let metrics = &self.0.metrics;
+        let metrics = &self.metrics;
         for (state, n) in [("scheduled", demand.scheduled), ("running", demand.running)] {
             metrics
                 .demand
@@ -71,7 +91,7 @@ impl Act<'_, '_> {
                 reason: hold.name(),
             })
             .inc();
-        let said = self.0.redactor.apply(&describe(hold));
+        let said = self.redactor.apply(&describe(hold));
         if hold.is_fault() {
             tracing::warn!(decision = "hold", reason = hold.name(), figures = %figures, "not dispatching: {said}");
         } else {
@@ -85,7 +105,7 @@ impl Act<'_, '_> {
         let Action::Dispatch(agents) = decision.action else {
             return;
         };
-        let d = self.0;
+        let d = self;
         let dispatch = Dispatch {
             id: random_id(),
             agents,
@@ -98,7 +118,7 @@ impl Act<'_, '_> {
         let created = match d.jobs.create(&PostParams::default(), &job).await {
             Ok(created) => created,
             Err(e) => {
-                self.0.metrics.kubernetes_error(&e);
+                self.metrics.kubernetes_error(&e);
                 tracing::warn!(decision = "dispatch-failed", dispatch_id = %dispatch.id, agents, figures = %figures, "creating the Job for {agents} agents failed: {e}; the next tick decides again");
                 return;
             }
@@ -128,7 +148,7 @@ impl Act<'_, '_> {
             Ok(true) => self.report_stuck(job, relief).await,
             Ok(false) => {}
             Err(e) => {
-                self.0.metrics.kubernetes_error(&e);
+                self.metrics.kubernetes_error(&e);
                 tracing::warn!(job = %job.job, "letting Job {}'s stuck pods go failed: {e}; the next tick tries again", job.job);
             }
         }
@@ -136,7 +156,7 @@ impl Act<'_, '_> {
 
     /// The one API call that lets the pods go; false if the Job is gone already.
     async fn let_go(&self, job: &StuckJob, relief: &Relief) -> Result<bool, kube::Error> {
-        let jobs = &self.0.jobs;
+        let jobs = &self.jobs;
         match relief {
             Relief::DeleteJob => {
                 let params = DeleteParams {
@@ -163,7 +183,7 @@ impl Act<'_, '_> {
 
     /// A log line and the counter for each pod let go, and one Warning Event on its Job.
     async fn report_stuck(&self, job: &StuckJob, relief: &Relief) {
-        let d = self.0;
+        let d = self;
         let action = match relief {
             Relief::DeleteJob => {
                 "the Job was deleted with them: none of its pods started".to_string()
@@ -212,7 +232,7 @@ impl Act<'_, '_> {
     /// An Event on `job`, labelled with the queue and annotated with the template and dispatch,
     /// so that the dispatcher reads its own Events back (the stuck pods' backoff).
     async fn record(&self, job: &Job, note: Note) {
-        let d = self.0;
+        let d = self;
         let now = Timestamp::now();
         let labels = BTreeMap::from([
             (QUEUE_LABEL.to_string(), d.settings.queue.clone()),

@@ -17,7 +17,7 @@ use kube::api::Api;
 use kube::Client;
 use stateless_core::repo_url::Redactor;
 
-use crate::act::Act;
+use crate::act::Edges;
 use crate::buildkite::{MetricsClient, MetricsError};
 use crate::decide::{self, decide, Limits};
 use crate::leader;
@@ -186,18 +186,10 @@ impl Shutdown {
 
 /// The dispatch loop's settings and edges.
 pub struct Dispatcher<'a> {
-    pub settings: &'a Settings,
-    pub template: Template,
-    pub claims: Option<&'a mirror_run::Claims>,
+    pub edges: Edges<'a>,
     pub buildkite: MetricsClient,
     pub limits: Limits,
     pub timeouts: Timeouts,
-    pub jobs: Api<k8s_openapi::api::batch::v1::Job>,
-    pub events: Api<k8s_openapi::api::core::v1::Event>,
-    pub stores: Stores,
-    pub metrics: Arc<Metrics>,
-    /// The agent token, and any credentials in a URL, out of what Kubernetes says.
-    pub redactor: Redactor,
 }
 
 impl<'a> Dispatcher<'a> {
@@ -208,8 +200,6 @@ impl<'a> Dispatcher<'a> {
         mirror: Option<&'a mirror_run::MirrorCycle>,
     ) -> Dispatcher<'a> {
         Dispatcher {
-            template,
-            claims: mirror.map(|m| &m.claims),
             buildkite: MetricsClient::new(&settings.endpoint, &settings.token, &settings.queue),
             limits: Limits {
                 min_agents: settings.min_agents,
@@ -226,12 +216,16 @@ impl<'a> Dispatcher<'a> {
                 start_timeout: settings.start_timeout,
                 refusal_fresh: REFUSAL_FRESH.max(settings.poll_interval * 2),
             },
-            jobs: Api::namespaced(client.clone(), namespace),
-            events: Api::namespaced(client.clone(), namespace),
-            stores: Stores::start(client, namespace, &settings.queue, &metrics),
-            metrics,
-            redactor: Redactor::new(vec![settings.token.clone()]),
-            settings,
+            edges: Edges {
+                template,
+                claims: mirror.map(|m| &m.claims),
+                jobs: Api::namespaced(client.clone(), namespace),
+                events: Api::namespaced(client.clone(), namespace),
+                stores: Stores::start(client, namespace, &settings.queue, &metrics),
+                metrics,
+                redactor: Redactor::new(vec![settings.token.clone()]),
+                settings,
+            },
         }
     }
 
@@ -243,7 +237,7 @@ impl<'a> Dispatcher<'a> {
         lease: &str,
         mut token: Option<bool>,
     ) {
-        let mut interval = self.settings.poll_interval;
+        let mut interval = self.edges.settings.poll_interval;
         let mut was_leader = false;
         loop {
             let leader = *leading.borrow_and_update();
@@ -251,13 +245,13 @@ impl<'a> Dispatcher<'a> {
                 tracing::info!(leader, lease = %lease, "{}", if leader { "this replica leads" } else { "another replica leads" });
                 was_leader = leader;
             }
-            self.metrics.leader.set(i64::from(leader));
+            self.edges.metrics.leader.set(i64::from(leader));
             if !leader {
                 if token.is_none() {
                     token = self.check_token().await;
                 }
-                let ready = token == Some(true) && self.stores.synced();
-                self.metrics.ready.store(ready, Ordering::Relaxed);
+                let ready = token == Some(true) && self.edges.stores.synced();
+                self.edges.metrics.ready.store(ready, Ordering::Relaxed);
                 // Wake when leadership changes, or at the next tick to keep the metrics fresh.
                 let _ = tokio::time::timeout(interval, leading.changed()).await;
                 continue;
@@ -265,10 +259,10 @@ impl<'a> Dispatcher<'a> {
             let started = Instant::now();
             if let Some(server) = self.tick().await {
                 // Never more often than Buildkite asks.
-                interval = self.settings.poll_interval.max(server);
+                interval = self.edges.settings.poll_interval.max(server);
             }
             let took = started.elapsed();
-            self.metrics.tick_seconds.observe(took.as_secs_f64());
+            self.edges.metrics.tick_seconds.observe(took.as_secs_f64());
             tokio::time::sleep(interval.saturating_sub(took)).await;
         }
     }
@@ -290,9 +284,9 @@ impl<'a> Dispatcher<'a> {
             api: "buildkite",
             kind: e.name(),
         };
-        self.metrics.api_errors.get_or_create(&error).inc();
+        self.edges.metrics.api_errors.get_or_create(&error).inc();
         if let MetricsError::Unauthorized(_) = e {
-            self.metrics.ready.store(false, Ordering::Relaxed);
+            self.edges.metrics.ready.store(false, Ordering::Relaxed);
             tracing::error!(error = e.name(), "{e}");
         } else {
             tracing::warn!(error = e.name(), "{e}");
@@ -301,11 +295,11 @@ impl<'a> Dispatcher<'a> {
 
     /// One tick: observe, decide, act. Returns the poll interval Buildkite asked for.
     async fn tick(&self) -> Option<Duration> {
-        if !self.stores.ready().await {
+        if !self.edges.stores.ready().await {
             return None;
         }
         // Handing out a generation needs the claims listed once: none seen is not none ready.
-        if let Some(claims) = self.claims {
+        if let Some(claims) = self.edges.claims {
             if !claims.wait_until_ready().await {
                 return None;
             }
@@ -320,12 +314,12 @@ impl<'a> Dispatcher<'a> {
                 };
             }
         };
-        self.metrics.ready.store(true, Ordering::Relaxed);
-        let view = self.stores.view();
-        let supply = view.supply(Timestamp::now(), self.template.hash(), &self.timeouts);
+        self.edges.metrics.ready.store(true, Ordering::Relaxed);
+        let view = self.edges.stores.view();
+        let supply = view.supply(Timestamp::now(), self.edges.template.hash(), &self.timeouts);
         let decision = decide(polled.demand, &supply, &self.limits);
         let relief = decide::relieve(&supply.stuck_jobs);
-        let act = Act(self);
+        let act = &self.edges;
         for (job, relief) in relief {
             act.relieve(job, &relief).await;
         }
