@@ -98,8 +98,30 @@ struct GroupKill(Pid);
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
-        let _ = killpg(self.0, Signal::SIGKILL);
+        if killpg(self.0, Signal::SIGKILL).is_err() {
+            return; // nothing was left in the group
+        }
+        // SIGKILL is delivered at once but done a moment later: wait (a second at most) until
+        // no member is alive, so that a binary that exits next (a cancelled checkout) leaves
+        // nothing running behind it. Zombies hold nothing and are their parents' to reap.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while group_alive(self.0) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
+}
+
+/// Whether a process of group `group` is alive and not a zombie (`/proc/<pid>/stat`: state and
+/// pgrp are the first and third fields after the command's closing parenthesis).
+fn group_alive(group: Pid) -> bool {
+    let group = group.to_string();
+    let entries = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    entries.into_iter().any(|entry| {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let fields = stat.rsplit_once(')').map(|(_, rest)| rest);
+        let fields: Vec<&str> = fields.unwrap_or("").split_whitespace().collect();
+        matches!(fields.as_slice(), [state, _, pgrp, ..] if *state != "Z" && *pgrp == group)
+    })
 }
 
 /// Runs `command`, echoing its stderr lines (progress meters dropped) through `tracing` at info

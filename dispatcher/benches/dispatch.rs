@@ -20,17 +20,71 @@
 //! whole life of pods that took no job, plus the idle time of those that did), pods created, the
 //! most pods alive beyond demand + buffer when a dispatch was made, API requests per hour.
 //!
-//! Run: `cargo bench -p dispatcher --bench dispatch` (`BENCH_SEED`, `BENCH_BUILDS` builds a day,
-//! default 120; `BENCH_CAPACITY`, default 300).
+//! Then the same day with faults, the same for every policy:
+//!
+//! - **Node drains at 09:00, 11:30 and 13:30**, each over the nodes of a fifth of the pods (the
+//!   Eviction API sets `DisruptionTarget`, kubernetes `pkg/registry/core/pod/storage/eviction.go`):
+//!   an agent there without a job (idle, starting, or stuck) exits; a busy one finishes its job
+//!   within its grace period. The Job controller makes the index's pod again after its 10 s
+//!   backoff (kubernetes `pkg/controller/job/backoff_utils.go`); for this dispatcher that is no
+//!   failure (its Jobs' podFailurePolicy ignores `DisruptionTarget`) and the pod counts as coming
+//!   meanwhile. The other Jobs (Sourcegraph's, KEDA's, the oracle's) and the scaler's group
+//!   replace the pod the same way; agent-stack-k8s's Jobs have `backoffLimit: 0`
+//!   (`internal/controller/scheduler/scheduler.go`), so its Job ends, and a job still waiting
+//!   gets a new one from the next poll.
+//! - **The namespace's pod quota at half the capacity, 10:00–10:15 and 12:30–12:45.** Creates
+//!   beyond it are refused (`FailedCreate`) and the Job controller retries each, waiting 1 s
+//!   doubling to 60 s (kubernetes `pkg/controller/job/`). This dispatcher holds new dispatches
+//!   while a refusal is fresh (75 s) and counts the refused pods as coming; the scaler and KEDA
+//!   count them too (instances asked for; unfinished Jobs); Sourcegraph does not, and asks again
+//!   every tick; agent-stack-k8s fails a Job still without a pod 30 s after its start
+//!   (`empty-job-grace-period`, `internal/controller/scheduler/job_watcher.go`), its Buildkite job
+//!   retried as below.
+//! - **The agent image broken from 14:00 to 14:20**, after the other faults: the peers keep its
+//!   pods for hours, which would hide what those do to them. Pods created then never start: they
+//!   wait in `ImagePullBackOff`, holding a node slot and a place in the quota, and the fix (a new
+//!   tag, so a new template) never helps them (kubernetes `pkg/kubelet/images/image_manager.go`);
+//!   pods created after it start normally. This dispatcher finds a pod stuck once it has not
+//!   started 5 min after its creation (`--start-timeout`, `observe.rs`): out of its supply, its
+//!   Job deleted or its parallelism lowered to the pods that started
+//!   ([`dispatcher::decide::relieve`]); each further dispatch waits 30 s, doubling up to 10 min,
+//!   while dispatches keep getting stuck with no agent starting, and the new template ends that
+//!   run. Sourcegraph's dispatcher, the buildkite-agent-scaler and KEDA keep such pods alive until
+//!   their Job's `activeDeadlineSeconds`, taken as 4 h, this dispatcher's own: Sourcegraph's
+//!   dispatcher sets one (sourcegraph/sourcegraph#32843) but no value is given; KEDA's is the
+//!   ScaledJob template's, and it counts the Job as running meanwhile (kedacore/keda
+//!   `pkg/scaling/executor/scale_jobs.go`); the scaler counts them among its instances
+//!   (buildkite-agent-scaler `scaler/scaling_calculator.go`; its `ELASTIC_CI_MODE` reaper of
+//!   instances without an agent is not modelled). Sourcegraph's counts only idle agents, so it
+//!   asks for more pods every tick, up to its maximum. agent-stack-k8s deletes the pod 30 s after
+//!   its start and fails its Buildkite job (`image-pull-backoff-grace-period`,
+//!   `internal/controller/scheduler/pod_watcher.go`): modelled as the job retried at once (a
+//!   `retry: automatic` rule for exit status -1, with no limit), so it waits on for a pod from
+//!   the controller's next poll. The oracle knows of the broken image: its pods wait for the fix.
+//!
+//! Printed per policy under faults: the jobs delayed (waiting longer than that policy's fault-free
+//! p95) and the p95 wait; agent-minutes wasted, and of those the minutes stuck pods held a node
+//! slot; and for each kind of fault the time from its cause ending (the drain done, the quota
+//! restored, the image fixed) to the first job accepted after it, if jobs were waiting then (the
+//! longest of a kind's occurrences; "n/a" if none were waiting). With `BENCH_SEEDS` (default 1)
+//! the day runs on as many seeds from `BENCH_SEED`, each with its own workload, and the faults
+//! table prints medians, with the p95 and the waste also as ratios to the oracle's.
+//!
+//! Run: `cargo bench -p dispatcher --bench dispatch` (`BENCH_SEED`, default 7; `BENCH_SEEDS`;
+//! `BENCH_BUILDS` builds a day, default 120; `BENCH_CAPACITY`, default 300).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
-use dispatcher::decide::{decide, Action, Demand, LastDispatch, Limits, Supply};
+use dispatcher::decide::{
+    decide, relieve, Action, Demand, LastDispatch, Limits, Relief, Streak, StuckJob, StuckPod,
+    Supply, STUCK_BACKOFF, STUCK_BACKOFF_CAP,
+};
 
 /// The dispatchers' tick: the metrics API's poll interval.
 const TICK: f64 = 10.0;
 const DAY: f64 = 86_400.0;
+const HOUR: f64 = 3600.0;
 const IDLE_TIMEOUT: f64 = 600.0;
 /// The dispatcher's per-dispatch idle timeout (`--dispatch-idle-timeout`).
 const DISPATCH_IDLE_TIMEOUT: f64 = 120.0;
@@ -44,29 +98,98 @@ const TYPICAL_STARTUP: f64 = 15.0;
 /// A running pod older than this has registered its agent, or something is wrong.
 const REGISTERED_BY: f64 = 300.0;
 
+// The faulty day, in working hours. The broken image comes last: the peers keep its pods for
+// hours, which would hide what the other faults do to them.
+/// The faulty day's node drains, each over the nodes of `DRAINED_SHARE` of the pods.
+const DRAINS: [f64; 3] = [9.0 * HOUR, 11.5 * HOUR, 13.5 * HOUR];
+const DRAINED_SHARE: f64 = 0.2;
+/// The faulty day's spans with the pod quota at `QUOTA_SHARE` of the capacity.
+const QUOTA_CUTS: [(f64, f64); 2] = [(10.0 * HOUR, 10.25 * HOUR), (12.5 * HOUR, 12.75 * HOUR)];
+const QUOTA_SHARE: f64 = 0.5;
+/// The faulty day's broken image: pods created from the first time until the second never start.
+const BROKEN_IMAGE: (f64, f64) = (14.0 * HOUR, 14.0 * HOUR + 1200.0);
+/// `--start-timeout`: a pod of this dispatcher not started this long after its creation is stuck.
+const START_TIMEOUT: f64 = 300.0;
+/// How long a `FailedCreate` holds this dispatcher's dispatches (`REFUSAL_FRESH` in `run.rs`).
+const REFUSAL_FRESH: f64 = 75.0;
+/// Every Job's `activeDeadlineSeconds` (this dispatcher's `--job-deadline`): a pod that never
+/// starts goes then, if nothing let it go before.
+const JOB_DEADLINE: f64 = 4.0 * HOUR;
+/// The Job controller's backoff before it makes a failed or evicted index's pod again (the first
+/// failure's; it doubles per failure of the same index).
+const INDEX_BACKOFF: f64 = 10.0;
+/// The Job controller retries a refused create after 1 s, doubling up to this.
+const CREATE_BACKOFF_CAP: f64 = 60.0;
+/// agent-stack-k8s's `image-pull-backoff-grace-period` and `empty-job-grace-period`.
+const ASK_GRACE: f64 = 30.0;
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
     let seed = env_or("BENCH_SEED", 7);
+    let seeds = env_or("BENCH_SEEDS", 1).max(1);
     let builds = env_or("BENCH_BUILDS", 120) as usize;
     let capacity = env_or("BENCH_CAPACITY", 300) as usize;
-    let mut rng = Rng(seed);
-    let workload = Workload::generate(&mut rng, builds);
+    let days: Vec<Day> = (seed..seed + seeds)
+        .map(|seed| Day::run(seed, builds, capacity))
+        .collect();
+    print_today(&days[0], builds, capacity);
+    print_faults(&days);
+}
+
+/// One seed's workload, run by every policy without faults and with them.
+struct Day {
+    seed: u64,
+    jobs: usize,
+    runs: Vec<Run>,
+}
+
+/// One policy's day without faults and with them.
+struct Run {
+    policy: Policy,
+    clean: Results,
+    faulty: Results,
+}
+
+impl Day {
+    fn run(seed: u64, builds: usize, capacity: usize) -> Day {
+        let mut rng = Rng(seed);
+        let workload = Workload::generate(&mut rng, builds);
+        let runs = Policy::ALL
+            .into_iter()
+            .map(|policy| Run {
+                policy,
+                clean: Sim::run(policy, &workload, capacity, seed, false),
+                faulty: Sim::run(policy, &workload, capacity, seed, true),
+            })
+            .collect();
+        Day {
+            seed,
+            jobs: workload.jobs.len(),
+            runs,
+        }
+    }
+
+    fn clean(&self, policy: Policy) -> &Results {
+        &self.runs.iter().find(|r| r.policy == policy).unwrap().clean
+    }
+}
+
+/// The fault-free table of the first seed's day, and how this dispatcher meets its targets.
+fn print_today(day: &Day, builds: usize, capacity: usize) {
     println!(
-        "one simulated day: {} builds, {} jobs, cluster capacity {capacity} pods, tick {TICK}s, seed {seed}",
-        builds,
-        workload.jobs.len()
+        "one simulated day: {} builds, {} jobs, cluster capacity {capacity} pods, tick {TICK}s, seed {}",
+        builds, day.jobs, day.seed
     );
     println!();
     println!("| policy | p50 wait | p95 wait | agent-minutes wasted | pods created | most pods beyond demand + buffer | API requests / hour |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    let mut results = Vec::new();
-    for policy in Policy::ALL {
-        let r = Sim::run(policy, &workload, capacity, seed);
+    for run in &day.runs {
+        let r = &run.clean;
         println!(
             "| {} | {:.0} s | {:.0} s | {:.0} | {} | {} | {:.0} |",
-            policy.name(),
+            run.policy.name(),
             r.p50,
             r.p95,
             r.waste_minutes,
@@ -74,42 +197,137 @@ fn main() {
             r.overshoot,
             r.requests_per_hour
         );
-        results.push((policy, r));
     }
-    let find = |p: Policy| &results.iter().find(|(q, _)| *q == p).unwrap().1;
-    let oracle = find(Policy::Oracle);
-    for ours_policy in [Policy::Dispatcher, Policy::DispatcherProportional] {
-        let ours = find(ours_policy);
-        println!();
-        println!("{}:", ours_policy.name());
-        let target = oracle.p95 + TICK;
+    for ours in [Policy::Dispatcher, Policy::DispatcherProportional] {
+        print_targets(day, ours);
+    }
+}
+
+fn print_targets(day: &Day, ours_policy: Policy) {
+    let oracle = day.clean(Policy::Oracle);
+    let ours = day.clean(ours_policy);
+    println!();
+    println!("{}:", ours_policy.name());
+    let target = oracle.p95 + TICK;
+    println!(
+        "- target p95 wait ≤ oracle's + one poll interval ({target:.0} s): {:.0} s {}",
+        ours.p95,
+        verdict(ours.p95 <= target)
+    );
+    // The peer with the least waste among those whose p95 is as good as ours or better.
+    let best_peer = day
+        .runs
+        .iter()
+        .filter(|r| r.policy.is_peer())
+        .filter(|r| r.clean.p95 <= ours.p95)
+        .map(|r| (r.policy.name(), r.clean.waste_minutes))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match best_peer {
+        Some((name, waste)) => println!(
+            "- target waste ≤ 0.5 × the least of the peers with an equal or better p95 ({name}: {waste:.0}): {:.0} ({:.2}×) {}",
+            ours.waste_minutes,
+            ours.waste_minutes / waste.max(1.0),
+            verdict(ours.waste_minutes <= 0.5 * waste)
+        ),
+        None => println!("- target waste: no peer has an equal or better p95: met"),
+    }
+    println!(
+        "- target never more pods than demand + buffer, up to --max-agents: {} beyond {}",
+        ours.overshoot,
+        verdict(ours.overshoot == 0)
+    );
+}
+
+/// The table of the faulty days: per policy, the median over the seeds.
+fn print_faults(days: &[Day]) {
+    let span = |(from, to): (f64, f64)| format!("{}–{}", clock(from), clock(to));
+    println!();
+    println!(
+        "the same day with faults ({} seed{} from {}, medians): node drains at {} over {:.0} % of the pods; the pod quota at {:.0} % of capacity {}; the image broken {}",
+        days.len(),
+        if days.len() == 1 { "" } else { "s" },
+        days[0].seed,
+        DRAINS.map(clock).join(", "),
+        DRAINED_SHARE * 100.0,
+        QUOTA_SHARE * 100.0,
+        QUOTA_CUTS.map(span).join(" and "),
+        span(BROKEN_IMAGE)
+    );
+    println!();
+    println!("| policy | jobs delayed (wait > its fault-free p95) | p95 wait (× oracle) | agent-minutes wasted (× oracle) | of which stuck pods holding a slot | drain → served | quota restored → served | image fixed → served |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let oracle = FaultRow::of(days, Policy::Oracle);
+    for policy in Policy::ALL {
+        let row = FaultRow::of(days, policy);
+        let recovery = row
+            .recovery
+            .map(|r| r.map_or("n/a".into(), |s| format!("{s:.0} s")));
         println!(
-            "- target p95 wait ≤ oracle's + one poll interval ({target:.0} s): {:.0} s {}",
-            ours.p95,
-            verdict(ours.p95 <= target)
+            "| {} | {:.0} | {:.0} s ({:.1}×) | {:.0} ({:.1}×) | {:.0} | {} | {} | {} |",
+            policy.name(),
+            row.delayed,
+            row.p95,
+            row.p95 / oracle.p95.max(1.0),
+            row.waste_minutes,
+            row.waste_minutes / oracle.waste_minutes.max(1.0),
+            row.stuck_slot_minutes,
+            recovery[0],
+            recovery[1],
+            recovery[2]
         );
-        // The peer with the least waste among those whose p95 is as good as ours or better.
-        let best_peer = results
+    }
+}
+
+/// One policy's faulty days, as medians over the seeds.
+struct FaultRow {
+    delayed: f64,
+    p95: f64,
+    waste_minutes: f64,
+    stuck_slot_minutes: f64,
+    /// By [`Fault`]: over the seeds where jobs were waiting as a cause ended.
+    recovery: [Option<f64>; 3],
+}
+
+impl FaultRow {
+    fn of(days: &[Day], policy: Policy) -> FaultRow {
+        let runs: Vec<&Run> = days
             .iter()
-            .filter(|(p, _)| p.is_peer())
-            .filter(|(_, r)| r.p95 <= ours.p95)
-            .map(|(p, r)| (p.name(), r.waste_minutes))
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        match best_peer {
-            Some((name, waste)) => println!(
-                "- target waste ≤ 0.5 × the least of the peers with an equal or better p95 ({name}: {waste:.0}): {:.0} ({:.2}×) {}",
-                ours.waste_minutes,
-                ours.waste_minutes / waste.max(1.0),
-                verdict(ours.waste_minutes <= 0.5 * waste)
-            ),
-            None => println!("- target waste: no peer has an equal or better p95: met"),
+            .map(|d| d.runs.iter().find(|r| r.policy == policy).unwrap())
+            .collect();
+        let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)).collect());
+        FaultRow {
+            delayed: median_of(&|r| {
+                let slow = r.faulty.waits.iter().filter(|w| **w > r.clean.p95);
+                slow.count() as f64
+            }),
+            p95: median_of(&|r| r.faulty.p95),
+            waste_minutes: median_of(&|r| r.faulty.waste_minutes),
+            stuck_slot_minutes: median_of(&|r| r.faulty.stuck_slot_minutes),
+            recovery: Fault::ALL.map(|f| {
+                let seen: Vec<f64> = runs
+                    .iter()
+                    .filter_map(|r| r.faulty.recovery[f as usize])
+                    .collect();
+                (!seen.is_empty()).then(|| median(seen))
+            }),
         }
-        println!(
-            "- target never more pods than demand + buffer, up to --max-agents: {} beyond {}",
-            ours.overshoot,
-            verdict(ours.overshoot == 0)
-        );
     }
+}
+
+/// The median of values, at least one.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    match values.len() % 2 {
+        1 => values[mid],
+        _ => (values[mid - 1] + values[mid]) / 2.0,
+    }
+}
+
+/// `hh:mm` of a time of the day.
+fn clock(at: f64) -> String {
+    let minutes = (at / 60.0).round() as u32;
+    format!("{:02}:{:02}", minutes / 60, minutes % 60)
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -267,6 +485,66 @@ impl Policy {
             Policy::Oracle => 0.0,
         }
     }
+
+    /// How many agents a peer creates this tick, by its formula.
+    fn peer_wants(self, c: &Census) -> u32 {
+        match self {
+            Policy::SourcegraphNoRollout => {
+                // parallelism = queued + buffer, less the agents seen idle: pods on their way
+                // are invisible to it.
+                (c.scheduled + BUFFER).saturating_sub(c.idle) * u32::from(c.scheduled > 0)
+            }
+            Policy::AgentScaler => {
+                // desired = scheduled + running (+ proportional buffer), against instances.
+                let total = c.scheduled + c.running;
+                let desired = total + BUFFER.min(total);
+                desired.min(MAX_AGENTS).saturating_sub(c.alive)
+            }
+            Policy::PodPerJob => {
+                // A pod for each scheduled job that has none coming.
+                let coming = c.not_yet_created + c.unschedulable + c.starting;
+                c.scheduled.saturating_sub(coming + c.idle)
+            }
+            Policy::KedaDefault => {
+                // maxScale = queue length; effectiveMax = maxScale − running Jobs (unfinished).
+                let max_scale = c.scheduled.min(MAX_AGENTS);
+                max_scale.saturating_sub(c.alive - c.idle)
+            }
+            // This dispatcher decides through `decide`; the oracle planned its pods at the start.
+            Policy::Dispatcher | Policy::DispatcherProportional | Policy::Oracle => 0,
+        }
+    }
+}
+
+/// The kinds of fault, each with the time its cause ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Drain,
+    Quota,
+    Image,
+}
+
+impl Fault {
+    const ALL: [Fault; 3] = [Fault::Drain, Fault::Quota, Fault::Image];
+
+    /// When each occurrence's cause ends: the drain done, the quota restored, the image fixed.
+    fn ends(self) -> Vec<f64> {
+        match self {
+            Fault::Drain => DRAINS.to_vec(),
+            Fault::Quota => QUOTA_CUTS.iter().map(|(_, end)| *end).collect(),
+            Fault::Image => vec![BROKEN_IMAGE.1],
+        }
+    }
+}
+
+/// Whether the queue was served again after a cause ended.
+struct Recovery {
+    fault: Fault,
+    at: f64,
+    /// Whether jobs were waiting at `at`, once it has come.
+    waiting: Option<bool>,
+    /// When the first job was accepted after `at`.
+    served: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -277,6 +555,9 @@ enum PodState {
     Unschedulable,
     /// Scheduled, starting until `ready_at`.
     Starting,
+    /// Scheduled, its container never starting (the broken image): until let go, or until
+    /// `ready_at`, when its Job's deadline or agent-stack-k8s removes it.
+    Stuck,
     /// The agent is registered and idle.
     Idle,
     Busy,
@@ -287,7 +568,17 @@ struct Pod {
     state: PodState,
     /// When the current state ends on its own (creation, start-up, idle timeout, job end).
     ready_at: f64,
+    /// When its Job asked for it.
     created_at: f64,
+    /// When the pod object was created, the start timeout's origin; none while refused.
+    made_at: Option<f64>,
+    scheduled_at: Option<f64>,
+    /// Created while the image was broken: it never starts.
+    broken: bool,
+    /// Creates refused so far (the quota).
+    refusals: u32,
+    /// Its Job's deadline.
+    deadline: f64,
     /// Start-up once scheduled.
     startup: f64,
     registered_at: Option<f64>,
@@ -305,6 +596,11 @@ impl Pod {
             state: PodState::NotYetCreated,
             ready_at: created_at + JOB_CONTROLLER_DELAY,
             created_at,
+            made_at: None,
+            scheduled_at: None,
+            broken: false,
+            refusals: 0,
+            deadline: created_at + JOB_DEADLINE,
             startup,
             registered_at: None,
             took_job_at: None,
@@ -313,20 +609,186 @@ impl Pod {
             idle_timeout,
         }
     }
+
+    /// The pod its Job makes for this one's index once it was evicted, after the backoff.
+    fn again(&self, now: f64, startup: f64) -> Pod {
+        Pod {
+            ready_at: now + INDEX_BACKOFF,
+            deadline: self.deadline,
+            ..Pod::asked_for(now, startup, self.dispatch, self.idle_timeout)
+        }
+    }
+
+    /// A pod object that exists: what a pod quota counts.
+    fn exists(&self) -> bool {
+        !matches!(self.state, PodState::NotYetCreated | PodState::Gone)
+    }
+
+    /// Holding a node slot.
+    fn scheduled(&self) -> bool {
+        matches!(
+            self.state,
+            PodState::Starting | PodState::Stuck | PodState::Idle | PodState::Busy
+        )
+    }
+
+    /// Stuck as this dispatcher sees it: its container has not started `START_TIMEOUT` after
+    /// its creation.
+    fn stuck(&self, now: f64) -> bool {
+        let waiting = matches!(
+            self.state,
+            PodState::Unschedulable | PodState::Starting | PodState::Stuck
+        );
+        waiting && self.made_at.is_some_and(|m| now - m >= START_TIMEOUT)
+    }
+
+    /// What Kubernetes says of a pod that has not started.
+    fn waiting_reason(&self) -> &'static str {
+        match self.state {
+            PodState::Unschedulable => "Unschedulable",
+            PodState::Stuck => "ImagePullBackOff",
+            _ => "ContainerCreating",
+        }
+    }
+
+    fn end(&mut self, now: f64) {
+        self.state = PodState::Gone;
+        self.gone_at = Some(now);
+    }
+
+    /// One second of the pod's life in the cluster.
+    fn step(&mut self, s: &mut Step) {
+        let due = s.now >= self.ready_at;
+        match self.state {
+            // agent-stack-k8s fails a Job that has no pod after its grace.
+            PodState::NotYetCreated
+                if s.policy == Policy::PodPerJob && s.now >= self.created_at + ASK_GRACE =>
+            {
+                self.end(s.now)
+            }
+            PodState::NotYetCreated if due => self.make(s),
+            PodState::Starting if due => {
+                self.state = PodState::Idle;
+                self.registered_at = Some(s.now);
+                self.ready_at = s.now + self.idle_timeout;
+                s.started = true;
+            }
+            PodState::Stuck | PodState::Idle if due => self.leave(s),
+            PodState::Busy if due => {
+                s.jobs_ended += 1;
+                self.leave(s);
+            }
+            _ => {}
+        }
+        // Pods are scheduled oldest first, as room frees.
+        if self.state == PodState::Unschedulable && s.room > 0 {
+            s.room -= 1;
+            self.schedule(s);
+        }
+    }
+
+    /// The Job controller creates the pod object, unless the quota refuses it: then it tries
+    /// again after its backoff.
+    fn make(&mut self, s: &mut Step) {
+        if s.existing >= s.quota {
+            self.refusals += 1;
+            let backoff = 2f64.powi(self.refusals as i32 - 1).min(CREATE_BACKOFF_CAP);
+            self.ready_at = s.now + backoff;
+            s.refused.push(self.dispatch);
+            return;
+        }
+        s.existing += 1;
+        self.state = PodState::Unschedulable;
+        self.made_at = Some(s.now);
+        self.broken = s.broken;
+    }
+
+    fn schedule(&mut self, s: &Step) {
+        self.scheduled_at = Some(s.now);
+        if !self.broken {
+            self.state = PodState::Starting;
+            self.ready_at = s.now + self.startup;
+            return;
+        }
+        self.state = PodState::Stuck;
+        self.ready_at = match s.policy {
+            Policy::PodPerJob => s.now + ASK_GRACE,
+            _ => self.deadline,
+        };
+    }
+
+    /// Ends a pod that held a slot.
+    fn leave(&mut self, s: &mut Step) {
+        self.end(s.now);
+        s.room += 1;
+        s.existing -= 1;
+    }
+}
+
+/// What the pods share in one second of the cluster, and what they tell the simulation.
+struct Step {
+    now: f64,
+    policy: Policy,
+    /// Node slots free.
+    room: usize,
+    /// Pod objects that exist.
+    existing: usize,
+    /// The pod quota: pods that may exist.
+    quota: usize,
+    /// Pods created now never start.
+    broken: bool,
+    jobs_ended: u32,
+    /// A pod started its agent.
+    started: bool,
+    /// Dispatches whose pods were refused.
+    refused: Vec<usize>,
+}
+
+/// A Job of this dispatcher's, or of a peer's.
+struct Dispatch {
+    /// Its `parallelism`: the dispatch's size, until stuck pods lower it.
+    parallelism: u32,
+    at: f64,
+    /// When a pod of it was last refused (`FailedCreate`).
+    refused_at: Option<f64>,
+    /// Deleted with its stuck pods.
+    deleted: bool,
+}
+
+/// What a tick counts: Buildkite's job and agent counts, and the pods by state.
+struct Census {
+    scheduled: u32,
+    running: u32,
+    idle: u32,
+    agents: u32,
+    not_yet_created: u32,
+    unschedulable: u32,
+    /// Scheduled and not started: stuck pods too, which the peers cannot tell apart.
+    starting: u32,
+    alive: u32,
 }
 
 struct Results {
     p50: f64,
     p95: f64,
+    /// Every job's wait, sorted; a job still waiting at the end, until then.
+    waits: Vec<f64>,
     waste_minutes: f64,
+    /// Pod-minutes that pods which never started held a node slot.
+    stuck_slot_minutes: f64,
+    /// By [`Fault`], the longest time to serve again among the occurrences with jobs waiting.
+    recovery: [Option<f64>; 3],
     pods: usize,
     overshoot: u32,
     requests_per_hour: f64,
 }
 
 struct Sim<'w> {
+    policy: Policy,
     workload: &'w Workload,
     capacity: usize,
+    /// This day has the faults.
+    faulty: bool,
     rng: Rng,
     now: f64,
     /// Pods not gone; gone ones move to `done`.
@@ -339,30 +801,26 @@ struct Sim<'w> {
     running_jobs: u32,
     next_job: usize,
     waits: Vec<f64>,
-    /// Dispatch sizes and creation times.
-    dispatches: Vec<(u32, f64)>,
+    dispatches: Vec<Dispatch>,
     requests: f64,
     overshoot: u32,
+    /// When an agent last started: the stuck streak begins after it.
+    last_start: f64,
+    /// This dispatcher's Events on the Jobs whose stuck pods it let go: when, and which.
+    stuck_events: Vec<(f64, usize)>,
+    drains_done: usize,
+    recoveries: Vec<Recovery>,
 }
 
 impl<'w> Sim<'w> {
-    fn run(policy: Policy, workload: &'w Workload, capacity: usize, seed: u64) -> Results {
-        let mut sim = Sim {
-            workload,
-            capacity,
-            rng: Rng(seed ^ 0xD15_BA7C),
-            now: -3600.0,
-            pods: Vec::new(),
-            done: Vec::new(),
-            planned: VecDeque::new(),
-            queue: VecDeque::new(),
-            running_jobs: 0,
-            next_job: 0,
-            waits: Vec::new(),
-            dispatches: Vec::new(),
-            requests: 0.0,
-            overshoot: 0,
-        };
+    fn run(
+        policy: Policy,
+        workload: &'w Workload,
+        capacity: usize,
+        seed: u64,
+        faulty: bool,
+    ) -> Results {
+        let mut sim = Sim::new(policy, workload, capacity, seed, faulty);
         if policy == Policy::Oracle {
             sim.plan_oracle();
         }
@@ -375,17 +833,64 @@ impl<'w> Sim<'w> {
                 sim.pods.push(pod);
             }
             sim.arrivals();
+            if faulty {
+                sim.faults();
+            }
             sim.advance_pods();
             sim.assign();
             if sim.now >= next_tick {
                 next_tick += TICK;
                 if policy != Policy::Oracle {
-                    sim.tick(policy);
+                    sim.tick();
                 }
             }
             sim.now += 1.0;
         }
-        sim.results(policy)
+        sim.results()
+    }
+
+    fn new(
+        policy: Policy,
+        workload: &'w Workload,
+        capacity: usize,
+        seed: u64,
+        faulty: bool,
+    ) -> Sim<'w> {
+        let recoveries = match faulty {
+            true => Fault::ALL
+                .into_iter()
+                .flat_map(|fault| fault.ends().into_iter().map(move |at| (fault, at)))
+                .map(|(fault, at)| Recovery {
+                    fault,
+                    at,
+                    waiting: None,
+                    served: None,
+                })
+                .collect(),
+            false => Vec::new(),
+        };
+        Sim {
+            policy,
+            workload,
+            capacity,
+            faulty,
+            rng: Rng(seed ^ 0xD15_BA7C),
+            now: -3600.0,
+            pods: Vec::new(),
+            done: Vec::new(),
+            planned: VecDeque::new(),
+            queue: VecDeque::new(),
+            running_jobs: 0,
+            next_job: 0,
+            waits: Vec::new(),
+            dispatches: Vec::new(),
+            requests: 0.0,
+            overshoot: 0,
+            last_start: f64::NEG_INFINITY,
+            stuck_events: Vec::new(),
+            drains_done: 0,
+            recoveries,
+        }
     }
 
     /// Jobs whose time has come join the queue.
@@ -399,6 +904,65 @@ impl<'w> Sim<'w> {
         }
     }
 
+    /// The drains due now, and whether jobs wait as a fault's cause ends.
+    fn faults(&mut self) {
+        while DRAINS
+            .get(self.drains_done)
+            .is_some_and(|at| *at <= self.now)
+        {
+            self.drain();
+            self.drains_done += 1;
+        }
+        let waiting = !self.queue.is_empty();
+        for r in &mut self.recoveries {
+            if r.waiting.is_none() && r.at <= self.now {
+                r.waiting = Some(waiting);
+            }
+        }
+    }
+
+    /// Drains the nodes of `DRAINED_SHARE` of the pods: an agent there without a job is evicted
+    /// and its index made again after the Job controller's backoff, except agent-stack-k8s's
+    /// (`backoffLimit: 0`: the Job fails, and its poll makes new Jobs for jobs still waiting); a
+    /// busy one finishes its job within its grace period, as if not drained.
+    fn drain(&mut self) {
+        let now = self.now;
+        for i in 0..self.pods.len() {
+            let jobless = matches!(
+                self.pods[i].state,
+                PodState::Starting | PodState::Stuck | PodState::Idle
+            );
+            if !jobless || self.rng.unit() >= DRAINED_SHARE {
+                continue;
+            }
+            self.pods[i].end(now);
+            if self.policy != Policy::PodPerJob {
+                let startup = self.startup();
+                let again = self.pods[i].again(now, startup);
+                self.pods.push(again);
+            }
+        }
+    }
+
+    fn image_broken(&self, at: f64) -> bool {
+        self.faulty && (BROKEN_IMAGE.0..BROKEN_IMAGE.1).contains(&at)
+    }
+
+    /// Which agent template this dispatcher has at `at`: the fix is a new one.
+    fn image_fixed(&self, at: f64) -> bool {
+        self.faulty && at >= BROKEN_IMAGE.1
+    }
+
+    fn quota(&self) -> usize {
+        let cut = QUOTA_CUTS
+            .iter()
+            .any(|(from, to)| (*from..*to).contains(&self.now));
+        match self.faulty && cut {
+            true => (self.capacity as f64 * QUOTA_SHARE) as usize,
+            false => usize::MAX,
+        }
+    }
+
     fn startup(&mut self) -> f64 {
         if self.rng.unit() < 0.1 {
             self.rng.between(60.0, 120.0)
@@ -409,7 +973,12 @@ impl<'w> Sim<'w> {
 
     fn create(&mut self, n: u32, at: f64, idle_timeout: f64) {
         let dispatch = self.dispatches.len();
-        self.dispatches.push((n, at));
+        self.dispatches.push(Dispatch {
+            parallelism: n,
+            at,
+            refused_at: None,
+            deleted: false,
+        });
         for _ in 0..n {
             let startup = self.startup();
             self.pods
@@ -418,61 +987,47 @@ impl<'w> Sim<'w> {
     }
 
     /// The oracle knows each job's arrival (not how long its pod will take to start): one pod per
-    /// job, created so that a pod of typical start-up registers as the job arrives.
+    /// job, created so that a pod of typical start-up registers as the job arrives. It knows of
+    /// the broken image too: those pods wait for the fix.
     fn plan_oracle(&mut self) {
         let mut planned = Vec::new();
         for job in &self.workload.jobs {
             let startup = self.startup();
-            let at = job.arrival - TYPICAL_STARTUP - JOB_CONTROLLER_DELAY;
+            let mut at = job.arrival - TYPICAL_STARTUP - JOB_CONTROLLER_DELAY;
+            if self.image_broken(at + JOB_CONTROLLER_DELAY) {
+                at = BROKEN_IMAGE.1 - JOB_CONTROLLER_DELAY;
+            }
             planned.push(Pod::asked_for(at, startup, 0, IDLE_TIMEOUT));
         }
         planned.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
         self.planned = planned.into();
     }
 
-    fn scheduled_pods(&self) -> usize {
-        self.pods
-            .iter()
-            .filter(|p| {
-                matches!(
-                    p.state,
-                    PodState::Starting | PodState::Idle | PodState::Busy
-                )
-            })
-            .count()
-    }
-
     fn advance_pods(&mut self) {
-        let now = self.now;
-        let mut room = self.capacity.saturating_sub(self.scheduled_pods());
+        let mut step = Step {
+            now: self.now,
+            policy: self.policy,
+            room: self
+                .capacity
+                .saturating_sub(self.pods.iter().filter(|p| p.scheduled()).count()),
+            existing: self.pods.iter().filter(|p| p.exists()).count(),
+            quota: self.quota(),
+            broken: self.image_broken(self.now),
+            jobs_ended: 0,
+            started: false,
+            refused: Vec::new(),
+        };
         for pod in self.pods.iter_mut() {
-            match pod.state {
-                PodState::NotYetCreated if now >= pod.ready_at => {
-                    pod.state = PodState::Unschedulable;
-                }
-                PodState::Starting if now >= pod.ready_at => {
-                    pod.state = PodState::Idle;
-                    pod.registered_at = Some(now);
-                    pod.ready_at = now + pod.idle_timeout;
-                }
-                PodState::Idle if now >= pod.ready_at => {
-                    pod.state = PodState::Gone;
-                    pod.gone_at = Some(now);
-                    room += 1;
-                }
-                PodState::Busy if now >= pod.ready_at => {
-                    pod.state = PodState::Gone;
-                    pod.gone_at = Some(now);
-                    self.running_jobs -= 1;
-                    room += 1;
-                }
-                _ => {}
-            }
-            // Pods are scheduled oldest first, as room frees.
-            if pod.state == PodState::Unschedulable && room > 0 {
-                room -= 1;
-                pod.state = PodState::Starting;
-                pod.ready_at = now + pod.startup;
+            pod.step(&mut step);
+        }
+        self.running_jobs -= step.jobs_ended;
+        if step.started {
+            self.last_start = self.now;
+        }
+        for d in step.refused {
+            // The oracle's pods have no dispatch to hold.
+            if let Some(d) = self.dispatches.get_mut(d) {
+                d.refused_at = Some(self.now);
             }
         }
         let (gone, alive): (Vec<Pod>, Vec<Pod>) = std::mem::take(&mut self.pods)
@@ -485,6 +1040,7 @@ impl<'w> Sim<'w> {
     /// Idle agents take the oldest waiting jobs.
     fn assign(&mut self) {
         let now = self.now;
+        let mut accepted = false;
         for pod in self.pods.iter_mut().filter(|p| p.state == PodState::Idle) {
             let Some(job) = self.queue.pop_front() else {
                 break;
@@ -495,116 +1051,238 @@ impl<'w> Sim<'w> {
             pod.took_job_at = Some(now);
             pod.ready_at = now + self.workload.jobs[job].duration;
             self.running_jobs += 1;
+            accepted = true;
+        }
+        let waited = self
+            .recoveries
+            .iter_mut()
+            .filter(|r| r.waiting == Some(true));
+        for r in waited.filter(|r| r.served.is_none() && accepted) {
+            r.served = Some(now);
         }
     }
 
-    /// One tick of `policy`: observe, decide, create.
-    fn tick(&mut self, policy: Policy) {
+    /// One tick of the policy: observe, decide, create.
+    fn tick(&mut self) {
+        let policy = self.policy;
         self.requests += policy.reads_per_tick();
-        let now = self.now;
-        let count = |f: &dyn Fn(&Pod) -> bool| self.pods.iter().filter(|p| f(p)).count() as u32;
-        let scheduled = self.queue.len() as u32;
-        let running = self.running_jobs;
-        let idle = count(&|p| p.state == PodState::Idle);
-        let busy = count(&|p| p.state == PodState::Busy);
-        let agents = idle + busy;
-        let not_yet_created = count(&|p| p.state == PodState::NotYetCreated);
-        let unschedulable = count(&|p| p.state == PodState::Unschedulable);
-        let starting = count(&|p| p.state == PodState::Starting);
-        let alive = not_yet_created + unschedulable + starting + agents;
+        let seen = self.census();
         let n = match policy {
-            Policy::Dispatcher | Policy::DispatcherProportional => {
-                let last = self.dispatches.last().map(|(size, at)| {
-                    let d = self.dispatches.len() - 1;
-                    LastDispatch {
-                        id: d.to_string(),
-                        size: *size,
-                        online: count(&|p| {
-                            p.dispatch == d
-                                && matches!(
-                                    p.state,
-                                    PodState::Idle | PodState::Busy | PodState::Gone
-                                )
-                        }),
-                        age: Duration::from_secs_f64(now - at),
-                    }
-                });
-                let supply = Supply {
-                    pending: starting,
-                    unschedulable,
-                    running: agents,
-                    running_long: count(&|p| {
-                        matches!(p.state, PodState::Idle | PodState::Busy)
-                            && p.registered_at
-                                .is_some_and(|r| now - r + p.startup > REGISTERED_BY)
-                    })
-                    .min(agents),
-                    not_yet_created,
-                    failed_create: None,
-                    // Simulated agents never fail to start.
-                    failing: None,
-                    last,
-                };
-                let limits = Limits {
-                    min_agents: 0,
-                    max_agents: MAX_AGENTS,
-                    buffer: BUFFER,
-                    buffer_ratio: match policy {
-                        Policy::DispatcherProportional => BUFFER_RATIO,
-                        _ => 0.0,
-                    },
-                    rollout_ratio: 0.5,
-                    rollout_timeout: Duration::from_secs(180),
-                };
-                let demand = Demand {
-                    scheduled,
-                    running,
-                    agents,
-                };
-                match decide(demand, &supply, &limits).action {
-                    Action::Dispatch(n) => n,
-                    Action::Hold(_) => 0,
-                }
-            }
-            Policy::SourcegraphNoRollout => {
-                // parallelism = queued + buffer, less the agents seen idle: pods on their way
-                // are invisible to it.
-                (scheduled + BUFFER).saturating_sub(idle) * u32::from(scheduled > 0)
-            }
-            Policy::AgentScaler => {
-                // desired = scheduled + running (+ proportional buffer), against instances.
-                let total = scheduled + running;
-                let desired = total + BUFFER.min(total);
-                desired.min(MAX_AGENTS).saturating_sub(alive)
-            }
-            Policy::PodPerJob => {
-                // A pod for each scheduled job that has none coming.
-                let coming = not_yet_created + unschedulable + starting;
-                scheduled.saturating_sub(coming + idle)
-            }
-            Policy::KedaDefault => {
-                // maxScale = queue length; effectiveMax = maxScale − running Jobs (unfinished).
-                let max_scale = scheduled.min(MAX_AGENTS);
-                max_scale.saturating_sub(alive - idle)
-            }
-            Policy::Oracle => 0,
+            Policy::Dispatcher | Policy::DispatcherProportional => self.dispatcher_tick(&seen),
+            peer => peer.peer_wants(&seen),
         };
         // Every design has a ceiling (max agents, maxReplicaCount, the group's MaxSize).
-        let n = n.min(MAX_AGENTS.saturating_sub(alive));
+        let n = n.min(MAX_AGENTS.saturating_sub(seen.alive));
         if n > 0 {
+            let (scheduled, running) = (seen.scheduled, seen.running);
             let limit = (running + scheduled + policy.buffer(scheduled)).min(MAX_AGENTS);
-            self.overshoot = self.overshoot.max((alive + n).saturating_sub(limit));
+            self.overshoot = self.overshoot.max((seen.alive + n).saturating_sub(limit));
             // One create per Job; KEDA and one-pod-per-job create a Job per pod.
             self.requests += match policy {
                 Policy::KedaDefault | Policy::PodPerJob => f64::from(n),
                 _ => 1.0,
             };
-            self.create(n, now, policy.idle_timeout());
+            self.create(n, self.now, policy.idle_timeout());
         }
     }
 
-    fn results(&self, policy: Policy) -> Results {
+    fn census(&self) -> Census {
+        let count = |f: &dyn Fn(&Pod) -> bool| self.pods.iter().filter(|p| f(p)).count() as u32;
+        let idle = count(&|p| p.state == PodState::Idle);
+        let agents = idle + count(&|p| p.state == PodState::Busy);
+        let not_yet_created = count(&|p| p.state == PodState::NotYetCreated);
+        let unschedulable = count(&|p| p.state == PodState::Unschedulable);
+        let starting = count(&|p| matches!(p.state, PodState::Starting | PodState::Stuck));
+        Census {
+            scheduled: self.queue.len() as u32,
+            running: self.running_jobs,
+            idle,
+            agents,
+            not_yet_created,
+            unschedulable,
+            starting,
+            alive: not_yet_created + unschedulable + starting + agents,
+        }
+    }
+
+    /// This dispatcher's tick: the real decision on the supply `observe.rs` would read, and its
+    /// stuck pods let go as `relieve` says.
+    fn dispatcher_tick(&mut self, seen: &Census) -> u32 {
+        let supply = self.observe(seen);
+        let limits = Limits {
+            min_agents: 0,
+            max_agents: MAX_AGENTS,
+            buffer: BUFFER,
+            buffer_ratio: match self.policy {
+                Policy::DispatcherProportional => BUFFER_RATIO,
+                _ => 0.0,
+            },
+            rollout_ratio: 0.5,
+            rollout_timeout: Duration::from_secs(180),
+            stuck_backoff: STUCK_BACKOFF,
+            stuck_backoff_cap: STUCK_BACKOFF_CAP,
+        };
+        let demand = Demand {
+            scheduled: seen.scheduled,
+            running: seen.running,
+            agents: seen.agents,
+        };
+        let decision = decide(demand, &supply, &limits);
+        for (job, relief) in relieve(&supply.stuck_jobs) {
+            self.let_go(job, &relief);
+        }
+        match decision.action {
+            Action::Dispatch(n) => n,
+            Action::Hold(_) => 0,
+        }
+    }
+
+    /// The supply as `observe.rs` reads it from the pods, Jobs and Events.
+    fn observe(&self, seen: &Census) -> Supply {
+        let now = self.now;
+        let count = |f: &dyn Fn(&Pod) -> bool| self.pods.iter().filter(|p| f(p)).count() as u32;
+        let stuck_jobs = self.stuck_jobs();
+        Supply {
+            pending: count(&|p| {
+                matches!(p.state, PodState::Starting | PodState::Stuck) && !p.stuck(now)
+            }),
+            unschedulable: count(&|p| p.state == PodState::Unschedulable && !p.stuck(now)),
+            running: seen.agents,
+            running_long: count(&|p| {
+                matches!(p.state, PodState::Idle | PodState::Busy)
+                    && p.registered_at
+                        .is_some_and(|r| now - r + p.startup > REGISTERED_BY)
+            })
+            .min(seen.agents),
+            not_yet_created: seen.not_yet_created,
+            failed_create: self.refusal(),
+            streak: self.streak(&stuck_jobs),
+            stuck_jobs,
+            // Simulated agents never fail after starting.
+            failing: None,
+            last: self.last_dispatch(),
+        }
+    }
+
+    /// The unfinished Jobs with stuck pods.
+    fn stuck_jobs(&self) -> Vec<StuckJob> {
+        let now = self.now;
+        let mut jobs: BTreeMap<usize, StuckJob> = BTreeMap::new();
+        for pod in self.pods.iter().filter(|p| p.stuck(now)) {
+            let d = pod.dispatch;
+            let job = jobs.entry(d).or_insert_with(|| StuckJob {
+                job: format!("dispatch-{d}"),
+                uid: d.to_string(),
+                parallelism: self.dispatches[d].parallelism,
+                healthy: self
+                    .pods
+                    .iter()
+                    .filter(|p| p.dispatch == d && p.exists() && !p.stuck(now))
+                    .count() as u32,
+                pods: Vec::new(),
+            });
+            job.pods.push(StuckPod {
+                pod: format!("dispatch-{d}-pod"),
+                dispatch: d.to_string(),
+                reason: pod.waiting_reason().into(),
+                message: String::new(),
+                waited: Duration::from_secs_f64(now - pod.made_at.unwrap_or(now)),
+                template: String::new(),
+            });
+        }
+        jobs.into_values().collect()
+    }
+
+    /// Dispatches whose pods got stuck since an agent last started, by this template: the
+    /// Events of its own that the dispatcher reads back, and the pods stuck now.
+    fn streak(&self, stuck_now: &[StuckJob]) -> Option<Streak> {
+        // A dispatch's template is the one of its time; its Events, and its pods stuck now,
+        // count only for that template (as `observe.rs` and `act.rs` tag and read them).
+        let template = self.image_fixed(self.now);
+        let ours = |d: usize| self.image_fixed(self.dispatches[d].at) == template;
+        let events: Vec<&(f64, usize)> = self
+            .stuck_events
+            .iter()
+            .filter(|(at, d)| *at > self.last_start && ours(*d))
+            .collect();
+        let stuck_now: Vec<&StuckJob> = stuck_now
+            .iter()
+            .filter(|j| ours(j.uid.parse().unwrap()))
+            .collect();
+        let mut dispatches: BTreeSet<String> = events.iter().map(|(_, d)| d.to_string()).collect();
+        dispatches.extend(stuck_now.iter().map(|j| j.uid.clone()));
+        let since = match stuck_now.is_empty() {
+            true => events
+                .iter()
+                .map(|(at, _)| self.now - at)
+                .reduce(f64::min)?,
+            false => 0.0,
+        };
+        Some(Streak {
+            reason: "ImagePullBackOff".into(),
+            dispatches: dispatches.len() as u32,
+            since_last: Duration::from_secs_f64(since),
+        })
+    }
+
+    /// A fresh refusal of a Job that still misses pods.
+    fn refusal(&self) -> Option<String> {
+        let fresh = |d: &Dispatch| d.refused_at.is_some_and(|at| self.now - at < REFUSAL_FRESH);
+        let refused = self
+            .pods
+            .iter()
+            .filter(|p| p.state == PodState::NotYetCreated)
+            .any(|p| fresh(&self.dispatches[p.dispatch]));
+        refused.then(|| "Error creating: pods is forbidden: exceeded quota: agents".into())
+    }
+
+    /// The newest dispatch not deleted, of the template in use (as `observe.rs` reads it).
+    fn last_dispatch(&self) -> Option<LastDispatch> {
+        let template = self.image_fixed(self.now);
+        let (d, last) = self
+            .dispatches
+            .iter()
+            .enumerate()
+            .rfind(|(_, d)| !d.deleted && self.image_fixed(d.at) == template)?;
+        let online = self
+            .pods
+            .iter()
+            .filter(|p| p.dispatch == d && matches!(p.state, PodState::Idle | PodState::Busy));
+        Some(LastDispatch {
+            id: d.to_string(),
+            size: last.parallelism,
+            online: online.count() as u32,
+            age: Duration::from_secs_f64(self.now - last.at),
+        })
+    }
+
+    /// Lets a Job's stuck pods go as Kubernetes would: deleting the Job takes all its pods
+    /// (none started); lowering its parallelism to the pods that did, the Job controller
+    /// removes the stuck ones and makes none of those it had still to make. One call and one
+    /// Event, which the streak reads back.
+    fn let_go(&mut self, job: &StuckJob, relief: &Relief) {
+        let (now, d) = (self.now, job.uid.parse::<usize>().unwrap());
+        let delete = *relief == Relief::DeleteJob;
+        match relief {
+            Relief::DeleteJob => self.dispatches[d].deleted = true,
+            Relief::Parallelism { to, .. } => self.dispatches[d].parallelism = *to,
+        }
+        for pod in self.pods.iter_mut().filter(|p| p.dispatch == d) {
+            if delete || pod.state == PodState::NotYetCreated || pod.stuck(now) {
+                pod.end(now);
+            }
+        }
+        self.stuck_events.push((now, d));
+        self.requests += 2.0;
+    }
+
+    fn results(&self) -> Results {
         let mut waits = self.waits.clone();
+        let left = self
+            .queue
+            .iter()
+            .map(|j| self.now - self.workload.jobs[*j].arrival);
+        waits.extend(left);
         waits.sort_by(f64::total_cmp);
         let pct = |q: f64| {
             waits
@@ -612,17 +1290,22 @@ impl<'w> Sim<'w> {
                 .copied()
                 .unwrap_or(0.0)
         };
-        let waste: f64 = self
-            .pods
-            .iter()
-            .chain(&self.done)
+        let pods = || self.pods.iter().chain(&self.done);
+        let until_gone = |p: &Pod, from: f64| p.gone_at.unwrap_or(self.now) - from;
+        let waste: f64 = pods()
             .map(|p| match (p.registered_at, p.took_job_at) {
                 (Some(r), Some(t)) => t - r,
-                (_, None) => p.gone_at.unwrap_or(self.now) - p.created_at,
+                // Refused, then dropped: it never existed.
+                (_, None) if p.made_at.is_none() && p.gone_at.is_some() => 0.0,
+                (_, None) => until_gone(p, p.created_at),
                 (None, Some(_)) => 0.0,
             })
             .sum();
-        let jobs_created = match policy {
+        let stuck_slot = pods()
+            .filter(|p| p.broken)
+            .filter_map(|p| p.scheduled_at.map(|s| until_gone(p, s)))
+            .fold(0.0, |a, b| a + b);
+        let jobs_created = match self.policy {
             Policy::PodPerJob => self.workload.jobs.len() as f64, // a get per job
             _ => 0.0,
         };
@@ -630,9 +1313,22 @@ impl<'w> Sim<'w> {
             p50: pct(0.5),
             p95: pct(0.95),
             waste_minutes: waste / 60.0,
+            stuck_slot_minutes: stuck_slot / 60.0,
+            recovery: Fault::ALL.map(|f| self.recovery(f)),
             pods: self.pods.len() + self.done.len(),
             overshoot: self.overshoot,
             requests_per_hour: (self.requests + jobs_created) / ((self.now + 3600.0) / 3600.0),
+            waits,
         }
+    }
+
+    /// The longest time from a cause of `fault` ending to the queue served again, among the
+    /// occurrences with jobs waiting; one never served counts until the day's end.
+    fn recovery(&self, fault: Fault) -> Option<f64> {
+        self.recoveries
+            .iter()
+            .filter(|r| r.fault == fault && r.waiting == Some(true))
+            .map(|r| r.served.unwrap_or(self.now) - r.at)
+            .reduce(f64::max)
     }
 }

@@ -266,7 +266,14 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
         }
     }
     let room = limits.max_agents.saturating_sub(alive);
-    match short.min(room) {
+    // After pods got stuck, the backoff's end brings a probe, not the whole shortfall: the
+    // buffer's worth of pods (at least one). Once one starts, the streak ends and the rest
+    // follows on the next tick; if they get stuck too, they are few and the backoff doubles.
+    let probe = match supply.streak {
+        Some(_) => limits.buffer.max(1),
+        None => u32::MAX,
+    };
+    match short.min(room).min(probe) {
         0 => hold(Hold::AtMax),
         n => Decision {
             action: Action::Dispatch(n),
@@ -418,6 +425,9 @@ mod tests {
         assert_eq!(retry_in(&streak(1, 30)), None, "served again");
         assert_eq!(retry_in(&streak(3, 20)), Some(100));
         assert_eq!(retry_in(&streak(30, 0)), Some(600), "capped");
+        // The backoff over: a probe of the buffer's size, not the 7 pods short.
+        let d = decide(demand(5, 0, 0), &streak(2, 600), &limits());
+        assert_eq!(d.action, Action::Dispatch(2));
     }
 
     #[test]

@@ -314,14 +314,17 @@ fn per_job_online(seen: &Observed) -> HashMap<String, u32> {
     online
 }
 
-/// The newest unfinished dispatch's rollout.
+/// The newest unfinished dispatch's rollout, of this template.
 fn last_dispatch(
     unfinished: &[&&Job],
     seen: &Observed,
     online: &HashMap<String, u32>,
 ) -> Option<LastDispatch> {
+    // Of this template: a broken one's last Job, still waiting on pods that will never come
+    // online, must not hold the fixed template's first dispatch back.
     let newest = unfinished
         .iter()
+        .filter(|j| label(&j.metadata, TEMPLATE_LABEL) == seen.template)
         .filter(|j| labelled(j, DISPATCH_LABEL))
         .max_by_key(|j| j.metadata.creation_timestamp.as_ref().map(|t| t.0))?;
     let uid = newest.metadata.uid.clone().unwrap_or_default();
@@ -656,6 +659,13 @@ mod tests {
         let last = s.last.unwrap();
         assert_eq!((last.id.as_str(), last.size, last.online), ("id-b", 3, 1));
         assert_eq!(last.age, Duration::from_secs(30));
+        // A newer Job of another template (a broken image since fixed) holds no rollout back.
+        let mut broken = job("c", 5, "2026-11-30T10:09:50Z", json!({}));
+        let labels = broken.metadata.labels.as_mut().unwrap();
+        labels.insert(TEMPLATE_LABEL.into(), "t0".into());
+        let mut all = jobs.to_vec();
+        all.push(broken);
+        assert_eq!(read(&pods, &all, &[]).last.unwrap().id, "id-b");
     }
 
     #[test]
