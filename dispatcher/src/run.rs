@@ -48,6 +48,8 @@ pub enum RunError {
     },
     #[error("cannot handle signals: {0}")]
     Signals(std::io::Error),
+    #[error("the leader election stopped unexpectedly; exiting so that the pod is restarted")]
+    ElectionEnded,
 }
 
 impl RunError {
@@ -116,19 +118,20 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     }
     let (_never_sent, never) = tokio::sync::watch::channel(false);
     let leading = election.as_ref().map_or(never, |e| e.leading.clone());
-    tokio::select! {
-        () = dispatcher.serve(leading, &lease, token) => {}
+    let outcome = tokio::select! {
+        () = dispatcher.serve(leading, &lease, token) => Err(RunError::ElectionEnded),
         signal = stop.next() => {
             tracing::info!(signal, "stopping on {signal}: no more dispatches; giving the Lease up");
+            Ok(())
         }
-    }
+    };
     if let Some(election) = election {
         election.release().await;
     }
     if let Some(mirror) = mirror {
         mirror.election.release().await;
     }
-    Ok(())
+    outcome
 }
 
 /// The agent template and, in claims mode, the cycle's templates: read and checked before
@@ -229,7 +232,7 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
-    /// Ticks while leading; a standby keeps `/readyz` true to its token (`token`: what the
+    /// Ticks while leading, until the election ends; a standby keeps `/readyz` true to its token (`token`: what the
     /// check at start found) and to the watches.
     async fn serve(
         &self,
@@ -253,7 +256,12 @@ impl<'a> Dispatcher<'a> {
                 let ready = token == Some(true) && self.edges.stores.synced();
                 self.edges.metrics.ready.store(ready, Ordering::Relaxed);
                 // Wake when leadership changes, or at the next tick to keep the metrics fresh.
-                let _ = tokio::time::timeout(interval, leading.changed()).await;
+                // A closed channel is an election that ended (a panicked task): returning
+                // ends the process, where waiting on it again would spin.
+                let changed = tokio::time::timeout(interval, leading.changed()).await;
+                if changed.is_ok_and(|r| r.is_err()) {
+                    return;
+                }
                 continue;
             }
             let started = Instant::now();

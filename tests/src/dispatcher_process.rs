@@ -36,8 +36,16 @@ pub fn job_dispatcher(
 /// line unwritten.
 pub struct Running {
     child: Child,
-    stdout: JoinHandle<String>,
-    stderr: JoinHandle<String>,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+/// A scenario that panics drops its dispatchers unstopped: they must not outlive it.
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Running {
@@ -66,8 +74,8 @@ impl Running {
         );
         Running {
             child,
-            stdout,
-            stderr,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
         }
     }
 
@@ -95,8 +103,8 @@ impl Running {
         let status = self.child.wait().expect("job-dispatcher ends");
         Finished {
             status,
-            stdout: self.stdout.join().unwrap_or_default(),
-            stderr: self.stderr.join().unwrap_or_default(),
+            stdout: self.stdout.take().and_then(|t| t.join().ok()).unwrap_or_default(),
+            stderr: self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default(),
         }
     }
 }
