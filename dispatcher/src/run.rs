@@ -100,26 +100,13 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         "serving queue {} in namespace {namespace}", settings.queue);
     let edges = (&client, namespace.as_str(), metrics);
     let dispatcher = Dispatcher::new(&settings, template, edges, mirror.as_ref());
-    // Every replica checks the token first; one Buildkite refuses does not campaign, so that it
-    // never holds the Lease that a replica able to serve the queue could.
-    let token = tokio::select! {
-        token = dispatcher.check_token() => token,
-        signal = stop.next() => {
-            tracing::info!(signal, "stopping on {signal}");
-            return Ok(());
-        }
-    };
-    let election = (token != Some(false)).then(|| {
+    let campaign = || {
         let leases = Api::namespaced(client.clone(), &namespace);
         leader::elect(leases, lease.clone(), identity.clone())
-    });
-    if election.is_none() {
-        tracing::error!(lease = %lease, "not campaigning for the Lease: Buildkite refused BUILDKITE_AGENT_TOKEN; fix the Secret and restart this replica");
-    }
-    let (_never_sent, never) = tokio::sync::watch::channel(false);
-    let leading = election.as_ref().map_or(never, |e| e.leading.clone());
+    };
+    let mut election = None;
     let outcome = tokio::select! {
-        () = dispatcher.serve(leading, &lease, token) => Err(RunError::ElectionEnded),
+        () = dispatcher.serve(&mut election, &campaign, &lease) => Err(RunError::ElectionEnded),
         signal = stop.next() => {
             tracing::info!(signal, "stopping on {signal}: no more dispatches; giving the Lease up");
             Ok(())
@@ -232,14 +219,17 @@ impl<'a> Dispatcher<'a> {
         }
     }
 
-    /// Ticks while leading, until the election ends; a standby keeps `/readyz` true to its token (`token`: what the
-    /// check at start found) and to the watches.
+    /// Checks the token, campaigns (`campaign`, kept in `election` for the release), then ticks
+    /// while leading, until the election ends; a standby keeps `/readyz` true to its token and
+    /// to the watches.
     async fn serve(
         &self,
-        mut leading: tokio::sync::watch::Receiver<bool>,
+        election: &mut Option<leader::Election>,
+        campaign: &dyn Fn() -> leader::Election,
         lease: &str,
-        mut token: Option<bool>,
     ) {
+        let mut token = self.token_accepted(lease).await;
+        let mut leading = election.insert(campaign()).leading.clone();
         let mut interval = self.edges.settings.poll_interval;
         let mut was_leader = false;
         loop {
@@ -273,6 +263,21 @@ impl<'a> Dispatcher<'a> {
             self.edges.metrics.tick_seconds.observe(took.as_secs_f64());
             tokio::time::sleep(interval.saturating_sub(took)).await;
         }
+    }
+
+    /// Every replica checks the token before it campaigns: one that Buildkite refuses does not,
+    /// so that the Lease goes to a replica able to serve the queue, and checks again each poll
+    /// interval (unready meanwhile). What the last check found (`None`: no answer).
+    async fn token_accepted(&self, lease: &str) -> Option<bool> {
+        let mut token = self.check_token().await;
+        if token == Some(false) {
+            tracing::error!(lease = %lease, "not campaigning for the Lease while Buildkite refuses BUILDKITE_AGENT_TOKEN; fix the Secret; checking again every poll interval");
+        }
+        while token == Some(false) {
+            tokio::time::sleep(self.edges.settings.poll_interval).await;
+            token = self.check_token().await;
+        }
+        token
     }
 
     /// One metrics call: whether Buildkite accepted the token (`None`: it did not answer).
