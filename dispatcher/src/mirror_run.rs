@@ -718,3 +718,52 @@ fn describe(cycle: &Cycle, step: Step, ended: Option<&End>) -> String {
         Step::DeleteSnapshot(g) => format!("snapshot {} deleted", cycle.claim_name(g)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(claim: &str, conditions: serde_json::Value) -> Arc<Job> {
+        let mut job: Job = serde_json::from_value(json!({
+            "metadata": {"name": "j"},
+            "spec": {"template": {"spec": {"containers": [], "volumes": [
+                {"name": "git-mirrors", "persistentVolumeClaim": {"claimName": claim}}]}}},
+            "status": {"conditions": conditions, "active": 3},
+        }))
+        .unwrap();
+        keep_job_claim_names(&mut job);
+        Arc::new(job)
+    }
+
+    /// An evicted agent's index waits out its backoff with no pod object: its unfinished Job
+    /// still names the claim, so the claim is in use; a finished Job makes no more pods.
+    #[test]
+    fn a_claim_is_in_use_while_a_pod_or_an_unfinished_job_names_it() {
+        let unfinished = [job("m-1", json!([]))];
+        let users = Users {
+            pods: &[],
+            jobs: &unfinished,
+        };
+        assert!(users.name("m-1"));
+        assert!(!users.name("m-2"));
+        let done = json!([{"type": "Complete", "status": "True"}]);
+        let finished = [job("m-1", done)];
+        let users = Users {
+            pods: &[],
+            jobs: &finished,
+        };
+        assert!(!users.name("m-1"));
+        let mut pod: Pod = serde_json::from_value(json!({"metadata": {"name": "p"},
+            "spec": {"containers": [], "volumes": [
+                {"name": "git-mirrors", "persistentVolumeClaim": {"claimName": "m-1"}}]}}))
+        .unwrap();
+        keep_claim_names(&mut pod);
+        let pods = [Arc::new(pod)];
+        let users = Users {
+            pods: &pods,
+            jobs: &finished,
+        };
+        assert!(users.name("m-1"));
+    }
+}

@@ -103,8 +103,16 @@ impl Running {
         let status = self.child.wait().expect("job-dispatcher ends");
         Finished {
             status,
-            stdout: self.stdout.take().and_then(|t| t.join().ok()).unwrap_or_default(),
-            stderr: self.stderr.take().and_then(|t| t.join().ok()).unwrap_or_default(),
+            stdout: self
+                .stdout
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
+            stderr: self
+                .stderr
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
         }
     }
 }

@@ -416,17 +416,7 @@ fn a_drain_of_idle_agents_fails_no_index_and_raises_no_hold() {
         "{}",
         outcome.dispatcher
     );
-    let evicted = outcome.pods.iter().filter(|p| {
-        let conditions = p["status"]["conditions"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        conditions.iter().any(|c| c["type"] == "DisruptionTarget")
-    });
-    eprintln!(
-        "drain: {} idle agents evicted, no index failed",
-        evicted.count()
-    );
+    eprintln!("drain: {} idle agents evicted, no index failed", idle.len());
 }
 
 /// Claims mode: idle agents on a generation that has since expired are evicted. Their indexes
@@ -504,6 +494,8 @@ fn claims_mode_keeps_an_expired_generation_while_a_job_can_still_mount_it() {
     );
     let out = dispatcher.stop();
     assert!(!out.stderr.contains("DeleteClaim(1)"), "{}", out.log());
+    // The Job controller keeps the last failed pod of an index (its finalizer) until the
+    // index's next pod exists, so the gap can be nil here; the Job keeps the claim either way.
     eprintln!("claims mode: no pod named claim 1 for {gap:?}; kept, and its pods started again");
 }
 
