@@ -72,7 +72,15 @@ fn job(name: &str, spec: &str, script: &str) -> String {
 /// A script that idles until SIGTERM, then exits `code` (as the agent's wrapper does, 81 for an
 /// agent stopped before any job).
 fn until_term(code: u8) -> String {
-    format!("trap \"exit {code}\" TERM; while true; do sleep 0.2; done")
+    format!("trap \"exit {code}\" TERM; echo trapped; while true; do sleep 0.2; done")
+}
+
+/// Waits until `pod`'s [`until_term`] script has its trap: a SIGTERM before it reaches the shell
+/// as PID 1 of its namespace, which ignores what it does not handle.
+fn wait_trapped(setup: &Setup, pod: &str) {
+    wait_for("the TERM trap set", || {
+        setup.cluster.log(pod).contains("trapped")
+    });
 }
 
 /// A script that takes 3 s to stop on SIGTERM, long enough to read its pod while it does.
@@ -351,6 +359,7 @@ fn the_first_matching_pod_failure_rule_decides() {
         .map(|job| {
             wait_for("the agent running", || setup.running_pod(job).is_some());
             let pod = setup.running_pod(job).unwrap();
+            wait_trapped(&setup, &pod);
             setup.cluster.evict("ci", &pod);
             pod
         })
@@ -507,6 +516,7 @@ fn kubectl_drain_evicts_through_the_eviction_api() {
     setup.create(&job("drained", "", &until_term(81)));
     wait_for("the pod running", || setup.running_pod("drained").is_some());
     let first = setup.running_pod("drained").unwrap();
+    wait_trapped(&setup, &first);
     let args = [
         "drain",
         "fake-node-1",
@@ -605,6 +615,7 @@ fn the_kubelet_evicts_a_pod_in_place() {
     ));
     let pod = || setup.get(&["pod", "pressed"]).unwrap_or_default();
     wait_for("the pod running", || pod()["status"]["phase"] == "Running");
+    wait_trapped(&setup, "pressed");
     setup.cluster.kubelet_evict("ci", "pressed");
     wait_for("the pod failed", || pod()["status"]["phase"] == "Failed");
     let pod = pod();
