@@ -468,7 +468,7 @@ fn started_at(pod: &Pod) -> Option<Timestamp> {
 }
 
 /// When an Event last happened: `lastTimestamp`, else `eventTime`, else `firstTimestamp`.
-pub fn event_time(event: &Event) -> Option<Timestamp> {
+fn event_time(event: &Event) -> Option<Timestamp> {
     let last = event.last_timestamp.as_ref().map(|t| t.0);
     let at = event.event_time.as_ref().map(|t| t.0);
     last.or(at).or(event.first_timestamp.as_ref().map(|t| t.0))
