@@ -5,6 +5,8 @@
 //! agent tolerates. Each runs in parity with the replay of the default checkout
 //! (`../shared/bench/bk-default-checkout.sh`) wherever the replay covers it.
 
+use std::io::{BufRead, BufReader};
+use std::process::ChildStderr;
 use std::time::{Duration, Instant};
 
 use stateless_e2e::git::git;
@@ -198,18 +200,15 @@ fn a_fresh_push_not_yet_on_the_server_is_waited_for() {
     s.mirror(REFERENCE);
     // Committed, not yet pushed: the webhook arrived first.
     let fresh = s.upstream.commit("late.txt", "late\n", "Pushed late");
-    let hook = s
+    let mut hook = s
         .hook(&fresh, "main")
         .env("STATELESS_AGENT_RETRY_DELAY", "200ms")
         .spawn();
-    std::thread::sleep(Duration::from_millis(700));
+    let (mut stderr, mut log) = log_until(&mut hook, "attempt 1/");
     s.upstream.publish();
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
     let out = hook.wait_with_output().unwrap();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    log.push_str(&String::from_utf8_lossy(&out.stdout));
 
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), fresh);
@@ -222,6 +221,22 @@ fn a_fresh_push_not_yet_on_the_server_is_waited_for() {
     assert!((2..=6).contains(&attempts), "{attempts}");
 }
 
+/// Reads the hook's log until `needle` appears (the moment a scenario changes the server: a
+/// sleep would race the hook's jittered waits on a loaded machine); the rest is left to read.
+fn log_until(hook: &mut std::process::Child, needle: &str) -> (BufReader<ChildStderr>, String) {
+    let mut stderr = BufReader::new(hook.stderr.take().unwrap());
+    let mut log = String::new();
+    while !log.contains(needle) {
+        let before = log.len();
+        stderr.read_line(&mut log).unwrap();
+        assert!(
+            log.len() > before,
+            "the hook ended before {needle:?}: {log}"
+        );
+    }
+    (stderr, log)
+}
+
 /// Row 17: a new pull request's `refs/pull/N/head` is made by GitHub asynchronously; at HEAD the
 /// agent tries it 10 times (about 2m17s), past the six ordinary attempts.
 #[test]
@@ -229,22 +244,22 @@ fn a_new_pull_requests_head_ref_is_waited_for_longer_than_six_attempts() {
     let s = Served::new(REPO);
     s.mirror(REFERENCE);
     let feature = s.upstream.rev("feature");
-    let delay = Duration::from_millis(100);
     let started = Instant::now();
-    let hook = s
+    let mut hook = s
         .hook("HEAD", "feature")
         .env("BUILDKITE_PULL_REQUEST", "5")
         .env("BUILDKITE_PIPELINE_PROVIDER", "github")
         .env("STATELESS_AGENT_RETRY_DELAY", "100ms")
         .spawn();
-    // Six attempts wait 0.1+0.2+0.4+0.8+1.6 s (with jitter, at most twice that): appear later.
-    std::thread::sleep(delay * 62);
+    // The ref appears once the sixth attempt has failed, read from the hook's own log (not a
+    // sleep: jittered waits and a loaded machine move when that attempt runs).
+    let (mut stderr, mut log) = log_until(&mut hook, "attempt 6/10");
     git(
         &s.upstream.bare,
         &["update-ref", "refs/pull/5/head", &feature],
     );
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
     let out = hook.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr).into_owned();
 
     assert_eq!(out.status.code(), Some(0), "{log}");
     assert_eq!(s.sandbox.git(&["rev-parse", "HEAD"]), feature);
