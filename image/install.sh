@@ -9,12 +9,13 @@ fi
 mkdir -p /buildkite/builds /buildkite/plugins /buildkite/hooks
 chown buildkite:buildkite /buildkite/builds /buildkite/plugins
 # Global hooks stay root-owned: a job must not be able to change the next one's checkout.
-# The agent (3.85 or later) runs compiled hooks directly; job-hook tells its phase by its name.
+# The agent runs compiled hooks directly (by default since 3.85; agent-wrapper requires 3.136.0 or
+# later anyway, checked against the version recorded below); job-hook tells its phase by its name.
 ln -sf /usr/local/bin/checkout-hook /buildkite/hooks/checkout
 ln -sf /usr/local/bin/job-hook /buildkite/hooks/environment
 ln -sf /usr/local/bin/job-hook /buildkite/hooks/pre-exit
 # Fail the build now, not in a pod, if the binaries cannot run on this base (e.g. musl).
-for bin in agent-wrapper checkout-hook job-dispatcher populate-mirror; do
+for bin in agent-wrapper checkout-hook job-dispatcher populate-mirror git-credential-github-app; do
   /usr/local/bin/$bin --version >/dev/null
 done
 # The agent's version, which agent-wrapper checks against its minimum at every start: recorded

@@ -25,9 +25,12 @@ done
 wanted=(git:git unshare:util-linux mount:mount tar:tar)
 # Loopback servers and fixtures: sshd for the SSH scenarios, git-lfs for LFS, socat and openssl
 # for the HTTPS front the remote-mirror scenario needs, kubectl to check the fake API server
-# (Debian's is 1.20; these machines' Google Cloud CLI brings 1.27–1.33, found first).
+# (Debian's is 1.20, whose kustomize is too old for the install unit: those scenarios say so and
+# skip; these machines' Google Cloud CLI brings 1.27–1.33, found first), promtool for the alert
+# rules, jq and shellcheck for the release pipeline's scripts.
 [ "$scope" = all ] && wanted+=(/usr/sbin/sshd:openssh-server ssh-keygen:openssh-client
-  git-lfs:git-lfs socat:socat openssl:openssl kubectl:kubernetes-client)
+  git-lfs:git-lfs socat:socat openssl:openssl kubectl:kubernetes-client
+  promtool:prometheus jq:jq shellcheck:shellcheck)
 # The image scenarios: podman with runc, and debootstrap for the local base images. Installed with
 # their recommends (the network plugins a build's RUN steps use, the archive keyring).
 containers=()

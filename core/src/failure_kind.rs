@@ -46,6 +46,17 @@ const SSH_CONFIG_MARKERS: &[&str] = &[
     "REMOTE HOST IDENTIFICATION HAS CHANGED",
 ];
 
+/// git's wording when an HTTPS server wants credentials that are missing or wrong, or a
+/// credential helper gave up (the GitHub App helper says why on the line before): retrying
+/// cannot help. Checked after the network's markers, so a helper's "unable to access" (its API
+/// unreachable) is retried.
+const CREDENTIAL_MARKERS: &[&str] = &[
+    "could not read Username",
+    "could not read Password",
+    "Authentication failed",
+    "told us to quit",
+];
+
 /// git's wording when the server does not have what we asked for.
 const NOT_FOUND_MARKERS: &[&str] = &[
     "not our ref",
@@ -63,6 +74,35 @@ pub fn classify(failure: &GitFailure) -> FailureKind {
         GitFailure::Exited { .. } if any(NOT_FOUND_MARKERS) => FailureKind::NotFound,
         GitFailure::Exited { .. } if any(SSH_CONFIG_MARKERS) => FailureKind::Config,
         GitFailure::Exited { .. } if any(NETWORK_MARKERS) => FailureKind::Network,
+        GitFailure::Exited { .. } if any(CREDENTIAL_MARKERS) => FailureKind::Config,
         GitFailure::Exited { .. } => FailureKind::Local,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn failed(stderr: &[&str]) -> FailureKind {
+        classify(&GitFailure::Exited {
+            command: "git fetch".into(),
+            status: std::process::ExitStatus::from_raw(128 << 8),
+            stderr: stderr.iter().map(|l| l.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn missing_or_refused_credentials_are_final_but_an_unreachable_token_api_is_retried() {
+        let no_credentials =
+            "fatal: could not read Username for 'https://h': terminal prompts disabled";
+        assert_eq!(failed(&[no_credentials]), FailureKind::Config);
+        let refused = "fatal: Authentication failed for 'https://h/a.git/'";
+        assert_eq!(failed(&[refused]), FailureKind::Config);
+        let quit = "fatal: credential helper 'github-app' told us to quit";
+        let not_found = "git-credential-github-app: installation 4 of App 1 was not found (404 Not Found); set …";
+        assert_eq!(failed(&[not_found, quit]), FailureKind::Config);
+        let unreachable = "git-credential-github-app: unable to access the GitHub API at https://api.github.com: …";
+        assert_eq!(failed(&[unreachable, quit]), FailureKind::Network);
     }
 }

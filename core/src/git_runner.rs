@@ -82,14 +82,23 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// git's own last words when a program it ran failed (a credential helper, ssh): that program
+/// said why on the line before, which is the cause to show.
+const GENERIC_FATALS: &[&str] = &["told us to quit", "Could not read from remote repository"];
+
 fn last_line(stderr: &[String]) -> String {
-    stderr
+    let fatal = stderr
         .iter()
-        .rev()
-        .find(|l| l.starts_with("fatal:") || l.starts_with("error:"))
-        .or(stderr.last())
-        .map(|l| format!(": {l}"))
-        .unwrap_or_default()
+        .rposition(|l| l.starts_with("fatal:") || l.starts_with("error:"));
+    let Some(at) = fatal.or(stderr.len().checked_sub(1)) else {
+        return String::new();
+    };
+    let line = &stderr[at];
+    let generic = GENERIC_FATALS.iter().any(|g| line.contains(g));
+    match at.checked_sub(1).filter(|_| generic) {
+        Some(reason) => format!(": {} ({line})", stderr[reason]),
+        None => format!(": {line}"),
+    }
 }
 
 /// Kills the command's whole process group when dropped, whether it finished or not: a finished
@@ -285,6 +294,30 @@ mod tests {
         assert!(err.contains("exited with 128"), "{err}");
         assert!(err.contains("fatal:"), "{err}");
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn a_credential_helper_or_ssh_that_made_git_fail_gives_its_reason() {
+        let stderr = [
+            "git-credential-github-app: installation 4 of App 1 was not found".to_string(),
+            "fatal: credential helper 'github-app' told us to quit".to_string(),
+        ];
+        assert_eq!(
+            last_line(&stderr),
+            ": git-credential-github-app: installation 4 of App 1 was not found (fatal: credential helper 'github-app' told us to quit)"
+        );
+        assert_eq!(last_line(&stderr[1..]), format!(": {}", stderr[1]));
+        assert_eq!(last_line(&[]), "");
+        let ssh = [
+            "Host key verification failed.".to_string(),
+            "fatal: Could not read from remote repository.".to_string(),
+            String::new(),
+            "Please make sure you have the correct access rights".to_string(),
+        ];
+        assert_eq!(
+            last_line(&ssh),
+            ": Host key verification failed. (fatal: Could not read from remote repository.)"
+        );
     }
 
     #[test]

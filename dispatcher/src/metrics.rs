@@ -2,7 +2,10 @@
 //! `/metrics`, `/healthz` and `/readyz`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -50,13 +53,27 @@ pub struct Metrics {
     pub api_errors: Family<ApiError, Counter>,
     pub tick_seconds: Histogram,
     pub leader: Gauge,
+    /// The mirror's freshness, in the modes where the dispatcher sees its refreshes.
+    mirror: Option<MirrorFreshness>,
     /// Whether the last Buildkite poll succeeded, which a tick only makes once the watches have
     /// synced (`/readyz`).
     pub ready: AtomicBool,
 }
 
+/// Reads the newest mirror generation's publish time from the watches (`None`: none in sight).
+pub type PublishedSource = Box<dyn Fn() -> Option<Timestamp> + Send + Sync>;
+
+/// `mirror_published_timestamp_seconds`, read from its source at each scrape: no task of its
+/// own, and never older than the watches.
+struct MirrorFreshness {
+    published: Gauge,
+    source: OnceLock<PublishedSource>,
+}
+
 impl Metrics {
-    pub fn new(queue: &str) -> Arc<Metrics> {
+    /// The metrics of `queue`; with `mirror_refresh`, also the mirror's freshness (its period
+    /// and, once [`Metrics::watch_mirror`] gives a source, its last publish).
+    pub fn new(queue: &str, mirror_refresh: Option<Duration>) -> Arc<Metrics> {
         let queue = [("queue".into(), queue.to_string().into())];
         let mut registry = Registry::with_prefix_and_labels("dispatcher", queue.into_iter());
         let metrics = Metrics {
@@ -71,6 +88,7 @@ impl Metrics {
             api_errors: Family::default(),
             tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
+            mirror: None,
             ready: AtomicBool::new(false),
             registry: Registry::default(),
         };
@@ -129,10 +147,20 @@ impl Metrics {
             "Whether this replica holds the Lease (1) or not (0)",
             metrics.leader.clone(),
         );
+        let mirror = mirror_refresh.map(|refresh| register_mirror(&mut registry, refresh));
         Arc::new(Metrics {
             registry,
+            mirror,
             ..metrics
         })
+    }
+
+    /// Reads the mirror's publish time from `source` at each scrape; nothing in a mode whose
+    /// refreshes the dispatcher cannot see.
+    pub fn watch_mirror(&self, source: PublishedSource) {
+        if let Some(mirror) = &self.mirror {
+            let _ = mirror.source.set(source);
+        }
     }
 
     /// Counts a failed Kubernetes call by its kind.
@@ -151,9 +179,36 @@ impl Metrics {
     }
 
     fn text(&self) -> String {
+        // A publish gone out of sight (a populate Job deleted by its TTL) keeps its time: it
+        // still happened.
+        if let Some(mirror) = &self.mirror {
+            if let Some(at) = mirror.source.get().and_then(|read| read()) {
+                mirror.published.set(at.as_second());
+            }
+        }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+fn register_mirror(registry: &mut Registry, refresh: Duration) -> MirrorFreshness {
+    let period: Gauge = Gauge::default();
+    period.set(i64::try_from(refresh.as_secs()).unwrap_or(i64::MAX));
+    registry.register(
+        "mirror_refresh_seconds",
+        "How often the mirror is meant to be refreshed (--mirror-refresh)",
+        period,
+    );
+    let published = Gauge::default();
+    registry.register(
+        "mirror_published_timestamp_seconds",
+        "When the newest mirror generation was published (Unix time; 0: none seen yet)",
+        published.clone(),
+    );
+    MirrorFreshness {
+        published,
+        source: OnceLock::new(),
     }
 }
 
@@ -203,7 +258,7 @@ mod tests {
 
     #[test]
     fn every_series_names_its_queue() {
-        let metrics = Metrics::new("linux-large");
+        let metrics = Metrics::new("linux-large", Some(Duration::from_secs(900)));
         metrics.dispatches.inc();
         let reason = StuckReason {
             reason: "ImagePullBackOff".into(),
@@ -219,5 +274,42 @@ mod tests {
         for line in series {
             assert!(line.contains("queue=\"linux-large\""), "{line}");
         }
+    }
+
+    fn sample<'t>(text: &'t str, name: &str) -> Option<&'t str> {
+        let line = text.lines().find(|l| l.starts_with(&format!("{name}{{")))?;
+        line.rsplit(' ').next()
+    }
+
+    #[test]
+    fn the_mirrors_publish_time_is_read_at_each_scrape_and_kept_once_out_of_sight() {
+        let metrics = Metrics::new("linux-large", Some(Duration::from_secs(900)));
+        let published = "dispatcher_mirror_published_timestamp_seconds";
+        assert_eq!(
+            sample(&metrics.text(), published),
+            Some("0"),
+            "none seen yet"
+        );
+        assert_eq!(
+            sample(&metrics.text(), "dispatcher_mirror_refresh_seconds"),
+            Some("900")
+        );
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let source = seen.clone();
+        metrics.watch_mirror(Box::new(move || *source.lock().unwrap()));
+        let at: Timestamp = "2026-11-30T10:00:00Z".parse().unwrap();
+        *seen.lock().unwrap() = Some(at);
+        let expected = at.as_second().to_string();
+        assert_eq!(sample(&metrics.text(), published), Some(expected.as_str()));
+        // Its Job deleted by the TTL: the publish still happened.
+        *seen.lock().unwrap() = None;
+        assert_eq!(sample(&metrics.text(), published), Some(expected.as_str()));
+    }
+
+    #[test]
+    fn without_a_refresh_it_can_see_no_mirror_series_is_exported() {
+        let metrics = Metrics::new("linux-large", None);
+        metrics.watch_mirror(Box::new(|| Some(Timestamp::now())));
+        assert!(!metrics.text().contains("mirror"), "{}", metrics.text());
     }
 }

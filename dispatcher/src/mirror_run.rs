@@ -118,6 +118,28 @@ impl Cycle {
         format!("{}-populate-{generation}", self.prefix)
     }
 
+    /// Whether the populate template names the image placeholder.
+    pub fn needs_image(&self) -> bool {
+        self.populate_pod()
+            .is_some_and(crate::template::names_placeholder)
+    }
+
+    /// The populate template with `image` in place of the placeholder.
+    pub fn fill_image(&mut self, image: &str) {
+        let spec = self
+            .populate
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut());
+        if let Some(spec) = spec {
+            crate::template::fill_image(spec, image);
+        }
+    }
+
+    fn populate_pod(&self) -> Option<&k8s_openapi::api::core::v1::PodSpec> {
+        self.populate.spec.as_ref()?.template.spec.as_ref()
+    }
+
     fn labels(&self, generation: u64) -> BTreeMap<String, String> {
         BTreeMap::from([
             (MIRROR_LABEL.to_string(), self.prefix.clone()),
@@ -142,13 +164,28 @@ impl Claims {
     /// The claim new agents mount: the newest ready generation not being deleted.
     pub fn handed_out(&self) -> Option<String> {
         let claims = self.store.state();
-        let ready = claims.iter().filter(|c| {
-            state(c) == Some(ClaimState::Ready) && c.metadata.deletion_timestamp.is_none()
-        });
-        ready
-            .max_by_key(|c| generation(&c.metadata))
-            .and_then(|c| c.metadata.name.clone())
+        newest_ready(&claims).and_then(|c| c.metadata.name.clone())
     }
+
+    /// When the generation handed out was marked ready: the mirror's last publish.
+    pub fn published(&self) -> Option<Timestamp> {
+        newest_ready(&self.store.state()).and_then(|c| ready_at(&c.metadata))
+    }
+}
+
+/// The newest ready generation's claim not being deleted.
+fn newest_ready(claims: &[Arc<PersistentVolumeClaim>]) -> Option<&PersistentVolumeClaim> {
+    let ready = claims
+        .iter()
+        .filter(|c| state(c) == Some(ClaimState::Ready) && c.metadata.deletion_timestamp.is_none());
+    ready
+        .max_by_key(|c| generation(&c.metadata))
+        .map(AsRef::as_ref)
+}
+
+/// Its `stateless-agent/mirror-ready-at` annotation.
+fn ready_at(meta: &ObjectMeta) -> Option<Timestamp> {
+    meta.annotations.as_ref()?.get(READY_AT)?.parse().ok()
 }
 
 /// The first document of kind `T` in a manifest (`populate-job.yaml` also holds a ConfigMap).
@@ -426,17 +463,11 @@ pub fn observe(
         claims: claims
             .iter()
             .filter_map(|c| {
-                let ready_at = c
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(READY_AT));
-                let ready_at = ready_at.and_then(|t| t.parse::<Timestamp>().ok());
                 Some(mirror_plan::Claim {
                     generation: generation(&c.metadata)?,
                     state: state(c)?,
                     terminating: c.metadata.deletion_timestamp.is_some(),
-                    ready_for: ready_at.map(since),
+                    ready_for: ready_at(&c.metadata).map(since),
                     in_use: named(c.metadata.name.as_deref().unwrap_or("")),
                 })
             })
@@ -722,6 +753,7 @@ fn describe(cycle: &Cycle, step: Step, ended: Option<&End>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use serde_json::json;
 
     fn job(claim: &str, conditions: serde_json::Value) -> Arc<Job> {
@@ -765,5 +797,35 @@ mod tests {
             jobs: &finished,
         };
         assert!(users.name("m-1"));
+    }
+
+    fn claim(generation: u64, state: &str, ready_at: &str) -> PersistentVolumeClaim {
+        let claim = serde_json::from_value(json!({"metadata": {
+            "name": format!("m-{generation}"),
+            "labels": {GENERATION_LABEL: generation.to_string(), STATE_LABEL: state},
+            "annotations": {READY_AT: ready_at}}}));
+        claim.unwrap()
+    }
+
+    /// The mirror was last published when the generation handed out became ready: neither an
+    /// older one, nor one still populating, nor one being deleted.
+    #[test]
+    fn the_mirror_was_published_when_the_generation_handed_out_became_ready() {
+        let mut writer = Writer::default();
+        let claims = Claims {
+            store: writer.as_reader(),
+        };
+        let mut seen = |claim| writer.apply_watcher_event(&watcher::Event::Apply(claim));
+        seen(claim(3, "populating", ""));
+        assert_eq!(claims.published(), None);
+        seen(claim(1, "ready", "2026-11-30T09:00:00Z"));
+        let handed_out = claim(2, "ready", "2026-11-30T09:15:00Z");
+        seen(handed_out.clone());
+        assert_eq!(claims.handed_out().as_deref(), Some("m-2"));
+        assert_eq!(claims.published(), "2026-11-30T09:15:00Z".parse().ok());
+        let mut deleted = handed_out;
+        deleted.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        seen(deleted);
+        assert_eq!(claims.published(), "2026-11-30T09:00:00Z".parse().ok());
     }
 }

@@ -524,6 +524,16 @@ pub fn finished(job: &Job) -> bool {
         })
 }
 
+/// When the newest of the shared mirror's populate Jobs succeeded: its last refresh. A Job's
+/// `completionTime` is set when it succeeds, and only then (a populate that failed for any
+/// repository exits non-zero, so its Job does not succeed).
+pub fn refreshed_at<'a>(populates: impl IntoIterator<Item = &'a Job>) -> Option<Timestamp> {
+    let completed = populates.into_iter().filter_map(|j| j.status.as_ref());
+    completed
+        .filter_map(|s| Some(s.completion_time.as_ref()?.0))
+        .max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -935,5 +945,23 @@ mod tests {
             .unwrap()
             .insert(TEMPLATE_LABEL.into(), "t2".into());
         assert_eq!(read(&[failed_pod], &[other], &[]).failing, None);
+    }
+
+    #[test]
+    fn the_shared_mirrors_last_refresh_is_the_newest_populate_that_succeeded() {
+        let populate = |name: &str, status: serde_json::Value| {
+            job(name, 1, "2026-11-30T09:00:00Z", json!({"status": status}))
+        };
+        let complete = |at: &str| json!({"completionTime": at, "succeeded": 1});
+        let older = populate("populate-mirror-1", complete("2026-11-30T09:15:40Z"));
+        let newer = populate("populate-mirror-2", complete("2026-11-30T09:30:35Z"));
+        let running = populate("populate-mirror-3", json!({"active": 1}));
+        let failed = populate("populate-mirror-4", json!({"failed": 3}));
+        assert_eq!(
+            refreshed_at([&older, &newer, &running, &failed]),
+            Some("2026-11-30T09:30:35Z".parse().unwrap())
+        );
+        assert_eq!(refreshed_at([&running, &failed]), None);
+        assert_eq!(refreshed_at([]), None);
     }
 }

@@ -50,6 +50,14 @@ pub enum RunError {
     Signals(std::io::Error),
     #[error("the leader election stopped unexpectedly; exiting so that the pod is restarted")]
     ElectionEnded,
+    #[error("cannot read the agent token from the Secret {secret:?} (key `token`): {why}; create it (kubectl create secret generic {secret} --from-literal=token=<agent token>), or name yours with DISPATCHER_TOKEN_SECRET")]
+    TokenSecret {
+        secret: String,
+        why: String,
+        missing: bool,
+    },
+    #[error("the templates name the image placeholder `stateless-agent` and this dispatcher cannot read its own pod's image ({0}); set DISPATCHER_IMAGE, or run it as the shipped Deployment does (POD_NAME set to its pod's name, pods get allowed)")]
+    OwnImage(String),
 }
 
 impl RunError {
@@ -57,7 +65,10 @@ impl RunError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            RunError::TemplateFile { .. } | RunError::Template(_) | RunError::MirrorTemplates(_)
+            RunError::TemplateFile { .. }
+                | RunError::Template(_)
+                | RunError::MirrorTemplates(_)
+                | RunError::TokenSecret { missing: true, .. }
         )
     }
 }
@@ -78,7 +89,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .namespace
         .clone()
         .unwrap_or_else(|| client.default_namespace().to_string());
-    let metrics = Metrics::new(&settings.queue);
+    // The mirror's freshness where the dispatcher can see its refreshes (not node-local's).
+    let refresh = settings.mirror_mode != MirrorMode::NodeLocal;
+    let metrics = Metrics::new(&settings.queue, refresh.then_some(settings.mirror_refresh));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .map_err(|source| RunError::Listen {
@@ -87,6 +100,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         })?;
     tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     let (identity, lease) = names(&settings);
+    let (template, cycle, token) = resolve(template, cycle, &settings, &client, &namespace).await?;
     let mirror = cycle.map(|cycle| {
         mirror_run::start(
             &client,
@@ -96,10 +110,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             metrics.clone(),
         )
     });
+    let (mode, cycle) = (settings.mirror_mode, mirror.as_ref());
+    crate::watches::watch_mirror(mode, cycle, &client, &namespace, &metrics);
     tracing::info!(queue = %settings.queue, namespace = %namespace, identity = %identity, template = template.hash(),
         "serving queue {} in namespace {namespace}", settings.queue);
     let edges = (&client, namespace.as_str(), metrics);
-    let dispatcher = Dispatcher::new(&settings, template, edges, mirror.as_ref());
+    let dispatcher = Dispatcher::new(&settings, (template, &token), edges, mirror.as_ref());
     let campaign = || {
         let leases = Api::namespaced(client.clone(), &namespace);
         leader::elect(leases, lease.clone(), identity.clone())
@@ -135,6 +151,73 @@ fn load(settings: &Settings) -> Result<(Template, Option<mirror_run::Cycle>), Ru
         _ => None,
     };
     Ok((template, cycle))
+}
+
+/// What the templates leave to the dispatcher's pod: the image of their placeholder containers
+/// (`--image`, else the one this pod runs), the agents' token Secret, and the dispatcher's own
+/// token (`--token`, else read from that Secret).
+async fn resolve(
+    template: Template,
+    mut cycle: Option<mirror_run::Cycle>,
+    settings: &Settings,
+    client: &Client,
+    namespace: &str,
+) -> Result<(Template, Option<mirror_run::Cycle>, String), RunError> {
+    let token = match &settings.token {
+        Some(token) => token.clone(),
+        None => read_token(client, namespace, &settings.token_secret).await?,
+    };
+    let wanted = template.needs_image() || cycle.as_ref().is_some_and(|c| c.needs_image());
+    let image = match (&settings.image, wanted) {
+        (Some(image), _) => Some(image.clone()),
+        (None, true) => Some(own_image(client, namespace, settings.identity.as_deref()).await?),
+        (None, false) => None,
+    };
+    if let (Some(cycle), Some(image)) = (cycle.as_mut(), &image) {
+        cycle.fill_image(image);
+    }
+    let template = template.filled(image.as_deref(), &settings.token_secret);
+    Ok((template, cycle, token))
+}
+
+async fn read_token(client: &Client, namespace: &str, name: &str) -> Result<String, RunError> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
+    let failed = |why: String, missing: bool| RunError::TokenSecret {
+        secret: name.to_string(),
+        why,
+        missing,
+    };
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| failed(e.to_string(), false))?;
+    let secret = secret.ok_or_else(|| failed("no such Secret".into(), true))?;
+    let value = secret.data.and_then(|mut data| data.remove("token"));
+    let value = value.ok_or_else(|| failed("it has no key `token`".into(), true))?;
+    let token = String::from_utf8(value.0).map_err(|_| failed("not UTF-8".into(), true))?;
+    Ok(token.trim().to_string())
+}
+
+/// The image of this dispatcher's own container (the one named `dispatcher`, else the first).
+async fn own_image(
+    client: &Client,
+    namespace: &str,
+    pod: Option<&str>,
+) -> Result<String, RunError> {
+    let pod = pod.ok_or_else(|| RunError::OwnImage("POD_NAME is not set".into()))?;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let found = pods
+        .get(pod)
+        .await
+        .map_err(|e| RunError::OwnImage(format!("pod {pod}: {e}")))?;
+    let containers = found.spec.map(|s| s.containers).unwrap_or_default();
+    let own = containers
+        .iter()
+        .find(|c| c.name == "dispatcher")
+        .or(containers.first());
+    own.and_then(|c| c.image.clone())
+        .ok_or_else(|| RunError::OwnImage(format!("pod {pod} names no image")))
 }
 
 /// This replica's identity in the Lease, and the Lease's name.
@@ -185,12 +268,12 @@ pub struct Dispatcher<'a> {
 impl<'a> Dispatcher<'a> {
     fn new(
         settings: &'a Settings,
-        template: Template,
+        (template, token): (Template, &str),
         (client, namespace, metrics): (&Client, &str, Arc<Metrics>),
         mirror: Option<&'a mirror_run::MirrorCycle>,
     ) -> Dispatcher<'a> {
         Dispatcher {
-            buildkite: MetricsClient::new(&settings.endpoint, &settings.token, &settings.queue),
+            buildkite: MetricsClient::new(&settings.endpoint, token, &settings.queue),
             limits: Limits {
                 min_agents: settings.min_agents,
                 max_agents: settings.max_agents,
@@ -213,7 +296,7 @@ impl<'a> Dispatcher<'a> {
                 events: Api::namespaced(client.clone(), namespace),
                 stores: Stores::start(client, namespace, &settings.queue, &metrics),
                 metrics,
-                redactor: Redactor::new(vec![settings.token.clone()]),
+                redactor: Redactor::new(vec![token.to_string()]),
                 settings,
             },
         }

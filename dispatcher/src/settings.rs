@@ -1,5 +1,5 @@
-//! job-dispatcher's options; each is also an environment variable, so a Deployment sets them in
-//! its `env:` (`image/k8s/dispatcher/`).
+//! job-dispatcher's options; each is also an environment variable, so a Deployment sets them
+//! from its settings ConfigMap (`image/k8s/kustomization.yaml`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,13 +7,22 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+/// The exit codes (docs/job-dispatcher.md, "Exit codes"); the binary's `main` decides them.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0   stopped by SIGTERM or SIGINT, the Lease given up
+  1   the environment failed (Kubernetes unreachable, the token's Secret unreadable, the election
+      ended); the pod is restarted
+  2   a setting that does not parse
+  78  the configuration: the agent or claims templates, a token Secret that is missing";
+
 /// Creates Kubernetes Jobs of one-shot Buildkite agents (agent-wrapper running
 /// `buildkite-agent start --disconnect-after-job`) sized to one queue's demand. One per queue,
 /// as a Deployment; replicas elect a leader on a Lease, and everything it knows is read back from
 /// Kubernetes, so a restart creates no duplicate dispatch. docs/job-dispatcher.md describes it.
 // No `Debug`: the token must not be printable.
 #[derive(Parser)]
-#[command(name = "job-dispatcher", version)]
+#[command(name = "job-dispatcher", version, after_help = EXIT_CODES)]
 pub struct Settings {
     /// The Buildkite queue served. The template's agents must register in it.
     #[arg(long, env = "DISPATCHER_QUEUE")]
@@ -135,7 +144,9 @@ pub struct Settings {
     #[arg(long, env = "DISPATCHER_SNAPSHOT_CLASS")]
     pub snapshot_class: Option<String>,
 
-    /// `claims`: a new generation when the newest ready one is this old.
+    /// How often the mirror is refreshed: in `claims`, a new generation when the newest ready
+    /// one is this old; in `shared`, the populate CronJob's period (keep them the same), which
+    /// `dispatcher_mirror_refresh_seconds` exports for the staleness alert.
     #[arg(long, env = "DISPATCHER_MIRROR_REFRESH", default_value = "15m", value_parser = humantime::parse_duration)]
     pub mirror_refresh: Duration,
 
@@ -144,9 +155,26 @@ pub struct Settings {
     #[arg(long, env = "DISPATCHER_MIRROR_KEEP", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub mirror_keep: u16,
 
-    /// The agent token (the agent's own, for the metrics API; no API token is needed).
+    /// The agent token (the agent's own, for the metrics API; no API token is needed)
+    /// [default: read from the Secret `--token-secret`].
     #[arg(long, env = "BUILDKITE_AGENT_TOKEN", hide_env_values = true)]
-    pub token: String,
+    pub token: Option<String>,
+
+    /// The Secret (key `token`) that holds the agent token: the agent pods' `BUILDKITE_AGENT_TOKEN`
+    /// comes from it (unless the template sets that variable itself), and so does the
+    /// dispatcher's own when `--token` is not given.
+    #[arg(
+        long,
+        env = "DISPATCHER_TOKEN_SECRET",
+        default_value = "buildkite-agent"
+    )]
+    pub token_secret: String,
+
+    /// The image of the templates' containers that name the placeholder `stateless-agent`
+    /// [default: the image this dispatcher's own pod runs, so that kustomize's `images:` on the
+    /// Deployment reaches the agents too].
+    #[arg(long, env = "DISPATCHER_IMAGE")]
+    pub image: Option<String>,
 
     /// Buildkite's agent API.
     #[arg(

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, HostPathVolumeSource, PersistentVolumeClaimVolumeSource, Volume,
+    Container, EnvVar, EnvVarSource, HostPathVolumeSource, PersistentVolumeClaimVolumeSource,
+    PodSpec, SecretKeySelector, Volume,
 };
 
 /// Labels on every Job the dispatcher creates and on its pods.
@@ -34,6 +35,11 @@ pub const DO_NOT_DISRUPT: [(&str, &str); 2] = [
 
 /// The container that runs the agent: the one named `agent`, else the first.
 const AGENT_CONTAINER: &str = "agent";
+
+/// The image name the shipped templates give their containers: the dispatcher puts the image it
+/// runs itself in its place (`--image`), since kustomize's `images:` cannot reach a template
+/// inside a ConfigMap.
+pub const IMAGE_PLACEHOLDER: &str = "stateless-agent";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -132,13 +138,49 @@ impl Template {
         Ok(template)
     }
 
-    /// The template's hash (its text, the queue and the mirror mode).
+    /// The template's hash (its text, the queue, the mirror mode and what was filled in).
     pub fn hash(&self) -> &str {
         &self.hash
     }
 
+    /// Whether a container still names [`IMAGE_PLACEHOLDER`], for want of an image to fill in.
+    pub fn needs_image(&self) -> bool {
+        self.pod().is_some_and(names_placeholder)
+    }
+
+    /// The template with `image` for each container that names [`IMAGE_PLACEHOLDER`], and the
+    /// agent's `BUILDKITE_AGENT_TOKEN` from the Secret `token_secret` (key `token`) unless the
+    /// template sets the variable itself.
+    pub fn filled(mut self, image: Option<&str>, token_secret: &str) -> Template {
+        let agent_name = self.agent().map(|c| c.name.clone());
+        let spec = self
+            .job
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.spec.as_mut());
+        if let Some(spec) = spec {
+            if let Some(image) = image {
+                fill_image(spec, image);
+            }
+            let agent = spec
+                .containers
+                .iter_mut()
+                .find(|c| Some(&c.name) == agent_name.as_ref());
+            let env = agent.map(|a| a.env.get_or_insert_default());
+            if let Some(env) = env.filter(|env| !env.iter().any(|e| e.name == TOKEN_VARIABLE)) {
+                env.insert(0, from_secret(TOKEN_VARIABLE, token_secret, "token"));
+            }
+        }
+        self.hash = fnv1a(&format!("{}\0{image:?}\0{token_secret}", self.hash));
+        self
+    }
+
+    fn pod(&self) -> Option<&PodSpec> {
+        self.job.spec.as_ref()?.template.spec.as_ref()
+    }
+
     fn agent(&self) -> Option<&Container> {
-        let containers = &self.job.spec.as_ref()?.template.spec.as_ref()?.containers;
+        let containers = &self.pod()?.containers;
         containers
             .iter()
             .find(|c| c.name == AGENT_CONTAINER)
@@ -285,6 +327,50 @@ fn isolate_failures(spec: &mut JobSpec) {
     }
 }
 
+/// The agent's token variable, which the dispatcher fills from `--token-secret`.
+const TOKEN_VARIABLE: &str = "BUILDKITE_AGENT_TOKEN";
+
+/// Gives `image` to every container and init container of `spec` that names
+/// [`IMAGE_PLACEHOLDER`] (with any tag or digest); others keep theirs.
+pub fn fill_image(spec: &mut PodSpec, image: &str) {
+    let containers = spec
+        .containers
+        .iter_mut()
+        .chain(spec.init_containers.iter_mut().flatten());
+    for container in containers.filter(|c| is_placeholder(c.image.as_deref())) {
+        container.image = Some(image.to_string());
+    }
+}
+
+/// Whether a container of `spec` names [`IMAGE_PLACEHOLDER`].
+pub fn names_placeholder(spec: &PodSpec) -> bool {
+    let mut containers = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten());
+    containers.any(|c| is_placeholder(c.image.as_deref()))
+}
+
+fn is_placeholder(image: Option<&str>) -> bool {
+    let name = image.unwrap_or_default().split(['@', ':']).next();
+    name == Some(IMAGE_PLACEHOLDER)
+}
+
+fn from_secret(variable: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: variable.to_string(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_string(),
+                key: key.to_string(),
+                optional: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 /// FNV-1a, 64 bits, in hex: a hash that stays the same across builds and Rust versions (std's
 /// `DefaultHasher` promises neither), for a label compared across restarts.
 fn fnv1a(text: &str) -> String {
@@ -364,6 +450,9 @@ mod tests {
     #[test]
     fn the_shipped_template_makes_a_dispatch_job() {
         let template = Template::parse(SHIPPED, "kubernetes", &Mirror::Shared).unwrap();
+        assert!(template.needs_image());
+        let template = template.filled(Some(PINNED), "buildkite-agent");
+        assert!(!template.needs_image());
         let job = template.job(&dispatch());
         let meta = &job.metadata;
         assert_eq!(meta.name, None);
@@ -414,13 +503,66 @@ mod tests {
             Some("queue=kubernetes")
         );
         assert_eq!(env("AGENT_WRAPPER_IDLE_TIMEOUT").as_deref(), Some("120s"));
-        // The token still comes from its Secret.
-        let token = agent
-            .env
+        // The token comes from its Secret, the image is the dispatcher's own.
+        assert_eq!(token_secret(agent).as_deref(), Some("buildkite-agent"));
+        assert_eq!(agent.image.as_deref(), Some(PINNED));
+    }
+
+    const PINNED: &str = "ghcr.io/stateless-agent/stateless-agent@sha256:0123abcd";
+
+    fn token_secret(agent: &Container) -> Option<String> {
+        let token = agent.env.iter().flatten();
+        let token = token.clone().find(|e| e.name == "BUILDKITE_AGENT_TOKEN")?;
+        let from = token.value_from.as_ref()?.secret_key_ref.as_ref()?;
+        assert_eq!(from.key, "token");
+        Some(from.name.clone())
+    }
+
+    fn agent_of(template: &Template) -> Container {
+        let job = template.job(&dispatch());
+        job.spec.unwrap().template.spec.unwrap().containers[0].clone()
+    }
+
+    #[test]
+    fn only_the_placeholder_image_and_an_unset_token_are_filled_in() {
+        let parse = |yaml: &str| Template::parse(yaml, "gpu", &Mirror::Shared).unwrap();
+        // The placeholder with a tag or a digest is still the placeholder.
+        let tagged = SHIPPED.replace("image: stateless-agent", "image: stateless-agent:0.1.0");
+        let agent = agent_of(&parse(&tagged).filled(Some(PINNED), "bk-token"));
+        assert_eq!(agent.image.as_deref(), Some(PINNED));
+        assert_eq!(token_secret(&agent).as_deref(), Some("bk-token"));
+        // A template that names its own image and its own token keeps both.
+        let own = SHIPPED.replace(
+            "image: stateless-agent",
+            "image: registry.example.com/ci-agent:7\n          env:\n            - name: BUILDKITE_AGENT_TOKEN\n              valueFrom:\n                secretKeyRef: {name: mine, key: agent-token}",
+        ).replacen("          env:\n            - name: AGENT_WRAPPER_STOP_DEADLINE", "            - name: AGENT_WRAPPER_STOP_DEADLINE", 1);
+        let template = parse(&own);
+        assert!(!template.needs_image());
+        let agent = agent_of(&template.filled(Some(PINNED), "bk-token"));
+        assert_eq!(
+            agent.image.as_deref(),
+            Some("registry.example.com/ci-agent:7")
+        );
+        let env = agent.env.unwrap();
+        let tokens: Vec<_> = env
             .iter()
-            .flatten()
-            .find(|e| e.name == "BUILDKITE_AGENT_TOKEN");
-        assert!(token.unwrap().value_from.is_some());
+            .filter(|e| e.name == "BUILDKITE_AGENT_TOKEN")
+            .collect();
+        assert_eq!(tokens.len(), 1);
+        let from = tokens[0]
+            .value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref();
+        assert_eq!(from.unwrap().name, "mine");
+        // A new image is a new template: what was said of the old one says nothing of it.
+        let a = parse(SHIPPED).filled(Some(PINNED), "bk-token");
+        let b = parse(SHIPPED).filled(
+            Some("ghcr.io/stateless-agent/stateless-agent:0.2.0"),
+            "bk-token",
+        );
+        assert_ne!(a.hash(), b.hash());
     }
 
     #[test]
@@ -456,13 +598,19 @@ mod tests {
 
     #[test]
     fn a_template_for_another_queue_is_refused_naming_both() {
-        let err = Template::parse(SHIPPED, "linux-large", &Mirror::Shared).unwrap_err();
+        // The shipped template names no queue: the dispatcher's is the one.
+        assert!(Template::parse(SHIPPED, "linux-large", &Mirror::Shared).is_ok());
+        let tagged = SHIPPED.replace(
+            "            - name: AGENT_WRAPPER_STOP_DEADLINE",
+            "            - name: BUILDKITE_AGENT_TAGS\n              value: queue=kubernetes\n            - name: AGENT_WRAPPER_STOP_DEADLINE",
+        );
+        let err = Template::parse(&tagged, "linux-large", &Mirror::Shared).unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("\"kubernetes\"") && text.contains("\"linux-large\""),
             "{text}"
         );
-        let queue_var = SHIPPED.replace(
+        let queue_var = tagged.replace(
             "- name: BUILDKITE_AGENT_TAGS",
             "- name: BUILDKITE_AGENT_QUEUE\n              value: other\n            - name: BUILDKITE_AGENT_TAGS",
         );

@@ -13,8 +13,10 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 
-use crate::metrics::{ApiError, Metrics};
+use crate::metrics::{ApiError, Metrics, PublishedSource};
+use crate::mirror_run::MirrorCycle;
 use crate::observe::{self, Observed};
+use crate::settings::MirrorMode;
 use crate::template::{MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL};
 
 /// The dispatch loop's stores.
@@ -140,6 +142,46 @@ impl View {
         };
         observe::supply(&seen, timeouts)
     }
+}
+
+/// The shared mirror's populate Jobs (the CronJob's and the first one): the label of their pods,
+/// which the API server copies onto a Job that has no labels of its own (`SetDefaults_Job`,
+/// `pkg/apis/batch/v1/defaults.go`), as a CronJob's Jobs have none.
+const POPULATE_SELECTOR: &str = "app.kubernetes.io/component=populate-mirror";
+
+/// Gives the metrics where the mirror's last publish is seen: in `shared` mode the populate Jobs
+/// that succeeded ([`observe::refreshed_at`]; a watch of their own), in `claims` mode the
+/// generation handed out. In `node-local` mode each node's DaemonSet pod refreshes its own
+/// directory, out of the dispatcher's sight: nothing.
+pub fn watch_mirror(
+    mode: MirrorMode,
+    cycle: Option<&MirrorCycle>,
+    client: &Client,
+    namespace: &str,
+    metrics: &Arc<Metrics>,
+) {
+    let source: PublishedSource = match (mode, cycle) {
+        (MirrorMode::Claims, Some(cycle)) => {
+            let claims = cycle.claims.clone();
+            Box::new(move || claims.published())
+        }
+        (MirrorMode::Shared, _) => {
+            let api = Api::namespaced(client.clone(), namespace);
+            let config = labels(POPULATE_SELECTOR);
+            let what = "populate jobs";
+            let jobs = watch(
+                api,
+                config,
+                metrics.clone(),
+                what,
+                strip_job,
+                Default::default(),
+            );
+            Box::new(move || observe::refreshed_at(jobs.state().iter().map(AsRef::as_ref)))
+        }
+        _ => return,
+    };
+    metrics.watch_mirror(source);
 }
 
 fn labels(selector: &str) -> watcher::Config {

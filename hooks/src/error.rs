@@ -91,7 +91,7 @@ fn hint(step: Step, kind: FailureKind) -> &'static str {
             "check free space in the build directory; if it persists, repopulate the mirror"
         }
         FailureKind::Config => {
-            "check that git runs, and for SSH remotes the host's key in known_hosts (or BUILDKITE_SSH_KEYSCAN) and BUILDKITE_GIT_SSH_KEY"
+            "check the pod's git credentials (docs/credentials.md): for SSH the host's key in known_hosts and the key (the git-ssh Secret, BUILDKITE_GIT_SSH_KEY, BUILDKITE_SSH_KEYSCAN), for HTTPS the git-credentials or github-app Secret"
         }
     }
 }

@@ -43,7 +43,7 @@ pub async fn run(settings: Settings) -> Result<(), CheckoutError> {
     if plan.lfs && !lfs_installed(&git).await {
         return Err(ConfigError::LfsMissing.into());
     }
-    let ssh = SshSetup::prepare(&plan.ssh)?;
+    let ssh = SshSetup::prepare(&git, &plan.ssh)?;
     tracing::info!(
         "~~~ :git: Checking out {} with the mirror volume",
         plan.repo

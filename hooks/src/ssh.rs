@@ -4,12 +4,17 @@
 //! 3.x's `ssh-keyscan` before the clone: both trust a host on first contact, but accept-new
 //! costs no extra connection and never records a key for a host git did not reach. With
 //! `BUILDKITE_SSH_KEYSCAN=false` only hosts already in known_hosts are accepted. A user's own
-//! `GIT_SSH_COMMAND` is extended, not replaced; a `GIT_SSH` program is left alone, as the agent
-//! does.
+//! ssh command is extended, not replaced: `GIT_SSH_COMMAND`, else git's `core.sshCommand` (the
+//! manifests set it through `GIT_CONFIG_*`, with the git-ssh Secret's key and known_hosts and
+//! strict host keys: ssh takes the first value of an option, so theirs wins over the policy
+//! added here); a `GIT_SSH` program is left alone, as the agent does.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use stateless_core::git_command::Git;
 
 use crate::checkout_plan::{ConfigError, SshOptions};
 
@@ -20,17 +25,19 @@ pub struct SshSetup {
 }
 
 impl SshSetup {
-    pub fn prepare(options: &SshOptions) -> Result<SshSetup, ConfigError> {
-        if std::env::var_os("GIT_SSH").is_some_and(|v| !v.is_empty()) {
+    pub fn prepare(git: &Git, options: &SshOptions) -> Result<SshSetup, ConfigError> {
+        // git's own order: GIT_SSH_COMMAND, then core.sshCommand, then GIT_SSH.
+        let configured = std::env::var("GIT_SSH_COMMAND")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .or_else(|| configured_ssh_command(git));
+        if configured.is_none() && std::env::var_os("GIT_SSH").is_some_and(|v| !v.is_empty()) {
             return Ok(SshSetup {
                 command: None,
                 _key_dir: None,
             });
         }
-        let base = std::env::var("GIT_SSH_COMMAND")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| "ssh".into());
+        let base = configured.unwrap_or_else(|| "ssh".into());
         let policy = if options.accept_new_hosts {
             "accept-new"
         } else {
@@ -54,6 +61,22 @@ impl SshSetup {
     pub fn env(&self) -> Option<(&'static str, &str)> {
         self.command.as_deref().map(|c| ("GIT_SSH_COMMAND", c))
     }
+}
+
+/// `core.sshCommand` from git's configuration, system, global or `GIT_CONFIG_*` (no repository's:
+/// `GIT_DIR` names none), since the `GIT_SSH_COMMAND` set here would override it.
+fn configured_ssh_command(git: &Git) -> Option<String> {
+    let mut cmd = git.command(&std::env::temp_dir());
+    cmd.env("GIT_DIR", "/dev/null")
+        .args(["config", "--get", "core.sshCommand"]);
+    let out = cmd
+        .into_std()
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let value = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !value.is_empty()).then_some(value)
 }
 
 /// The key's file: the given path, or a private temporary file holding the given key.

@@ -108,7 +108,9 @@ fn hint(kind: FailureKind) -> &'static str {
     match kind {
         FailureKind::Network => "check that the server is reachable and the credentials are valid",
         FailureKind::NotFound => "check the repository URL",
-        FailureKind::Config => "check the credentials, SSH keys and known_hosts the Job uses",
+        FailureKind::Config => {
+            "check the Job's git credentials (docs/credentials.md): the git-ssh Secret's key and known_hosts, the git-credentials or github-app Secret"
+        }
         FailureKind::Local => {
             "check free space on the volume; the previous generation stays published"
         }

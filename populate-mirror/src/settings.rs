@@ -8,15 +8,26 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Parser, ValueEnum};
 use stateless_core::mirror_layout::DEFAULT_MIRRORS_PATH;
 
+/// The exit codes, as docs/populate-mirror.md's table gives them (a test keeps the two the same);
+/// the binary's `exit_code` decides them.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0         every repository refreshed (or unchanged)
+  1         some repositories failed; the others were refreshed
+  2         bad input (URL, repos file, settings, git missing) or an unusable root
+  3         no repository was refreshed
+  4         another populate-mirror holds the volume
+  5         the manifest could not be written
+  130, 143  stopped by SIGINT, SIGTERM; nothing unpublished left";
+
 /// Builds and refreshes the mirror volume that checkout-hook borrows from.
 ///
 /// Each repository becomes a bare mirror, fast to read (one pack, commit graph, packed refs),
 /// published atomically as a new generation: the path readers use is a symlink switched in one
 /// rename, so a job never sees a half-written mirror. A manifest at the root lists what the volume
-/// holds. Exit codes: 0 every repository refreshed, 1 some failed, 2 bad input or unusable root,
-/// 3 none refreshed, 4 another populate-mirror holds the volume, 128+N stopped by signal N.
+/// holds.
 #[derive(Parser, Clone)]
-#[command(name = "populate-mirror", version)]
+#[command(name = "populate-mirror", version, after_help = EXIT_CODES)]
 pub struct Settings {
     /// Repository URLs to mirror, besides those in --repos-file (the environment variable takes
     /// them space-separated).

@@ -18,6 +18,9 @@ use crate::sandbox::{bin, Finished};
 
 /// The tag the scenarios build the Dockerfile under.
 pub const IMAGE: &str = "localhost/stateless-agent:e2e";
+/// The version the image is built as (the Dockerfile's `VERSION` build argument, which the release
+/// pipeline sets from the tag): the workspace's, as the binaries report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const AGENT_BASE: &str = "localhost/stateless-agent-e2e/agent-base";
 const BUILDER_BASE: &str = "localhost/stateless-agent-e2e/builder";
 /// The unprivileged user the image runs as (image/install.sh).
@@ -186,6 +189,8 @@ fn build_agent_image(state: &Path) -> Podman {
         .arg(format!("BUILDER_IMAGE={tag}"))
         .arg("--build-arg")
         .arg(format!("AGENT_IMAGE={AGENT_BASE}"))
+        .arg("--build-arg")
+        .arg(format!("VERSION={VERSION}"))
         .args(["--tag", IMAGE])
         .arg(workspace)
         .output()

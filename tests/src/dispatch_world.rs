@@ -79,7 +79,8 @@ impl World {
             );
         }
         // The shipped claim, bound to the directory populate-mirror filled.
-        let claim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/mirror-claim.yaml");
+        let claim =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/storage/shared/claim.yaml");
         let claim = serde_yaml_ng::from_str(&std::fs::read_to_string(claim).unwrap()).unwrap();
         kube.create("persistentvolumeclaims", NS, claim);
         let buildkite = FakeBuildkite::start(TOKEN, QUEUE);
@@ -143,22 +144,25 @@ impl World {
         self.kube.replace(
             "secrets",
             NS,
-            json!({"metadata": {"name": "populate-mirror-git"},
-                   "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
+            json!({"metadata": {"name": "git-credentials"},
+                   "stringData": {".git-credentials": "https://x:y@github.com\n"}}),
         );
     }
 
     /// The dispatcher in claims mode, with the shipped claim and populate templates, a new
     /// generation every `refresh`, one kept.
     pub fn claims_dispatcher(&self, name: &str, refresh: &str) -> Command {
-        let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+        let snapshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/storage/snapshots");
         let mut command = self.dispatcher_command(name);
         command
             .env("DISPATCHER_MIRROR_MODE", "claims")
-            .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
+            .env(
+                "DISPATCHER_CLAIM_TEMPLATE",
+                snapshots.join("mirror-claim.yaml"),
+            )
             .env(
                 "DISPATCHER_POPULATE_TEMPLATE",
-                k8s.join("populate-job.yaml"),
+                snapshots.join("populate-job.yaml"),
             )
             .env("DISPATCHER_MIRROR_REFRESH", refresh)
             .env("DISPATCHER_MIRROR_KEEP", "1");
@@ -224,13 +228,18 @@ impl World {
 /// real deployment does not need).
 pub fn write_template(path: &Path, endpoint: &str) {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
-    let mut job: serde_json::Value =
-        serde_yaml_ng::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
+    let shipped = std::fs::read_to_string(shipped).unwrap();
+    std::fs::write(path, with_endpoint(&shipped, endpoint)).unwrap();
+}
+
+/// An agent template's text with the agent API's endpoint set to `endpoint`.
+pub fn with_endpoint(template: &str, endpoint: &str) -> String {
+    let mut job: serde_json::Value = serde_yaml_ng::from_str(template).unwrap();
     let env = job["spec"]["template"]["spec"]["containers"][0]["env"]
         .as_array_mut()
         .unwrap();
     env.push(json!({"name": "BUILDKITE_AGENT_ENDPOINT", "value": endpoint}));
-    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+    serde_yaml_ng::to_string(&job).unwrap()
 }
 
 /// Whether `job` has the condition `kind` True (a finished Job's conditions start with the

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use crate::fake_buildkite::FakeBuildkite;
 use crate::sandbox::{bin, Finished};
 
+/// The image the scenarios' dispatchers give their agents (the shipped template names the
+/// placeholder; a dispatcher outside a pod has no image of its own to give).
+pub const AGENT_IMAGE: &str = "registry.example.com/stateless-agent:latest";
+
 /// job-dispatcher as replica `name`, with only the fakes' addresses and `token`, its output
 /// captured; the caller adds the queue, template and the rest.
 pub fn job_dispatcher(
@@ -25,6 +29,7 @@ pub fn job_dispatcher(
         .env("BUILDKITE_AGENT_TOKEN", token)
         .env("BUILDKITE_AGENT_ENDPOINT", buildkite.endpoint())
         .env("POD_NAME", name)
+        .env("DISPATCHER_IMAGE", AGENT_IMAGE)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

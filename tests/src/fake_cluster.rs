@@ -2731,9 +2731,10 @@ fn repo() -> PathBuf {
 
 /// The binaries the image has in `/usr/local/bin` (the Dockerfile's builder stage output and the
 /// base image's agent), from this build.
-const IMAGE_BINARIES: [&str; 6] = [
+const IMAGE_BINARIES: [&str; 7] = [
     "agent-wrapper",
     "checkout-hook",
+    "git-credential-github-app",
     "job-hook",
     "job-dispatcher",
     "populate-mirror",

@@ -4,8 +4,10 @@
 //! conventions (kubernetes.io "API Concepts", the `meta/v1` types) where a client can tell:
 //!
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/<group>/<version>` list the
-//!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events, nodes (v1, nodes
-//!   cluster-scoped), daemonsets (apps/v1), jobs (batch/v1), leases (coordination.k8s.io/v1),
+//!   kinds served: configmaps, persistentvolumeclaims, pods, secrets, events, serviceaccounts,
+//!   nodes and namespaces (v1, the last two cluster-scoped), daemonsets and deployments (apps/v1),
+//!   jobs and cronjobs (batch/v1), roles and rolebindings (rbac.authorization.k8s.io/v1), leases
+//!   (coordination.k8s.io/v1),
 //!   volumesnapshots (snapshot.storage.k8s.io/v1), and the `pods/eviction` subresource (policy/v1
 //!   `Eviction`, which `kubectl drain` looks for). A new claim gets the
 //!   `kubernetes.io/pvc-protection` finalizer, as the StorageObjectInUseProtection admission
@@ -42,7 +44,9 @@
 //! - **Faults** on request ([`FakeKube::inject`]): a status (403, 409, 429 with `Retry-After`,
 //!   500, 503, each with the real server's `reason`) for the next matching requests.
 //!
-//! Namespaces are not stored: every one exists and is `Active`.
+//! Every namespace exists and is `Active`; a Namespace created is stored (as are ServiceAccounts,
+//! Roles, RoleBindings, Deployments and CronJobs: an install's other kinds, which nothing here
+//! acts on).
 //!
 //! Not modelled: authentication and RBAC, PodDisruptionBudgets, admission beyond the above,
 //! server-side apply's `managedFields` in the object (ownership is kept aside) and list merging,
@@ -68,6 +72,30 @@ pub fn kubectl_installed() -> bool {
         .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("skipping: kubectl is not installed (bash tests/provision.sh installs it)");
+    }
+    ok
+}
+
+/// Whether `kubectl`'s kustomize is version 5 or later, which the install unit needs
+/// (components, `labels`); says why not when it is not (Debian's kubectl 1.20 has kustomize 2).
+pub fn kustomize_5() -> bool {
+    if !kubectl_installed() {
+        return false;
+    }
+    let out = std::process::Command::new("kubectl")
+        .args(["version", "--client", "-o", "json"])
+        .output();
+    let version: Value = out
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or_default();
+    let kustomize = version["kustomizeVersion"].as_str().unwrap_or("none");
+    let major = kustomize.trim_start_matches('v').split('.').next();
+    let ok = major
+        .and_then(|m| m.parse::<u32>().ok())
+        .is_some_and(|m| m >= 5);
+    if !ok {
+        eprintln!("skipping: kubectl's kustomize is {kustomize}; the install unit needs kustomize 5 (kubectl 1.27 or later)");
     }
     ok
 }
@@ -102,7 +130,7 @@ impl Kind {
     }
 }
 
-pub const KINDS: [Kind; 10] = [
+pub const KINDS: [Kind; 16] = [
     Kind::new(
         "snapshot.storage.k8s.io",
         "volumesnapshots",
@@ -120,6 +148,17 @@ pub const KINDS: [Kind; 10] = [
         namespaced: false,
         ..Kind::new("", "nodes", "Node")
     },
+    // Stored, never acted on: what an install applies besides the kinds above (the test plays
+    // the Deployment's part itself, tests/tests/quick_start.rs).
+    Kind {
+        namespaced: false,
+        ..Kind::new("", "namespaces", "Namespace")
+    },
+    Kind::new("", "serviceaccounts", "ServiceAccount"),
+    Kind::new("rbac.authorization.k8s.io", "roles", "Role"),
+    Kind::new("rbac.authorization.k8s.io", "rolebindings", "RoleBinding"),
+    Kind::new("apps", "deployments", "Deployment"),
+    Kind::new("batch", "cronjobs", "CronJob"),
 ];
 
 /// The finalizer that keeps a claim while a pod uses it.
@@ -766,9 +805,13 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
             );
         }
         ["apis"] => {
-            let groups: Vec<Value> = KINDS
+            let mut named: Vec<Kind> = KINDS.to_vec();
+            named.retain(|k| !k.group.is_empty());
+            named.sort_by_key(|k| k.group);
+            // One entry a group, however many of its kinds are served.
+            named.dedup_by_key(|k| k.group);
+            let groups: Vec<Value> = named
                 .iter()
-                .filter(|k| !k.group.is_empty())
                 .map(|k| {
                     let gv = json!({"groupVersion": k.api_version(), "version": k.version});
                     json!({"name": k.group, "versions": [gv], "preferredVersion": gv})
@@ -877,7 +920,19 @@ fn handle(request: &Request, shared: &Shared, out: &mut TcpStream) -> std::io::R
     }
     let ns = namespace.clone().unwrap_or_default();
     let key = (kind.plural, ns.clone(), name.clone().unwrap_or_default());
-    let body: Value = serde_json::from_slice(&request.body).unwrap_or(Value::Null);
+    let body = match request.header("Content-Type") {
+        Some(t) if t.contains("protobuf") => match crate::fake_kube_protobuf::decode(&request.body)
+        {
+            Ok(object) if object["kind"] == "Job" => with_cronjob_spec(&store, &ns, object),
+            Ok(object) => object,
+            Err(why) => {
+                drop(store);
+                let (code, body) = status(415, "UnsupportedMediaType", &why);
+                return respond(out, code, &body, "");
+            }
+        },
+        _ => serde_json::from_slice(&request.body).unwrap_or(Value::Null),
+    };
     let result: Result<(u16, Value), (u16, Value)> = match (request.method.as_str(), &name) {
         ("GET", None) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
             drop(store);
@@ -1033,6 +1088,21 @@ fn grace_requested(params: &BTreeMap<String, String>, options: &Value) -> Option
     query.or_else(|| options["gracePeriodSeconds"].as_u64())
 }
 
+/// A Job `kubectl create job --from=cronjob/NAME` sent as protobuf: its spec is the CronJob's
+/// job template's, which kubectl copies as it is ([`crate::fake_kube_protobuf`]).
+fn with_cronjob_spec(store: &Store, namespace: &str, mut job: Value) -> Value {
+    let owner = &job["metadata"]["ownerReferences"][0];
+    let key = (
+        "cronjobs",
+        namespace.to_string(),
+        owner["name"].as_str().unwrap_or("").to_string(),
+    );
+    if let Some(cronjob) = store.objects.get(&key) {
+        job["spec"] = cronjob["spec"]["jobTemplate"]["spec"].clone();
+    }
+    job
+}
+
 /// The short names discovery gives, which `kubectl get pvc` resolves through.
 fn short_names(plural: &str) -> &'static [&'static str] {
     match plural {
@@ -1041,6 +1111,10 @@ fn short_names(plural: &str) -> &'static [&'static str] {
         "pods" => &["po"],
         "events" => &["ev"],
         "nodes" => &["no"],
+        "namespaces" => &["ns"],
+        "serviceaccounts" => &["sa"],
+        "deployments" => &["deploy"],
+        "cronjobs" => &["cj"],
         _ => &[],
     }
 }

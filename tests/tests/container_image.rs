@@ -4,12 +4,16 @@
 //! each, ending the ways docs/agent-wrapper.md documents. Without podman they say so and skip;
 //! CI provisions with `--require`, so there they always run. The agent runs with the image's real
 //! `buildkite-agent.cfg` (the stand-in reads it as the agent does), so configuration → job
-//! environment → checkout hook is what the first scenario checks.
+//! environment → checkout hook is what the first scenario checks. The image says what it is: its
+//! version label (the release pipeline's `VERSION` build argument) is the workspace's version, the
+//! one its binaries print.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use stateless_e2e::container::{agent_image, missing_runtime, Container, Podman, IMAGE, IMAGE_UID};
+use stateless_e2e::container::{
+    agent_image, missing_runtime, Container, Podman, IMAGE, IMAGE_UID, VERSION,
+};
 use stateless_e2e::sandbox::AGENT_TOKEN;
 use stateless_e2e::scenario::Served;
 
@@ -36,7 +40,7 @@ fn populated() -> (Served, PathBuf) {
     let mirrors = s.sandbox.dir.path().join("volume");
     std::fs::create_dir(&mirrors).unwrap();
     std::os::unix::fs::chown(&mirrors, Some(IMAGE_UID), Some(IMAGE_UID)).unwrap();
-    // As image/k8s/populate-job.yaml runs it: the repository list from a mounted ConfigMap.
+    // As image/storage/shared/populate-cronjob.yaml runs it: the repository list from a mounted ConfigMap.
     let list = s.sandbox.dir.path().join("populate-config");
     std::fs::create_dir(&list).unwrap();
     std::fs::write(
@@ -252,4 +256,67 @@ fn a_mirror_volume_mounted_writable_is_warned_about() {
         "{}",
         out.stderr
     );
+}
+
+/// `[workspace.package] version` of the root Cargo.toml, read as the release pipeline reads it.
+fn workspace_version() -> String {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let text = std::fs::read_to_string(manifest).unwrap();
+    let section = text
+        .split("\n[")
+        .find(|s| s.starts_with("workspace.package]"))
+        .expect("Cargo.toml has [workspace.package]");
+    let line = section
+        .lines()
+        .find(|l| l.starts_with("version"))
+        .expect("[workspace.package] has a version");
+    line.split('"').nth(1).unwrap().to_string()
+}
+
+#[test]
+fn the_image_is_labelled_with_the_workspace_version_its_binaries_print() {
+    if no_runtime() {
+        return;
+    }
+    let version = workspace_version();
+    assert_eq!(
+        VERSION, version,
+        "the image is built as the workspace's version"
+    );
+    let label = |name: &str| {
+        let format = format!("{{{{index .Labels \"org.opencontainers.image.{name}\"}}}}");
+        podman()
+            .ok(&["image", "inspect", "--format", &format, IMAGE])
+            .trim()
+            .to_string()
+    };
+
+    assert_eq!(label("version"), version);
+    assert_eq!(label("title"), "stateless-agent");
+    assert_eq!(label("licenses"), "MIT");
+    assert_eq!(
+        label("source"),
+        "https://github.com/stateless-agent/stateless-agent"
+    );
+    for binary in [
+        "job-dispatcher",
+        "agent-wrapper",
+        "checkout-hook",
+        "populate-mirror",
+    ] {
+        let entrypoint = format!("/usr/local/bin/{binary}");
+        let said = podman().ok(&[
+            "run",
+            "--rm",
+            "--entrypoint",
+            &entrypoint,
+            IMAGE,
+            "--version",
+        ]);
+        assert_eq!(
+            said.trim(),
+            format!("{binary} {version}"),
+            "{binary} --version"
+        );
+    }
 }

@@ -294,11 +294,11 @@ fn node_local_mirrors_serve_every_checkout_on_two_nodes() {
     w.kube.create(
         "secrets",
         NS,
-        json!({"metadata": {"name": "populate-mirror-git"},
-               "stringData": {"authorization-header": "Authorization: Basic eDp5"}}),
+        json!({"metadata": {"name": "git-credentials"},
+               "stringData": {".git-credentials": "https://x:y@github.com\n"}}),
     );
     let shipped =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/overlays/node-local/daemonset.yaml");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/storage/node-local/daemonset.yaml");
     let daemonset: Value =
         serde_yaml_ng::from_str(&std::fs::read_to_string(shipped).unwrap()).unwrap();
     let path = daemonset["spec"]["template"]["spec"]["volumes"][0]["hostPath"]["path"]

@@ -19,7 +19,7 @@ use stateless_e2e::fake_buildkite::JobState;
 use stateless_e2e::fake_cluster::{Autoscaler, ClusterSpec};
 
 /// The shipped template's image, which the fake kubelet runs.
-const GOOD: &str = "registry.example.com/stateless-agent:latest";
+const GOOD: &str = stateless_e2e::dispatcher_process::AGENT_IMAGE;
 /// A tag nobody pushed.
 const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
 /// A reference that does not parse (upper case, two colons).

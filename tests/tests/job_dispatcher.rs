@@ -558,8 +558,16 @@ fn the_poll_interval_follows_what_buildkite_asks() {
 #[test]
 fn a_template_for_another_queue_is_refused_naming_both() {
     let w = World::new();
-    let (dispatcher, _) = w.dispatcher("replica-a", "linux-large");
-    let out = dispatcher.finish();
+    // The shipped template names no queue (the dispatcher's is the one); this one does.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s/agent-job.yaml");
+    let tagged = std::fs::read_to_string(shipped).unwrap().replace(
+        "            - name: AGENT_WRAPPER_STOP_DEADLINE",
+        "            - name: BUILDKITE_AGENT_TAGS\n              value: queue=kubernetes\n            - name: AGENT_WRAPPER_STOP_DEADLINE",
+    );
+    let template = w.kubeconfig.with_file_name("agent-job.yaml");
+    std::fs::write(&template, tagged).unwrap();
+    let mut command = w.command("replica-a", "linux-large", free_port());
+    let out = Running::spawn(command.env("DISPATCHER_TEMPLATE", &template)).finish();
     assert_eq!(out.code(), Some(78), "{}", out.log());
     assert!(
         out.stderr.contains("\\\"kubernetes\\\"") && out.stderr.contains("\\\"linux-large\\\""),
@@ -617,8 +625,9 @@ fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
 fn unreadable_claims_templates_are_refused_at_start() {
     let w = World::new();
     let k8s = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/k8s");
+    let claim = k8s.join("../storage/snapshots/mirror-claim.yaml");
     for (populate, says) in [
-        (k8s.join("mirror-claim.yaml"), "no Job in it"),
+        (claim.clone(), "no Job in it"),
         (k8s.join("no-such-file.yaml"), "No such file"),
     ] {
         let port = free_port();
@@ -628,7 +637,7 @@ fn unreadable_claims_templates_are_refused_at_start() {
                 .env("DISPATCHER_TEMPLATE", k8s.join("agent-job.yaml"))
                 .env("DISPATCHER_LISTEN", format!("127.0.0.1:{port}"))
                 .env("DISPATCHER_MIRROR_MODE", "claims")
-                .env("DISPATCHER_CLAIM_TEMPLATE", k8s.join("mirror-claim.yaml"))
+                .env("DISPATCHER_CLAIM_TEMPLATE", &claim)
                 .env("DISPATCHER_POPULATE_TEMPLATE", &populate),
         );
         let out = child.finish();

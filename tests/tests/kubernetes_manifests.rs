@@ -1,9 +1,9 @@
-//! The example Kubernetes manifests in `image/k8s/` parsed as the API server's types
-//! (`k8s-openapi`), and checked against what the binaries and the image actually do: the agent
-//! Job's `podFailurePolicy` against agent-wrapper's exit-code table for every code, its grace
-//! period against the wrapper's stop deadline, the mirror volume read-only for agents and
-//! writable for populate-mirror; and the job-dispatcher base and the node-local overlay
-//! (`image/overlays/node-local`) as a real `kubectl kustomize` renders them, against what the
+//! The Kubernetes manifests parsed as the API server's types (`k8s-openapi`), and checked
+//! against what the binaries and the image actually do: the agent Job's `podFailurePolicy`
+//! against agent-wrapper's exit-code table for every code, its grace period against the wrapper's
+//! stop deadline, the mirror volume read-only for agents and writable for populate-mirror; and the
+//! install unit as a real `kubectl kustomize` renders it: the quick start, two queues side by
+//! side, the doc's "one setting each" overlay, and every storage recipe, against what the
 //! dispatcher and populate-mirror read and the API calls the dispatcher makes.
 
 use std::collections::BTreeMap;
@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use agent_wrapper::exit_report::code::retry_pod;
 use k8s_openapi::api::batch::v1::{CronJob, Job, JobSpec, PodFailurePolicy};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, PersistentVolumeClaim, PodSpec};
+use k8s_openapi::api::core::v1::{Container, PersistentVolumeClaim, PodSpec};
 use k8s_openapi::Resource;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use serde_json::Value;
 use stateless_e2e::container::IMAGE_UID;
 
 const MIRRORS_PATH: &str = "/buildkite-git-references";
@@ -25,16 +26,21 @@ fn workspace() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
 }
 
-/// Every document of every manifest, by kind, as JSON.
+/// The manifests that are not kustomizations: the agent template, the shared mode's claim and
+/// CronJob, the claims mode's templates.
+const MANIFESTS: [&str; 5] = [
+    "image/k8s/agent-job.yaml",
+    "image/storage/shared/claim.yaml",
+    "image/storage/shared/populate-cronjob.yaml",
+    "image/storage/snapshots/mirror-claim.yaml",
+    "image/storage/snapshots/populate-job.yaml",
+];
+
+/// Every document of every manifest, by kind, as JSON, with its file's name.
 fn documents() -> BTreeMap<&'static str, Vec<(String, serde_json::Value)>> {
     let mut by_kind: BTreeMap<&'static str, Vec<_>> = BTreeMap::new();
-    let dir = workspace().join("image/k8s");
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        // The dispatcher's kustomize base is checked as kustomize renders it (below).
-        if path.is_dir() || path.file_name().is_some_and(|n| n == "kustomization.yaml") {
-            continue;
-        }
+    for file in MANIFESTS {
+        let path = workspace().join(file);
         let text = std::fs::read_to_string(&path).unwrap();
         for doc in serde_yaml_ng::Deserializer::from_str(&text) {
             let value = serde_json::Value::deserialize(doc)
@@ -43,7 +49,6 @@ fn documents() -> BTreeMap<&'static str, Vec<(String, serde_json::Value)>> {
                 Some(Job::KIND) => Job::KIND,
                 Some(CronJob::KIND) => CronJob::KIND,
                 Some(PersistentVolumeClaim::KIND) => PersistentVolumeClaim::KIND,
-                Some(ConfigMap::KIND) => ConfigMap::KIND,
                 other => panic!("{}: unexpected kind {other:?}", path.display()),
             };
             let name = path.file_name().unwrap().to_string_lossy().into_owned();
@@ -152,9 +157,6 @@ fn every_manifest_parses_as_the_kubernetes_types() {
     }
     for (file, v) in &docs[PersistentVolumeClaim::KIND] {
         typed::<PersistentVolumeClaim>(file, v);
-    }
-    for (file, v) in &docs[ConfigMap::KIND] {
-        typed::<ConfigMap>(file, v);
     }
 }
 
@@ -321,7 +323,7 @@ fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_po
     }
 
     let claims = &docs[PersistentVolumeClaim::KIND];
-    let (file, claim) = &claims[0];
+    let (file, claim) = claims.iter().find(|(f, _)| f == "claim.yaml").unwrap();
     let claim: PersistentVolumeClaim = typed(file, claim);
     assert_eq!(claim.metadata.name.as_deref(), Some(CLAIM));
     assert!(
@@ -335,37 +337,58 @@ fn populate_mirror_writes_the_claim_agents_read_and_the_cronjob_runs_the_same_po
     );
 }
 
-/// Runs `kubectl kustomize` on `dir` (under the workspace): each document by kind, or `None`
-/// (having said why) without kubectl.
-fn kustomize(dir: &str) -> Option<BTreeMap<String, serde_json::Value>> {
-    let docs = kustomize_all(dir)?;
-    let by_kind = docs
-        .into_iter()
-        .map(|d| (d["kind"].as_str().unwrap().to_string(), d));
-    Some(by_kind.collect())
+/// Every document `kubectl kustomize` renders from `dir` (under the workspace), in order, or
+/// `None` (having said why) without a kubectl whose kustomize reads the install unit.
+fn kustomize(dir: &str) -> Option<Vec<Value>> {
+    render(&workspace().join(dir))
 }
 
-/// Every document `kubectl kustomize` renders from `dir`, in order (kinds may repeat).
-fn kustomize_all(dir: &str) -> Option<Vec<serde_json::Value>> {
-    if !stateless_e2e::fake_kube::kubectl_installed() {
+fn render(dir: &Path) -> Option<Vec<Value>> {
+    if !stateless_e2e::fake_kube::kustomize_5() {
         return None;
     }
     let rendered = std::process::Command::new("kubectl")
-        .args(["kustomize"])
-        .arg(workspace().join(dir))
+        .arg("kustomize")
+        .arg(dir)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&rendered.stderr);
     assert!(
         rendered.status.success(),
-        "kubectl kustomize {dir}: {stderr}"
+        "kubectl kustomize {}: {stderr}",
+        dir.display()
     );
     let text = String::from_utf8(rendered.stdout).unwrap();
     let docs = serde_yaml_ng::Deserializer::from_str(&text);
-    Some(
-        docs.map(|d| serde_json::Value::deserialize(d).unwrap())
-            .collect(),
-    )
+    Some(docs.map(|d| Value::deserialize(d).unwrap()).collect())
+}
+
+/// A user's overlay (`kustomization` as YAML, paths under the workspace written `WORKSPACE/…`),
+/// rendered.
+fn overlay(kustomization: &str) -> Option<Vec<Value>> {
+    // Inside the workspace: kustomize takes no absolute path to a base.
+    let dir = tempfile::tempdir_in(workspace().join("target")).unwrap();
+    let text = kustomization.replace("WORKSPACE", "../..");
+    std::fs::write(dir.path().join("kustomization.yaml"), text).unwrap();
+    render(dir.path())
+}
+
+/// The base with a storage component, as a user's overlay for the node-local or claims mode.
+fn base_with(component: &str) -> Option<Vec<Value>> {
+    overlay(&format!(
+        "resources: [WORKSPACE/image/k8s]\ncomponents: [WORKSPACE/image/storage/{component}]\n\
+         images: [{{name: stateless-agent, newName: ghcr.io/stateless-agent/stateless-agent, newTag: '0.1.0'}}]\n"
+    ))
+}
+
+fn find<'d>(docs: &'d [Value], kind: &str, name: &str) -> &'d Value {
+    let found = docs.iter().find(|d| {
+        d["kind"] == kind
+            && d["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(name))
+    });
+    found.unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
 /// The names of the environment variables a binary's settings read.
@@ -374,37 +397,324 @@ fn variables(command: clap::Command) -> Vec<String> {
     args.map(|e| e.to_string_lossy().into_owned()).collect()
 }
 
-/// `kubectl kustomize image/overlays/node-local`: the base, plus a DaemonSet running
-/// `populate-mirror --every` into each node's directory, which is where the dispatcher, told
-/// `node-local`, mounts it read-only into its agents.
+/// What the dispatcher's container is given: its settings ConfigMap (envFrom), then its env.
+fn dispatcher_env(docs: &[Value], deployment: &str) -> BTreeMap<String, String> {
+    let container =
+        &find(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"][0];
+    let mut env = BTreeMap::new();
+    for from in container["envFrom"].as_array().into_iter().flatten() {
+        let name = from["configMapRef"]["name"].as_str().unwrap();
+        let settings = find(docs, "ConfigMap", name);
+        assert_eq!(
+            settings["metadata"]["name"], name,
+            "the Deployment names the generated ConfigMap"
+        );
+        for (key, value) in settings["data"].as_object().unwrap() {
+            env.insert(key.clone(), value.as_str().unwrap().to_string());
+        }
+    }
+    for var in container["env"].as_array().into_iter().flatten() {
+        let value = var["value"].as_str().unwrap_or("(from a field)");
+        env.insert(var["name"].as_str().unwrap().to_string(), value.to_string());
+    }
+    env
+}
+
+/// The template ConfigMap's file `file`, as mounted for the dispatcher `deployment`.
+fn template_file(docs: &[Value], deployment: &str, file: &str) -> String {
+    let pod = &find(docs, "Deployment", deployment)["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().unwrap();
+    let template = volumes.iter().find(|v| v["name"] == "template").unwrap();
+    let name = template["configMap"]["name"].as_str().unwrap();
+    let data = &find(docs, "ConfigMap", name)["data"][file];
+    data.as_str()
+        .unwrap_or_else(|| panic!("no {file} in {name}"))
+        .to_string()
+}
+
+/// `image/overlays/quick-start`: the dispatcher with its account (only the verbs it uses), its
+/// settings and the agent template in generated ConfigMaps it reads, the image named in one
+/// place and reaching every workload, the mirror's claim and its CronJob.
 #[test]
-fn the_node_local_overlay_renders_with_kubectl_kustomize() {
+fn the_quick_start_renders_the_whole_install() {
     use clap::CommandFactory;
-    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-    let Some(docs) = kustomize("image/overlays/node-local") else {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let Some(docs) = kustomize("image/overlays/quick-start") else {
         return;
     };
-    let daemonset: DaemonSet = typed("rendered DaemonSet", &docs["DaemonSet"]);
+    let mut kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "CronJob",
+            "Deployment",
+            "PersistentVolumeClaim",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount"
+        ]
+    );
+    assert!(docs
+        .iter()
+        .all(|d| d["metadata"]["namespace"] == "buildkite"));
+
+    // Only the verbs the dispatcher uses: its own pod and the token's Secret read; watches (get,
+    // list, watch) of pods, Jobs and events; creating Jobs and Events; deleting or patching a Job
+    // whose pods never start; the Lease's get, create and update (a replace).
+    let role: Role = typed("rendered Role", find(&docs, "Role", "job-dispatcher"));
+    let mut rules: Vec<(String, Vec<String>)> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.resources.unwrap().join(","), r.verbs))
+        .collect();
+    rules.sort();
+    let verbs = |v: &[&str]| v.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        rules,
+        [
+            ("events".into(), verbs(&["create", "get", "list", "watch"])),
+            (
+                "jobs".into(),
+                verbs(&["create", "delete", "get", "list", "patch", "watch"])
+            ),
+            ("leases".into(), verbs(&["create", "get", "update"])),
+            ("pods".into(), verbs(&["get", "list", "watch"])),
+            ("secrets".into(), verbs(&["get"])),
+        ]
+    );
+    let binding: RoleBinding = typed(
+        "rendered RoleBinding",
+        find(&docs, "RoleBinding", "job-dispatcher"),
+    );
+    assert_eq!(binding.subjects.unwrap()[0].name, "job-dispatcher");
+
+    let deployment: Deployment = typed(
+        "rendered Deployment",
+        find(&docs, "Deployment", "job-dispatcher"),
+    );
+    let pod = deployment.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("job-dispatcher"));
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.command.as_ref().unwrap()[0],
+        "/usr/local/bin/job-dispatcher"
+    );
+    // Every variable it is given is one the dispatcher reads.
+    let read = variables(dispatcher::settings::Settings::command());
+    let env = dispatcher_env(&docs, "job-dispatcher");
+    for name in env.keys() {
+        assert!(
+            read.contains(name),
+            "{name} is not a job-dispatcher setting"
+        );
+    }
+    assert_eq!(env["DISPATCHER_QUEUE"], "kubernetes");
+    assert_eq!(env["DISPATCHER_TOKEN_SECRET"], "buildkite-agent");
+    // The template is mounted where DISPATCHER_TEMPLATE says, read-only; it names the image
+    // placeholder, which the dispatcher fills with the image it runs: the one `images:` set.
+    let mount = container.volume_mounts.iter().flatten();
+    let mount = mount
+        .clone()
+        .find(|m| env["DISPATCHER_TEMPLATE"].starts_with(&m.mount_path));
+    assert_eq!(mount.unwrap().read_only, Some(true));
+    let file = env["DISPATCHER_TEMPLATE"]
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let template = template_file(&docs, "job-dispatcher", &file);
+    assert_eq!(
+        std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap(),
+        template
+    );
+    let shared = dispatcher::template::Mirror::Shared;
+    let parsed =
+        dispatcher::template::Template::parse(&template, &env["DISPATCHER_QUEUE"], &shared);
+    assert!(parsed
+        .expect("the dispatcher accepts the template")
+        .needs_image());
+    let image = "ghcr.io/stateless-agent/stateless-agent:0.1.0";
+    assert_eq!(container.image.as_deref(), Some(image));
+    let cron = find(&docs, "CronJob", "populate-mirror");
+    let populate = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(populate["image"], image);
+    // The version the overlay installs is the workspace's (the release pipeline checks the tag).
+    assert_eq!(
+        format!(
+            "ghcr.io/stateless-agent/stateless-agent:{}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        image
+    );
+}
+
+/// Two queues from the overlays, in one namespace: no two objects share a kind and a name, each
+/// Deployment's selector matches only its own pods, each dispatcher serves its own queue on its
+/// own Lease, and both mount the one mirror claim.
+#[test]
+fn two_queues_render_from_the_overlays_without_collisions() {
+    let (Some(first), Some(second)) = (
+        kustomize("image/overlays/quick-start"),
+        kustomize("image/overlays/second-queue"),
+    ) else {
+        return;
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for doc in first.iter().chain(&second) {
+        let key = (
+            doc["kind"].to_string(),
+            doc["metadata"]["namespace"].to_string(),
+            doc["metadata"]["name"].to_string(),
+        );
+        assert!(names.insert(key.clone()), "{key:?} is rendered twice");
+    }
+    let selector = |docs: &[Value], name: &str| {
+        let deployment = find(docs, "Deployment", name);
+        let labels = deployment["spec"]["template"]["metadata"]["labels"].clone();
+        (
+            deployment["spec"]["selector"]["matchLabels"].clone(),
+            labels,
+        )
+    };
+    let (first_selector, first_labels) = selector(&first, "job-dispatcher");
+    let (second_selector, second_labels) = selector(&second, "gpu-job-dispatcher");
+    let matches = |selector: &Value, labels: &Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k] == v)
+    };
+    assert!(matches(&first_selector, &first_labels) && matches(&second_selector, &second_labels));
+    assert!(
+        !matches(&second_selector, &first_labels),
+        "the second queue's Deployment would adopt the first's pods"
+    );
+    let queues = [
+        dispatcher_env(&first, "job-dispatcher"),
+        dispatcher_env(&second, "gpu-job-dispatcher"),
+    ];
+    assert_eq!(
+        queues.clone().map(|e| e["DISPATCHER_QUEUE"].clone()),
+        ["kubernetes", "gpu"]
+    );
+    // The Lease is per queue unless set (job-dispatcher-<queue>).
+    assert!(queues.iter().all(|e| !e.contains_key("DISPATCHER_LEASE")));
+    for (docs, name) in [(&first, "job-dispatcher"), (&second, "gpu-job-dispatcher")] {
+        let template = template_file(docs, name, "agent-job.yaml");
+        assert!(template.contains("claimName: buildkite-git-mirrors"));
+    }
+}
+
+/// The doc's "one setting each" overlay, on the quick start: each setting lands where it acts.
+#[test]
+fn one_setting_each_sets_the_namespace_image_queue_token_and_storage() {
+    let doc = std::fs::read_to_string(workspace().join("docs/operating.md")).unwrap();
+    let section = &doc[doc.find("### One setting each").unwrap()..];
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let local = yaml
+        .replace(
+            "https://github.com/stateless-agent/stateless-agent/",
+            "WORKSPACE",
+        )
+        .replace("?ref=v0.1.0", "");
+    let Some(docs) = overlay(&local) else {
+        return;
+    };
+    assert!(docs.iter().all(|d| d["metadata"]["namespace"] == "ci"));
+    let env = dispatcher_env(&docs, "job-dispatcher");
+    assert_eq!(
+        (
+            env["DISPATCHER_QUEUE"].as_str(),
+            env["DISPATCHER_TOKEN_SECRET"].as_str()
+        ),
+        ("linux", "buildkite-agent-token")
+    );
+    let deployment = find(&docs, "Deployment", "job-dispatcher");
+    let image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap();
+    assert!(
+        image.starts_with("ghcr.io/stateless-agent/stateless-agent@sha256:"),
+        "{image}"
+    );
+    let cron = find(&docs, "CronJob", "populate-mirror");
+    assert_eq!(
+        cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["image"],
+        image
+    );
+    let claim = find(&docs, "PersistentVolumeClaim", CLAIM);
+    assert_eq!(claim["spec"]["storageClassName"], "standard-rwx");
+}
+
+/// The read-write-many recipes name their class on the quick start's claim (EFS and Azure Files
+/// bring theirs).
+#[test]
+fn the_storage_recipes_name_a_read_write_many_class() {
+    for (recipe, class) in [
+        ("filestore", "standard-rwx"),
+        ("efs", "git-mirrors-efs"),
+        ("azure-files", "git-mirrors-azurefile-nfs"),
+    ] {
+        let Some(docs) = overlay(&format!(
+            "resources: [WORKSPACE/image/overlays/quick-start]\ncomponents: [WORKSPACE/image/storage/{recipe}]\n"
+        )) else {
+            return;
+        };
+        let claim = find(&docs, "PersistentVolumeClaim", CLAIM);
+        assert_eq!(claim["spec"]["storageClassName"], class, "{recipe}");
+        assert_eq!(claim["spec"]["accessModes"][0], "ReadWriteMany");
+        if recipe != "filestore" {
+            let storage_class = find(&docs, "StorageClass", class);
+            assert!(
+                storage_class["metadata"]["namespace"].is_null(),
+                "a StorageClass is cluster-wide"
+            );
+        }
+    }
+}
+
+/// The node-local component: the DaemonSet running `populate-mirror --every` into each node's
+/// directory, which is where the dispatcher, told `node-local`, mounts it read-only into its
+/// agents.
+#[test]
+fn the_node_local_component_renders_with_kubectl_kustomize() {
+    use clap::CommandFactory;
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let Some(docs) = base_with("node-local") else {
+        return;
+    };
+    let daemonset: DaemonSet = typed(
+        "rendered DaemonSet",
+        find(&docs, "DaemonSet", "populate-mirror"),
+    );
     let pod = daemonset.spec.unwrap().template.spec.unwrap();
     let populate = &pod.containers[0];
+    assert_eq!(
+        populate.image.as_deref(),
+        Some("ghcr.io/stateless-agent/stateless-agent:0.1.0")
+    );
     let command = populate.command.clone().unwrap();
     assert_eq!(command[..2], ["/usr/local/bin/populate-mirror", "--every"]);
     humantime::parse_duration(&command[2]).unwrap();
     let read = variables(populate_mirror::settings::Settings::command());
     for var in populate.env.iter().flatten() {
-        let git_config = var.name.starts_with("GIT_CONFIG_");
-        assert!(
-            git_config || read.contains(&var.name),
-            "{} is not read",
-            var.name
-        );
+        let git = var.name.starts_with("GIT_") || var.name.starts_with("GITHUB_");
+        assert!(git || read.contains(&var.name), "{} is not read", var.name);
     }
-    // The repository list from the generated ConfigMap, mounted where the env says.
-    let volumes = pod.volumes.clone().unwrap();
-    let repositories = volumes.iter().find(|v| v.config_map.is_some()).unwrap();
-    let config_map = &repositories.config_map.as_ref().unwrap().name;
-    assert_eq!(docs["ConfigMap"]["metadata"]["name"], config_map.as_str());
     // It writes the node's directory at the path the hook reads, where the dispatcher looks.
+    let volumes = pod.volumes.clone().unwrap();
     let mirrors = volumes.iter().find(|v| v.host_path.is_some()).unwrap();
     let mount = populate
         .volume_mounts
@@ -422,17 +732,9 @@ fn the_node_local_overlay_renders_with_kubectl_kustomize() {
         .unwrap();
     assert_eq!(mirrors.host_path.as_ref().unwrap().path, default_path);
 
-    let deployment: Deployment = typed("rendered Deployment", &docs["Deployment"]);
-    let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap();
-    let mode = env
-        .iter()
-        .find(|e| e.name == "DISPATCHER_MIRROR_MODE")
-        .unwrap();
-    assert_eq!(mode.value.as_deref(), Some("node-local"));
-    let template = std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap();
+    let env = dispatcher_env(&docs, "job-dispatcher");
+    assert_eq!(env["DISPATCHER_MIRROR_MODE"], "node-local");
+    let template = template_file(&docs, "job-dispatcher", "agent-job.yaml");
     let node_local = dispatcher::template::Mirror::NodeLocal {
         volume: "git-mirrors".into(),
         path: default_path,
@@ -441,22 +743,20 @@ fn the_node_local_overlay_renders_with_kubectl_kustomize() {
         .expect("the template's mirror volume is the one the dispatcher replaces");
 }
 
-/// `kubectl kustomize image/overlays/claims`: the base, told to run the claims cycle, with a Role
-/// granting only what the cycle does; the claim and populate templates it reads come from the
-/// base's ConfigMap and are the shipped files, which the cycle accepts.
+/// The snapshots component (the claims mode): the base told to run the claims cycle, with a Role
+/// granting only what the cycle does; the claim and populate templates it reads are merged into
+/// the base's ConfigMap as the shipped files, which the cycle accepts.
 #[test]
-fn the_claims_overlay_renders_with_kubectl_kustomize() {
+fn the_snapshots_component_renders_with_kubectl_kustomize() {
     use clap::Parser;
-    use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::rbac::v1::Role;
-    let Some(docs) = kustomize_all("image/overlays/claims") else {
+    let Some(docs) = base_with("snapshots") else {
         return;
     };
-    let role = docs
-        .iter()
-        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "job-dispatcher-mirrors")
-        .unwrap();
-    let role: Role = typed("rendered Role", role);
+    let role: Role = typed(
+        "rendered Role",
+        find(&docs, "Role", "job-dispatcher-mirrors"),
+    );
     let rules: Vec<(String, Vec<String>)> = role
         .rules
         .unwrap()
@@ -478,24 +778,18 @@ fn the_claims_overlay_renders_with_kubectl_kustomize() {
             ),
         ]
     );
-    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
-    let deployment: Deployment = typed("rendered Deployment", deployment);
-    let env = deployment.spec.unwrap().template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap();
-    let value = |name: &str| {
-        let found = env.iter().find(|e| e.name == name);
-        found.and_then(|e| e.value.clone()).unwrap()
-    };
-    assert_eq!(value("DISPATCHER_MIRROR_MODE"), "claims");
+    let env = dispatcher_env(&docs, "job-dispatcher");
+    assert_eq!(env["DISPATCHER_MIRROR_MODE"], "claims");
     // The templates the cycle reads by default are the shipped files, from the ConfigMap.
-    let config_map = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let snapshots = workspace().join("image/storage/snapshots");
     for file in ["mirror-claim.yaml", "populate-job.yaml"] {
-        let shipped = std::fs::read_to_string(workspace().join("image/k8s").join(file)).unwrap();
-        assert_eq!(config_map["data"][file], shipped.as_str(), "{file}");
+        let shipped = std::fs::read_to_string(snapshots.join(file)).unwrap();
+        assert_eq!(
+            template_file(&docs, "job-dispatcher", file),
+            shipped,
+            "{file}"
+        );
     }
-    let k8s = workspace().join("image/k8s");
     let settings = dispatcher::settings::Settings::try_parse_from([
         "job-dispatcher".into(),
         "--queue=kubernetes".into(),
@@ -503,129 +797,19 @@ fn the_claims_overlay_renders_with_kubectl_kustomize() {
         "--mirror-mode=claims".into(),
         format!(
             "--claim-template={}",
-            k8s.join("mirror-claim.yaml").display()
+            snapshots.join("mirror-claim.yaml").display()
         ),
         format!(
             "--populate-template={}",
-            k8s.join("populate-job.yaml").display()
+            snapshots.join("populate-job.yaml").display()
         ),
-        format!("--snapshot-class={}", value("DISPATCHER_SNAPSHOT_CLASS")),
+        format!("--snapshot-class={}", env["DISPATCHER_SNAPSHOT_CLASS"]),
     ])
     .unwrap();
     let cycle = dispatcher::mirror_run::Cycle::load(&settings).expect("the cycle reads them");
     assert_eq!(cycle.prefix, CLAIM);
-}
-
-/// `kubectl kustomize image/k8s`: the dispatcher's Deployment, its account with only the verbs it
-/// uses, and the agent template from a generated ConfigMap, which the dispatcher accepts for the
-/// queue the Deployment names.
-#[test]
-fn the_dispatcher_base_renders_with_kubectl_kustomize() {
-    use clap::CommandFactory;
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    let Some(docs) = kustomize("image/k8s") else {
-        return;
-    };
-    let kinds: Vec<&str> = docs.keys().map(String::as_str).collect();
-    assert_eq!(
-        kinds,
-        [
-            "ConfigMap",
-            "Deployment",
-            "Role",
-            "RoleBinding",
-            "ServiceAccount"
-        ]
-    );
-
-    // Only the verbs the dispatcher uses: watches (get, list, watch) of pods, Jobs and events,
-    // creating Jobs and Events, deleting or patching a Job whose pods never start, and the
-    // Lease's get, create and update (a replace).
-    let role: Role = typed("rendered Role", &docs["Role"]);
-    let mut rules: Vec<(String, Vec<String>)> = role
-        .rules
-        .unwrap()
-        .into_iter()
-        .map(|r| (r.resources.unwrap().join(","), r.verbs))
-        .collect();
-    rules.sort();
-    assert_eq!(
-        rules,
-        [
-            (
-                "events".into(),
-                vec!["create".into(), "get".into(), "list".into(), "watch".into()]
-            ),
-            (
-                "jobs".into(),
-                ["create", "delete", "get", "list", "patch", "watch"]
-                    .map(String::from)
-                    .to_vec()
-            ),
-            (
-                "leases".into(),
-                vec!["create".into(), "get".into(), "update".into()]
-            ),
-            (
-                "pods".into(),
-                vec!["get".into(), "list".into(), "watch".into()]
-            ),
-        ]
-    );
-    let binding: RoleBinding = typed("rendered RoleBinding", &docs["RoleBinding"]);
-    assert_eq!(binding.subjects.unwrap()[0].name, "job-dispatcher");
-
-    let deployment: Deployment = typed("rendered Deployment", &docs["Deployment"]);
-    let pod = deployment.spec.unwrap().template.spec.unwrap();
-    assert_eq!(pod.service_account_name.as_deref(), Some("job-dispatcher"));
-    let container = &pod.containers[0];
-    assert_eq!(
-        container.command.as_ref().unwrap()[0],
-        "/usr/local/bin/job-dispatcher"
-    );
-    // Every variable it sets is one the dispatcher reads.
-    let read = variables(dispatcher::settings::Settings::command());
-    let env = container.env.clone().unwrap_or_default();
-    for var in &env {
-        assert!(
-            read.contains(&var.name),
-            "{} is not a job-dispatcher setting",
-            var.name
-        );
-    }
-    let value = |name: &str| {
-        env.iter()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value.clone())
-            .unwrap()
-    };
-    // The template is mounted where DISPATCHER_TEMPLATE says, from the generated ConfigMap.
-    let template_path = value("DISPATCHER_TEMPLATE");
-    let mount = container
-        .volume_mounts
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|m| template_path.starts_with(&m.mount_path))
-        .unwrap();
-    assert_eq!(mount.read_only, Some(true));
-    let volume = pod
-        .volumes
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == mount.name)
-        .unwrap();
-    let config_map = docs["ConfigMap"]["metadata"]["name"].as_str().unwrap();
-    assert_eq!(volume.config_map.as_ref().unwrap().name, config_map);
-    let key = template_path.rsplit('/').next().unwrap();
-    let template = docs["ConfigMap"]["data"][key].as_str().unwrap();
-    let shared = dispatcher::template::Mirror::Shared;
-    dispatcher::template::Template::parse(template, &value("DISPATCHER_QUEUE"), &shared)
-        .expect("the template's agents register in the Deployment's queue");
-    assert_eq!(
-        std::fs::read_to_string(workspace().join("image/k8s/agent-job.yaml")).unwrap(),
-        template
+    assert!(
+        cycle.needs_image(),
+        "the populate template names the placeholder the dispatcher fills"
     );
 }
