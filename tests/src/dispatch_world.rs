@@ -91,17 +91,7 @@ impl World {
         spec.claims
             .insert(CLAIM.to_string(), served.sandbox.mirrors.clone());
         let cluster = FakeCluster::start(&kube, &pods, spec);
-        let job_env = BTreeMap::from([
-            ("BUILDKITE_REPO".to_string(), served.url.clone()),
-            ("BUILDKITE_COMMIT".to_string(), served.upstream.head()),
-            ("BUILDKITE_BRANCH".to_string(), "main".to_string()),
-            ("BUILDKITE_PIPELINE_SLUG".to_string(), "widgets".to_string()),
-            // The job checks its checkout is there.
-            (
-                "BUILDKITE_COMMAND".to_string(),
-                "test -f README.md".to_string(),
-            ),
-        ]);
+        let job_env = job_env(&served);
         World {
             cluster,
             kube,
@@ -240,6 +230,20 @@ pub fn with_endpoint(template: &str, endpoint: &str) -> String {
         .unwrap();
     env.push(json!({"name": "BUILDKITE_AGENT_ENDPOINT", "value": endpoint}));
     serde_yaml_ng::to_string(&job).unwrap()
+}
+
+/// A job of `served`'s main branch, whose command checks that its checkout is there.
+pub fn job_env(served: &Served) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("BUILDKITE_REPO".to_string(), served.url.clone()),
+        ("BUILDKITE_COMMIT".to_string(), served.upstream.head()),
+        ("BUILDKITE_BRANCH".to_string(), "main".to_string()),
+        ("BUILDKITE_PIPELINE_SLUG".to_string(), "widgets".to_string()),
+        (
+            "BUILDKITE_COMMAND".to_string(),
+            "test -f README.md".to_string(),
+        ),
+    ])
 }
 
 /// Whether `job` has the condition `kind` True (a finished Job's conditions start with the

@@ -100,6 +100,15 @@ pub fn kustomize_5() -> bool {
     ok
 }
 
+/// A pod of `job` named `name`, as its Job controller would make it (the template's labels, the
+/// Job as its controlling owner), for a test that plays the kubelet itself.
+pub fn pod_of_job(job: &Value, name: &str) -> Value {
+    let labels = job["spec"]["template"]["metadata"]["labels"].clone();
+    json!({"metadata": {"name": name, "labels": labels, "ownerReferences": [{
+        "apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"], "controller": true}]}})
+}
+
 /// A kind the server serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kind {

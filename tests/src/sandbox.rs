@@ -386,6 +386,13 @@ impl Invocation {
         self.wrapped(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"])
     }
 
+    /// Runs `script` (`sh -c`, its `$0` `arg0`, the hook's command as `"$@"`) in a private mount
+    /// namespace, where it mounts what the scenario needs and then execs the hook.
+    pub fn in_mount_namespace(self, script: &str, arg0: &str) -> Invocation {
+        let unshare = ["unshare", "--mount", "--propagation", "private"];
+        self.wrapped(&[&unshare[..], &["sh", "-c", script, arg0]].concat())
+    }
+
     /// Runs inside a mount namespace where `dir` is bind-mounted read-only onto itself, as a
     /// pod mounts the mirror volume. Exits 99 if the mount turned out writable.
     pub fn with_read_only(self, dir: &Path) -> Invocation {
@@ -393,16 +400,7 @@ impl Invocation {
         let script = format!(
             "mount --bind {dir} {dir} && mount -o remount,bind,ro {dir} && touch {dir}/probe 2>/dev/null && exit 99; exec \"$@\""
         );
-        self.wrapped(&[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-            "sh",
-        ])
+        self.in_mount_namespace(&script, "sh")
     }
 
     /// The job: repository, commit and branch.

@@ -594,16 +594,7 @@ impl Pod {
             "mount --bind \"$0\" /etc/passwd && exec setpriv --reuid={uid} --regid={gid} --groups={groups} \"$@\""
         );
         let passwd = passwd_file.to_str().unwrap();
-        invocation.wrapped(&[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-            passwd,
-        ])
+        invocation.in_mount_namespace(&script, passwd)
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
-use stateless_e2e::fake_kube::FakeKube;
+use stateless_e2e::fake_kube::{pod_of_job, FakeKube};
 use stateless_e2e::loopback::{self, free_port};
 use stateless_e2e::sandbox::{wait_for, Sandbox};
 
@@ -81,14 +81,7 @@ impl World {
 
     /// A pod of `job` in `phase`, as the kubelet would report it.
     fn pod(&self, job: &Value, name: &str, status: Value) {
-        let labels = job["spec"]["template"]["metadata"]["labels"].clone();
-        self.kube.create(
-            "pods",
-            NS,
-            json!({"metadata": {"name": name, "labels": labels, "ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
-                "uid": job["metadata"]["uid"], "controller": true}]}}),
-        );
+        self.kube.create("pods", NS, pod_of_job(job, name));
         self.kube.set_status("pods", NS, name, status);
     }
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
-use stateless_e2e::fake_kube::{kubectl_installed, FakeKube};
+use stateless_e2e::fake_kube::{kustomize_5, pod_of_job, FakeKube};
 use stateless_e2e::loopback::{self, free_port};
 use stateless_e2e::sandbox::wait_for;
 
@@ -366,14 +366,7 @@ impl World {
 
     /// A pod of `job` whose agent container waits for `reason`, as the kubelet reports it.
     fn pod_of(&self, job: &Value, name: &str, reason: &str) {
-        let labels = job["spec"]["template"]["metadata"]["labels"].clone();
-        self.kube.create(
-            "pods",
-            NS,
-            json!({"metadata": {"name": name, "labels": labels, "ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "Job", "name": job["metadata"]["name"],
-                "uid": job["metadata"]["uid"], "controller": true}]}}),
-        );
+        self.kube.create("pods", NS, pod_of_job(job, name));
         let status = json!({"phase": "Pending",
             "conditions": [{"type": "PodScheduled", "status": "True"}],
             "containerStatuses": [{"name": "agent", "image": "x", "imageID": "", "ready": false,
@@ -553,30 +546,6 @@ fn in_node_local_mode_no_mirror_series_is_exported() {
     drop(dispatcher);
 }
 
-/// Whether kubectl's kustomize takes components (kustomize 3.7 and later: kubectl 1.21 and
-/// later; Debian's kubectl 1.20 has kustomize 2); says why not when it does not.
-fn kustomize_takes_components() -> bool {
-    if !kubectl_installed() {
-        return false;
-    }
-    let out = Command::new("kubectl")
-        .args(["version", "--client", "-o", "json"])
-        .output();
-    let version: Value = out
-        .ok()
-        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
-        .unwrap_or_default();
-    let kustomize = version["kustomizeVersion"].as_str().unwrap_or("none");
-    let major = kustomize.trim_start_matches('v').split('.').next();
-    let ok = major
-        .and_then(|m| m.parse::<u32>().ok())
-        .is_some_and(|m| m >= 4);
-    if !ok {
-        eprintln!("skipping: kubectl's kustomize is {kustomize}, without components (kubectl 1.21 or later has them)");
-    }
-    ok
-}
-
 /// `to` (absolute) relative to `from` (absolute): kustomize refuses absolute paths.
 fn relative(from: &Path, to: &Path) -> PathBuf {
     let up = from
@@ -647,7 +616,7 @@ fn dispatcher_pods(docs: &BTreeMap<(String, String), Value>) -> (Value, u64) {
 
 #[test]
 fn the_component_renders_through_an_overlay_and_scrapes_the_dispatchers_metrics_port() {
-    if !kustomize_takes_components() {
+    if !kustomize_5() {
         return;
     }
     let docs = render(&["image/monitoring"]);
@@ -692,7 +661,7 @@ fn the_component_renders_through_an_overlay_and_scrapes_the_dispatchers_metrics_
 
 #[test]
 fn the_pod_monitor_variant_replaces_the_service_and_service_monitor() {
-    if !kustomize_takes_components() {
+    if !kustomize_5() {
         return;
     }
     let docs = render(&["image/monitoring", "image/monitoring/pod-monitor"]);

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use stateless_e2e::dispatch_world::{ended, reports, wait, with_endpoint, TOKEN};
+use stateless_e2e::dispatch_world::{ended, job_env, reports, wait, with_endpoint, TOKEN};
 use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{FakeBuildkite, JobState};
 use stateless_e2e::fake_cluster::{ClusterSpec, FakeCluster};
@@ -286,16 +286,7 @@ fn the_quick_start_takes_an_empty_cluster_to_a_green_job() {
     );
 
     // A job on the queue is served by an agent pod the dispatcher made.
-    let job_env = BTreeMap::from([
-        ("BUILDKITE_REPO".to_string(), served.url.clone()),
-        ("BUILDKITE_COMMIT".to_string(), served.upstream.head()),
-        ("BUILDKITE_BRANCH".to_string(), "main".to_string()),
-        ("BUILDKITE_PIPELINE_SLUG".to_string(), "widgets".to_string()),
-        (
-            "BUILDKITE_COMMAND".to_string(),
-            "test -f README.md".to_string(),
-        ),
-    ]);
+    let job_env = job_env(&served);
     buildkite.schedule(QUEUE, 1, &job_env);
     let finished = || {
         buildkite

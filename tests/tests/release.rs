@@ -28,18 +28,9 @@ fn pinned() -> String {
     format!("{REGISTRY}/stateless-agent@{DIGEST}")
 }
 
-/// `[workspace.package] version` of the root Cargo.toml.
+/// The workspace's version: this crate inherits it (`version.workspace = true`).
 fn workspace_version() -> String {
-    let text = std::fs::read_to_string(workspace().join("Cargo.toml")).unwrap();
-    let section = text
-        .split("\n[")
-        .find(|s| s.starts_with("workspace.package]"))
-        .expect("Cargo.toml has [workspace.package]");
-    let line = section
-        .lines()
-        .find(|l| l.starts_with("version"))
-        .expect("[workspace.package] has a version");
-    line.split('"').nth(1).unwrap().to_string()
+    env!("CARGO_PKG_VERSION").to_string()
 }
 
 /// A step script of `.buildkite/steps` under `root`, with none of the pipeline's variables set from
