@@ -10,7 +10,7 @@
 //! that with `--require`, so CI never skips them).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -67,7 +67,7 @@ impl Podman {
     /// Runs podman with `args`; panics with its output unless it succeeds.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.command().args(args).output().expect("podman runs");
-        let text = finished(out);
+        let text = Finished::from(out);
         assert!(
             text.status.success(),
             "podman {} failed:\n{}",
@@ -195,7 +195,7 @@ fn build_agent_image(state: &Path) -> Podman {
         .arg(workspace)
         .output()
         .expect("podman build runs");
-    let out = finished(out);
+    let out = Finished::from(out);
     assert!(
         out.status.success(),
         "podman build of the Dockerfile failed:\n{}",
@@ -221,7 +221,7 @@ fn debootstrap(tree: &Path, include: &str) -> PathBuf {
         .arg(tree)
         .output()
         .expect("debootstrap runs");
-    let out = finished(out);
+    let out = Finished::from(out);
     assert!(
         out.status.success(),
         "debootstrap of {} failed:\n{}",
@@ -290,14 +290,6 @@ fn import(podman: &Podman, tree: &Path, tag: &str, changes: &[&str]) {
     );
 }
 
-fn finished(out: Output) -> Finished {
-    Finished {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 /// `podman run` being put together. Containers share the host's network, so a server on the
 /// host's loopback is reachable as it is from a pod.
 pub struct Container<'p> {
@@ -343,7 +335,7 @@ impl<'p> Container<'p> {
             .args(self.run_args(false))
             .output()
             .expect("podman run runs");
-        finished(out)
+        Finished::from(out)
     }
 
     /// Starts it in the background; the container is removed when the handle drops.
@@ -375,7 +367,7 @@ impl Running<'_> {
             .args(["logs", &self.id])
             .output()
             .unwrap();
-        finished(out).log()
+        Finished::from(out).log()
     }
 
     /// Waits until its output contains `text`, or panics with the output after `timeout`.

@@ -344,6 +344,16 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl From<std::process::Output> for Finished {
+    fn from(out: std::process::Output) -> Finished {
+        Finished {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
 impl Finished {
     /// All the hook printed, for asserting what a log shows.
     pub fn log(&self) -> String {

@@ -104,19 +104,12 @@ fn run(command: &str, kubeconfig: &Path) -> String {
             "kubectl -n buildkite create job ",
             "kubectl -n buildkite create job --validate=false ",
         );
-    let out = Command::new("bash")
-        .args(["-c", &command])
-        .env("KUBECONFIG", kubeconfig)
-        .env("BUILDKITE_AGENT_TOKEN", TOKEN)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "`{command}` failed:\n{text}");
-    text
+    let mut shell = Command::new("bash");
+    shell.args(["-c", &command]).env("KUBECONFIG", kubeconfig);
+    let out = shell.env("BUILDKITE_AGENT_TOKEN", TOKEN).output().unwrap();
+    let out = stateless_e2e::sandbox::Finished::from(out);
+    assert!(out.status.success(), "`{command}` failed:\n{}", out.log());
+    out.log()
 }
 
 /// One replica of the applied Deployment, as its pod would run it (see the header).
