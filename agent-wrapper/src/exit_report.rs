@@ -25,6 +25,11 @@ pub mod code {
     pub const WATCHDOG: u8 = 80;
     /// The pod was stopped before any job started.
     pub const INTERRUPTED_BEFORE_JOB: u8 = 81;
+    /// `--acquire-job`: Buildkite refused the job (422: taken, cancelled or already run).
+    pub const ACQUIRE_REJECTED: u8 = 82;
+    /// `--acquire-job`: the job was not acquired (still locked after the agent's retries, not
+    /// found, Buildkite unreachable).
+    pub const ACQUIRE_FAILED: u8 = 83;
     /// The agent could not be executed: not executable.
     pub const AGENT_NOT_EXECUTABLE: u8 = 126;
     /// The agent could not be executed: not found.
@@ -32,11 +37,13 @@ pub mod code {
 
     /// The codes above. An agent exiting with one of them is reported as 1, so that a pod's
     /// code alone says what happened and a `podFailurePolicy` can act on it.
-    pub const RESERVED: [u8; 6] = [
+    pub const RESERVED: [u8; 8] = [
         INTERNAL,
         CONFIG,
         WATCHDOG,
         INTERRUPTED_BEFORE_JOB,
+        ACQUIRE_REJECTED,
+        ACQUIRE_FAILED,
         AGENT_NOT_EXECUTABLE,
         AGENT_NOT_FOUND,
     ];
@@ -44,14 +51,30 @@ pub mod code {
     /// Whether a Job should replace a pod that exited with `code`: the "retry the pod?" column
     /// of docs/agent-wrapper.md's table, which image/k8s/agent-job.yaml's `podFailurePolicy`
     /// encodes (tests/tests/kubernetes_manifests.rs checks every code). No for success, for
-    /// configuration and image faults that a new pod would repeat, and for pods that ran their
-    /// job or were stopped before one.
+    /// configuration and image faults that a new pod would repeat, for pods that ran their
+    /// job or were stopped before one, and for a job that could not be acquired: a new pod for
+    /// the same job would get the same 422, or repeat the agent's five minutes of retries
+    /// against a lock or a 404; whoever chose the job (a dispatcher that knows its state)
+    /// decides whether another pod is worth it.
     pub fn retry_pod(code: u8) -> bool {
         !matches!(
             code,
-            0 | CONFIG | WATCHDOG | INTERRUPTED_BEFORE_JOB | AGENT_NOT_EXECUTABLE | AGENT_NOT_FOUND
+            0 | CONFIG
+                | WATCHDOG
+                | INTERRUPTED_BEFORE_JOB
+                | ACQUIRE_REJECTED
+                | ACQUIRE_FAILED
+                | AGENT_NOT_EXECUTABLE
+                | AGENT_NOT_FOUND
         )
     }
+
+    /// The agent's own exit codes for `--acquire-job` (buildkite/agent v3.137.0
+    /// `clicommand/agent_start.go`): 27 for a rejected acquire; 28 is declared for a job still
+    /// locked, but v3.137.0 never returns it (`agent/agent_worker.go` only logs that failure and
+    /// exits 0), so it is read as the same outcome should a later agent return it.
+    pub const AGENT_ACQUISITION_REJECTED: i32 = 27;
+    pub const AGENT_JOB_LOCKED: i32 = 28;
 }
 
 /// How the pod ended.
@@ -70,8 +93,9 @@ pub struct Report {
     pub version: u32,
     pub wrapper_version: &'static str,
     /// Machine-readable: `job-finished`, `job-not-run`, `idle-timeout`, `no-job`, `stopped`,
-    /// `interrupted-before-job`, `watchdog`, `agent-failed`, `agent-killed`, `agent-not-found`,
-    /// `agent-not-executable`, `config-error`, `internal-error`.
+    /// `interrupted-before-job`, `acquire-rejected`, `acquire-failed`, `watchdog`,
+    /// `agent-failed`, `agent-killed`, `agent-not-found`, `agent-not-executable`,
+    /// `config-error`, `internal-error`.
     pub reason: &'static str,
     /// One sentence for a person.
     pub message: String,
@@ -80,6 +104,9 @@ pub struct Report {
     pub agent_exit_code: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_signal: Option<i32>,
+    /// The job the agent was started to acquire (`BUILDKITE_AGENT_ACQUIRE_JOB`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acquire_job: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -164,6 +191,9 @@ impl Ending {
             AgentEnd::Exited(c) => c.clamp(0, 255) as u8,
             AgentEnd::Signaled(s) => 128u8.saturating_add(s as u8),
         };
+        if let Some(ending) = acquire_outcome(supervision, job_started) {
+            return ending;
+        }
         match (supervision.stop, supervision.agent) {
             (Some(StopCause::Watchdog), _) => (
                 code::WATCHDOG,
@@ -240,6 +270,7 @@ impl Ending {
             exit_code,
             agent_exit_code: None,
             agent_signal: None,
+            acquire_job: None,
             stop: None,
             signals_forwarded: Vec::new(),
             signals_held: Vec::new(),
@@ -264,6 +295,7 @@ impl Ending {
                     StopCause::NoJob => format!("job deadline{escalation}"),
                 }
             });
+            report.acquire_job = s.acquire_job;
             report.signals_forwarded = s.forwarded;
             report.signals_held = s.held;
             report.leftover_processes = s.leftovers;
@@ -271,6 +303,32 @@ impl Ending {
             report.job = s.job;
         }
         report
+    }
+}
+
+/// An agent started with `--acquire-job` that ran no job: what became of the acquire. `None`
+/// when another outcome applies (a job ran or was refused, the pod was stopped, the agent
+/// failed otherwise).
+fn acquire_outcome(s: &Supervision, job_started: bool) -> Option<(u8, &'static str, String)> {
+    let job = s.acquire_job.as_deref().filter(|_| !job_started)?;
+    let failed = |how: &str| {
+        Some((
+            code::ACQUIRE_FAILED,
+            "acquire-failed",
+            format!("job {job} was not acquired ({how}); no job ran"),
+        ))
+    };
+    match (s.stop, s.agent) {
+        (None, AgentEnd::Exited(code::AGENT_ACQUISITION_REJECTED)) => Some((
+            code::ACQUIRE_REJECTED,
+            "acquire-rejected",
+            format!("Buildkite refused job {job} to this agent (422: the job was taken by another agent, cancelled or already run); the agent exited 27"),
+        )),
+        (None, AgentEnd::Exited(0 | code::AGENT_JOB_LOCKED)) => failed(
+            "still locked after the agent's retries, not found, or Buildkite not answering; the agent exited without a job",
+        ),
+        (Some(StopCause::NoJob), _) => failed("the agent held no job at the job deadline and was stopped"),
+        _ => None,
     }
 }
 
@@ -350,6 +408,7 @@ mod tests {
             phase,
             exited_before_idle_timeout,
             status_queries: 0,
+            acquire_job: None,
             job: job.map(|(started, finished)| JobRecord {
                 version: 1,
                 job_id: Some("j".into()),
@@ -372,6 +431,9 @@ mod tests {
             (code::CONFIG, false),
             (code::WATCHDOG, false),
             (code::INTERRUPTED_BEFORE_JOB, false),
+            (code::ACQUIRE_REJECTED, false),
+            (code::ACQUIRE_FAILED, false),
+            (27, true),
             (code::AGENT_NOT_EXECUTABLE, false),
             (code::AGENT_NOT_FOUND, false),
         ];
@@ -459,6 +521,80 @@ mod tests {
             let (c, r, _) = ending.classify();
             assert_eq!((c, r), (code, reason), "{ending:?}");
         }
+    }
+
+    fn acquiring(ending: Ending) -> Ending {
+        match ending {
+            Ending::Supervised(s) => Ending::Supervised(Supervision {
+                acquire_job: Some("0190-job".into()),
+                ..s
+            }),
+            other => other,
+        }
+    }
+
+    #[test]
+    fn each_acquire_outcome_has_its_code() {
+        let cases = [
+            // 422: the agent's 27.
+            (
+                supervised(AgentEnd::Exited(27), None, None),
+                82,
+                "acquire-rejected",
+            ),
+            // Still locked, 404, unreachable: v3.137.0 exits 0 without a job.
+            (
+                supervised(AgentEnd::Exited(0), None, None),
+                83,
+                "acquire-failed",
+            ),
+            (
+                supervised(AgentEnd::Exited(28), None, None),
+                83,
+                "acquire-failed",
+            ),
+            (
+                supervised(AgentEnd::Exited(0), Some(StopCause::NoJob), None),
+                83,
+                "acquire-failed",
+            ),
+            // Acquired and run: as any job.
+            (
+                supervised(AgentEnd::Exited(0), None, Some((true, true))),
+                0,
+                "job-finished",
+            ),
+            // Acquired, seen busy, refused before its hooks.
+            (
+                with_phase(AgentEnd::Exited(0), None, None, JobPhase::Over, true),
+                0,
+                "job-not-run",
+            ),
+            // A 27 after the job's hooks ran is the job's status (`--reflect-exit-status`).
+            (
+                supervised(AgentEnd::Exited(27), None, Some((true, true))),
+                27,
+                "agent-failed",
+            ),
+            (
+                supervised(AgentEnd::Exited(0), Some(StopCause::Signal(15)), None),
+                81,
+                "interrupted-before-job",
+            ),
+            (
+                supervised(AgentEnd::Exited(1), None, None),
+                1,
+                "agent-failed",
+            ),
+        ];
+        for (ending, code, reason) in cases {
+            let ending = acquiring(ending);
+            let (c, r, _) = ending.classify();
+            assert_eq!((c, r), (code, reason), "{ending:?}");
+        }
+        // Without --acquire-job, an agent's 27 is its own failure.
+        let (c, r, _) = supervised(AgentEnd::Exited(27), None, None).classify();
+        assert_eq!((c, r), (27, "agent-failed"));
     }
 
     #[test]

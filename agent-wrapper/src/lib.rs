@@ -22,7 +22,7 @@ use crate::agent_version::Version;
 use crate::exit_report::Ending;
 use crate::preflight::PreflightError;
 use crate::settings::Settings;
-use crate::supervisor::{SuperviseError, Timings};
+use crate::supervisor::{SuperviseError, Supervision, Timings};
 use nix::sys::signalfd::SignalFd;
 
 /// The wrapper's own log lines go to stderr: JSON when stdout is not a terminal (a pod's log),
@@ -154,9 +154,11 @@ pub fn run(
             return Ending::AgentNotExecutable(e.to_string())
         }
     };
+    let acquire_job = settings.acquire_job();
     tracing::info!(
         pid = pid.as_raw(),
         agent_version = %version,
+        acquire_job = acquire_job.as_deref(),
         "started {} {version} start --disconnect-after-job",
         agent.display()
     );
@@ -179,7 +181,10 @@ pub fn run(
         &timings,
     );
     match supervised {
-        Ok(supervision) => Ending::Supervised(supervision),
+        Ok(supervision) => Ending::Supervised(Supervision {
+            acquire_job,
+            ..supervision
+        }),
         Err(e) => Ending::Internal(e.to_string()),
     }
 }

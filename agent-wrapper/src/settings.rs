@@ -116,3 +116,47 @@ pub struct Settings {
     #[arg(last = true)]
     pub agent_args: Vec<String>,
 }
+
+impl Settings {
+    /// The job the agent is told to acquire: `--acquire-job` among the extra arguments, else
+    /// `BUILDKITE_AGENT_ACQUIRE_JOB`, which the agent inherits with the rest of the environment
+    /// (buildkite/agent v3.137.0 `clicommand/agent_start.go`: the flag wins over the variable).
+    pub fn acquire_job(&self) -> Option<String> {
+        let mut args = self.agent_args.iter();
+        let mut flag = None;
+        while let Some(arg) = args.next() {
+            let name = arg.trim_start_matches('-');
+            if let Some(value) = name.strip_prefix("acquire-job=") {
+                flag = Some(value.to_string());
+            } else if name == "acquire-job" && arg.starts_with('-') {
+                flag = args.next().cloned();
+            }
+        }
+        flag.or_else(|| std::env::var("BUILDKITE_AGENT_ACQUIRE_JOB").ok())
+            .filter(|job| !job.trim().is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_to_acquire_is_read_from_the_agents_arguments() {
+        for args in [
+            &["--", "--acquire-job", "0190-a"][..],
+            &["--", "--tags", "queue=x", "--acquire-job=0190-a"][..],
+            &["--", "-acquire-job", "0190-a"][..],
+        ] {
+            let settings = Settings::try_parse_from(
+                std::iter::once("agent-wrapper").chain(args.iter().copied()),
+            )
+            .unwrap();
+            assert_eq!(
+                settings.acquire_job().as_deref(),
+                Some("0190-a"),
+                "{args:?}"
+            );
+        }
+    }
+}

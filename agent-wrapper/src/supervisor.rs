@@ -139,6 +139,8 @@ pub struct Supervision {
     pub exited_before_idle_timeout: bool,
     /// Times `/status.json` was asked.
     pub status_queries: u32,
+    /// The job the agent was started to acquire (`--acquire-job`), if any; the caller's to set.
+    pub acquire_job: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +255,7 @@ pub fn supervise(
         phase: state.phase,
         exited_before_idle_timeout: timings.idle_timeout.is_some_and(|t| ran_for < t),
         status_queries: state.status_queries,
+        acquire_job: None,
     })
 }
 

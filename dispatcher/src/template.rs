@@ -628,7 +628,7 @@ mod tests {
         // A template written with the exit-code rule first, as ours once was.
         let wrong_order = SHIPPED
             .replace("      - action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n", "")
-            .replace("          values: [78, 80, 81, 126, 127]\n", "          values: [78, 80, 81, 126, 127]\n      - action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n")
+            .replace("          values: [78, 80, 81, 82, 83, 126, 127]\n", "          values: [78, 80, 81, 82, 83, 126, 127]\n      - action: Ignore\n        onPodConditions:\n          - type: DisruptionTarget\n            status: \"True\"\n")
             .replace("karpenter.sh/do-not-disrupt: \"true\"", "karpenter.sh/do-not-disrupt: \"false\"");
         assert_ne!(wrong_order, SHIPPED);
         let template = Template::parse(&wrong_order, "kubernetes", &Mirror::Shared).unwrap();

@@ -16,15 +16,24 @@
 //!   `PUT /v3/jobs/<id>/start`, `PUT /v3/jobs/<id>/finish` (`exit_status`;
 //!   `ignore_agent_in_dispatches`, which an agent with `--disconnect-after-job` sends, keeps it
 //!   out of later dispatches) and `POST /v3/disconnect`.
+//! - **Acquiring one job** (an agent started with `--acquire-job`; buildkite/agent v3.137.0
+//!   `api/jobs.go` `AcquireJob`, `core/client.go`): `POST /v3/register` with
+//!   `ignore_in_dispatches: true` keeps the agent out of every ping's dispatch; `PUT
+//!   /v3/jobs/<id>/acquire` answers 200 with the job (its `env`) for a scheduled job and assigns it
+//!   to the caller, 404 for a job it does not know, 423 while the test holds the job
+//!   [`FakeBuildkite::lock`]ed (waiting on dependencies), and 422 for a job already acquired,
+//!   running, finished or cancelled. Each attempt's `X-Buildkite-Lock-Acquire-Job` and
+//!   `X-Buildkite-Backoff-Sequence` are recorded ([`FakeBuildkite::acquires`]).
 //! - A wrong token gets 401; faults on request (429 with `Retry-After`, 500, a stall, a 200 whose
-//!   body is not the metrics) hit the metrics endpoint only.
+//!   body is not the metrics) hit the metrics endpoint ([`FakeBuildkite::inject`]) or the acquire
+//!   calls ([`FakeBuildkite::inject_acquire`]), each queue its own.
 //!
 //! Where Buildkite's side is not in any public source, this fake chooses, and says so: an
 //! assigned job counts as running and its agent as busy from the ping that hands it out; a job
 //! is assigned to the agent that pings first; `ping_interval` is 1 s (Buildkite's real interval
 //! is its own to set) so scenarios run in seconds.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -81,8 +90,19 @@ struct Agent {
     job: Option<String>,
     /// Registered and not disconnected.
     connected: bool,
-    /// Finished its job with `ignore_agent_in_dispatches`: no job for it again.
+    /// Registered with `ignore_in_dispatches`, or finished its job with
+    /// `ignore_agent_in_dispatches`: no job for it again.
     ignored: bool,
+}
+
+/// One `PUT /v3/jobs/<id>/acquire` as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquire {
+    pub job: String,
+    /// `X-Buildkite-Lock-Acquire-Job`.
+    pub lock: Option<String>,
+    /// `X-Buildkite-Backoff-Sequence`: the attempt, from 0.
+    pub backoff_sequence: Option<String>,
 }
 
 impl Agent {
@@ -100,6 +120,10 @@ struct State {
     counts: QueueState,
     poll_duration: Option<u64>,
     faults: VecDeque<BuildkiteFault>,
+    acquire_faults: VecDeque<BuildkiteFault>,
+    /// Jobs the test holds locked: an acquire gets 423.
+    locked: BTreeSet<String>,
+    acquires: Vec<Acquire>,
     /// `(path and query, Authorization header)` of every request.
     requests: Vec<(String, String)>,
     /// Access token → agent.
@@ -154,6 +178,7 @@ impl State {
                         .collect()
                 })
                 .unwrap_or_default();
+            let ignored = body["ignore_in_dispatches"] == json!(true);
             let answer = json!({"id": format!("agent-{n:04}"), "name": name, "access_token": access,
                 "endpoint": "", "ping_interval": 1, "job_status_interval": 5,
                 "heartbeat_interval": 60, "meta_data": tags});
@@ -164,16 +189,20 @@ impl State {
                     tags,
                     job: None,
                     connected: true,
-                    ignored: false,
+                    ignored,
                 },
             );
             return Some((201, answer));
         }
         let token = auth.strip_prefix("Token ").unwrap_or("").to_string();
-        let Some(agent) = self.agents.get_mut(&token) else {
+        if !self.agents.contains_key(&token) {
             return Some((401, json!({"message": "Invalid access token"})));
-        };
+        }
         let segments: Vec<&str> = path.split('/').collect();
+        if let ("PUT", ["jobs", id, "acquire"]) = (request.method.as_str(), segments.as_slice()) {
+            return Some(self.acquire(&token, id));
+        }
+        let agent = self.agents.get_mut(&token).unwrap();
         let answer = match (request.method.as_str(), segments.as_slice()) {
             ("POST", ["connect"]) => {
                 agent.connected = true;
@@ -210,7 +239,7 @@ impl State {
                 }
                 if *step == "finish" {
                     agent.job = None;
-                    agent.ignored = body["ignore_agent_in_dispatches"] == json!(true);
+                    agent.ignored |= body["ignore_agent_in_dispatches"] == json!(true);
                 }
                 let job = self.jobs.iter_mut().find(|j| j.id == *id).unwrap();
                 match *step {
@@ -228,6 +257,34 @@ impl State {
             _ => return None,
         };
         Some((200, answer))
+    }
+
+    /// `PUT /v3/jobs/<id>/acquire` by the agent holding `token`. Which of 404, 423 and 422 wins
+    /// for a job that is several at once is Buildkite's and not public; this fake checks in
+    /// that order.
+    fn acquire(&mut self, token: &str, id: &str) -> (u16, Value) {
+        let name = self.agents[token].name.clone();
+        let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) else {
+            return (404, json!({"message": "No job found"}));
+        };
+        if self.locked.contains(id) {
+            return (
+                423,
+                json!({"message": "The job is waiting on its dependencies"}),
+            );
+        }
+        if job.state != JobState::Scheduled {
+            let state = format!("{:?}", job.state).to_lowercase();
+            return (
+                422,
+                json!({"message": format!("The job is {state} and cannot be acquired")}),
+            );
+        }
+        job.state = JobState::Accepted;
+        job.agent = Some(name);
+        let answer = json!({"id": job.id, "state": "accepted", "env": job.env});
+        self.agents.get_mut(token).unwrap().job = Some(id.to_string());
+        (200, answer)
     }
 }
 
@@ -247,6 +304,9 @@ impl FakeBuildkite {
             counts: QueueState::default(),
             poll_duration: None,
             faults: VecDeque::new(),
+            acquire_faults: VecDeque::new(),
+            locked: BTreeSet::new(),
+            acquires: Vec::new(),
             requests: Vec::new(),
             agents: BTreeMap::new(),
             jobs: Vec::new(),
@@ -320,6 +380,34 @@ impl FakeBuildkite {
         state.faults.extend(std::iter::repeat_n(fault, times));
     }
 
+    /// Faults for the next acquire calls, before any job is looked at.
+    pub fn inject_acquire(&self, fault: BuildkiteFault, times: usize) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .acquire_faults
+            .extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// Holds `job` locked, as a job waiting on its dependencies is: acquiring it gets 423.
+    pub fn lock(&self, job: &str) {
+        self.state.lock().unwrap().locked.insert(job.to_string());
+    }
+
+    pub fn unlock(&self, job: &str) {
+        self.state.lock().unwrap().locked.remove(job);
+    }
+
+    /// Every acquire call, faulted ones included, in order.
+    pub fn acquires(&self) -> Vec<Acquire> {
+        self.state.lock().unwrap().acquires.clone()
+    }
+
+    /// How many agents registered with `ignore_in_dispatches`.
+    pub fn registrations_ignoring_dispatches(&self) -> usize {
+        let state = self.state.lock().unwrap();
+        state.agents.values().filter(|a| a.ignored).count()
+    }
+
     /// How many metrics requests came.
     pub fn polls(&self) -> usize {
         let state = self.state.lock().unwrap();
@@ -350,17 +438,36 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
 fn answer(request: &Request, state: &Mutex<State>, out: &mut TcpStream) -> std::io::Result<bool> {
     let auth = request.header("Authorization").unwrap_or("").to_string();
     let metrics = request.path == "/v3/metrics/queue";
+    let acquire = request.method == "PUT" && request.path.ends_with("/acquire");
     let (lifecycle, fault, expected, queue, body, poll) = {
         let mut s = state.lock().unwrap();
         s.requests
             .push((format!("{}?{}", request.path, request.query), auth.clone()));
-        let lifecycle = match metrics {
-            true => None,
-            false => s.lifecycle(request, &auth),
+        if acquire {
+            let job = request
+                .path
+                .split('/')
+                .nth(3)
+                .unwrap_or_default()
+                .to_string();
+            s.acquires.push(Acquire {
+                job,
+                lock: request
+                    .header("X-Buildkite-Lock-Acquire-Job")
+                    .map(String::from),
+                backoff_sequence: request
+                    .header("X-Buildkite-Backoff-Sequence")
+                    .map(String::from),
+            });
+        }
+        let fault = match (metrics, acquire) {
+            (true, _) => s.faults.pop_front(),
+            (_, true) => s.acquire_faults.pop_front(),
+            _ => None,
         };
-        let fault = match metrics {
-            true => s.faults.pop_front(),
-            false => None,
+        let lifecycle = match (metrics, &fault) {
+            (false, None) => s.lifecycle(request, &auth),
+            _ => None,
         };
         let queue = s.queue.clone();
         (

@@ -26,9 +26,21 @@ pub fn http_with(
     headers: &str,
     body: Option<&str>,
 ) -> (u16, String) {
+    let (code, _, body) = http_exchange(address, method, path, headers, body);
+    (code, body)
+}
+
+/// [`http_with`], with the response's header lines too (for `Retry-After`).
+pub fn http_exchange(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+) -> (u16, String, String) {
     use std::io::{Read, Write};
     let Ok(mut stream) = TcpStream::connect(address) else {
-        return (0, String::new());
+        return (0, String::new(), String::new());
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let body = body.unwrap_or("");
@@ -44,11 +56,8 @@ pub fn http_with(
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or_default();
+    (code, head.to_string(), body.to_string())
 }
 
 /// Accepts connections on `listener` for ever, each served by `serve` on a thread of its own.

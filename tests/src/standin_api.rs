@@ -5,8 +5,11 @@
 //! `Authorization: Token` header of `internal/agenthttp/auth.go`, and the retries of
 //! `core/client.go`: register 10 attempts 5 s apart (a 4xx ends them), connect likewise,
 //! disconnect 4 attempts 1 s apart, FinishJob up to 12; FinishJob's `ignore_agent_in_dispatches`
-//! as `agent/agent_worker_action.go` sets it with `--disconnect-after-job`. The access token from
-//! registration is used from then on.
+//! as `agent/agent_worker_action.go` sets it with `--disconnect-after-job` (an acquired job's
+//! omits it: `AcquireAndRunJob` passes nil). The access token from registration is used from then
+//! on. One acquire call (`api/jobs.go` `AcquireJob` with the headers `core/client.go` sends, and
+//! that file's reading of the answer) is [`AgentApi::acquire`]; its retries are the agent's
+//! ([`crate::standin_start`]).
 //!
 //! Not modelled: TLS (the agent's HTTPS endpoint), request headers and endpoints a ping can
 //! change, ping actions (pause, disconnect), job log chunks, heartbeats.
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::loopback::http_with;
+use crate::loopback::{http_exchange, http_with};
 
 pub struct AgentApi {
     /// `host:port`.
@@ -31,6 +34,23 @@ pub struct AgentApi {
 
 /// A failed call: what the agent logs.
 pub type ApiError = String;
+
+/// One acquire call's outcome, as `core/client.go` `AcquireJob` sorts the answer (v3.137.0).
+pub enum AcquireAnswer {
+    /// 2xx: the job, with its environment.
+    Acquired(BTreeMap<String, String>),
+    /// 423 (`ErrJobLocked`, `locked`), 429, 5xx, no answer, or another non-4xx status: tried
+    /// again, after the server's `Retry-After` if it sent one (423, 429 and 5xx only).
+    Retry {
+        locked: bool,
+        retry_after: Option<Duration>,
+        error: ApiError,
+    },
+    /// 422 (`ErrJobAcquisitionRejected`): taken, running, finished or cancelled; not retried.
+    Rejected(ApiError),
+    /// Any other 4xx (e.g. 404): not retried.
+    Refused(ApiError),
+}
 
 impl AgentApi {
     /// An `http://host:port/path` endpoint; `None` for anything else (the stand-in cannot speak
@@ -87,10 +107,16 @@ impl AgentApi {
         Err(last)
     }
 
-    /// Registers with `tags` and switches to the access token.
-    pub fn register(&mut self, name: &str, tags: &[String]) -> Result<(), ApiError> {
+    /// Registers with `tags` and switches to the access token. An agent started to acquire one
+    /// job registers with `ignore_in_dispatches` (`clicommand/agent_start.go`).
+    pub fn register(
+        &mut self,
+        name: &str,
+        tags: &[String],
+        ignore_in_dispatches: bool,
+    ) -> Result<(), ApiError> {
         let request = json!({"name": name, "hostname": name, "os": "linux", "arch": "amd64",
-            "script_eval_enabled": true, "ignore_in_dispatches": false,
+            "script_eval_enabled": true, "ignore_in_dispatches": ignore_in_dispatches,
             "version": crate::standin_start::version(), "build": "standin",
             "meta_data": tags, "pid": std::process::id(), "features": []});
         let answer = self
@@ -135,6 +161,53 @@ impl AgentApi {
             .map_err(|e| format!("the accepted job's env is not an object of strings: {e}"))
     }
 
+    /// One `PUT jobs/<id>/acquire`, attempt `attempt` (from 0) of the agent's retrier.
+    pub fn acquire(&self, job: &str, attempt: u32) -> AcquireAnswer {
+        let path = format!("jobs/{job}/acquire");
+        let headers = format!(
+            "Authorization: Token {}\r\nX-Buildkite-Lock-Acquire-Job: 1\r\nX-Buildkite-Backoff-Sequence: {attempt}\r\n",
+            self.token
+        );
+        let (code, head, answer) = http_exchange(
+            &self.address,
+            "PUT",
+            &format!("{}/{path}", self.base),
+            &headers,
+            None,
+        );
+        let error = match code {
+            0 => format!("PUT {path}: no answer from the endpoint"),
+            _ => format!("PUT {path}: {code} {}", answer.trim()),
+        };
+        let retry_after = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Retry-After:"))
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .map(Duration::from_secs_f64);
+        match code {
+            200..=299 => match serde_json::from_str::<Value>(&answer)
+                .ok()
+                .and_then(|a| serde_json::from_value(a["env"].clone()).ok())
+            {
+                Some(env) => AcquireAnswer::Acquired(env),
+                None => AcquireAnswer::Refused(format!("the acquired job has no env: {answer}")),
+            },
+            423 | 429 | 500.. => AcquireAnswer::Retry {
+                locked: code == 423,
+                retry_after,
+                error,
+            },
+            422 => AcquireAnswer::Rejected(error),
+            400..=499 => AcquireAnswer::Refused(error),
+            // No answer (a network error), or a status no case names: tried again.
+            _ => AcquireAnswer::Retry {
+                locked: false,
+                retry_after: None,
+                error,
+            },
+        }
+    }
+
     pub fn start(&self, job: &str) -> Result<(), ApiError> {
         let now = json!({"started_at": ""});
         self.retried(
@@ -147,10 +220,13 @@ impl AgentApi {
         .map(drop)
     }
 
-    /// FinishJob, with `ignore_agent_in_dispatches` as `--disconnect-after-job` sends it.
-    pub fn finish(&self, job: &str, exit_status: i32) -> Result<(), ApiError> {
-        let request = json!({"exit_status": exit_status.to_string(), "chunks_failed_count": 0,
-            "ignore_agent_in_dispatches": true});
+    /// FinishJob; `ignore_agent_in_dispatches` as `--disconnect-after-job` sends it, omitted for
+    /// an acquired job.
+    pub fn finish(&self, job: &str, exit_status: i32, acquired: bool) -> Result<(), ApiError> {
+        let mut request = json!({"exit_status": exit_status.to_string(), "chunks_failed_count": 0});
+        if !acquired {
+            request["ignore_agent_in_dispatches"] = json!(true);
+        }
         self.retried(
             "PUT",
             &format!("jobs/{job}/finish"),

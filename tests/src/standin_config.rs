@@ -99,6 +99,8 @@ const SETTINGS: &[Setting] = &[
     setting("no-ssh-keyscan", &["BUILDKITE_NO_SSH_KEYSCAN"], Bool, "false"),
     setting("no-command-eval", &["BUILDKITE_NO_COMMAND_EVAL"], Bool, "false"),
     setting("health-check-addr", &["BUILDKITE_HEALTH_CHECK_ADDR"], Text, ""),
+    setting("acquire-job", &["BUILDKITE_AGENT_ACQUIRE_JOB"], Text, ""),
+    setting("spawn", &["BUILDKITE_AGENT_SPAWN"], Int, "1"),
     setting("disconnect-after-idle-timeout", &["BUILDKITE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT"], Int, "0"),
     // 3.x (`clicommand/cancel_signal.go` at v3.137.0): -1 means cancel-grace-period minus 1.
     setting("cancel-grace-period", &["BUILDKITE_CANCEL_GRACE_PERIOD"], Int, "10"),

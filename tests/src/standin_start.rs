@@ -26,6 +26,22 @@
 //!   environment from `BUILDKITE_STANDIN_JOB_ENV`. `--disconnect-after-idle-timeout N`: exit 0 when no job came
 //!   for N seconds after registration (0: never). A `pause` misbehaviour is a paused agent: no job,
 //!   and no idle timeout (`agent/idle_monitor.go` counts a paused agent as busy), status idle.
+//! - **Acquiring one job** (`--acquire-job ID` / `BUILDKITE_AGENT_ACQUIRE_JOB`, v3.137.0; needs
+//!   the `http://` endpoint): `--spawn` must be 1 (else exit 1, before registering), and the agent
+//!   registers with `ignore_in_dispatches` (`clicommand/agent_start.go`). Its worker acquires the
+//!   job before any ping (`agent/agent_worker.go` `Start`, `AcquireAndRunJob`) with
+//!   `core/client.go` `AcquireJob`'s retrier: 7 attempts within 330 s, each followed by a wait of
+//!   2^attempt s plus a jitter in [-1 s, 5 s) (roko v1.4.0 `Exponential(2s, 0)`,
+//!   `WithJitterRange`), or the answer's `Retry-After`; 423, 429, 5xx and no answer are tried
+//!   again, 422 and other 4xx are not; a graceful stop ends the retries. Acquired, the job runs
+//!   as a dispatched one does (StartJob, the hooks, FinishJob without
+//!   `ignore_agent_in_dispatches`). 422: the worker's error reaches `main`, which exits **27**.
+//!   Any other failure (still locked after the retries, 404, no answer) is only logged ("Failed
+//!   to acquire and run job"); the ping loop then starts, and its first answer that is not
+//!   `pause` ends an acquire-job worker (`agent/agent_worker_action.go`): the agent disconnects
+//!   and exits **0**. Exit 28, which `agent_start.go` declares for a locked job, is not reached
+//!   at v3.137.0. `BUILDKITE_STANDIN_ACQUIRE_SCALE` (the stand-in's, not the agent's; default 1)
+//!   multiplies the retrier's waits and its 330 s so that scenarios run in seconds.
 //! - **The job.** It runs the global hooks from the hooks path in the agent's order —
 //!   environment, pre-checkout, checkout (the global hook; the default checkout is not modelled),
 //!   post-checkout, pre-command, command (through `sh -c`: the job's `BUILDKITE_COMMAND` when it
@@ -58,7 +74,8 @@
 //!   accepts connections and closes them unanswered).
 //!
 //! Not modelled: plugins and their pre-exit hooks (3.x runs them after the global one), the
-//! agent's log output, artifact upload, ping intervals.
+//! agent's log output, artifact upload, ping intervals, `--reflect-exit-status`, a paused
+//! acquire-job agent (it acquires and runs its job, then stays until resumed).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -73,8 +90,15 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, SigSet, Signal};
 use nix::unistd::Pid;
 
-use crate::standin_api::AgentApi;
+use crate::standin_api::{AcquireAnswer, AgentApi};
 use crate::standin_config::{AgentConfig, ONLY_IN_3, ONLY_IN_4};
+
+/// `core/client.go` `AcquireJob` (v3.137.0): attempts, and the timeout around all of them.
+const ACQUIRE_ATTEMPTS: u32 = 7;
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(330);
+
+/// `clicommand/agent_start.go`: the acquire was rejected (422).
+const ACQUISITION_REJECTED: u8 = 27;
 
 const PHASES: [&str; 8] = [
     "environment",
@@ -122,6 +146,19 @@ struct Agent {
     killed: bool,
 }
 
+/// How acquiring the job ended.
+enum Acquisition {
+    Acquired(BTreeMap<String, String>),
+    /// 422.
+    Rejected(String),
+    /// Still locked or failing after the retries, or a 4xx but 422.
+    Failed(String),
+    /// A graceful stop (or a cancel) ended the retries.
+    Stopped,
+    /// The third TERM: exit 1 at once.
+    Exit,
+}
+
 pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     let misbehave = std::env::var("BUILDKITE_STANDIN_MISBEHAVE").unwrap_or_default();
     let has = |what: &str| misbehave.split(',').any(|m| m == what);
@@ -153,6 +190,13 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
     let mut api = AgentApi::for_endpoint(config.get("endpoint"), &token);
     if config.get("build-path").is_empty() {
         return fail("Missing build-path, set BUILDKITE_BUILD_PATH");
+    }
+    let acquire = config.get("acquire-job").to_string();
+    if !acquire.is_empty() && config.get("spawn") != "1" {
+        return fail("you can't spawn multiple agents and acquire a job at the same time");
+    }
+    if !acquire.is_empty() && api.is_none() {
+        return fail("the stand-in acquires a job only from an http:// endpoint");
     }
     let seconds = |name: &str| {
         std::env::var(name)
@@ -186,7 +230,7 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
             .map(String::from)
             .collect();
         let name = std::env::var("HOSTNAME").unwrap_or_else(|_| "standin".into());
-        if let Err(e) = api.register(&name, &tags) {
+        if let Err(e) = api.register(&name, &tags, !acquire.is_empty()) {
             return fail(&e);
         }
     }
@@ -213,61 +257,15 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
         true => println!("buildkite-agent (stand-in): started; paused"),
         false => println!("buildkite-agent (stand-in): started, waiting for a job"),
     }
-    let started = Instant::now();
-    // The ping loop (`agent/agent_worker_ping.go` at main 5c219808): the first ping skips the
-    // ticker but not the jitter of up to an interval; then one each interval plus that jitter.
-    let mut ping_due = api.as_ref().map(|api| started + jitter(api.ping_interval));
-    let job_id = loop {
-        let job_due = job_after.map(|d| started + d);
-        let idle_due = idle.map(|d| started + d);
-        let due = [job_due, idle_due, ping_due].into_iter().flatten().min();
-        let leave = |code| {
-            if let Some(api) = &api {
-                api.disconnect();
-            }
-            code
-        };
-        match agent.next_signal(due) {
-            Some(Event::Stop) | Some(Event::Cancel) => {
-                println!("buildkite-agent (stand-in): stopping; there is no job");
-                return leave(ExitCode::SUCCESS);
-            }
-            Some(Event::Exit) => return ExitCode::FAILURE,
-            None if job_due.is_some_and(|d| Instant::now() >= d) => {
-                break format!("standin-job-{}", std::process::id());
-            }
-            None if idle_due.is_some_and(|d| Instant::now() >= d) => {
-                println!("buildkite-agent (stand-in): idle timeout reached, disconnecting");
-                return leave(ExitCode::SUCCESS);
-            }
-            None if ping_due.is_some_and(|d| Instant::now() >= d) => {
-                let api = api.as_ref().unwrap();
-                if let Some(job) = api.ping() {
-                    break job;
-                }
-                ping_due = Some(Instant::now() + api.ping_interval + jitter(api.ping_interval));
-            }
-            None => {}
-        }
+    let job = match &api {
+        Some(api) if !acquire.is_empty() => agent.acquired_job(api, &acquire),
+        _ => agent.dispatched_job(api.as_ref(), job_after, idle),
+    };
+    let (job_id, job_env) = match job {
+        Ok(job) => job,
+        Err(code) => return code,
     };
     let stopping_before = agent.terms > 0;
-    agent.worker.lock().unwrap().job = Some(job_id.clone());
-    let job_env = match &api {
-        Some(api) => {
-            println!("buildkite-agent (stand-in): Assigned job {job_id}. Accepting...");
-            match api
-                .accept(&job_id)
-                .and_then(|env| api.start(&job_id).map(|_| env))
-            {
-                Ok(env) => env,
-                Err(e) => return fail(&e),
-            }
-        }
-        None => match backend_job_env() {
-            Ok(env) => env,
-            Err(code) => return code,
-        },
-    };
     // A refused job fails without running (`agent/run_job.go` finishes it with -1).
     let exit_status = if has("refuse-job") {
         println!("buildkite-agent (stand-in): job {job_id} refused: signature verification failed");
@@ -285,7 +283,8 @@ pub fn start(state: &Path, args: &[&str]) -> ExitCode {
             Err(code) => return code,
         }
     };
-    if let Err(code) = agent.report(state, &job_id, api.as_ref(), exit_status) {
+    let acquired = !acquire.is_empty();
+    if let Err(code) = agent.report(state, &job_id, api.as_ref(), exit_status, acquired) {
         return code;
     }
     agent.worker.lock().unwrap().job = None;
@@ -362,6 +361,153 @@ impl Agent {
             println!("buildkite-agent (stand-in): Timed out waiting for agents to exit; exiting immediately with status 1");
             std::process::exit(1);
         });
+    }
+
+    /// The job Buildkite dispatches: through the API's pings (accepted and started), else after
+    /// `BUILDKITE_STANDIN_JOB_AFTER`; the idle timeout or a stop may come first. Err: the agent
+    /// exits with that code.
+    fn dispatched_job(
+        &mut self,
+        api: Option<&AgentApi>,
+        job_after: Option<Duration>,
+        idle: Option<Duration>,
+    ) -> Result<(String, BTreeMap<String, String>), ExitCode> {
+        let started = Instant::now();
+        // The ping loop (`agent/agent_worker_ping.go` at main 5c219808): the first ping skips the
+        // ticker but not the jitter of up to an interval; then one each interval plus that jitter.
+        let mut ping_due = api.map(|api| started + jitter(api.ping_interval));
+        let leave = |code| {
+            if let Some(api) = api {
+                api.disconnect();
+            }
+            Err(code)
+        };
+        let job_id = loop {
+            let job_due = job_after.map(|d| started + d);
+            let idle_due = idle.map(|d| started + d);
+            let due = [job_due, idle_due, ping_due].into_iter().flatten().min();
+            match self.next_signal(due) {
+                Some(Event::Stop) | Some(Event::Cancel) => {
+                    println!("buildkite-agent (stand-in): stopping; there is no job");
+                    return leave(ExitCode::SUCCESS);
+                }
+                Some(Event::Exit) => return Err(ExitCode::FAILURE),
+                None if job_due.is_some_and(|d| Instant::now() >= d) => {
+                    break format!("standin-job-{}", std::process::id());
+                }
+                None if idle_due.is_some_and(|d| Instant::now() >= d) => {
+                    println!("buildkite-agent (stand-in): idle timeout reached, disconnecting");
+                    return leave(ExitCode::SUCCESS);
+                }
+                None if ping_due.is_some_and(|d| Instant::now() >= d) => {
+                    let api = api.unwrap();
+                    if let Some(job) = api.ping() {
+                        break job;
+                    }
+                    ping_due = Some(Instant::now() + api.ping_interval + jitter(api.ping_interval));
+                }
+                None => {}
+            }
+        };
+        self.worker.lock().unwrap().job = Some(job_id.clone());
+        let Some(api) = api else {
+            return Ok((job_id, backend_job_env()?));
+        };
+        println!("buildkite-agent (stand-in): Assigned job {job_id}. Accepting...");
+        let env = api
+            .accept(&job_id)
+            .and_then(|env| api.start(&job_id).map(|_| env))
+            .map_err(|e| fail(&e))?;
+        Ok((job_id, env))
+    }
+
+    /// `--acquire-job` (`agent/agent_worker.go` `Start`, v3.137.0): the job is acquired before
+    /// the ping loop. Acquired, it is started and runs as a dispatched one. Rejected (422): the
+    /// worker fails, and `main` exits 27. Otherwise the failure is only logged, and the first
+    /// ping's answer ends an acquire-job worker: exit 0.
+    fn acquired_job(
+        &mut self,
+        api: &AgentApi,
+        job: &str,
+    ) -> Result<(String, BTreeMap<String, String>), ExitCode> {
+        let leave = |code| {
+            api.disconnect();
+            Err(code)
+        };
+        println!("buildkite-agent (stand-in): Attempting to acquire job {job}...");
+        match self.acquire(api, job) {
+            Acquisition::Acquired(env) => {
+                self.worker.lock().unwrap().job = Some(job.to_string());
+                api.start(job).map_err(|e| fail(&e))?;
+                Ok((job.to_string(), env))
+            }
+            Acquisition::Rejected(e) => {
+                eprintln!("buildkite-agent (stand-in): failed to acquire job {job:?}: job acquisition rejected: {e}");
+                leave(ExitCode::from(ACQUISITION_REJECTED))
+            }
+            Acquisition::Failed(e) => {
+                println!("buildkite-agent (stand-in): Failed to acquire and run job: {e}");
+                match self.next_signal(Some(Instant::now() + jitter(api.ping_interval))) {
+                    Some(Event::Exit) => return Err(ExitCode::FAILURE),
+                    Some(_) => {}
+                    None => drop(api.ping()),
+                }
+                leave(ExitCode::SUCCESS)
+            }
+            Acquisition::Stopped => leave(ExitCode::SUCCESS),
+            Acquisition::Exit => Err(ExitCode::FAILURE),
+        }
+    }
+
+    /// `core/client.go` `AcquireJob`'s retrier (v3.137.0, roko v1.4.0): up to
+    /// [`ACQUIRE_ATTEMPTS`] within [`ACQUIRE_TIMEOUT`], the waits scaled by
+    /// `BUILDKITE_STANDIN_ACQUIRE_SCALE`; a signal ends it (the agent cancels the acquire's
+    /// context on stop).
+    fn acquire(&mut self, api: &AgentApi, job: &str) -> Acquisition {
+        let scale = std::env::var("BUILDKITE_STANDIN_ACQUIRE_SCALE")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(1.0);
+        let deadline = Instant::now() + ACQUIRE_TIMEOUT.mul_f64(scale);
+        let mut last = String::new();
+        for attempt in 0..ACQUIRE_ATTEMPTS {
+            // roko picks the wait before each try: 2^attempt s and a jitter in [-1 s, 5 s).
+            let backoff = Duration::from_secs(1 << attempt) + jitter(Duration::from_secs(6))
+                - Duration::from_secs(1);
+            let wait = match api.acquire(job, attempt) {
+                AcquireAnswer::Acquired(env) => return Acquisition::Acquired(env),
+                AcquireAnswer::Rejected(e) => return Acquisition::Rejected(e),
+                AcquireAnswer::Refused(e) => return Acquisition::Failed(e),
+                AcquireAnswer::Retry {
+                    locked,
+                    retry_after,
+                    error,
+                } => {
+                    last = match locked {
+                        true => format!("job is locked: {error}"),
+                        false => error,
+                    };
+                    retry_after.unwrap_or(backoff)
+                }
+            };
+            if attempt + 1 == ACQUIRE_ATTEMPTS {
+                break;
+            }
+            println!(
+                "buildkite-agent (stand-in): {last} (Attempt {}/{ACQUIRE_ATTEMPTS} Retrying in {wait:?})",
+                attempt + 1
+            );
+            let wake = Instant::now() + wait.mul_f64(scale);
+            match self.next_signal(Some(wake.min(deadline))) {
+                Some(Event::Exit) => return Acquisition::Exit,
+                Some(_) => return Acquisition::Stopped,
+                None if wake > deadline => {
+                    return Acquisition::Failed(format!("{last}: context deadline exceeded"))
+                }
+                None => {}
+            }
+        }
+        Acquisition::Failed(last)
     }
 
     /// Runs the job's hooks and command; the job's exit status, as FinishJob reports it.
@@ -469,6 +615,7 @@ impl Agent {
         job_id: &str,
         api: Option<&AgentApi>,
         exit_status: i32,
+        acquired: bool,
     ) -> Result<(), ExitCode> {
         let delay = std::env::var("BUILDKITE_STANDIN_FINISH_DELAY")
             .ok()
@@ -487,7 +634,8 @@ impl Agent {
             }
         }
         if let Some(api) = api {
-            api.finish(job_id, exit_status).map_err(|e| fail(&e))?;
+            api.finish(job_id, exit_status, acquired)
+                .map_err(|e| fail(&e))?;
         }
         let finished = state.join("finished");
         std::fs::create_dir_all(&finished).map_err(|_| fail("cannot record the result"))?;
