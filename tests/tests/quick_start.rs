@@ -295,16 +295,24 @@ fn the_quick_start_takes_an_empty_cluster_to_a_green_job() {
     let jobs = buildkite.jobs();
     assert_eq!(jobs[0].exit_status.as_deref(), Some("0"), "the job passed");
 
-    let agents: Vec<Value> = kube
-        .objects("pods", NS)
-        .into_iter()
-        .filter(|p| p["metadata"]["labels"]["stateless-agent/queue"] == QUEUE)
-        .collect();
-    let ran = reports(&agents);
-    let ran = ran
-        .iter()
-        .find(|r| r["reason"] == "job-finished")
-        .expect("a pod ran the job");
+    let agents = || -> Vec<Value> {
+        let pods = kube.objects("pods", NS).into_iter();
+        pods.filter(|p| p["metadata"]["labels"]["stateless-agent/queue"] == QUEUE)
+            .collect()
+    };
+    // The pod ends after the job: the agent disconnects, then the wrapper writes its report.
+    let ran = || {
+        reports(&agents())
+            .into_iter()
+            .find(|r| r["reason"] == "job-finished")
+    };
+    wait(
+        "the pod that ran the job to end",
+        Duration::from_secs(60),
+        || ran().is_some(),
+    );
+    let ran = ran().unwrap();
+    let agents = agents();
     assert_eq!(
         ran["checkout"]["mirror"], "hit",
         "the checkout borrowed from the mirror: {ran}"
