@@ -2435,7 +2435,8 @@ fn inputs(store: &Store, pod: &Value) -> Inputs {
     }
 }
 
-/// A ConfigMap's or Secret's data as text (a Secret's `data` decoded, and its `stringData`).
+/// A ConfigMap's or Secret's data as text (a Secret's `data` decoded: the API server merged its
+/// `stringData` in).
 fn data_of(object: &Value) -> BTreeMap<String, String> {
     let secret = object["kind"] == "Secret";
     let decode = |v: &str| {
@@ -2452,9 +2453,7 @@ fn data_of(object: &Value) -> BTreeMap<String, String> {
             decode(v.as_str().unwrap_or("")).unwrap_or_default(),
         )
     });
-    let plain = object["stringData"].as_object().into_iter().flatten();
-    let plain = plain.map(|(k, v)| (k.clone(), text(v)));
-    data.chain(plain).collect()
+    data.collect()
 }
 
 /// The image's env, then the container's, then `HOSTNAME`; the first reference that cannot be

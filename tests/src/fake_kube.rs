@@ -23,7 +23,8 @@
 //!   then changes), `BOOKMARK` events when `allowWatchBookmarks=true`, the stream closed at
 //!   `timeoutSeconds`; a resourceVersion older than the kept history gets the `ERROR` event with
 //!   a 410 `Expired` Status, as an etcd compaction causes ([`FakeKube::compact`]).
-//! - **Writes**: create (`generateName` gets 5 random characters; 409 `AlreadyExists`), replace
+//! - **Writes**: create (`generateName` gets 5 random characters; 409 `AlreadyExists`; a Secret's
+//!   `stringData` merged into `data`, as the server converts it), replace
 //!   (409 `Conflict` on a stale `metadata.resourceVersion`), the `/status` subresource, merge and
 //!   strategic-merge patches (the latter applied as a merge patch: none of these kinds needs
 //!   list merging here), server-side apply with field ownership (a field another `fieldManager`
@@ -98,6 +99,25 @@ pub fn kustomize_5() -> bool {
         eprintln!("skipping: kubectl's kustomize is {kustomize}; the install unit needs kustomize 5 (kubectl 1.27 or later)");
     }
     ok
+}
+
+/// A Secret's write-only `stringData`, merged into `data` (base64) and dropped, as the API server
+/// converts it (kubernetes `pkg/apis/core/v1/conversion.go`, `Convert_v1_Secret_To_core_Secret`:
+/// "StringData overwrites Data"); readers see only `data`.
+fn merge_string_data(secret: &mut Value) {
+    use base64::Engine;
+    let Some(Value::Object(plain)) = secret.as_object_mut().and_then(|s| s.remove("stringData"))
+    else {
+        return;
+    };
+    if !secret["data"].is_object() {
+        secret["data"] = json!({});
+    }
+    for (key, value) in plain {
+        let text = value.as_str().unwrap_or_default();
+        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+        secret["data"][key] = json!(encoded);
+    }
 }
 
 /// A pod of `job` named `name`, as its Job controller would make it (the template's labels, the
@@ -430,6 +450,9 @@ impl Store {
         if kind.plural == "pods" && object["status"]["phase"].is_null() {
             object["status"] = json!({"phase": "Pending"});
         }
+        if kind.plural == "secrets" {
+            merge_string_data(&mut object);
+        }
         if kind.plural == "persistentvolumeclaims" {
             // The StorageObjectInUseProtection admission plugin's finalizer; a claim is Pending
             // until the cluster binds it.
@@ -508,6 +531,9 @@ impl Store {
     /// last finalizer is gone, with no grace period left (a pod's kubelet has finished with it),
     /// is removed instead, as the API server does on that update.
     pub(crate) fn put(&mut self, kind: Kind, mut object: Value) -> Value {
+        if kind.plural == "secrets" {
+            merge_string_data(&mut object);
+        }
         if released(&object) {
             self.remove(kind, &Store::key(kind, &object));
             return object;

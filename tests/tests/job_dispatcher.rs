@@ -548,6 +548,72 @@ fn the_poll_interval_follows_what_buildkite_asks() {
     );
 }
 
+/// Without `BUILDKITE_AGENT_TOKEN` the dispatcher reads its token from the Secret
+/// `DISPATCHER_TOKEN_SECRET` names: missing, it stops with the configuration code and a line
+/// saying how to create it; present, it is read and used, and never logged.
+#[test]
+fn the_token_comes_from_its_secret_or_the_dispatcher_says_how_to_make_it() {
+    let w = World::new();
+    let mut command = w.command("replica-a", QUEUE, free_port());
+    command.env_remove("BUILDKITE_AGENT_TOKEN");
+    command.env("DISPATCHER_TOKEN_SECRET", "bk-token");
+    let out = Running::spawn(&mut command).finish();
+    assert_eq!(out.code(), Some(78), "{}", out.log());
+    assert!(
+        out.stderr
+            .contains("kubectl create secret generic bk-token"),
+        "{}",
+        out.log()
+    );
+
+    w.kube.create(
+        "secrets",
+        NS,
+        json!({"metadata": {"name": "bk-token"}, "stringData": {"token": TOKEN}}),
+    );
+    w.buildkite.set(QueueState {
+        scheduled: 2,
+        ..QueueState::default()
+    });
+    let mut command = w.command("replica-a", QUEUE, free_port());
+    command.env_remove("BUILDKITE_AGENT_TOKEN");
+    command.env("DISPATCHER_TOKEN_SECRET", "bk-token");
+    let dispatcher = Running::spawn(&mut command);
+    wait_for("a dispatch with the Secret's token", || {
+        !w.jobs().is_empty()
+    });
+    let out = dispatcher.stop();
+    assert!(!out.log().contains(TOKEN), "the token reached the log");
+    let job = &w.jobs()[0];
+    let agent = &job["spec"]["template"]["spec"]["containers"][0];
+    let token = agent["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "BUILDKITE_AGENT_TOKEN");
+    assert_eq!(
+        token.unwrap()["valueFrom"]["secretKeyRef"]["name"],
+        "bk-token"
+    );
+}
+
+/// The shipped template names the image placeholder; a dispatcher that is given no image and
+/// cannot read its own pod's stops at start, saying which setting gives one.
+#[test]
+fn a_dispatcher_without_an_image_for_its_agents_says_which_setting_gives_one() {
+    let w = World::new();
+    let mut command = w.command("replica-not-a-pod", QUEUE, free_port());
+    command.env_remove("DISPATCHER_IMAGE");
+    let out = Running::spawn(&mut command).finish();
+    assert_eq!(out.code(), Some(1), "{}", out.log());
+    assert!(
+        out.stderr.contains("stateless-agent") && out.stderr.contains("DISPATCHER_IMAGE"),
+        "{}",
+        out.log()
+    );
+    assert!(w.jobs().is_empty());
+}
+
 #[test]
 fn a_template_for_another_queue_is_refused_naming_both() {
     let w = World::new();
