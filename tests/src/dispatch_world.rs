@@ -246,6 +246,13 @@ pub fn job_env(served: &Served) -> BTreeMap<String, String> {
     ])
 }
 
+/// The Secret an agent container's `BUILDKITE_AGENT_TOKEN` is taken from (null if none).
+pub fn token_secret(container: &Value) -> &Value {
+    let env = container["env"].as_array().into_iter().flatten();
+    let token = env.clone().find(|e| e["name"] == "BUILDKITE_AGENT_TOKEN");
+    token.map_or(&Value::Null, |t| &t["valueFrom"]["secretKeyRef"]["name"])
+}
+
 /// Whether `job` has the condition `kind` True (a finished Job's conditions start with the
 /// interim `SuccessCriteriaMet` or `FailureTarget`, so the one sought is looked for by type).
 pub fn ended(job: &Value, kind: &str) -> bool {

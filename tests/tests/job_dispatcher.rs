@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use stateless_e2e::dispatch_world::token_secret;
 use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{BuildkiteFault, FakeBuildkite, QueueState};
 use stateless_e2e::fake_kube::{pod_of_job, FakeKube};
@@ -586,15 +587,7 @@ fn the_token_comes_from_its_secret_or_the_dispatcher_says_how_to_make_it() {
     assert!(!out.log().contains(TOKEN), "the token reached the log");
     let job = &w.jobs()[0];
     let agent = &job["spec"]["template"]["spec"]["containers"][0];
-    let token = agent["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "BUILDKITE_AGENT_TOKEN");
-    assert_eq!(
-        token.unwrap()["valueFrom"]["secretKeyRef"]["name"],
-        "bk-token"
-    );
+    assert_eq!(token_secret(agent), "bk-token");
 }
 
 /// The shipped template names the image placeholder; a dispatcher that is given no image and

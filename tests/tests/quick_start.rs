@@ -22,7 +22,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use stateless_e2e::dispatch_world::{ended, job_env, reports, wait, with_endpoint, TOKEN};
+use stateless_e2e::dispatch_world::{
+    ended, job_env, reports, token_secret, wait, with_endpoint, TOKEN,
+};
 use stateless_e2e::dispatcher_process::{job_dispatcher, Running};
 use stateless_e2e::fake_buildkite::{FakeBuildkite, JobState};
 use stateless_e2e::fake_cluster::{ClusterSpec, FakeCluster};
@@ -323,15 +325,7 @@ fn the_quick_start_takes_an_empty_cluster_to_a_green_job() {
     assert_eq!(image, "ghcr.io/stateless-agent/stateless-agent:0.1.0");
     let agent = &agents[0]["spec"]["containers"][0];
     assert_eq!(&agent["image"], image);
-    let token = agent["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "BUILDKITE_AGENT_TOKEN");
-    assert_eq!(
-        token.unwrap()["valueFrom"]["secretKeyRef"]["name"],
-        "buildkite-agent"
-    );
+    assert_eq!(token_secret(agent), "buildkite-agent");
 
     for (dispatcher, _) in dispatchers {
         let log = dispatcher.stop().log();
