@@ -113,6 +113,7 @@ impl Edges<'_> {
             ttl: d.settings.job_ttl,
             idle_timeout: d.settings.idle_timeout,
             mirror_claim: d.claims.and_then(|m| m.handed_out()),
+            acquire: None,
         };
         let job = d.template.job(&dispatch);
         let created = match d.jobs.create(&PostParams::default(), &job).await {
@@ -154,24 +155,40 @@ impl Edges<'_> {
         }
     }
 
+    /// Deletes the Job `name` (only the one of `uid`) with its pods; whether it did. A failed
+    /// call is logged and counted, and tried again by the next tick.
+    pub async fn delete_job(&self, name: &str, uid: &str) -> bool {
+        match self.delete(name, uid).await {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                self.metrics.kubernetes_error(&e);
+                tracing::warn!(job = %name, "deleting Job {name} failed: {e}; the next tick tries again");
+                false
+            }
+        }
+    }
+
+    /// False if the Job is gone already.
+    async fn delete(&self, name: &str, uid: &str) -> Result<bool, kube::Error> {
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.jobs.delete(name, &params).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            other => other.map(|_| true),
+        }
+    }
+
     /// The one API call that lets the pods go; false if the Job is gone already.
     async fn let_go(&self, job: &StuckJob, relief: &Relief) -> Result<bool, kube::Error> {
         let jobs = &self.jobs;
         match relief {
-            Relief::DeleteJob => {
-                let params = DeleteParams {
-                    propagation_policy: Some(PropagationPolicy::Background),
-                    preconditions: Some(Preconditions {
-                        uid: Some(job.uid.clone()),
-                        resource_version: None,
-                    }),
-                    ..DeleteParams::default()
-                };
-                match jobs.delete(&job.job, &params).await {
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-                    other => other.map(|_| true),
-                }
-            }
+            Relief::DeleteJob => self.delete(&job.job, &job.uid).await,
             Relief::Parallelism { to, .. } => {
                 let patch = serde_json::json!({"spec": {"parallelism": to}});
                 let params = PatchParams::default();
@@ -317,7 +334,7 @@ pub fn figures(demand: &Demand, supply: &Supply, decision: &Decision) -> String 
 }
 
 /// What fixes a stuck pod, by its reason.
-fn remedy(reason: &str) -> &'static str {
+pub fn remedy(reason: &str) -> &'static str {
     match reason {
         "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull" => {
             "fix the template's image (its name, tag or digest, or the registry's pull secret)"

@@ -154,7 +154,7 @@ impl MetricsClient {
 }
 
 /// reqwest's error text without its URL (the URL holds no secret, but one line is enough).
-fn without_url(error: &reqwest::Error) -> String {
+pub fn without_url(error: &reqwest::Error) -> String {
     let mut text = error.to_string();
     if let Some(url) = error.url() {
         text = text

@@ -16,6 +16,10 @@ pub mod mirror_run;
 pub mod observe;
 pub mod run;
 pub mod settings;
+pub mod stacks_api;
+pub mod stacks_observe;
+pub mod stacks_plan;
+pub mod stacks_run;
 pub mod template;
 pub mod watches;
 

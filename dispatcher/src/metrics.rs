@@ -51,6 +51,8 @@ pub struct Metrics {
     pub blocked: Family<Reason, Gauge>,
     pub stuck_pods: Family<StuckReason, Counter>,
     pub api_errors: Family<ApiError, Counter>,
+    /// The stacks mode: Buildkite jobs by what the dispatcher did with them.
+    pub stack_jobs: Family<Reason, Counter>,
     pub tick_seconds: Histogram,
     pub leader: Gauge,
     /// The mirror's freshness, in the modes where the dispatcher sees its refreshes.
@@ -86,6 +88,7 @@ impl Metrics {
             blocked: Family::default(),
             stuck_pods: Family::default(),
             api_errors: Family::default(),
+            stack_jobs: Family::default(),
             tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
             mirror: None,
@@ -136,6 +139,11 @@ impl Metrics {
             "api_errors",
             "Failed calls, by API and kind",
             metrics.api_errors.clone(),
+        );
+        registry.register(
+            "stack_jobs",
+            "The stacks mode: Buildkite jobs reserved, renewed, not reserved, failed (finished with the reason) and canceled (their Jobs deleted)",
+            metrics.stack_jobs.clone(),
         );
         registry.register(
             "tick_seconds",

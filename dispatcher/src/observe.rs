@@ -56,7 +56,7 @@ pub struct Timeouts {
 }
 
 /// Where a pod is in its life.
-enum Life {
+pub(crate) enum Life {
     /// Being deleted, or ended: neither supply nor stuck.
     Gone,
     Succeeded,
@@ -158,7 +158,7 @@ struct JobPods {
 }
 
 /// Where `pod` is in its life.
-fn life(pod: &Pod, seen: &Observed, timeouts: &Timeouts) -> Life {
+pub(crate) fn life(pod: &Pod, seen: &Observed, timeouts: &Timeouts) -> Life {
     if pod.metadata.deletion_timestamp.is_some() {
         return Life::Gone;
     }
@@ -433,12 +433,12 @@ pub fn brief(message: &str) -> String {
     said.unwrap_or(message).chars().take(200).collect()
 }
 
-fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
+pub(crate) fn elapsed(since: Timestamp, now: Timestamp) -> Duration {
     let secs = now.as_second() - since.as_second();
     Duration::from_secs(secs.max(0) as u64)
 }
 
-fn phase(pod: &Pod) -> &str {
+pub(crate) fn phase(pod: &Pod) -> &str {
     let status = pod.status.as_ref();
     status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending")
 }
@@ -468,7 +468,7 @@ fn started_at(pod: &Pod) -> Option<Timestamp> {
 }
 
 /// When an Event last happened: `lastTimestamp`, else `eventTime`, else `firstTimestamp`.
-fn event_time(event: &Event) -> Option<Timestamp> {
+pub(crate) fn event_time(event: &Event) -> Option<Timestamp> {
     let last = event.last_timestamp.as_ref().map(|t| t.0);
     let at = event.event_time.as_ref().map(|t| t.0);
     last.or(at).or(event.first_timestamp.as_ref().map(|t| t.0))
@@ -502,7 +502,7 @@ fn labelled(job: &Job, key: &str) -> bool {
 }
 
 /// The uid of the Job that owns `pod`.
-fn controller_uid(pod: &Pod) -> Option<String> {
+pub(crate) fn controller_uid(pod: &Pod) -> Option<String> {
     pod.metadata
         .owner_references
         .iter()

@@ -24,7 +24,10 @@ use crate::leader;
 use crate::metrics::{ApiError, Metrics};
 use crate::mirror_run;
 use crate::observe::Timeouts;
-use crate::settings::{MirrorMode, Settings};
+use crate::settings::{MirrorMode, Settings, Source};
+use crate::stacks_api::StacksClient;
+use crate::stacks_plan::StackLimits;
+use crate::stacks_run::Stack;
 use crate::template::Template;
 use crate::watches::Stores;
 
@@ -115,6 +118,9 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tracing::info!(queue = %settings.queue, namespace = %namespace, identity = %identity, template = template.hash(),
         "serving queue {} in namespace {namespace}", settings.queue);
     let edges = (&client, namespace.as_str(), metrics);
+    if settings.source == Source::Stacks {
+        tracing::info!(stack = %settings.stack_key(&namespace), "stacks mode: one pod per Buildkite job, through the Stacks API");
+    }
     let dispatcher = Dispatcher::new(&settings, (template, &token), edges, mirror.as_ref());
     let campaign = || {
         let leases = Api::namespaced(client.clone(), &namespace);
@@ -129,6 +135,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         }
     };
     if let Some(election) = election {
+        // The leader's stack goes with it; a standby that takes over registers it again.
+        let leading = *election.leading.borrow();
+        if let (Feed::Stacks(stack), true) = (&dispatcher.feed, leading) {
+            stack.deregister().await;
+        }
         election.release().await;
     }
     if let Some(mirror) = mirror {
@@ -257,10 +268,18 @@ impl Shutdown {
     }
 }
 
+/// Where the demand comes from.
+pub enum Feed {
+    /// The queue's counts.
+    Metrics(MetricsClient),
+    /// The queue's jobs, one pod each.
+    Stacks(Stack),
+}
+
 /// The dispatch loop's settings and edges.
 pub struct Dispatcher<'a> {
     pub edges: Edges<'a>,
-    pub buildkite: MetricsClient,
+    pub feed: Feed,
     pub limits: Limits,
     pub timeouts: Timeouts,
 }
@@ -272,8 +291,28 @@ impl<'a> Dispatcher<'a> {
         (client, namespace, metrics): (&Client, &str, Arc<Metrics>),
         mirror: Option<&'a mirror_run::MirrorCycle>,
     ) -> Dispatcher<'a> {
+        let feed = match settings.source {
+            Source::Metrics => Feed::Metrics(MetricsClient::new(
+                &settings.endpoint,
+                token,
+                &settings.queue,
+            )),
+            Source::Stacks => Feed::Stacks(Stack {
+                api: StacksClient::new(
+                    &settings.endpoint,
+                    token,
+                    &settings.stack_key(namespace),
+                    &settings.queue,
+                ),
+                limits: StackLimits {
+                    max_agents: settings.max_agents,
+                    expiry: settings.reservation_expiry,
+                },
+                namespace: namespace.to_string(),
+            }),
+        };
         Dispatcher {
-            buildkite: MetricsClient::new(&settings.endpoint, token, &settings.queue),
+            feed,
             limits: Limits {
                 min_agents: settings.min_agents,
                 max_agents: settings.max_agents,
@@ -363,9 +402,14 @@ impl<'a> Dispatcher<'a> {
         token
     }
 
-    /// One metrics call: whether Buildkite accepted the token (`None`: it did not answer).
+    /// One metrics call, or the stack's registration: whether Buildkite accepted the token
+    /// (`None`: it did not answer).
     async fn check_token(&self) -> Option<bool> {
-        match self.buildkite.poll().await {
+        let buildkite = match &self.feed {
+            Feed::Metrics(buildkite) => buildkite,
+            Feed::Stacks(stack) => return stack.register(&self.edges).await,
+        };
+        match buildkite.poll().await {
             Ok(_) => Some(true),
             Err(e) => {
                 self.poll_failed(&e);
@@ -391,6 +435,13 @@ impl<'a> Dispatcher<'a> {
 
     /// One tick: observe, decide, act. Returns the poll interval Buildkite asked for.
     async fn tick(&self) -> Option<Duration> {
+        match &self.feed {
+            Feed::Metrics(buildkite) => self.metrics_tick(buildkite).await,
+            Feed::Stacks(stack) => stack.tick(&self.edges, &self.timeouts).await,
+        }
+    }
+
+    async fn metrics_tick(&self, buildkite: &MetricsClient) -> Option<Duration> {
         if !self.edges.stores.ready().await {
             return None;
         }
@@ -400,7 +451,7 @@ impl<'a> Dispatcher<'a> {
                 return None;
             }
         }
-        let polled = match self.buildkite.poll().await {
+        let polled = match buildkite.poll().await {
             Ok(polled) => polled,
             Err(e) => {
                 self.poll_failed(&e);

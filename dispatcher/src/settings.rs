@@ -28,6 +28,24 @@ pub struct Settings {
     #[arg(long, env = "DISPATCHER_QUEUE")]
     pub queue: String,
 
+    /// Where the demand comes from: `metrics`, the queue's counts (Buildkite's agent metrics API),
+    /// sized pools of `--disconnect-after-job` agents; or `stacks`, the queue's scheduled jobs
+    /// (Buildkite's Stacks API, which needs a cluster agent token), one pod per job with
+    /// `--acquire-job`, failures and cancellations shown in the build (docs/job-dispatcher.md,
+    /// "Two modes").
+    #[arg(long, env = "DISPATCHER_SOURCE", value_enum, default_value_t = Source::Metrics)]
+    pub source: Source,
+
+    /// `stacks`: the stack's key, unique in the organization [default: job-dispatcher-<namespace>-<queue>].
+    /// Replicas of one dispatcher share it; two dispatchers on one queue need their own.
+    #[arg(long, env = "DISPATCHER_STACK_KEY")]
+    pub stack_key: Option<String>,
+
+    /// `stacks`: how long each reservation of a job lasts; it is renewed while the job's pod
+    /// comes, so a dispatcher that dies leaves it for at most this long.
+    #[arg(long, env = "DISPATCHER_RESERVATION_EXPIRY", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub reservation_expiry: Duration,
+
     /// The agent Job template: a batch/v1 Job YAML (image/k8s/agent-job.yaml works as it is).
     #[arg(
         long,
@@ -197,6 +215,13 @@ pub struct Settings {
     pub identity: Option<String>,
 }
 
+/// Where the demand comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Source {
+    Metrics,
+    Stacks,
+}
+
 /// Where agents' mirror volume comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum MirrorMode {
@@ -206,6 +231,28 @@ pub enum MirrorMode {
 }
 
 impl Settings {
+    /// The stack's key in `namespace`: `--stack-key`, else one made of the namespace and queue
+    /// (letters, digits, `_` and `-`, at most 80 bytes, as the API requires).
+    pub fn stack_key(&self, namespace: &str) -> String {
+        if let Some(key) = &self.stack_key {
+            return key.clone();
+        }
+        let raw = format!("job-dispatcher-{namespace}-{}", self.queue);
+        let key: String = raw
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '-' => c,
+                _ => '-',
+            })
+            .collect();
+        if key.len() <= 80 {
+            return key;
+        }
+        // Long names keep a hash of the whole, so two never meet at the cut.
+        let hash = crate::template::fnv1a(&raw);
+        format!("{}-{}", &key[..63], &hash[..16])
+    }
+
     /// The mirror volume the template's agents get.
     pub fn mirror(&self) -> crate::template::Mirror {
         match self.mirror_mode {

@@ -16,6 +16,8 @@ use k8s_openapi::api::core::v1::{
     PodSpec, SecretKeySelector, Volume,
 };
 
+use crate::stacks_observe::JOB_UUID_LABEL;
+
 /// Labels on every Job the dispatcher creates and on its pods.
 pub const QUEUE_LABEL: &str = "stateless-agent/queue";
 pub const DISPATCH_LABEL: &str = "stateless-agent/dispatch-id";
@@ -81,6 +83,9 @@ pub struct Dispatch {
     /// The claims mode: the ready generation's claim its agents mount (none ready yet: an
     /// empty directory, and checkouts clone from the server).
     pub mirror_claim: Option<String>,
+    /// The stacks mode: the one Buildkite job this Job's agent acquires (`--acquire-job`). The
+    /// Job is named after it, so that a second create of it is refused as a duplicate.
+    pub acquire: Option<String>,
 }
 
 /// Where agents' mirror volume comes from.
@@ -200,8 +205,14 @@ impl Template {
             (TEMPLATE_LABEL, self.hash.as_str()),
         ];
         let meta = &mut job.metadata;
-        meta.name = None;
-        meta.generate_name = Some(format!("buildkite-{}-", name_part(&self.queue)));
+        meta.name = dispatch
+            .acquire
+            .as_ref()
+            .map(|job| format!("buildkite-{job}"));
+        meta.generate_name = match dispatch.acquire {
+            Some(_) => None,
+            None => Some(format!("buildkite-{}-", name_part(&self.queue))),
+        };
         meta.uid = None;
         meta.resource_version = None;
         meta.creation_timestamp = None;
@@ -214,12 +225,20 @@ impl Template {
         for (key, value) in labels {
             job_labels.insert(key.to_string(), value.to_string());
         }
+        if let Some(uuid) = &dispatch.acquire {
+            job_labels.insert(JOB_UUID_LABEL.into(), uuid.clone());
+        }
         let spec = job.spec.get_or_insert_default();
         spec.parallelism = Some(dispatch.agents as i32);
         spec.completions = Some(dispatch.agents as i32);
         spec.active_deadline_seconds = Some(dispatch.active_deadline.as_secs() as i64);
         spec.ttl_seconds_after_finished = Some(dispatch.ttl.as_secs() as i32);
         isolate_failures(spec);
+        if dispatch.acquire.is_some() {
+            // One try: a pod that ends before its agent acquires the job has the job failed in
+            // Buildkite with the reason at once, and an agent that ran it is done with it.
+            spec.backoff_limit_per_index = Some(0);
+        }
         // The Job controller sets these for the new Job.
         spec.selector = None;
         spec.manual_selector = None;
@@ -252,6 +271,9 @@ impl Template {
                 "AGENT_WRAPPER_IDLE_TIMEOUT",
                 &format!("{}s", dispatch.idle_timeout.as_secs()),
             );
+            if let Some(uuid) = &dispatch.acquire {
+                set_env(env, "BUILDKITE_AGENT_ACQUIRE_JOB", uuid);
+            }
         }
         if let Mirror::Claims { volume } = &self.mirror {
             let source = match &dispatch.mirror_claim {
@@ -373,7 +395,7 @@ fn from_secret(variable: &str, secret: &str, key: &str) -> EnvVar {
 
 /// FNV-1a, 64 bits, in hex: a hash that stays the same across builds and Rust versions (std's
 /// `DefaultHasher` promises neither), for a label compared across restarts.
-fn fnv1a(text: &str) -> String {
+pub fn fnv1a(text: &str) -> String {
     let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });
@@ -444,6 +466,7 @@ mod tests {
             ttl: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
             mirror_claim: None,
+            acquire: None,
         }
     }
 

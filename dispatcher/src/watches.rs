@@ -121,6 +121,42 @@ impl View {
         template: &str,
         timeouts: &observe::Timeouts,
     ) -> crate::decide::Supply {
+        self.observed(now, template, |seen| observe::supply(seen, timeouts))
+    }
+
+    /// The stacks mode's Jobs.
+    pub fn stack_jobs(
+        &self,
+        now: Timestamp,
+        template: &str,
+        timeouts: &observe::Timeouts,
+    ) -> Vec<crate::stacks_observe::StackJob> {
+        self.observed(now, template, |seen| {
+            crate::stacks_observe::stack_jobs(seen, timeouts)
+        })
+    }
+
+    /// What Warning Events say of the pod `name`, newest last.
+    pub fn pod_warnings(&self, name: &str) -> Vec<String> {
+        let mut told: Vec<&Event> = self
+            .pod_warnings
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|e| !name.is_empty() && e.involved_object.name.as_deref() == Some(name))
+            .collect();
+        told.sort_by_key(|e| observe::event_time(e));
+        told.iter()
+            .rev()
+            .take(5)
+            .rev()
+            .map(|e| {
+                let reason = e.reason.as_deref().unwrap_or("");
+                format!("{reason}: {}", e.message.as_deref().unwrap_or(""))
+            })
+            .collect()
+    }
+
+    fn observed<R>(&self, now: Timestamp, template: &str, read: impl FnOnce(&Observed) -> R) -> R {
         fn refs(v: &[Arc<Event>]) -> Vec<&Event> {
             v.iter().map(AsRef::as_ref).collect()
         }
@@ -140,7 +176,7 @@ impl View {
             now,
             template,
         };
-        observe::supply(&seen, timeouts)
+        read(&seen)
     }
 }
 
@@ -195,7 +231,12 @@ fn fields(selector: &str) -> watcher::Config {
 /// A pod as `observe` reads it: metadata, phase, conditions, container states (the wrapper's
 /// report cut to its message).
 fn strip_pod(pod: &mut Pod) {
-    pod.spec = None;
+    // The node, for the stacks mode's timeline.
+    let node = pod.spec.take().and_then(|s| s.node_name);
+    pod.spec = node.map(|node| k8s_openapi::api::core::v1::PodSpec {
+        node_name: Some(node),
+        ..Default::default()
+    });
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
     let statuses = pod
@@ -215,7 +256,10 @@ fn strip_job(job: &mut Job) {
         spec.template = Default::default();
     }
     job.metadata.managed_fields = None;
-    job.metadata.annotations = None;
+    // The stacks mode's memory (its reservation, its timeline) stays.
+    if let Some(annotations) = job.metadata.annotations.as_mut() {
+        annotations.retain(|key, _| key.starts_with("stateless-agent/"));
+    }
 }
 
 fn strip_event(event: &mut Event) {

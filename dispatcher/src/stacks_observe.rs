@@ -1,0 +1,211 @@
+//! What Kubernetes says of the stacks mode's Jobs: one per Buildkite job (its UUID on the label
+//! [`JOB_UUID_LABEL`]), each with at most one pod. A pure function of the watched Jobs, pods and
+//! Events and the time, as [`crate::observe`] is for the metrics mode, whose reading of a pod
+//! (started, waiting, stuck) it reuses.
+//!
+//! What a restart must not forget lives on the Job: until when its job is reserved
+//! ([`RESERVED_UNTIL_ANNOTATION`]) and how far its timeline's notifications have gone
+//! ([`NOTIFIED_ANNOTATION`]).
+
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::decide::StuckPod;
+use crate::observe::{self, Life, Observed, Timeouts};
+
+/// The Buildkite job a Job runs.
+pub const JOB_UUID_LABEL: &str = "stateless-agent/job-uuid";
+/// Until when the dispatcher last reserved the Job's job (RFC 3339).
+pub const RESERVED_UNTIL_ANNOTATION: &str = "stateless-agent/reserved-until";
+/// The last [`Stage`] announced on the job's timeline (its number).
+pub const NOTIFIED_ANNOTATION: &str = "stateless-agent/notified";
+
+/// How far a Job's pod has come, in the order the job's timeline is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Created = 1,
+    Scheduled = 2,
+    Pulling = 3,
+    Started = 4,
+}
+
+pub const STAGES: [Stage; 4] = [
+    Stage::Created,
+    Stage::Scheduled,
+    Stage::Pulling,
+    Stage::Started,
+];
+
+/// Where a Job's pod is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodState {
+    /// Not started yet, or its agent runs: how far it has come.
+    Coming(Stage),
+    /// Never started within the start timeout, or never can.
+    Stuck(StuckPod),
+    /// Ended (or its Job did) with no pod running: why, in Kubernetes' words.
+    Ended(String),
+}
+
+/// One of the stacks mode's Jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackJob {
+    pub name: String,
+    pub uid: String,
+    /// The Buildkite job's UUID.
+    pub job: String,
+    pub pod: PodState,
+    /// The pod's name and node, for the timeline.
+    pub pod_name: Option<String>,
+    pub node: Option<String>,
+    /// The Job is finished, or being deleted: it makes no more pods.
+    pub finished: bool,
+    pub reserved_until: Option<Timestamp>,
+    pub notified: u8,
+}
+
+/// Every Job of the stacks mode in `seen`.
+pub fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
+    let mut out = Vec::new();
+    for job in seen.jobs {
+        let labels = job.metadata.labels.as_ref();
+        let Some(uuid) = labels.and_then(|l| l.get(JOB_UUID_LABEL)) else {
+            continue;
+        };
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let pod = seen
+            .pods
+            .iter()
+            .filter(|p| observe::controller_uid(p).as_deref() == Some(uid.as_str()))
+            .max_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        let finished = observe::finished(job);
+        let annotation = |key: &str| {
+            let annotations = job.metadata.annotations.as_ref();
+            annotations.and_then(|a| a.get(key)).cloned()
+        };
+        out.push(StackJob {
+            name: job.metadata.name.clone().unwrap_or_default(),
+            uid,
+            job: uuid.clone(),
+            pod: pod_state(job, pod.copied(), finished, seen, timeouts),
+            pod_name: pod.and_then(|p| p.metadata.name.clone()),
+            node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
+            finished,
+            reserved_until: annotation(RESERVED_UNTIL_ANNOTATION).and_then(|t| t.parse().ok()),
+            notified: annotation(NOTIFIED_ANNOTATION)
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        });
+    }
+    out
+}
+
+fn pod_state(
+    job: &Job,
+    pod: Option<&Pod>,
+    finished: bool,
+    seen: &Observed,
+    timeouts: &Timeouts,
+) -> PodState {
+    let Some(pod) = pod else {
+        return podless(job, finished, seen, timeouts);
+    };
+    match observe::life(pod, seen, timeouts) {
+        Life::Stuck(stuck) => PodState::Stuck(stuck),
+        Life::Started if !finished => PodState::Coming(Stage::Started),
+        Life::Waiting { .. } if !finished => PodState::Coming(waiting_stage(pod)),
+        _ => PodState::Ended(ending(pod)),
+    }
+}
+
+/// A Job with no pod: coming until the start timeout, then stuck with the newest refusal
+/// (`FailedCreate`: a quota, a LimitRange, an admission webhook); ended if the Job is.
+fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> PodState {
+    let uid = job.metadata.uid.as_deref();
+    let refusal = seen
+        .refusals
+        .iter()
+        .filter(|e| e.involved_object.uid.as_deref() == uid)
+        .max_by_key(|e| observe::event_time(e))
+        .and_then(|e| e.message.clone());
+    if finished {
+        let condition = job.status.as_ref().and_then(|s| s.conditions.as_ref());
+        let said = condition
+            .and_then(|c| c.iter().find(|c| c.status == "True"))
+            .map(|c| {
+                format!(
+                    "{}: {}",
+                    c.reason.clone().unwrap_or_default(),
+                    c.message.clone().unwrap_or_default()
+                )
+            });
+        let why = said.or(refusal).unwrap_or_else(|| "it was deleted".into());
+        return PodState::Ended(format!("the Job ended without a pod ({why})"));
+    }
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let waited = created.map_or(Duration::ZERO, |t| observe::elapsed(t, seen.now));
+    if waited < timeouts.start_timeout {
+        return PodState::Coming(Stage::Created);
+    }
+    PodState::Stuck(StuckPod {
+        pod: String::new(),
+        dispatch: String::new(),
+        reason: "FailedCreate".into(),
+        message: refusal.unwrap_or_else(|| "the Job controller made no pod".into()),
+        waited,
+        template: String::new(),
+    })
+}
+
+fn waiting_stage(pod: &Pod) -> Stage {
+    let status = pod.status.as_ref();
+    let conditions = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    let scheduled = conditions
+        .iter()
+        .any(|c| c.type_ == "PodScheduled" && c.status == "True");
+    let containers = status.and_then(|s| s.container_statuses.as_deref());
+    match (scheduled, containers.is_some_and(|c| !c.is_empty())) {
+        (false, _) => Stage::Created,
+        (true, false) => Stage::Scheduled,
+        (true, true) => Stage::Pulling,
+    }
+}
+
+/// How a pod ended, in Kubernetes' words: its reason (`Evicted`, `DeadlineExceeded`), or its
+/// agent container's exit and the wrapper's report.
+fn ending(pod: &Pod) -> String {
+    let status = pod.status.as_ref();
+    let phase = observe::phase(pod);
+    let reason = status.and_then(|s| s.reason.clone());
+    let message = status.and_then(|s| s.message.clone());
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_deref())
+        .unwrap_or_default()
+        .iter()
+        .find_map(|c| c.state.as_ref()?.terminated.clone());
+    let mut said = format!("pod {} {phase}", pod.metadata.name.as_deref().unwrap_or(""));
+    if pod.metadata.deletion_timestamp.is_some() {
+        said.push_str(", being deleted");
+    }
+    if let Some(reason) = reason {
+        said.push_str(&format!(": {reason}"));
+    }
+    if let Some(message) = message {
+        said.push_str(&format!(": {message}"));
+    }
+    if let Some(t) = terminated {
+        said.push_str(&format!("; its container exited {}", t.exit_code));
+        if let Some(reason) = t.reason {
+            said.push_str(&format!(" ({reason})"));
+        }
+        if let Some(message) = t.message.filter(|m| !m.is_empty()) {
+            said.push_str(&format!(": {message}"));
+        }
+    }
+    said
+}

@@ -1,0 +1,402 @@
+//! The stacks mode's decisions: a pure function of one tick's observations (the queue's first
+//! page of scheduled jobs, the states Buildkite gives for the jobs that have Jobs here, and the
+//! Jobs themselves), as [`crate::decide`] is for the metrics mode.
+//!
+//! - A job is reserved only when a pod can be made for it (fewer than `max_agents` Jobs
+//!   unfinished), higher `priority` first, then oldest; never while the queue's dispatch is
+//!   paused; never when a Job for it exists, finished or not (so a restart never re-reserves a
+//!   job into a duplicate, agent-stack-k8s PR #965). The reservation is renewed while its pod
+//!   comes, and at once if it lapsed (the job is listed again while its Job is unfinished).
+//! - A job whose pod is stuck, or whose pod ended before its agent acquired it (agent-stack-k8s
+//!   #873), is finished in Buildkite with the reason while it is still `scheduled` or
+//!   `reserved`; once an agent has it, only a notification is sent.
+//! - The Job of a job cancelled (or otherwise ended) before its agent started is deleted; a
+//!   running agent's job is the agent's to end.
+//! - Each stage a pod reaches is told on the job's timeline once (at most 256 characters).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::decide::StuckPod;
+use crate::stacks_api::ScheduledJob;
+use crate::stacks_observe::{PodState, StackJob, Stage, STAGES};
+
+/// The exit status of a job the dispatcher finishes: the API's own default for a stack's
+/// error, which the docs' `retry: automatic` example matches.
+pub const STACK_ERROR_EXIT: i32 = -1;
+
+/// One tick's observations.
+pub struct Seen<'a> {
+    pub jobs: &'a [StackJob],
+    /// The first page of scheduled jobs, oldest first.
+    pub listed: &'a [ScheduledJob],
+    pub paused: bool,
+    /// Buildkite's state of each job that has a Job (missing: not asked, or not answered).
+    pub states: &'a HashMap<String, String>,
+    pub now: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StackLimits {
+    pub max_agents: u32,
+    /// How long each reservation lasts; it is renewed when less than half is left.
+    pub expiry: Duration,
+}
+
+/// A job to finish in Buildkite, and its Job to delete (if its pod is stuck).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub job: String,
+    pub k8s_job: String,
+    pub uid: String,
+    pub why: Why,
+}
+
+/// Why a job cannot run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Why {
+    Stuck(StuckPod),
+    Ended(String),
+}
+
+/// A Job to delete and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delete {
+    pub job: String,
+    pub k8s_job: String,
+    pub uid: String,
+    /// Buildkite's state of its job.
+    pub state: String,
+}
+
+/// A timeline note, and the stage it brings the Job's annotation to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub job: String,
+    pub k8s_job: String,
+    pub stage: Stage,
+}
+
+/// Why nothing more was reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackHold {
+    Paused { waiting: usize },
+    AtMax { waiting: usize },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Jobs to reserve, then make a Job for, in this order.
+    pub reserve: Vec<String>,
+    /// Reservations to extend.
+    pub renew: Vec<String>,
+    /// Jobs to finish as failed.
+    pub finish: Vec<Finish>,
+    /// Stuck pods of jobs an agent already has (or that ended): their Jobs deleted, a note sent.
+    pub stuck_taken: Vec<Finish>,
+    /// Jobs of jobs cancelled before their agent started.
+    pub delete: Vec<Delete>,
+    pub notify: Vec<Notice>,
+    pub hold: Option<StackHold>,
+}
+
+/// States in which no agent holds the job yet: the dispatcher may still finish it.
+const UNCLAIMED: [&str; 2] = ["scheduled", "reserved"];
+/// States in which the job is over, or being cancelled.
+const OVER: [&str; 9] = [
+    "canceling",
+    "canceled",
+    "finished",
+    "timing_out",
+    "timed_out",
+    "skipped",
+    "broken",
+    "expired",
+    "waiting_failed",
+];
+
+pub fn plan(seen: &Seen, limits: &StackLimits) -> Plan {
+    let mut plan = Plan::default();
+    for job in seen.jobs {
+        let state = seen.states.get(&job.job).map(String::as_str);
+        settle(job, state, seen.now, limits, &mut plan);
+    }
+    let with_job: HashSet<&str> = seen.jobs.iter().map(|j| j.job.as_str()).collect();
+    let unfinished: HashMap<&str, &StackJob> = seen
+        .jobs
+        .iter()
+        .filter(|j| !j.finished)
+        .map(|j| (j.job.as_str(), j))
+        .collect();
+    // Listed again while its Job is unfinished: the reservation lapsed; take it back now.
+    for listed in seen.listed {
+        let lapsed = unfinished.contains_key(listed.id.as_str());
+        if lapsed && !plan.renew.contains(&listed.id) {
+            plan.renew.push(listed.id.clone());
+        }
+    }
+    let mut waiting: Vec<&ScheduledJob> = seen
+        .listed
+        .iter()
+        .filter(|j| !with_job.contains(j.id.as_str()))
+        .collect();
+    // Stable: equal priorities stay oldest first.
+    waiting.sort_by_key(|j| std::cmp::Reverse(j.priority));
+    let free = (limits.max_agents as usize).saturating_sub(unfinished.len());
+    if seen.paused {
+        plan.hold = (!waiting.is_empty()).then_some(StackHold::Paused {
+            waiting: waiting.len(),
+        });
+        return plan;
+    }
+    if waiting.len() > free {
+        plan.hold = Some(StackHold::AtMax {
+            waiting: waiting.len() - free,
+        });
+    }
+    plan.reserve = waiting
+        .into_iter()
+        .take(free)
+        .map(|j| j.id.clone())
+        .collect();
+    plan
+}
+
+/// What one Job needs, by its pod and its job's state.
+fn settle(
+    job: &StackJob,
+    state: Option<&str>,
+    now: Timestamp,
+    limits: &StackLimits,
+    plan: &mut Plan,
+) {
+    let Some(state) = state else { return };
+    let unclaimed = UNCLAIMED.contains(&state);
+    let finish = |why: Why| Finish {
+        job: job.job.clone(),
+        k8s_job: job.name.clone(),
+        uid: job.uid.clone(),
+        why,
+    };
+    match &job.pod {
+        PodState::Stuck(stuck) if unclaimed => plan.finish.push(finish(Why::Stuck(stuck.clone()))),
+        PodState::Stuck(_) if OVER.contains(&state) => plan.delete.push(Delete {
+            job: job.job.clone(),
+            k8s_job: job.name.clone(),
+            uid: job.uid.clone(),
+            state: state.to_string(),
+        }),
+        PodState::Stuck(stuck) => plan.stuck_taken.push(finish(Why::Stuck(stuck.clone()))),
+        PodState::Ended(why) if unclaimed => plan.finish.push(finish(Why::Ended(why.clone()))),
+        PodState::Ended(_) => {}
+        PodState::Coming(stage) if OVER.contains(&state) && *stage < Stage::Started => {
+            plan.delete.push(Delete {
+                job: job.job.clone(),
+                k8s_job: job.name.clone(),
+                uid: job.uid.clone(),
+                state: state.to_string(),
+            });
+        }
+        PodState::Coming(stage) => {
+            let half = limits.expiry / 2;
+            let renew_by = job.reserved_until.map(|until| {
+                until - k8s_openapi::jiff::SignedDuration::try_from(half).unwrap_or_default()
+            });
+            let due = renew_by.is_none_or(|at| at <= now);
+            if state == "reserved" && *stage < Stage::Started && due {
+                plan.renew.push(job.job.clone());
+            }
+            if OVER.contains(&state) {
+                return;
+            }
+            for next in STAGES
+                .iter()
+                .filter(|s| **s as u8 > job.notified && *s <= stage)
+            {
+                plan.notify.push(Notice {
+                    job: job.job.clone(),
+                    k8s_job: job.name.clone(),
+                    stage: *next,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: StackLimits = StackLimits {
+        max_agents: 3,
+        expiry: Duration::from_secs(300),
+    };
+
+    fn listed(id: &str, priority: i64) -> ScheduledJob {
+        ScheduledJob {
+            id: id.into(),
+            priority,
+        }
+    }
+
+    fn job(id: &str, pod: PodState) -> StackJob {
+        StackJob {
+            name: format!("buildkite-{id}"),
+            uid: format!("uid-{id}"),
+            job: id.into(),
+            pod,
+            pod_name: None,
+            node: None,
+            finished: false,
+            reserved_until: None,
+            notified: 0,
+        }
+    }
+
+    fn stuck() -> StuckPod {
+        StuckPod {
+            pod: "p".into(),
+            dispatch: String::new(),
+            reason: "InvalidImageName".into(),
+            message: "bad".into(),
+            waited: Duration::ZERO,
+            template: String::new(),
+        }
+    }
+
+    fn now() -> Timestamp {
+        "2026-12-03T12:00:00Z".parse().unwrap()
+    }
+
+    fn states(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    fn planned(
+        jobs: &[StackJob],
+        list: &[ScheduledJob],
+        paused: bool,
+        st: &HashMap<String, String>,
+    ) -> Plan {
+        let seen = Seen {
+            jobs,
+            listed: list,
+            paused,
+            states: st,
+            now: now(),
+        };
+        plan(&seen, &LIMITS)
+    }
+
+    #[test]
+    fn higher_priority_is_reserved_first_and_never_past_max_agents() {
+        let list = [
+            listed("a", 0),
+            listed("b", 5),
+            listed("c", 0),
+            listed("d", 1),
+        ];
+        let jobs = [job("x", PodState::Coming(Stage::Started))];
+        let plan = planned(&jobs, &list, false, &states(&[("x", "running")]));
+        assert_eq!(plan.reserve, ["b", "d"]);
+        assert_eq!(plan.hold, Some(StackHold::AtMax { waiting: 2 }));
+    }
+
+    #[test]
+    fn a_paused_queue_reserves_nothing() {
+        let plan = planned(&[], &[listed("a", 0)], true, &HashMap::new());
+        assert!(plan.reserve.is_empty());
+        assert_eq!(plan.hold, Some(StackHold::Paused { waiting: 1 }));
+    }
+
+    #[test]
+    fn a_job_with_a_job_is_never_reserved_again_but_a_lapsed_reservation_is_renewed() {
+        let mut done = job("a", PodState::Ended("pod Succeeded".into()));
+        done.finished = true;
+        let coming = job("b", PodState::Coming(Stage::Scheduled));
+        let list = [listed("a", 0), listed("b", 0)];
+        let plan = planned(
+            &[done, coming],
+            &list,
+            false,
+            &states(&[("a", "finished"), ("b", "scheduled")]),
+        );
+        assert!(plan.reserve.is_empty());
+        assert_eq!(plan.renew, ["b"]);
+    }
+
+    #[test]
+    fn a_stuck_pod_fails_its_job_only_while_no_agent_has_it() {
+        let jobs = [
+            job("a", PodState::Stuck(stuck())),
+            job("b", PodState::Stuck(stuck())),
+        ];
+        let plan = planned(
+            &jobs,
+            &[],
+            false,
+            &states(&[("a", "reserved"), ("b", "running")]),
+        );
+        assert_eq!(plan.finish.len(), 1);
+        assert_eq!(plan.finish[0].job, "a");
+        assert_eq!(plan.stuck_taken.len(), 1);
+        assert_eq!(plan.stuck_taken[0].job, "b");
+    }
+
+    #[test]
+    fn a_pod_that_ended_before_acquiring_fails_its_reserved_job_at_once() {
+        let mut gone = job("a", PodState::Ended("pod Failed: Evicted".into()));
+        gone.finished = true;
+        let plan = planned(&[gone], &[], false, &states(&[("a", "reserved")]));
+        assert_eq!(plan.finish.len(), 1);
+        let mut ran = job("b", PodState::Ended("pod Succeeded".into()));
+        ran.finished = true;
+        assert!(planned(&[ran], &[], false, &states(&[("b", "finished")]))
+            .finish
+            .is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_jobs_pending_pod_goes_but_a_running_agent_keeps_its_job() {
+        let jobs = [
+            job("a", PodState::Coming(Stage::Pulling)),
+            job("b", PodState::Coming(Stage::Started)),
+        ];
+        let plan = planned(
+            &jobs,
+            &[],
+            false,
+            &states(&[("a", "canceled"), ("b", "canceling")]),
+        );
+        assert_eq!(plan.delete.len(), 1);
+        assert_eq!(plan.delete[0].job, "a");
+    }
+
+    #[test]
+    fn reservations_are_renewed_when_half_is_left_and_stages_told_once() {
+        let mut fresh = job("a", PodState::Coming(Stage::Pulling));
+        fresh.reserved_until = Some(now() + k8s_openapi::jiff::SignedDuration::from_secs(200));
+        fresh.notified = 1;
+        let mut old = job("b", PodState::Coming(Stage::Created));
+        old.reserved_until = Some(now() + k8s_openapi::jiff::SignedDuration::from_secs(100));
+        old.notified = 1;
+        let plan = planned(
+            &[fresh, old],
+            &[],
+            false,
+            &states(&[("a", "reserved"), ("b", "reserved")]),
+        );
+        assert_eq!(plan.renew, ["b"]);
+        let told: Vec<(&str, Stage)> = plan
+            .notify
+            .iter()
+            .map(|n| (n.job.as_str(), n.stage))
+            .collect();
+        assert_eq!(told, [("a", Stage::Scheduled), ("a", Stage::Pulling)]);
+    }
+}
