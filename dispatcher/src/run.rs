@@ -273,7 +273,7 @@ pub enum Feed {
     /// The queue's counts.
     Metrics(MetricsClient),
     /// The queue's jobs, one pod each.
-    Stacks(Stack),
+    Stacks(Box<Stack>),
 }
 
 /// The dispatch loop's settings and edges.
@@ -297,19 +297,19 @@ impl<'a> Dispatcher<'a> {
                 token,
                 &settings.queue,
             )),
-            Source::Stacks => Feed::Stacks(Stack {
-                api: StacksClient::new(
+            Source::Stacks => Feed::Stacks(Box::new(Stack::new(
+                StacksClient::new(
                     &settings.endpoint,
                     token,
                     &settings.stack_key(namespace),
                     &settings.queue,
                 ),
-                limits: StackLimits {
+                StackLimits {
                     max_agents: settings.max_agents,
                     expiry: settings.reservation_expiry,
                 },
-                namespace: namespace.to_string(),
-            }),
+                namespace,
+            ))),
         };
         Dispatcher {
             feed,

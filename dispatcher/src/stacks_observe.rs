@@ -63,6 +63,8 @@ pub struct StackJob {
     pub node: Option<String>,
     /// The Job is finished, or being deleted: it makes no more pods.
     pub finished: bool,
+    /// Made suspended, it waits for its job's reservation before it makes a pod.
+    pub suspended: bool,
     pub reserved_until: Option<Timestamp>,
     pub notified: u8,
 }
@@ -94,6 +96,7 @@ pub fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
             pod_name: pod.and_then(|p| p.metadata.name.clone()),
             node: pod.and_then(|p| p.spec.as_ref()?.node_name.clone()),
             finished,
+            suspended: suspended(job),
             reserved_until: annotation(RESERVED_UNTIL_ANNOTATION).and_then(|t| t.parse().ok()),
             notified: annotation(NOTIFIED_ANNOTATION)
                 .and_then(|n| n.parse().ok())
@@ -147,7 +150,7 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
     }
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let waited = created.map_or(Duration::ZERO, |t| observe::elapsed(t, seen.now));
-    if waited < timeouts.start_timeout {
+    if waited < timeouts.start_timeout || suspended(job) {
         return PodState::Coming(Stage::Created);
     }
     PodState::Stuck(StuckPod {
@@ -158,6 +161,10 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
         waited,
         template: String::new(),
     })
+}
+
+fn suspended(job: &Job) -> bool {
+    job.spec.as_ref().and_then(|s| s.suspend) == Some(true)
 }
 
 fn waiting_stage(pod: &Pod) -> Stage {

@@ -2,7 +2,7 @@
 //! page of scheduled jobs, the states Buildkite gives for the jobs that have Jobs here, and the
 //! Jobs themselves), as [`crate::decide`] is for the metrics mode.
 //!
-//! - A job is reserved only when a pod can be made for it (fewer than `max_agents` Jobs
+//! - A job is taken only when a pod can be made for it (fewer than `max_agents` Jobs
 //!   unfinished), higher `priority` first, then oldest; never while the queue's dispatch is
 //!   paused; never when a Job for it exists, finished or not (so a restart never re-reserves a
 //!   job into a duplicate, agent-stack-k8s PR #965). The reservation is renewed while its pod
@@ -88,10 +88,12 @@ pub enum StackHold {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// Jobs to reserve, then make a Job for, in this order.
+    /// Jobs to take, in this order: a Job made for each, then reserved.
     pub reserve: Vec<String>,
-    /// Reservations to extend.
+    /// Reservations to extend (or to make, for a suspended Job whose job still waits).
     pub renew: Vec<String>,
+    /// Suspended Jobs whose job is reserved: to let make their pods.
+    pub resume: Vec<String>,
     /// Jobs to finish as failed.
     pub finish: Vec<Finish>,
     /// Stuck pods of jobs an agent already has (or that ended): their Jobs deleted, a note sent.
@@ -191,6 +193,17 @@ fn settle(
         PodState::Stuck(stuck) => plan.stuck_taken.push(finish(Why::Stuck(stuck.clone()))),
         PodState::Ended(why) if unclaimed => plan.finish.push(finish(Why::Ended(why.clone()))),
         PodState::Ended(_) => {}
+        PodState::Coming(_) if job.suspended => match state {
+            "reserved" => plan.resume.push(job.job.clone()),
+            "scheduled" => plan.renew.push(job.job.clone()),
+            // Cancelled, or another's: no pod of this Job ever ran it.
+            _ => plan.delete.push(Delete {
+                job: job.job.clone(),
+                k8s_job: job.name.clone(),
+                uid: job.uid.clone(),
+                state: state.to_string(),
+            }),
+        },
         PodState::Coming(stage) if OVER.contains(&state) && *stage < Stage::Started => {
             plan.delete.push(Delete {
                 job: job.job.clone(),
@@ -250,6 +263,7 @@ mod tests {
             pod_name: None,
             node: None,
             finished: false,
+            suspended: false,
             reserved_until: None,
             notified: 0,
         }
@@ -328,6 +342,27 @@ mod tests {
         );
         assert!(plan.reserve.is_empty());
         assert_eq!(plan.renew, ["b"]);
+    }
+
+    #[test]
+    fn a_suspended_job_is_resumed_once_reserved_and_deleted_if_its_job_went_elsewhere() {
+        let suspended = |id: &str| StackJob {
+            suspended: true,
+            ..job(id, PodState::Coming(Stage::Created))
+        };
+        let jobs = ["a", "b", "c", "d"].map(suspended);
+        let st = states(&[
+            ("a", "reserved"),
+            ("b", "scheduled"),
+            ("c", "canceled"),
+            ("d", "running"),
+        ]);
+        let plan = planned(&jobs, &[listed("b", 0)], false, &st);
+        assert_eq!(plan.resume, ["a"]);
+        assert_eq!(plan.renew, ["b"]);
+        let deleted: Vec<&str> = plan.delete.iter().map(|d| d.job.as_str()).collect();
+        assert_eq!(deleted, ["c", "d"]);
+        assert!(plan.reserve.is_empty() && plan.notify.is_empty());
     }
 
     #[test]

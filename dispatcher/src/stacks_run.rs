@@ -3,7 +3,8 @@
 //! calls and the Jobs). Every call's outcome is read back on the next tick, from Buildkite's
 //! states and the watched Jobs, so a failed one is logged, counted and tried again then.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -30,12 +31,57 @@ const LIST_LIMIT: usize = 100;
 
 /// The stacks mode's edge to Buildkite and its limits.
 pub struct Stack {
-    pub api: StacksClient,
-    pub limits: StackLimits,
-    pub namespace: String,
+    api: StacksClient,
+    limits: StackLimits,
+    namespace: String,
+    written: Mutex<Written>,
+}
+
+/// A Job whose job is to be reserved.
+struct Held {
+    job: String,
+    name: String,
+    uid: String,
+    suspended: bool,
+}
+
+/// What this process wrote on its Jobs that the watch may not have brought back yet, read over
+/// the watched annotations: a watch a moment behind repeats no note and no renewal (the
+/// "expectations" of Kubernetes' own controllers). After a restart the annotations say it all.
+#[derive(Default)]
+struct Written {
+    notified: HashMap<String, u8>,
+    reserved_until: HashMap<String, Timestamp>,
 }
 
 impl Stack {
+    pub fn new(api: StacksClient, limits: StackLimits, namespace: &str) -> Stack {
+        Stack {
+            api,
+            limits,
+            namespace: namespace.to_string(),
+            written: Mutex::default(),
+        }
+    }
+
+    /// `jobs` with what this process wrote on them; forgets the Jobs gone.
+    fn recall(&self, jobs: &mut [StackJob]) {
+        let mut written = self.written.lock().unwrap();
+        let present: HashSet<String> = jobs.iter().map(|j| j.name.clone()).collect();
+        written.notified.retain(|name, _| present.contains(name));
+        written
+            .reserved_until
+            .retain(|name, _| present.contains(name));
+        for job in jobs {
+            if let Some(told) = written.notified.get(&job.name) {
+                job.notified = job.notified.max(*told);
+            }
+            if let Some(until) = written.reserved_until.get(&job.name) {
+                job.reserved_until = job.reserved_until.max(Some(*until));
+            }
+        }
+    }
+
     /// Registers the stack (idempotent; also the token's check): whether Buildkite accepted
     /// the token (`None`: no answer).
     pub async fn register(&self, edges: &Edges<'_>) -> Option<bool> {
@@ -86,7 +132,8 @@ impl Stack {
         let (listing, wait) = self.list(edges).await;
         let now = Timestamp::now();
         let view = edges.stores.view();
-        let jobs = view.stack_jobs(now, edges.template.hash(), timeouts);
+        let mut jobs = view.stack_jobs(now, edges.template.hash(), timeouts);
+        self.recall(&mut jobs);
         let states = self.states(edges, &jobs).await;
         let listed = listing
             .as_ref()
@@ -224,8 +271,19 @@ impl Stack {
                 .await;
             self.let_go(edges, taken).await;
         }
-        self.renew(edges, &plan.renew).await;
-        self.reserve(edges, &plan.reserve).await;
+        let renew = plan.renew.iter().filter_map(|job| {
+            let found = jobs.get(format!("buildkite-{job}").as_str())?;
+            Some(Held {
+                job: job.clone(),
+                name: found.name.clone(),
+                uid: found.uid.clone(),
+                suspended: found.suspended,
+            })
+        });
+        let renewed = self.hold(edges, renew.collect()).await;
+        count_by(edges, "renewed", renewed.len() as u64);
+        self.resume(edges, &plan.resume).await;
+        self.take(edges, &plan.reserve).await;
         self.notify(edges, &plan, jobs).await;
     }
 
@@ -281,41 +339,96 @@ impl Stack {
         cut(&edges.redactor.apply(&text), DETAIL_LIMIT)
     }
 
-    /// Extends reservations, and records until when on each Job.
-    async fn renew(&self, edges: &Edges<'_>, jobs: &[String]) {
-        if jobs.is_empty() {
-            return;
+    /// Reserves (again) the jobs of `held`, in one call. Each Job reserved records until when,
+    /// and is resumed if it waited suspended; a suspended Job whose job was not reserved
+    /// (another stack has it, or it no longer waits) never made a pod, and is deleted. The
+    /// Jobs reserved.
+    async fn hold(&self, edges: &Edges<'_>, held: Vec<Held>) -> Vec<Held> {
+        if held.is_empty() {
+            return held;
         }
-        let Some(reserved) = self.reserve_call(edges, jobs).await else {
-            return;
+        let uuids: Vec<String> = held.iter().map(|h| h.job.clone()).collect();
+        // Not answered: the Jobs stay as they are, and the next tick tries again.
+        let Some(reserved) = self.reserve_call(edges, &uuids).await else {
+            return Vec::new();
         };
         let until = self.until();
-        for job in reserved {
-            let patch = serde_json::json!({"metadata": {"annotations": {RESERVED_UNTIL_ANNOTATION: until}}});
-            let name = format!("buildkite-{job}");
-            if let Err(e) = edges
-                .jobs
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                edges.metrics.kubernetes_error(&e);
+        let (kept, refused): (Vec<Held>, Vec<Held>) =
+            held.into_iter().partition(|h| reserved.contains(&h.job));
+        for h in refused.iter().filter(|h| h.suspended) {
+            edges.delete_job(&h.name, &h.uid).await;
+            tracing::info!(decision = "not-reserved", job_uuid = %h.job, job = %h.name, "Buildkite job {} was not reserved (another stack has it, or it no longer waits): deleted its Job {}, which had made no pod", h.job, h.name);
+        }
+        for h in &kept {
+            let mut patch = serde_json::json!({"metadata": {"annotations": {RESERVED_UNTIL_ANNOTATION: until}}});
+            if h.suspended {
+                patch["spec"] = serde_json::json!({"suspend": false});
             }
-            count(edges, "renewed");
+            self.patch(edges, &h.name, &patch).await;
+            if let Ok(at) = until.parse() {
+                let mut written = self.written.lock().unwrap();
+                written.reserved_until.insert(h.name.clone(), at);
+            }
+        }
+        kept
+    }
+
+    /// Lets suspended Jobs whose jobs are reserved make their pods (a dispatcher stopped
+    /// between the reservation and this).
+    async fn resume(&self, edges: &Edges<'_>, jobs: &[String]) {
+        for job in jobs {
+            let patch = serde_json::json!({"spec": {"suspend": false}});
+            self.patch(edges, &format!("buildkite-{job}"), &patch).await;
         }
     }
 
-    /// Reserves waiting jobs and creates a Job for each one reserved.
-    async fn reserve(&self, edges: &Edges<'_>, jobs: &[String]) {
+    async fn patch(&self, edges: &Edges<'_>, name: &str, patch: &serde_json::Value) {
+        let params = PatchParams::default();
+        if let Err(e) = edges.jobs.patch(name, &params, &Patch::Merge(patch)).await {
+            edges.metrics.kubernetes_error(&e);
+            tracing::warn!(job = %name, "updating Job {name} failed: {e}; the next tick tries again");
+        }
+    }
+
+    /// Takes waiting jobs: a suspended Job for each first (the record a restart reads back),
+    /// then one reservation for them all, then the Jobs reserved resumed ([`Stack::hold`]). A
+    /// dispatcher that dies on the way leaves suspended Jobs, which the next tick reserves or
+    /// resumes; never a reservation without a Job, nor a pod for a job not reserved.
+    async fn take(&self, edges: &Edges<'_>, jobs: &[String]) {
         if jobs.is_empty() {
             return;
         }
-        let Some(reserved) = self.reserve_call(edges, jobs).await else {
-            return;
-        };
         let until = self.until();
-        for job in reserved {
-            count(edges, "reserved");
-            self.create(edges, &job, &until).await;
+        let mut made = Vec::new();
+        for job in jobs {
+            if let Some((name, uid)) = self.create(edges, job, &until).await {
+                made.push(Held {
+                    job: job.clone(),
+                    name,
+                    uid,
+                    suspended: true,
+                });
+            }
+        }
+        let made = self.hold(edges, made).await;
+        count_by(edges, "reserved", made.len() as u64);
+        let notes: Vec<(String, String)> = made
+            .iter()
+            .map(|h| (h.job.clone(), self.note(Stage::Created, None, &h.name)))
+            .collect();
+        // The first note goes with the create (the Job says so already): a short job can be
+        // over before the next tick.
+        if !notes.is_empty() {
+            if let Err(e) = self.api.notify(&notes).await {
+                failed(edges, &e);
+            }
+        }
+        // The next tick counts them against --max-agents: wait (briefly) for the watch.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && !made.iter().all(|h| edges.stores.has_job(&h.name))
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -340,8 +453,9 @@ impl Stack {
         (Timestamp::now() + expiry).to_string()
     }
 
-    /// The job's Job; one that exists already (a duplicate create) is the same Job.
-    async fn create(&self, edges: &Edges<'_>, uuid: &str, until: &str) {
+    /// The job's Job; one that exists already (a duplicate create) is the same Job. Its name and
+    /// uid, if this call created it.
+    async fn create(&self, edges: &Edges<'_>, uuid: &str, until: &str) -> Option<(String, String)> {
         let settings = edges.settings;
         let dispatch = Dispatch {
             id: uuid.to_string(),
@@ -353,19 +467,25 @@ impl Stack {
             acquire: Some(uuid.to_string()),
         };
         let mut job: Job = edges.template.job(&dispatch);
+        // No pod until its job is reserved.
+        job.spec.get_or_insert_default().suspend = Some(true);
         let annotations = job.metadata.annotations.get_or_insert_default();
         annotations.insert(RESERVED_UNTIL_ANNOTATION.into(), until.to_string());
+        let created = Stage::Created as u8;
+        annotations.insert(NOTIFIED_ANNOTATION.into(), created.to_string());
         match edges.jobs.create(&PostParams::default(), &job).await {
             Ok(created) => {
                 edges.metrics.dispatches.inc();
                 edges.metrics.pods_created.inc();
                 let name = created.metadata.name.unwrap_or_default();
-                tracing::info!(decision = "dispatch", job_uuid = %uuid, job = %name, "reserved Buildkite job {uuid} and created its Job {name}");
+                tracing::info!(decision = "dispatch", job_uuid = %uuid, job = %name, "created Job {name} for Buildkite job {uuid}");
+                Some((name, created.metadata.uid.unwrap_or_default()))
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => None,
             Err(e) => {
                 edges.metrics.kubernetes_error(&e);
-                tracing::warn!(decision = "dispatch-failed", job_uuid = %uuid, "creating the Job for Buildkite job {uuid} failed: {e}; its reservation lapses and the job is taken again");
+                tracing::warn!(decision = "dispatch-failed", job_uuid = %uuid, "creating the Job for Buildkite job {uuid} failed: {e}; the next tick takes the job again");
+                None
             }
         }
     }
@@ -398,14 +518,13 @@ impl Stack {
             *stage = (*stage).max(n.stage);
         }
         for (name, stage) in reached {
+            self.written
+                .lock()
+                .unwrap()
+                .notified
+                .insert(name.to_string(), stage as u8);
             let patch = serde_json::json!({"metadata": {"annotations": {NOTIFIED_ANNOTATION: (stage as u8).to_string()}}});
-            if let Err(e) = edges
-                .jobs
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                edges.metrics.kubernetes_error(&e);
-            }
+            self.patch(edges, name, &patch).await;
         }
     }
 

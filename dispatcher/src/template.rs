@@ -250,6 +250,9 @@ impl Template {
         for (key, value) in labels {
             pod_labels.insert(key.to_string(), value.to_string());
         }
+        if let Some(uuid) = &dispatch.acquire {
+            pod_labels.insert(JOB_UUID_LABEL.into(), uuid.clone());
+        }
         let annotations = pod_meta.annotations.get_or_insert_default();
         for (key, value) in DO_NOT_DISRUPT {
             annotations
@@ -468,6 +471,30 @@ mod tests {
             mirror_claim: None,
             acquire: None,
         }
+    }
+
+    #[test]
+    fn a_stacks_job_is_named_after_its_buildkite_job_acquires_it_and_is_tried_once() {
+        let template = Template::parse(SHIPPED, "kubernetes", &Mirror::Shared).unwrap();
+        let uuid = "01900000-0000-7000-8000-000000000001";
+        let job = template.job(&Dispatch {
+            agents: 1,
+            acquire: Some(uuid.into()),
+            ..dispatch()
+        });
+        assert_eq!(job.metadata.name, Some(format!("buildkite-{uuid}")));
+        assert_eq!(job.metadata.generate_name, None);
+        assert_eq!(job.metadata.labels.as_ref().unwrap()[JOB_UUID_LABEL], uuid);
+        let spec = job.spec.as_ref().unwrap();
+        assert_eq!(spec.backoff_limit_per_index, Some(0));
+        let pod_meta = spec.template.metadata.as_ref().unwrap();
+        assert_eq!(pod_meta.labels.as_ref().unwrap()[JOB_UUID_LABEL], uuid);
+        let pod = spec.template.spec.as_ref().unwrap();
+        let env = pod.containers[0].env.as_deref().unwrap();
+        assert_eq!(
+            env_value(env, "BUILDKITE_AGENT_ACQUIRE_JOB").as_deref(),
+            Some(uuid)
+        );
     }
 
     #[test]

@@ -19,11 +19,18 @@
 //! - **Acquiring one job** (an agent started with `--acquire-job`; buildkite/agent v3.137.0
 //!   `api/jobs.go` `AcquireJob`, `core/client.go`): `POST /v3/register` with
 //!   `ignore_in_dispatches: true` keeps the agent out of every ping's dispatch; `PUT
-//!   /v3/jobs/<id>/acquire` answers 200 with the job (its `env`) for a scheduled job and assigns it
-//!   to the caller, 404 for a job it does not know, 423 while the test holds the job
-//!   [`FakeBuildkite::lock`]ed (waiting on dependencies), and 422 for a job already acquired,
-//!   running, finished or cancelled. Each attempt's `X-Buildkite-Lock-Acquire-Job` and
-//!   `X-Buildkite-Backoff-Sequence` are recorded ([`FakeBuildkite::acquires`]).
+//!   /v3/jobs/<id>/acquire` answers 200 with the job (its `env`) for a scheduled job, or one a
+//!   stack reserved (agent-stack-k8s reserves, then starts the agent that acquires), and assigns
+//!   it to the caller (counted in [`Job::acquired`]), 404 for a job it does not know, 423 while
+//!   the test holds the job [`FakeBuildkite::lock`]ed (waiting on dependencies), and 422 for a
+//!   job already acquired, running, finished or cancelled. Each attempt's
+//!   `X-Buildkite-Lock-Acquire-Job` and `X-Buildkite-Backoff-Sequence` are recorded
+//!   ([`FakeBuildkite::acquires`]).
+//! - **The Stacks API** under `/v3/stacks/`, on the same listener and jobs: see
+//!   [`crate::fake_stacks`], which names its sources and choices.
+//! - **Cancelling**: [`FakeBuildkite::cancel`] makes a scheduled or reserved job canceled and an
+//!   assigned, accepted or running one canceling, which its agent's finish makes canceled;
+//!   [`FakeBuildkite::cancel_scheduled`] cancels a queue's scheduled and reserved jobs.
 //! - A wrong token gets 401; faults on request (429 with `Retry-After`, 500, a stall, a 200 whose
 //!   body is not the metrics) hit the metrics endpoint ([`FakeBuildkite::inject`]) or the acquire
 //!   calls ([`FakeBuildkite::inject_acquire`]), each queue its own.
@@ -37,10 +44,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
+use crate::fake_stacks::Stacks;
+pub use crate::fake_stacks::{Reservation, Stack, StackCall};
 use crate::http_server::{serve_connection, Request};
 
 /// What the queue looks like to Buildkite, beyond the agents and jobs of the lifecycle.
@@ -65,11 +74,22 @@ pub enum BuildkiteFault {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     Scheduled,
+    /// Held by a stack (`batch-reserve`) until its reservation expires; only a stack's jobs.
+    Reserved,
     Assigned,
     Accepted,
     Running,
     Finished,
+    /// Cancelled while an agent had it; the agent's finish makes it `Canceled`.
+    Canceling,
     Canceled,
+}
+
+impl JobState {
+    /// The lower-case name Buildkite uses (`get-states`, error messages).
+    pub fn name(self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
 }
 
 /// A job, as the test sees it.
@@ -81,7 +101,20 @@ pub struct Job {
     pub env: BTreeMap<String, String>,
     /// The agent's name, once assigned.
     pub agent: Option<String>,
+    /// The agent's `exit_status`, or a stack's `finish` exit status as a string (`"-1"`).
     pub exit_status: Option<String>,
+    /// The job's priority, as the Stacks API lists it (`schedule` gives 0).
+    pub priority: i64,
+    /// The `detail` a stack finished the job with.
+    pub finish_detail: Option<String>,
+    /// The `detail` of every stack notification stored on the job, in order.
+    pub notifications: Vec<String>,
+    /// How many acquires of this job succeeded.
+    pub acquired: u32,
+    /// The stack's reservation while the job is [`JobState::Reserved`].
+    pub reservation: Option<Reservation>,
+    /// When it was scheduled (`scheduled_at`).
+    pub scheduled_at: SystemTime,
 }
 
 struct Agent {
@@ -114,9 +147,9 @@ impl Agent {
     }
 }
 
-struct State {
-    token: String,
-    queue: String,
+pub(crate) struct State {
+    pub(crate) token: String,
+    pub(crate) queue: String,
     counts: QueueState,
     poll_duration: Option<u64>,
     faults: VecDeque<BuildkiteFault>,
@@ -128,10 +161,24 @@ struct State {
     requests: Vec<(String, String)>,
     /// Access token → agent.
     agents: BTreeMap<String, Agent>,
-    jobs: Vec<Job>,
+    pub(crate) jobs: Vec<Job>,
+    /// The Stacks API's side: stacks, their calls, rate-limit windows, faults and settings.
+    pub(crate) stacks: Stacks,
 }
 
 impl State {
+    /// Reservations past their time end: the job is scheduled again (lazily, on each request).
+    pub(crate) fn expire_reservations(&mut self, now: Instant) {
+        for job in &mut self.jobs {
+            if job.state == JobState::Reserved
+                && job.reservation.as_ref().is_none_or(|r| r.until <= now)
+            {
+                job.state = JobState::Scheduled;
+                job.reservation = None;
+            }
+        }
+    }
+
     /// The metrics of `queue`: the lifecycle's counts plus the test's.
     fn metrics(&self, queue: &str) -> Value {
         let c = self.counts;
@@ -242,16 +289,22 @@ impl State {
                     agent.ignored |= body["ignore_agent_in_dispatches"] == json!(true);
                 }
                 let job = self.jobs.iter_mut().find(|j| j.id == *id).unwrap();
+                let canceling = job.state == JobState::Canceling;
                 match *step {
+                    "accept" | "start" if canceling => {}
                     "accept" => job.state = JobState::Accepted,
                     "start" => job.state = JobState::Running,
                     "finish" => {
-                        job.state = JobState::Finished;
+                        job.state = if canceling {
+                            JobState::Canceled
+                        } else {
+                            JobState::Finished
+                        };
                         job.exit_status = body["exit_status"].as_str().map(String::from);
                     }
                     _ => return Some((404, json!({"message": "Not found"}))),
                 }
-                let state = format!("{:?}", job.state).to_lowercase();
+                let state = job.state.name();
                 json!({"id": job.id, "state": state, "env": job.env})
             }
             _ => return None,
@@ -261,7 +314,9 @@ impl State {
 
     /// `PUT /v3/jobs/<id>/acquire` by the agent holding `token`. Which of 404, 423 and 422 wins
     /// for a job that is several at once is Buildkite's and not public; this fake checks in
-    /// that order.
+    /// that order. A job a stack reserved is acquirable too (agent-stack-k8s reserves, then
+    /// starts the agent that acquires), by any agent: the reservation is the stack's, not the
+    /// agent's.
     fn acquire(&mut self, token: &str, id: &str) -> (u16, Value) {
         let name = self.agents[token].name.clone();
         let Some(job) = self.jobs.iter_mut().find(|j| j.id == id) else {
@@ -273,8 +328,8 @@ impl State {
                 json!({"message": "The job is waiting on its dependencies"}),
             );
         }
-        if job.state != JobState::Scheduled {
-            let state = format!("{:?}", job.state).to_lowercase();
+        if !matches!(job.state, JobState::Scheduled | JobState::Reserved) {
+            let state = job.state.name();
             return (
                 422,
                 json!({"message": format!("The job is {state} and cannot be acquired")}),
@@ -282,6 +337,8 @@ impl State {
         }
         job.state = JobState::Accepted;
         job.agent = Some(name);
+        job.reservation = None;
+        job.acquired += 1;
         let answer = json!({"id": job.id, "state": "accepted", "env": job.env});
         self.agents.get_mut(token).unwrap().job = Some(id.to_string());
         (200, answer)
@@ -290,7 +347,7 @@ impl State {
 
 pub struct FakeBuildkite {
     addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+    pub(crate) state: Arc<Mutex<State>>,
 }
 
 impl FakeBuildkite {
@@ -310,6 +367,7 @@ impl FakeBuildkite {
             requests: Vec::new(),
             agents: BTreeMap::new(),
             jobs: Vec::new(),
+            stacks: Stacks::default(),
         }));
         let serving = state.clone();
         crate::loopback::serve_each(listener, move |stream| {
@@ -327,14 +385,28 @@ impl FakeBuildkite {
         self.state.lock().unwrap().counts = counts;
     }
 
-    /// Schedules `count` jobs on `queue`, each with `env` and its own `BUILDKITE_JOB_ID`.
+    /// Schedules `count` jobs on `queue`, each with `env` and its own `BUILDKITE_JOB_ID`, at
+    /// priority 0.
     pub fn schedule(&self, queue: &str, count: usize, env: &BTreeMap<String, String>) {
+        self.schedule_with_priority(queue, count, env, 0);
+    }
+
+    /// [`FakeBuildkite::schedule`] at `priority` (as the Stacks API lists it); the new jobs' ids.
+    pub fn schedule_with_priority(
+        &self,
+        queue: &str,
+        count: usize,
+        env: &BTreeMap<String, String>,
+        priority: i64,
+    ) -> Vec<String> {
         let mut state = self.state.lock().unwrap();
+        let mut ids = Vec::new();
         for _ in 0..count {
             let id = format!("01900000-0000-7000-8000-{:012}", state.jobs.len() + 1);
             let mut env = env.clone();
             env.insert("BUILDKITE_JOB_ID".into(), id.clone());
             env.insert("BUILDKITE_AGENT_META_DATA_QUEUE".into(), queue.into());
+            ids.push(id.clone());
             state.jobs.push(Job {
                 id,
                 queue: queue.to_string(),
@@ -342,23 +414,50 @@ impl FakeBuildkite {
                 env,
                 agent: None,
                 exit_status: None,
+                priority,
+                finish_detail: None,
+                notifications: Vec::new(),
+                acquired: 0,
+                reservation: None,
+                scheduled_at: SystemTime::now(),
             });
         }
+        ids
     }
 
-    /// Cancels every job of `queue` no agent has taken (a cancelled build); how many.
+    /// Cancels every job of `queue` no agent has taken, scheduled or reserved by a stack (a
+    /// build cancelled before its agents came); how many.
     pub fn cancel_scheduled(&self, queue: &str) -> usize {
         let mut state = self.state.lock().unwrap();
+        state.expire_reservations(Instant::now());
         let mut n = 0;
-        for job in state
-            .jobs
-            .iter_mut()
-            .filter(|j| j.queue == queue && j.state == JobState::Scheduled)
-        {
+        for job in state.jobs.iter_mut().filter(|j| {
+            j.queue == queue && matches!(j.state, JobState::Scheduled | JobState::Reserved)
+        }) {
             job.state = JobState::Canceled;
+            job.reservation = None;
             n += 1;
         }
         n
+    }
+
+    /// Cancels one job: scheduled or reserved becomes canceled; assigned, accepted or running
+    /// becomes canceling (its agent finishes it, and then it is canceled); others are left.
+    pub fn cancel(&self, job: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.expire_reservations(Instant::now());
+        if let Some(job) = state.jobs.iter_mut().find(|j| j.id == job) {
+            match job.state {
+                JobState::Scheduled | JobState::Reserved => {
+                    job.state = JobState::Canceled;
+                    job.reservation = None;
+                }
+                JobState::Assigned | JobState::Accepted | JobState::Running => {
+                    job.state = JobState::Canceling;
+                }
+                _ => {}
+            }
+        }
     }
 
     pub fn jobs(&self) -> Vec<Job> {
@@ -437,6 +536,12 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
 /// Answers one request; whether the connection may serve another.
 fn answer(request: &Request, state: &Mutex<State>, out: &mut TcpStream) -> std::io::Result<bool> {
     let auth = request.header("Authorization").unwrap_or("").to_string();
+    let now = Instant::now();
+    state.lock().unwrap().expire_reservations(now);
+    if request.path.starts_with("/v3/stacks/") {
+        let reply = crate::fake_stacks::answer(&mut state.lock().unwrap(), request, &auth, now);
+        return crate::fake_stacks::write_reply(reply, out);
+    }
     let metrics = request.path == "/v3/metrics/queue";
     let acquire = request.method == "PUT" && request.path.ends_with("/acquire");
     let (lifecycle, fault, expected, queue, body, poll) = {

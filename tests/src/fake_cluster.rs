@@ -39,8 +39,9 @@
 //!   pod keeps its finalizer until then). A `parallelism` lowered below the pods active deletes
 //!   the surplus, least started first (`activePodsForRemoval`, `controller.ActivePods`). Not
 //!   modelled: the Job-wide pod failure backoff of Jobs
-//!   without `backoffLimitPerIndex`, `successPolicy`, `suspend`, duplicate-index cleanup, init
-//!   containers. A finished Job is deleted `ttlSecondsAfterFinished` later, its pods with it.
+//!   without `backoffLimitPerIndex`, `successPolicy`, duplicate-index cleanup, init containers;
+//!   of `suspend`, only that a suspended Job wants no pod (`manageJob`: its active pods deleted,
+//!   none made), not its `Suspended` condition nor the reset of its `startTime`. A finished Job is deleted `ttlSecondsAfterFinished` later, its pods with it.
 //! - **podFailurePolicy** (`pod_failure_policy.go` `matchPodFailurePolicy`): the rules in order,
 //!   the first that matches decides. `onExitCodes` (`In`/`NotIn`, optional `containerName`)
 //!   looks at terminated containers with a non-zero code, the containers then the init
@@ -919,6 +920,8 @@ fn manage(
     let parallelism = job["spec"]["parallelism"].as_u64().unwrap_or(1);
     let succeeded = succeeded(job, tally, view);
     let want = match completions(job) {
+        // Suspended: no pod wanted, the active ones deleted (`manageJob`, `jobSuspended`).
+        _ if job["spec"]["suspend"] == true => 0,
         Some(n) => parallelism.min(n.saturating_sub(succeeded)),
         None if succeeded > 0 => count(view, active) as u64,
         None => parallelism,

@@ -1,0 +1,440 @@
+//! The stacks mode end to end, through the real binaries: jobs are queued on the fake Buildkite,
+//! whose fake Stacks API (`tests/src/fake_buildkite.rs`, modelled on Buildkite's docs and the
+//! stacksapi Go client) the real job-dispatcher lists and reserves; it creates one Job per
+//! Buildkite job on the fake API server; the fake cluster runs each pod as a real container, whose
+//! stand-in agent acquires exactly its job (`--acquire-job`, as buildkite/agent v3.137.0 does).
+//! Each scenario checks that every job ran once or was finished with its reason, that nothing is
+//! left reserved, and that the token is nowhere. Without root (the kubelet's namespaces) these
+//! say so and skip.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use stateless_e2e::dispatch_world::*;
+use stateless_e2e::dispatcher_process::Running;
+use stateless_e2e::fake_buildkite::{BuildkiteFault, JobState};
+use stateless_e2e::fake_cluster::ClusterSpec;
+
+/// The stack key the dispatcher derives from the namespace and queue.
+const STACK: &str = "job-dispatcher-ci-kubernetes";
+
+/// The dispatcher in stacks mode, with `settings` added.
+fn stacks(w: &World, name: &str, settings: &[(&str, &str)]) -> Running {
+    let mut command = w.dispatcher_command(name);
+    command.env("DISPATCHER_SOURCE", "stacks");
+    command.envs(settings.iter().copied());
+    Running::spawn(&mut command)
+}
+
+/// Every job ran exactly once (one successful acquire), and none is left scheduled or reserved.
+fn assert_each_ran_once(w: &World) {
+    for job in w.buildkite.jobs() {
+        assert_eq!(job.state, JobState::Finished, "{job:?}");
+        assert_eq!(job.acquired, 1, "{job:?}");
+    }
+}
+
+/// The scopes of the Stacks calls made so far, with their statuses.
+fn calls(w: &World, scope: &str) -> usize {
+    let calls = w.buildkite.stack_calls();
+    calls.iter().filter(|c| c.scope == scope).count()
+}
+
+#[test]
+fn a_burst_of_50_jobs_each_runs_once_in_a_pod_of_its_own() {
+    if skip() {
+        return;
+    }
+    let w = World::new(60, None);
+    w.schedule(50);
+    let dispatcher = stacks(&w, "replica-a", &[]);
+    let outcome = w.outcome(dispatcher, 50, Duration::from_secs(240));
+    assert_each_ran_once(&w);
+    // One pod per job, each agent registered to acquire and never dispatched other work.
+    assert_eq!(outcome.pods.len(), 50);
+    assert_eq!(outcome.jobs.len(), 50);
+    assert_eq!(w.buildkite.registrations_ignoring_dispatches(), 50);
+    for job in &outcome.jobs {
+        let uuid = &job["metadata"]["labels"]["stateless-agent/job-uuid"];
+        assert_eq!(
+            job["metadata"]["name"],
+            format!("buildkite-{}", uuid.as_str().unwrap())
+        );
+        assert!(ended(job, "Complete"), "{job:#}");
+    }
+    // Each job's timeline was told its Job was made, then each stage its pod reached before the
+    // job ended (these jobs take a moment: some end before a tick sees their agent), once each.
+    let jobs = w.buildkite.jobs();
+    for job in &jobs {
+        let told = job.notifications.join("\n");
+        assert!(told.starts_with("Kubernetes Job buildkite-"), "{told}");
+        let k = outcome
+            .jobs
+            .iter()
+            .find(|k| k["metadata"]["name"] == format!("buildkite-{}", job.id))
+            .unwrap();
+        assert!(
+            job.notifications.len() <= 4,
+            "{told}\n{}\n{}",
+            k["metadata"],
+            outcome
+                .dispatcher
+                .lines()
+                .filter(|l| l.contains(&job.id))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(job.notifications.iter().all(|n| n.len() <= 256));
+    }
+    let started = jobs.iter().filter(|j| {
+        j.notifications
+            .iter()
+            .any(|n| n.starts_with("Agent started in pod"))
+    });
+    assert!(started.count() > 0);
+    // Registered once per start, deregistered on the way out.
+    let stacks = w.buildkite.stacks();
+    assert_eq!(stacks.len(), 1);
+    assert_eq!(stacks[0].key, STACK);
+    assert!(!stacks[0].registered, "{stacks:?}");
+    // Every reservation said how long it lasts.
+    let reserves = w.buildkite.stack_calls();
+    let reserves = reserves.iter().filter(|c| c.scope == "batch-reserve");
+    assert!(reserves
+        .clone()
+        .all(|c| c.body["reservation_expiry_seconds"].as_u64() == Some(300)));
+    assert!(reserves.count() >= 1);
+}
+
+/// A tag nobody pushed: each pod waits in `ErrImagePull`/`ImagePullBackOff`; after the start
+/// timeout its job is finished in Buildkite with the kubelet's reason and message and what
+/// fixes it, and its Job deleted with a Warning Event. Nothing waits on.
+#[test]
+fn a_broken_image_fails_each_job_in_buildkite_with_the_reason_within_the_start_timeout() {
+    if skip() {
+        return;
+    }
+    const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
+    let spec = ClusterSpec {
+        capacity: 20,
+        missing_images: BTreeSet::from([BROKEN.to_string()]),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    set_image(&w.template, BROKEN);
+    let queued = Instant::now();
+    w.schedule(3);
+    let dispatcher = stacks(&w, "replica-a", &[("DISPATCHER_START_TIMEOUT", "4s")]);
+    let mut took = Vec::new();
+    wait("every job finished", Duration::from_secs(60), || {
+        let done = w
+            .buildkite
+            .jobs()
+            .iter()
+            .filter(|j| j.state == JobState::Finished)
+            .count();
+        while took.len() < done {
+            took.push(queued.elapsed());
+        }
+        done == 3
+    });
+    wait("the stuck Jobs gone", Duration::from_secs(10), || {
+        w.kube.objects("jobs", NS).is_empty()
+    });
+    let out = dispatcher.stop();
+    for job in w.buildkite.jobs() {
+        assert_eq!(job.exit_status.as_deref(), Some("-1"), "{job:?}");
+        assert_eq!(job.acquired, 0);
+        let detail = job.finish_detail.clone().unwrap_or_default();
+        assert!(
+            detail.contains("ErrImagePull") || detail.contains("ImagePullBackOff"),
+            "{detail}"
+        );
+        assert!(detail.contains("fix the template's image"), "{detail}");
+        assert!(detail.len() <= 4096);
+    }
+    // Within the start timeout of the pod's creation, give or take a tick and the pod's start.
+    let slowest = *took.iter().max().unwrap();
+    assert!(
+        slowest < Duration::from_secs(4 + 4),
+        "{took:?}\n{}",
+        out.log()
+    );
+    eprintln!(
+        "broken image: jobs failed in Buildkite {took:?} after they were queued (start timeout 4s)"
+    );
+    let events = w.kube.objects("events", NS);
+    assert!(events
+        .iter()
+        .any(|e| e["reason"] == "PodsStuck" && e["type"] == "Warning"));
+    w.assert_no_secret(&out);
+}
+
+/// `path`'s template with the agent's image set to `image`.
+fn set_image(path: &Path, image: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = image.into();
+    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+}
+
+/// A build cancelled while most of its pods wait for room: their Jobs are deleted within two
+/// polls of the job states, and the running jobs finish as their agents see fit.
+#[test]
+fn a_cancelled_build_has_its_pending_pods_gone_within_two_polls() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(3, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 3".into());
+    w.schedule(12);
+    let dispatcher = stacks(&w, "replica-a", &[("DISPATCHER_POLL_INTERVAL", "1s")]);
+    wait("three jobs running", Duration::from_secs(60), || {
+        let jobs = w.buildkite.jobs();
+        jobs.iter().filter(|j| j.state == JobState::Running).count() == 3
+    });
+    let polls_before = calls(&w, "batch-load-job-states");
+    let cancelled = w.buildkite.cancel_scheduled(QUEUE);
+    assert_eq!(cancelled, 9);
+    let canceled: BTreeSet<String> = w
+        .buildkite
+        .jobs()
+        .into_iter()
+        .filter(|j| j.state == JobState::Canceled)
+        .map(|j| j.id)
+        .collect();
+    wait(
+        "the cancelled jobs' Jobs gone",
+        Duration::from_secs(20),
+        || {
+            let jobs = w.kube.objects("jobs", NS);
+            !jobs.iter().any(|j| {
+                let uuid = j["metadata"]["labels"]["stateless-agent/job-uuid"]
+                    .as_str()
+                    .unwrap_or("");
+                canceled.contains(uuid) && j["metadata"]["deletionTimestamp"].is_null()
+            })
+        },
+    );
+    let polls = calls(&w, "batch-load-job-states") - polls_before;
+    assert!(polls <= 2, "{polls} polls of the job states");
+    wait("the three jobs finished", Duration::from_secs(60), || {
+        w.finished_jobs() == 3
+    });
+    let out = dispatcher.stop();
+    let canceled_log = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("\"decision\":\"cancel\""))
+        .count();
+    assert_eq!(canceled_log, 9, "{}", out.log());
+    for job in w.buildkite.jobs() {
+        let expected = if canceled.contains(&job.id) { 0 } else { 1 };
+        assert_eq!(job.acquired, expected, "{job:?}");
+    }
+    wait("no container left", Duration::from_secs(20), || {
+        w.cluster.leftover_processes().is_empty()
+    });
+}
+
+/// A dispatcher killed mid-reservation (no chance to tidy up), then two replicas: each job runs
+/// once, a Job each, and none is left reserved.
+#[test]
+fn a_restart_mid_reservation_and_two_replicas_run_no_job_twice_and_leave_none_reserved() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(40, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 1".into());
+    w.schedule(20);
+    let mut first = stacks(&w, "replica-a", &[]);
+    wait("a Job", Duration::from_secs(30), || {
+        !w.kube.objects("jobs", NS).is_empty()
+    });
+    first.kill();
+    first.finish();
+    let second = stacks(&w, "replica-b", &[]);
+    let third = stacks(&w, "replica-c", &[]);
+    let outcome = w.outcome(second, 20, Duration::from_secs(120));
+    let third = third.stop();
+    assert_each_ran_once(&w);
+    assert_eq!(
+        outcome.jobs.len(),
+        20,
+        "{}\n{}",
+        outcome.dispatcher,
+        third.log()
+    );
+    assert_eq!(outcome.pods.len(), 20);
+    // The standby never reserved.
+    assert!(
+        !third.stderr.contains("\"decision\":\"dispatch\""),
+        "{}",
+        third.log()
+    );
+}
+
+/// A queue whose dispatch is paused in Buildkite: polled (so it stays Connected), nothing
+/// reserved, under either name of the pause field; resumed, every job runs.
+#[test]
+fn a_paused_queue_has_nothing_reserved_until_it_is_resumed() {
+    if skip() {
+        return;
+    }
+    let w = World::new(10, None);
+    w.buildkite.pause(true);
+    w.schedule(4);
+    let dispatcher = stacks(&w, "replica-a", &[]);
+    wait("five polls", Duration::from_secs(30), || {
+        calls(&w, "list-scheduled-jobs") >= 5
+    });
+    // stacksapi's name for the same flag.
+    w.buildkite.pause_field("paused");
+    let polls = calls(&w, "list-scheduled-jobs");
+    wait("five more polls", Duration::from_secs(30), || {
+        calls(&w, "list-scheduled-jobs") >= polls + 5
+    });
+    assert_eq!(calls(&w, "batch-reserve"), 0);
+    assert!(w.kube.objects("jobs", NS).is_empty());
+    assert!(w
+        .buildkite
+        .jobs()
+        .iter()
+        .all(|j| j.state == JobState::Scheduled));
+    w.buildkite.pause(false);
+    let outcome = w.outcome(dispatcher, 4, Duration::from_secs(90));
+    outcome.assert_held("paused");
+    assert_each_ran_once(&w);
+}
+
+/// The Stacks API answering 429 (with `Retry-After`) to a run of calls, and a reserve limit of
+/// 2 a second: the dispatcher waits as told, calls no closed endpoint meanwhile, and loses no
+/// job.
+#[test]
+fn rate_limits_are_respected_and_lose_no_job() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, None);
+    w.buildkite.rate_limit("batch-reserve", 2);
+    w.schedule(12);
+    w.buildkite.inject_stacks(BuildkiteFault::Status(429), 6);
+    let dispatcher = stacks(&w, "replica-a", &[]);
+    let outcome = w.outcome(dispatcher, 12, Duration::from_secs(120));
+    assert_each_ran_once(&w);
+    let calls = w.buildkite.stack_calls();
+    let throttled: Vec<_> = calls.iter().filter(|c| c.status == 429).collect();
+    assert!(throttled.len() >= 6);
+    for refused in &throttled {
+        let next = calls
+            .iter()
+            .find(|c| c.scope == refused.scope && c.at > refused.at);
+        if let Some(next) = next {
+            let gap = next.at - refused.at;
+            assert!(
+                gap >= Duration::from_millis(900),
+                "{} again after {gap:?}",
+                refused.scope
+            );
+        }
+    }
+    assert!(
+        outcome.dispatcher.contains("asked to slow down"),
+        "{}",
+        outcome.dispatcher
+    );
+}
+
+/// A token Buildkite refuses: one line that names the fix, no stack registered, nothing created,
+/// and a clean stop.
+#[test]
+fn a_refused_token_is_reported_and_nothing_is_reserved() {
+    if skip() {
+        return;
+    }
+    let w = World::new(4, None);
+    w.schedule(2);
+    let mut command = w.dispatcher_command("replica-a");
+    command
+        .env("DISPATCHER_SOURCE", "stacks")
+        .env("BUILDKITE_AGENT_TOKEN", "bkct_not-the-token");
+    let dispatcher = Running::spawn(&mut command);
+    wait("two registrations refused", Duration::from_secs(30), || {
+        let calls = w.buildkite.stack_calls();
+        calls
+            .iter()
+            .filter(|c| c.path.ends_with("/stacks/register") && c.status == 401)
+            .count()
+            >= 2
+    });
+    let out = dispatcher.stop();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(out.stderr.contains("cluster agent token"), "{}", out.log());
+    assert!(w.buildkite.stacks().is_empty());
+    assert!(w.kube.objects("jobs", NS).is_empty());
+    assert!(!out.log().contains("bkct_not-the-token"));
+}
+
+/// A pod deleted before its agent acquired the job (here while it waits for room): the job is
+/// finished in Buildkite at once with what Kubernetes said, not left reserved for the whole
+/// expiry (agent-stack-k8s #873).
+#[test]
+fn a_pod_deleted_before_its_agent_acquires_fails_its_job_at_once() {
+    if skip() {
+        return;
+    }
+    let mut w = World::new(1, None);
+    w.job_env
+        .insert("BUILDKITE_COMMAND".into(), "sleep 2".into());
+    w.schedule(3);
+    let dispatcher = stacks(&w, "replica-a", &[]);
+    let waiting = || {
+        w.pods().into_iter().find(|p| {
+            p["spec"]["nodeName"].is_null() && p["metadata"]["deletionTimestamp"].is_null()
+        })
+    };
+    wait("a pod waiting for room", Duration::from_secs(30), || {
+        waiting().is_some()
+    });
+    let pod = waiting().unwrap();
+    let uuid = pod["metadata"]["labels"]["stateless-agent/job-uuid"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let deleted = Instant::now();
+    w.kube
+        .delete("pods", NS, pod["metadata"]["name"].as_str().unwrap());
+    wait("its job finished", Duration::from_secs(20), || {
+        w.buildkite
+            .jobs()
+            .iter()
+            .any(|j| j.id == uuid && j.state == JobState::Finished)
+    });
+    let took = deleted.elapsed();
+    let job = w
+        .buildkite
+        .jobs()
+        .into_iter()
+        .find(|j| j.id == uuid)
+        .unwrap();
+    assert_eq!(job.exit_status.as_deref(), Some("-1"));
+    let detail = job.finish_detail.unwrap_or_default();
+    assert!(detail.contains("before its agent acquired"), "{detail}");
+    eprintln!("a pod deleted before acquiring: its job failed {took:?} later");
+    wait("the other jobs finished", Duration::from_secs(60), || {
+        w.finished_jobs() == 3
+    });
+    let out = dispatcher.stop();
+    let ran = w
+        .buildkite
+        .jobs()
+        .iter()
+        .filter(|j| j.acquired == 1)
+        .count();
+    assert_eq!(ran, 2, "{}", out.log());
+    w.assert_no_secret(&out);
+}
