@@ -73,13 +73,17 @@
 //! Run: `cargo bench -p dispatcher --bench dispatch` (`BENCH_SEED`, default 7; `BENCH_SEEDS`;
 //! `BENCH_BUILDS` builds a day, default 120; `BENCH_CAPACITY`, default 300).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use dispatcher::decide::{
     decide, relieve, Action, Demand, LastDispatch, Limits, Relief, Streak, StuckJob, StuckPod,
     Supply, STUCK_BACKOFF, STUCK_BACKOFF_CAP,
 };
+use dispatcher::stacks_api::{ScheduledJob, BATCH};
+use dispatcher::stacks_observe::{PodState as StackPod, StackJob, Stage};
+use dispatcher::stacks_plan::{self, Finish, Notice, Plan, Seen, StackLimits, Why};
+use k8s_openapi::jiff::Timestamp;
 
 /// The dispatchers' tick: the metrics API's poll interval.
 const TICK: f64 = 10.0;
@@ -122,6 +126,13 @@ const INDEX_BACKOFF: f64 = 10.0;
 const CREATE_BACKOFF_CAP: f64 = 60.0;
 /// agent-stack-k8s's `image-pull-backoff-grace-period` and `empty-job-grace-period`.
 const ASK_GRACE: f64 = 30.0;
+/// The stacks mode's reservations (`--reservation-expiry`), renewed by the plan when half is left.
+const RESERVATION: f64 = 300.0;
+/// Each Job's `ttlSecondsAfterFinished` (`--job-ttl`): the stacks mode keeps a finished Job's
+/// job among those it asks the state of until then.
+const JOB_TTL: f64 = 600.0;
+/// The scheduled jobs one listing reads (`LIST_LIMIT` in `stacks_run.rs`).
+const LIST_LIMIT: usize = 100;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -136,6 +147,7 @@ fn main() {
         .collect();
     print_today(&days[0], builds, capacity);
     print_faults(&days);
+    print_finished(&days);
 }
 
 /// One seed's workload, run by every policy without faults and with them.
@@ -198,7 +210,11 @@ fn print_today(day: &Day, builds: usize, capacity: usize) {
             r.requests_per_hour
         );
     }
-    for ours in [Policy::Dispatcher, Policy::DispatcherProportional] {
+    for ours in [
+        Policy::Dispatcher,
+        Policy::DispatcherProportional,
+        Policy::Stacks,
+    ] {
         print_targets(day, ours);
     }
 }
@@ -274,6 +290,41 @@ fn print_faults(days: &[Day]) {
             recovery[0],
             recovery[1],
             recovery[2]
+        );
+    }
+}
+
+/// The policies that finish Buildkite jobs they cannot run (exit -1, each retried): how many,
+/// and how soon a pod of the broken image has its job finished; medians over the seeds.
+fn print_finished(days: &[Day]) {
+    println!();
+    println!("jobs finished with exit -1 by the policy (each retried at once), and the pods made while the image was broken: from the pod's creation to its job finished in Buildkite");
+    println!();
+    println!("| policy | jobs finished, fault-free day | jobs finished, day with faults | broken-image pods | pod created → job finished, median | max |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for policy in [Policy::Stacks, Policy::PodPerJob] {
+        let runs: Vec<&Run> = days
+            .iter()
+            .map(|d| d.runs.iter().find(|r| r.policy == policy).unwrap())
+            .collect();
+        let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)).collect());
+        let broken = |r: &Run| r.faulty.broken_finished.clone();
+        let max = |v: Vec<f64>| v.into_iter().fold(0.0, f64::max);
+        println!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} s | {:.0} s |",
+            policy.name(),
+            median_of(&|r| f64::from(r.clean.failed_jobs)),
+            median_of(&|r| f64::from(r.faulty.failed_jobs)),
+            median_of(&|r| broken(r).len() as f64),
+            median_of(&|r| {
+                let times = broken(r);
+                if times.is_empty() {
+                    0.0
+                } else {
+                    median(times)
+                }
+            }),
+            median_of(&|r| max(broken(r))),
         );
     }
 }
@@ -413,6 +464,8 @@ enum Policy {
     Dispatcher,
     /// `--buffer 2 --buffer-ratio 0.1`.
     DispatcherProportional,
+    /// `--source stacks`: one Job per reserved job, through [`stacks_plan::plan`].
+    Stacks,
     SourcegraphNoRollout,
     AgentScaler,
     PodPerJob,
@@ -421,9 +474,10 @@ enum Policy {
 }
 
 impl Policy {
-    const ALL: [Policy; 7] = [
+    const ALL: [Policy; 8] = [
         Policy::Dispatcher,
         Policy::DispatcherProportional,
+        Policy::Stacks,
         Policy::SourcegraphNoRollout,
         Policy::AgentScaler,
         Policy::PodPerJob,
@@ -433,10 +487,12 @@ impl Policy {
 
     /// The idle timeout of the pods it creates: the dispatcher sets a short one on its Jobs (jobs
     /// were waiting when it dispatched, so an agent that finds none soon is surplus); the peers
-    /// keep the agent's usual 10 min.
+    /// keep the agent's usual 10 min. The stacks mode's agent acquires its own job at once, or
+    /// exits (the job was finished meanwhile: its acquire is refused).
     fn idle_timeout(self) -> f64 {
         match self {
             Policy::Dispatcher | Policy::DispatcherProportional => DISPATCH_IDLE_TIMEOUT,
+            Policy::Stacks => 0.0,
             _ => IDLE_TIMEOUT,
         }
     }
@@ -444,8 +500,14 @@ impl Policy {
     fn is_peer(self) -> bool {
         !matches!(
             self,
-            Policy::Dispatcher | Policy::DispatcherProportional | Policy::Oracle
+            Policy::Dispatcher | Policy::DispatcherProportional | Policy::Stacks | Policy::Oracle
         )
+    }
+
+    /// Its Jobs make one pod, never another: agent-stack-k8s's `backoffLimit: 0`, the stacks
+    /// mode's `backoffLimitPerIndex: 0` (`template.rs`).
+    fn one_try(self) -> bool {
+        matches!(self, Policy::PodPerJob | Policy::Stacks)
     }
 
     /// The dispatcher's buffer: a count, or a share of the waiting jobs when that is more.
@@ -464,6 +526,7 @@ impl Policy {
         match self {
             Policy::Dispatcher => "this dispatcher, buffer 2",
             Policy::DispatcherProportional => "this dispatcher, buffer 2 or 10 % of waiting jobs",
+            Policy::Stacks => "this dispatcher, stacks mode",
             Policy::SourcegraphNoRollout => "Sourcegraph 2022, no rollout check",
             Policy::AgentScaler => "buildkite-agent-scaler",
             Policy::PodPerJob => "one pod per job (agent-stack-k8s)",
@@ -474,10 +537,13 @@ impl Policy {
 
     /// API requests a tick makes besides creating Jobs or pods: the metrics poll, plus what each
     /// design reads from Kubernetes (lists each tick; ours watches, with a relist every 5 min
-    /// per watched kind, i.e. 2/30 of a request a tick).
+    /// per watched kind, i.e. 2/30 of a request a tick). The stacks mode's poll is the listing
+    /// of scheduled jobs; its other calls are counted as it makes them.
     fn reads_per_tick(self) -> f64 {
         match self {
-            Policy::Dispatcher | Policy::DispatcherProportional => 1.0 + 2.0 * TICK / 300.0,
+            Policy::Dispatcher | Policy::DispatcherProportional | Policy::Stacks => {
+                1.0 + 2.0 * TICK / 300.0
+            }
             Policy::SourcegraphNoRollout => 2.0, // metrics, list the last dispatch's pods
             Policy::AgentScaler => 2.0,          // metrics, describe the group
             Policy::PodPerJob => 1.0,            // the scheduled-jobs poll (plus a get per job)
@@ -510,8 +576,12 @@ impl Policy {
                 let max_scale = c.scheduled.min(MAX_AGENTS);
                 max_scale.saturating_sub(c.alive - c.idle)
             }
-            // This dispatcher decides through `decide`; the oracle planned its pods at the start.
-            Policy::Dispatcher | Policy::DispatcherProportional | Policy::Oracle => 0,
+            // This dispatcher decides through `decide` or `stacks_plan::plan`; the oracle
+            // planned its pods at the start.
+            Policy::Dispatcher
+            | Policy::DispatcherProportional
+            | Policy::Stacks
+            | Policy::Oracle => 0,
         }
     }
 }
@@ -664,6 +734,7 @@ impl Pod {
             PodState::NotYetCreated
                 if s.policy == Policy::PodPerJob && s.now >= self.created_at + ASK_GRACE =>
             {
+                s.failed += 1;
                 self.end(s.now)
             }
             PodState::NotYetCreated if due => self.make(s),
@@ -673,7 +744,12 @@ impl Pod {
                 self.ready_at = s.now + self.idle_timeout;
                 s.started = true;
             }
-            PodState::Stuck | PodState::Idle if due => self.leave(s),
+            PodState::Stuck | PodState::Idle if due => {
+                // agent-stack-k8s fails the job of a pod stuck past its grace.
+                let failed = self.state == PodState::Stuck && s.policy == Policy::PodPerJob;
+                s.failed += u32::from(failed);
+                self.leave(s)
+            }
             PodState::Busy if due => {
                 s.jobs_ended += 1;
                 self.leave(s);
@@ -738,6 +814,8 @@ struct Step {
     /// Pods created now never start.
     broken: bool,
     jobs_ended: u32,
+    /// Buildkite jobs agent-stack-k8s failed (exit -1, retried) as their pods went.
+    failed: u32,
     /// A pod started its agent.
     started: bool,
     /// Dispatches whose pods were refused.
@@ -781,6 +859,11 @@ struct Results {
     pods: usize,
     overshoot: u32,
     requests_per_hour: f64,
+    /// Buildkite jobs the policy finished with exit -1 (each retried at once).
+    failed_jobs: u32,
+    /// Of each pod made while the image was broken, the time from its creation to its job
+    /// finished in Buildkite (agent-stack-k8s and the stacks mode; the others never finish it).
+    broken_finished: Vec<f64>,
 }
 
 struct Sim<'w> {
@@ -810,6 +893,13 @@ struct Sim<'w> {
     stuck_events: Vec<(f64, usize)>,
     drains_done: usize,
     recoveries: Vec<Recovery>,
+    /// Buildkite jobs finished with exit -1 by agent-stack-k8s or the stacks mode.
+    failed_jobs: u32,
+    /// The stacks mode's Buildkite: each job's state, by workload index.
+    buildkite: Vec<BkJob>,
+    /// The stacks mode's Jobs, by `Dispatch` index; and those not yet gone (TTL, deletion).
+    stack: Vec<StackRecord>,
+    stack_live: Vec<usize>,
 }
 
 impl<'w> Sim<'w> {
@@ -890,6 +980,13 @@ impl<'w> Sim<'w> {
             stuck_events: Vec::new(),
             drains_done: 0,
             recoveries,
+            failed_jobs: 0,
+            buildkite: match policy {
+                Policy::Stacks => vec![BkJob::default(); workload.jobs.len()],
+                _ => Vec::new(),
+            },
+            stack: Vec::new(),
+            stack_live: Vec::new(),
         }
     }
 
@@ -922,9 +1019,10 @@ impl<'w> Sim<'w> {
     }
 
     /// Drains the nodes of `DRAINED_SHARE` of the pods: an agent there without a job is evicted
-    /// and its index made again after the Job controller's backoff, except agent-stack-k8s's
-    /// (`backoffLimit: 0`: the Job fails, and its poll makes new Jobs for jobs still waiting); a
-    /// busy one finishes its job within its grace period, as if not drained.
+    /// and its index made again after the Job controller's backoff, except agent-stack-k8s's and
+    /// the stacks mode's (one try: the Job fails, its job is failed and retried, and the next
+    /// poll makes a new Job for it); a busy one finishes its job within its grace period, as if
+    /// not drained.
     fn drain(&mut self) {
         let now = self.now;
         for i in 0..self.pods.len() {
@@ -936,10 +1034,16 @@ impl<'w> Sim<'w> {
                 continue;
             }
             self.pods[i].end(now);
-            if self.policy != Policy::PodPerJob {
-                let startup = self.startup();
-                let again = self.pods[i].again(now, startup);
-                self.pods.push(again);
+            match self.policy {
+                // Its Job failed before the agent acquired: the job fails (PR #883), retried.
+                Policy::PodPerJob => self.failed_jobs += 1,
+                // The plan finishes the job next tick, from the ended Job.
+                Policy::Stacks => {}
+                _ => {
+                    let startup = self.startup();
+                    let again = self.pods[i].again(now, startup);
+                    self.pods.push(again);
+                }
             }
         }
     }
@@ -971,7 +1075,8 @@ impl<'w> Sim<'w> {
         }
     }
 
-    fn create(&mut self, n: u32, at: f64, idle_timeout: f64) {
+    /// A Job of `n` pods; its index.
+    fn create(&mut self, n: u32, at: f64, idle_timeout: f64) -> usize {
         let dispatch = self.dispatches.len();
         self.dispatches.push(Dispatch {
             parallelism: n,
@@ -984,6 +1089,7 @@ impl<'w> Sim<'w> {
             self.pods
                 .push(Pod::asked_for(at, startup, dispatch, idle_timeout));
         }
+        dispatch
     }
 
     /// The oracle knows each job's arrival (not how long its pod will take to start): one pod per
@@ -1014,6 +1120,7 @@ impl<'w> Sim<'w> {
             quota: self.quota(),
             broken: self.image_broken(self.now),
             jobs_ended: 0,
+            failed: 0,
             started: false,
             refused: Vec::new(),
         };
@@ -1021,6 +1128,7 @@ impl<'w> Sim<'w> {
             pod.step(&mut step);
         }
         self.running_jobs -= step.jobs_ended;
+        self.failed_jobs += step.failed;
         if step.started {
             self.last_start = self.now;
         }
@@ -1037,16 +1145,20 @@ impl<'w> Sim<'w> {
         self.done.extend(gone);
     }
 
-    /// Idle agents take the oldest waiting jobs.
+    /// Idle agents take the oldest waiting jobs; in the stacks mode, each its own.
     fn assign(&mut self) {
         let now = self.now;
         let mut accepted = false;
-        for pod in self.pods.iter_mut().filter(|p| p.state == PodState::Idle) {
-            let Some(job) = self.queue.pop_front() else {
-                break;
+        for i in 0..self.pods.len() {
+            if self.pods[i].state != PodState::Idle {
+                continue;
+            }
+            let Some(job) = self.take(self.pods[i].dispatch) else {
+                continue;
             };
             let arrival = self.workload.jobs[job].arrival;
             self.waits.push(now - arrival);
+            let pod = &mut self.pods[i];
             pod.state = PodState::Busy;
             pod.took_job_at = Some(now);
             pod.ready_at = now + self.workload.jobs[job].duration;
@@ -1067,6 +1179,11 @@ impl<'w> Sim<'w> {
         let policy = self.policy;
         self.requests += policy.reads_per_tick();
         let seen = self.census();
+        if policy == Policy::Stacks {
+            // It makes a Job for each job it reserves, as it acts.
+            let made = self.stacks_tick();
+            return self.note_overshoot(&seen, made);
+        }
         let n = match policy {
             Policy::Dispatcher | Policy::DispatcherProportional => self.dispatcher_tick(&seen),
             peer => peer.peer_wants(&seen),
@@ -1074,9 +1191,7 @@ impl<'w> Sim<'w> {
         // Every design has a ceiling (max agents, maxReplicaCount, the group's MaxSize).
         let n = n.min(MAX_AGENTS.saturating_sub(seen.alive));
         if n > 0 {
-            let (scheduled, running) = (seen.scheduled, seen.running);
-            let limit = (running + scheduled + policy.buffer(scheduled)).min(MAX_AGENTS);
-            self.overshoot = self.overshoot.max((seen.alive + n).saturating_sub(limit));
+            self.note_overshoot(&seen, n);
             // One create per Job; KEDA and one-pod-per-job create a Job per pod.
             self.requests += match policy {
                 Policy::KedaDefault | Policy::PodPerJob => f64::from(n),
@@ -1084,6 +1199,14 @@ impl<'w> Sim<'w> {
             };
             self.create(n, self.now, policy.idle_timeout());
         }
+    }
+
+    /// The most pods alive beyond demand + buffer as `n` more are made.
+    fn note_overshoot(&mut self, seen: &Census, n: u32) {
+        let (scheduled, running) = (seen.scheduled, seen.running);
+        let limit = (running + scheduled + self.policy.buffer(scheduled)).min(MAX_AGENTS);
+        let beyond = (seen.alive + n).saturating_sub(limit) * u32::from(n > 0);
+        self.overshoot = self.overshoot.max(beyond);
     }
 
     fn census(&self) -> Census {
@@ -1309,6 +1432,11 @@ impl<'w> Sim<'w> {
             Policy::PodPerJob => self.workload.jobs.len() as f64, // a get per job
             _ => 0.0,
         };
+        // Both finish a stuck pod's job as they delete the pod.
+        let broken_finished = pods()
+            .filter(|p| p.broken && self.policy.one_try())
+            .filter_map(|p| Some(p.gone_at? - p.made_at?))
+            .collect();
         Results {
             p50: pct(0.5),
             p95: pct(0.95),
@@ -1319,6 +1447,8 @@ impl<'w> Sim<'w> {
             overshoot: self.overshoot,
             requests_per_hour: (self.requests + jobs_created) / ((self.now + 3600.0) / 3600.0),
             waits,
+            failed_jobs: self.failed_jobs,
+            broken_finished,
         }
     }
 
@@ -1330,5 +1460,315 @@ impl<'w> Sim<'w> {
             .filter(|r| r.fault == fault && r.waiting == Some(true))
             .map(|r| r.served.unwrap_or(self.now) - r.at)
             .reduce(f64::max)
+    }
+}
+
+/// Buildkite's side of a job in the stacks mode: its current attempt (a retry is a new job to
+/// Buildkite, with its own UUID) and that attempt's state; earlier attempts are `finished`.
+#[derive(Debug, Clone, Copy, Default)]
+struct BkJob {
+    attempt: u32,
+    state: BkState,
+    /// The stacks mode's Job for the current attempt, by `Dispatch` index.
+    record: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum BkState {
+    #[default]
+    Scheduled,
+    /// Until then; listed again once it lapses.
+    Reserved(f64),
+    Running,
+    Finished,
+}
+
+/// One of the stacks mode's Jobs, with what `stacks_observe.rs` reads of it.
+struct StackRecord {
+    job: usize,
+    attempt: u32,
+    /// `stateless-agent/reserved-until`.
+    reserved_until: f64,
+    /// `stateless-agent/notified`.
+    notified: u8,
+    /// Its agent acquired the job.
+    took: bool,
+    /// When its pod went and the Job finished: its TTL runs from then.
+    ended_at: Option<f64>,
+}
+
+/// The UUID of a job's attempt, and back.
+fn uuid(job: usize, attempt: u32) -> String {
+    format!("{job}.{attempt}")
+}
+
+fn parse_uuid(uuid: &str) -> (usize, u32) {
+    let (job, attempt) = uuid.split_once('.').unwrap();
+    (job.parse().unwrap(), attempt.parse().unwrap())
+}
+
+/// The simulated clock as a timestamp (the day starts at an arbitrary midnight).
+fn timestamp(at: f64) -> Timestamp {
+    Timestamp::from_second(1_796_256_000 + at as i64).unwrap()
+}
+
+/// The stacks mode: what `stacks_run.rs` observes each tick, the real [`stacks_plan::plan`], and
+/// its calls acted out on the simulated Buildkite and cluster.
+impl Sim<'_> {
+    /// One tick; how many Jobs it made.
+    fn stacks_tick(&mut self) -> u32 {
+        self.end_stack_jobs();
+        let pods: HashMap<usize, &Pod> = self
+            .pods
+            .iter()
+            .filter(|p| p.state != PodState::Gone)
+            .map(|p| (p.dispatch, p))
+            .collect();
+        let jobs: Vec<StackJob> = self
+            .stack_live
+            .iter()
+            .map(|d| self.stack_job(*d, pods.get(d).copied()))
+            .collect();
+        let states: HashMap<String, String> = jobs
+            .iter()
+            .map(|j| (j.job.clone(), self.bk_state(&j.job).to_string()))
+            .collect();
+        self.requests += jobs.len().div_ceil(BATCH) as f64;
+        let listed = self.listed();
+        let seen = Seen {
+            jobs: &jobs,
+            listed: &listed,
+            paused: false,
+            states: &states,
+            now: timestamp(self.now),
+        };
+        let limits = StackLimits {
+            max_agents: MAX_AGENTS,
+            expiry: Duration::from_secs_f64(RESERVATION),
+        };
+        let plan = stacks_plan::plan(&seen, &limits);
+        self.stack_act(plan)
+    }
+
+    /// Jobs whose pod went are finished; those finished `JOB_TTL` ago go.
+    fn end_stack_jobs(&mut self) {
+        let alive: BTreeSet<usize> = self
+            .pods
+            .iter()
+            .filter(|p| p.state != PodState::Gone)
+            .map(|p| p.dispatch)
+            .collect();
+        let now = self.now;
+        for d in &self.stack_live {
+            let record = &mut self.stack[*d];
+            if record.ended_at.is_some() || alive.contains(d) {
+                continue;
+            }
+            record.ended_at = Some(now);
+            let bk = &mut self.buildkite[record.job];
+            if record.took && bk.attempt == record.attempt {
+                bk.state = BkState::Finished;
+            }
+        }
+        let stack = &self.stack;
+        self.stack_live
+            .retain(|d| stack[*d].ended_at.is_none_or(|at| now - at < JOB_TTL));
+    }
+
+    /// What `stacks_observe.rs` makes of a Job and its pod.
+    fn stack_job(&self, d: usize, pod: Option<&Pod>) -> StackJob {
+        let record = &self.stack[d];
+        let job = uuid(record.job, record.attempt);
+        let (now, made) = (self.now, self.dispatches[d].at);
+        let stuck = |reason: &str, since: f64| {
+            StackPod::Stuck(StuckPod {
+                pod: format!("buildkite-{job}-pod"),
+                dispatch: String::new(),
+                reason: reason.into(),
+                message: String::new(),
+                waited: Duration::from_secs_f64(now - since),
+                template: String::new(),
+            })
+        };
+        let state = match pod {
+            None if record.took => StackPod::Ended("pod Succeeded".into()),
+            None => StackPod::Ended("pod Failed: Evicted".into()),
+            Some(p) if p.stuck(now) => stuck(p.waiting_reason(), p.made_at.unwrap_or(made)),
+            Some(p) => match p.state {
+                PodState::NotYetCreated if now - made >= START_TIMEOUT => {
+                    stuck("FailedCreate", made)
+                }
+                PodState::NotYetCreated | PodState::Unschedulable => {
+                    StackPod::Coming(Stage::Created)
+                }
+                PodState::Starting | PodState::Stuck => StackPod::Coming(Stage::Pulling),
+                _ => StackPod::Coming(Stage::Started),
+            },
+        };
+        StackJob {
+            name: format!("buildkite-{job}"),
+            uid: d.to_string(),
+            job,
+            pod: state,
+            pod_name: None,
+            node: None,
+            finished: pod.is_none(),
+            reserved_until: Some(timestamp(record.reserved_until)),
+            notified: record.notified,
+        }
+    }
+
+    /// What `get-states` answers for a job's attempt.
+    fn bk_state(&self, uuid: &str) -> &'static str {
+        let (job, attempt) = parse_uuid(uuid);
+        let bk = &self.buildkite[job];
+        if attempt < bk.attempt {
+            return "finished";
+        }
+        match bk.state {
+            BkState::Reserved(until) if until > self.now => "reserved",
+            BkState::Scheduled | BkState::Reserved(_) => "scheduled",
+            BkState::Running => "running",
+            BkState::Finished => "finished",
+        }
+    }
+
+    /// The first page of scheduled jobs, oldest first: reserved ones are not listed.
+    fn listed(&self) -> Vec<ScheduledJob> {
+        self.queue
+            .iter()
+            .filter(|j| self.bk_state(&uuid(**j, self.buildkite[**j].attempt)) == "scheduled")
+            .take(LIST_LIMIT)
+            .map(|j| ScheduledJob {
+                id: uuid(*j, self.buildkite[*j].attempt),
+                priority: 0,
+            })
+            .collect()
+    }
+
+    /// The plan's calls, as `stacks_run.rs` makes them; how many Jobs were made.
+    fn stack_act(&mut self, plan: Plan) -> u32 {
+        for finish in &plan.finish {
+            self.stack_finish(finish);
+        }
+        // A note, and the Job deleted; or a cancelled job's Job deleted (neither happens here).
+        for taken in &plan.stuck_taken {
+            self.requests += 3.0;
+            self.delete_stack_job(&taken.uid);
+        }
+        for delete in &plan.delete {
+            self.requests += 1.0;
+            self.delete_stack_job(&delete.uid);
+        }
+        self.reserve(&plan.renew, false);
+        let made = self.reserve(&plan.reserve, true);
+        self.stack_notify(&plan.notify);
+        made
+    }
+
+    /// Finishes a job with exit -1, retried at once as a new job at the back of the queue; a
+    /// stuck pod's Job is deleted (a call and an Event, as [`Sim::let_go`]).
+    fn stack_finish(&mut self, finish: &Finish) {
+        self.requests += 1.0;
+        self.failed_jobs += 1;
+        eprintln!(
+            "DEBUGFIN {} {:?}",
+            self.now,
+            match &finish.why {
+                Why::Stuck(p) => p.reason.clone(),
+                Why::Ended(e) => e.clone(),
+            }
+        );
+        let (job, attempt) = parse_uuid(&finish.job);
+        let bk = &mut self.buildkite[job];
+        if bk.attempt == attempt {
+            *bk = BkJob {
+                attempt: attempt + 1,
+                ..BkJob::default()
+            };
+            self.queue.retain(|j| *j != job);
+            self.queue.push_back(job);
+        }
+        if let Why::Stuck(_) = finish.why {
+            self.requests += 2.0;
+            self.delete_stack_job(&finish.uid);
+        }
+    }
+
+    fn delete_stack_job(&mut self, uid: &str) {
+        let (d, now) = (uid.parse::<usize>().unwrap(), self.now);
+        self.stack_live.retain(|live| *live != d);
+        for pod in self.pods.iter_mut().filter(|p| p.dispatch == d) {
+            pod.end(now);
+        }
+    }
+
+    /// One reserve call for the batch; then a Job made for each new job (one create each), or
+    /// the Job's `reserved-until` patched for each renewal.
+    fn reserve(&mut self, jobs: &[String], new: bool) -> u32 {
+        self.requests += f64::from(u8::from(!jobs.is_empty())) + jobs.len() as f64;
+        let until = self.now + RESERVATION;
+        for id in jobs {
+            let (job, attempt) = parse_uuid(id);
+            self.buildkite[job].state = BkState::Reserved(until);
+            let d = match new {
+                true => self.make_stack_job(job, attempt),
+                false => self.buildkite[job].record.unwrap(),
+            };
+            self.stack[d].reserved_until = until;
+        }
+        (jobs.len() as u32) * u32::from(new)
+    }
+
+    fn make_stack_job(&mut self, job: usize, attempt: u32) -> usize {
+        let d = self.create(1, self.now, Policy::Stacks.idle_timeout());
+        debug_assert_eq!(d, self.stack.len());
+        self.stack.push(StackRecord {
+            job,
+            attempt,
+            reserved_until: 0.0,
+            notified: 0,
+            took: false,
+            ended_at: None,
+        });
+        self.stack_live.push(d);
+        self.buildkite[job].record = Some(d);
+        d
+    }
+
+    /// One call for all notes; then each Job's `notified` patched.
+    fn stack_notify(&mut self, notices: &[Notice]) {
+        if notices.is_empty() {
+            return;
+        }
+        let mut reached: BTreeMap<usize, u8> = BTreeMap::new();
+        for n in notices {
+            let d = self.buildkite[parse_uuid(&n.job).0].record.unwrap();
+            let stage = reached.entry(d).or_default();
+            *stage = (*stage).max(n.stage as u8);
+        }
+        self.requests += 1.0 + reached.len() as f64;
+        for (d, stage) in reached {
+            self.stack[d].notified = stage;
+        }
+    }
+
+    /// The job an idle agent takes: the oldest waiting; in the stacks mode its own, unless it
+    /// was finished meanwhile (the acquire is refused and the agent exits).
+    fn take(&mut self, dispatch: usize) -> Option<usize> {
+        if self.policy != Policy::Stacks {
+            return self.queue.pop_front();
+        }
+        let record = &mut self.stack[dispatch];
+        let bk = &mut self.buildkite[record.job];
+        let acquirable = matches!(bk.state, BkState::Scheduled | BkState::Reserved(_));
+        if bk.attempt != record.attempt || !acquirable {
+            return None;
+        }
+        bk.state = BkState::Running;
+        record.took = true;
+        let job = record.job;
+        let at = self.queue.iter().position(|j| *j == job)?;
+        self.queue.remove(at)
     }
 }

@@ -422,10 +422,11 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
     let w = World::new();
     let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
     // A token Buildkite refuses: not ready, the log names the token, nothing dispatched.
-    w.buildkite.inject(BuildkiteFault::Status(401), 3);
-    ticks(&w, 3);
-    assert_eq!(http_get(port, "/readyz").0, 503);
+    // (Readiness is read while the refusals last: a tick that follows them makes it ready again.)
+    w.buildkite.inject(BuildkiteFault::Status(401), 5);
+    wait_for("unready", || http_get(port, "/readyz").0 == 503);
     assert_eq!(http_get(port, "/healthz").0, 200);
+    ticks(&w, 5);
     // Throttled, then the API server fails the create once: one Job all the same, next tick.
     w.buildkite.inject(BuildkiteFault::Status(429), 1);
     // An answer that is not the metrics (a wrong endpoint): nothing dispatched on it.
@@ -450,7 +451,7 @@ fn buildkite_and_api_server_faults_are_survived_and_reported() {
         out.log()
     );
     assert!(
-        metrics.contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"unauthorized\"} 3"),
+        metrics.contains("dispatcher_api_errors_total{queue=\"kubernetes\",api=\"buildkite\",kind=\"unauthorized\"} 5"),
         "{metrics}"
     );
     assert!(
