@@ -82,14 +82,7 @@ pub struct MetricsClient {
 
 impl MetricsClient {
     pub fn new(endpoint: &str, token: &str, queue: &str) -> MetricsClient {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .user_agent(concat!(
-                "stateless-agent-job-dispatcher/",
-                env!("CARGO_PKG_VERSION")
-            ))
-            .build()
-            .expect("an HTTP client");
+        let http = http_client();
         let endpoint = endpoint.trim_end_matches('/').to_string();
         MetricsClient {
             http,
@@ -151,6 +144,19 @@ impl MetricsClient {
             poll_duration,
         })
     }
+}
+
+/// The client for Buildkite's agent API: a 15 s timeout per call, and a User-Agent naming the
+/// dispatcher.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .user_agent(concat!(
+            "stateless-agent-job-dispatcher/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .build()
+        .expect("an HTTP client")
 }
 
 /// reqwest's error text without its URL (the URL holds no secret, but one line is enough).

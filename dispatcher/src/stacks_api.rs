@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::buildkite::without_url;
+use crate::buildkite::{http_client, without_url};
 
 /// What a Stacks call can meet.
 #[derive(Debug, thiserror::Error)]
@@ -132,14 +132,7 @@ pub struct StacksClient {
 
 impl StacksClient {
     pub fn new(endpoint: &str, token: &str, key: &str, queue: &str) -> StacksClient {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .user_agent(concat!(
-                "stateless-agent-job-dispatcher/",
-                env!("CARGO_PKG_VERSION")
-            ))
-            .build()
-            .expect("an HTTP client");
+        let http = http_client();
         StacksClient {
             http,
             endpoint: endpoint.trim_end_matches('/').to_string(),

@@ -222,6 +222,14 @@ pub fn write_template(path: &Path, endpoint: &str) {
     std::fs::write(path, with_endpoint(&shipped, endpoint)).unwrap();
 }
 
+/// `path`'s template with the agent's image set to `image`.
+pub fn set_image(path: &Path, image: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
+    job["spec"]["template"]["spec"]["containers"][0]["image"] = image.into();
+    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+}
+
 /// An agent template's text with the agent API's endpoint set to `endpoint`.
 pub fn with_endpoint(template: &str, endpoint: &str) -> String {
     let mut job: serde_json::Value = serde_yaml_ng::from_str(template).unwrap();

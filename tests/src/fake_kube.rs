@@ -63,7 +63,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use crate::http_server::{serve_connection, Request};
+use crate::http_server::{percent_decode, serve_connection, Request};
 
 /// Whether a real `kubectl` is here to check the fake with; says why not when it is not.
 pub fn kubectl_installed() -> bool {
@@ -765,33 +765,6 @@ fn query(request: &Request) -> BTreeMap<String, String> {
             (k.to_string(), percent_decode(v))
         })
         .collect()
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn respond(out: &mut TcpStream, code: u16, body: &Value, extra: &str) -> std::io::Result<bool> {

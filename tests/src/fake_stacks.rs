@@ -99,7 +99,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use crate::fake_buildkite::{BuildkiteFault, FakeBuildkite, Job, JobState, State};
-use crate::http_server::Request;
+use crate::http_server::{percent_decode, Request};
 
 /// A stack's hold on a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -825,34 +825,6 @@ fn notify(s: &mut State, body: &Value, h: &str) -> StacksReply {
         .map(|(error, indexes)| json!({"error": error, "indexes": indexes}))
         .collect();
     reply(200, json!({ "errors": errors }), h)
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = match bytes.get(i..i + 3) {
-            Some([b'%', h, l]) => hex(*h).zip(hex(*l)).map(|(h, l)| h * 16 + l),
-            _ => None,
-        };
-        match (escaped, bytes[i]) {
-            (Some(b), _) => {
-                out.push(b);
-                i += 3;
-            }
-            (None, b'+') => {
-                out.push(b' ');
-                i += 1;
-            }
-            (None, b) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `2026-08-21T12:00:00.000Z`.

@@ -9,7 +9,6 @@
 //! skip.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,14 +23,6 @@ const GOOD: &str = stateless_e2e::dispatcher_process::AGENT_IMAGE;
 const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
 /// A reference that does not parse (upper case, two colons).
 const INVALID: &str = "Registry.Example.com/Stateless::agent";
-
-/// `path`'s template with the agent's image set to `image`.
-fn set_image(path: &Path, image: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
-    job["spec"]["template"]["spec"]["containers"][0]["image"] = image.into();
-    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
-}
 
 /// The dispatcher's JSON lines whose `decision` is `decision`.
 fn decided(log: &str, decision: &str) -> Vec<Value> {

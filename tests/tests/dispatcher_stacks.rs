@@ -8,10 +8,8 @@
 //! say so and skip.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use stateless_e2e::dispatch_world::*;
 use stateless_e2e::dispatcher_process::Running;
 use stateless_e2e::fake_buildkite::{BuildkiteFault, JobState};
@@ -170,14 +168,6 @@ fn a_broken_image_fails_each_job_in_buildkite_with_the_reason_within_the_start_t
         .iter()
         .any(|e| e["reason"] == "PodsStuck" && e["type"] == "Warning"));
     w.assert_no_secret(&out);
-}
-
-/// `path`'s template with the agent's image set to `image`.
-fn set_image(path: &Path, image: &str) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
-    job["spec"]["template"]["spec"]["containers"][0]["image"] = image.into();
-    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
 }
 
 /// A build cancelled while most of its pods wait for room: their Jobs are deleted within two
