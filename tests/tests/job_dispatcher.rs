@@ -658,8 +658,10 @@ fn buildkite_unreachable_or_stalled_dispatches_nothing_and_serves_on() {
 
     w.buildkite
         .inject(BuildkiteFault::Stall(Duration::from_secs(20)), 1);
+    // Counted before it starts: its first poll (the stalled one) may come at once.
+    let polled = w.buildkite.polls();
     let (dispatcher, port) = w.dispatcher("replica-a", QUEUE);
-    ticks(&w, 1);
+    wait_for("the stalled poll", || w.buildkite.polls() > polled);
     // The poll hangs: the health and metrics endpoints still answer, and nothing is dispatched.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(http_get(port, "/healthz").0, 200);
