@@ -16,6 +16,28 @@
 //! oracle that knows each job's arrival (not each pod's start-up) and starts one pod per job so
 //! that a typical pod registers as the job arrives.
 //!
+//! This dispatcher's stacks mode (`--source stacks`) drives the real
+//! [`dispatcher::stacks_plan::plan`] each tick on what `stacks_run.rs` observes: the first page
+//! (100) of scheduled jobs, oldest first, reserved ones not listed; the Buildkite state
+//! (`scheduled`, `reserved` until its expiry, `running`, `finished`) of each job that has a Job,
+//! finished Jobs included until their 10 min TTL; and each Job as `stacks_observe.rs` reads it:
+//! `Coming(Created)` before its pod is scheduled, `Coming(Pulling)` while it starts,
+//! `Coming(Started)` once its agent runs, `Stuck` when its pod has not started 300 s after its
+//! creation (`ImagePullBackOff`, `Unschedulable`; a Job whose pod the quota refused, from the
+//! Job's creation: `FailedCreate`), `Ended` when its pod went. It acts as `stacks_run.rs` does:
+//! for each job taken a suspended Job (one pod), one 300 s reservation for the batch, each Job
+//! resumed; reservations renewed when half is left; a job whose pod is stuck or ended before
+//! its agent acquired it finished with exit -1 (the stuck pod's Job deleted), and retried at once
+//! as a new job at the back of the queue (as agent-stack-k8s's jobs are, below), its wait still
+//! counted from the first arrival; each stage told in one notification call a tick. Its pod's
+//! agent acquires exactly its job (`--acquire-job`: no other pod can take it) and exits after
+//! it, or at once if the job was finished meanwhile: no idle time, but a slow pod delays its own
+//! job even when another pod is up. Its ceiling is `--max-agents` unfinished Jobs (400), the
+//! capacity the others'. Its API requests: the listing each tick, `get-states` (one per 1000
+//! Jobs, none without), each reserve call, create and Job patch, each finish (with a stuck pod's
+//! Job deletion and Event), each notification call and the patch recording it, and the watches'
+//! relists as ours.
+//!
 //! Printed per policy: p50 and p95 queue wait (scheduled → accepted), agent-minutes wasted (the
 //! whole life of pods that took no job, plus the idle time of those that did), pods created, the
 //! most pods alive beyond demand + buffer when a dispatch was made, API requests per hour.
@@ -61,6 +83,12 @@
 //!   `internal/controller/scheduler/pod_watcher.go`): modelled as the job retried at once (a
 //!   `retry: automatic` rule for exit status -1, with no limit), so it waits on for a pod from
 //!   the controller's next poll. The oracle knows of the broken image: its pods wait for the fix.
+//!   The stacks mode's Jobs have `backoffLimitPerIndex: 0` (`template.rs`): a drained pod's Job
+//!   fails and the plan finishes its still-reserved job (exit -1, retried); a Job the quota
+//!   keeps without a pod is `Coming(Created)` until 300 s, then stuck: its job finished and
+//!   retried; a broken image's pod is stuck 300 s after its creation, its job finished and
+//!   retried, its Job deleted; the stuck Jobs count against `--max-agents` until then, and new
+//!   pods after the fix start.
 //!
 //! Printed per policy under faults: the jobs delayed (waiting longer than that policy's fault-free
 //! p95) and the p95 wait; agent-minutes wasted, and of those the minutes stuck pods held a node
@@ -68,7 +96,11 @@
 //! restored, the image fixed) to the first job accepted after it, if jobs were waiting then (the
 //! longest of a kind's occurrences; "n/a" if none were waiting). With `BENCH_SEEDS` (default 1)
 //! the day runs on as many seeds from `BENCH_SEED`, each with its own workload, and the faults
-//! table prints medians, with the p95 and the waste also as ratios to the oracle's.
+//! table prints medians, with the p95 and the waste also as ratios to the oracle's. Last, for the
+//! stacks mode and agent-stack-k8s, the policies that finish Buildkite jobs: how many they
+//! finished with exit -1 on each day, and for the pods made while the image was broken, the time
+//! from a pod's creation to its job finished in Buildkite (median and max; both finish the job
+//! as they delete the pod).
 //!
 //! Run: `cargo bench -p dispatcher --bench dispatch` (`BENCH_SEED`, default 7; `BENCH_SEEDS`;
 //! `BENCH_BUILDS` builds a day, default 120; `BENCH_CAPACITY`, default 300).
@@ -1613,6 +1645,7 @@ impl Sim<'_> {
             pod_name: None,
             node: None,
             finished: pod.is_none(),
+            suspended: false,
             reserved_until: Some(timestamp(record.reserved_until)),
             notified: record.notified,
         }
@@ -1660,6 +1693,8 @@ impl Sim<'_> {
             self.requests += 1.0;
             self.delete_stack_job(&delete.uid);
         }
+        // Suspended Jobs to resume: none here, as every Job made is reserved and resumed at once.
+        self.requests += plan.resume.len() as f64;
         self.reserve(&plan.renew, false);
         let made = self.reserve(&plan.reserve, true);
         self.stack_notify(&plan.notify);
@@ -1671,14 +1706,6 @@ impl Sim<'_> {
     fn stack_finish(&mut self, finish: &Finish) {
         self.requests += 1.0;
         self.failed_jobs += 1;
-        eprintln!(
-            "DEBUGFIN {} {:?}",
-            self.now,
-            match &finish.why {
-                Why::Stuck(p) => p.reason.clone(),
-                Why::Ended(e) => e.clone(),
-            }
-        );
         let (job, attempt) = parse_uuid(&finish.job);
         let bk = &mut self.buildkite[job];
         if bk.attempt == attempt {
@@ -1703,10 +1730,16 @@ impl Sim<'_> {
         }
     }
 
-    /// One reserve call for the batch; then a Job made for each new job (one create each), or
-    /// the Job's `reserved-until` patched for each renewal.
+    /// Jobs taken (`new`): a suspended Job made for each (a create each), one reserve call for
+    /// them all, each Job then patched (`reserved-until`, resumed) and one note for them all.
+    /// Renewals: one reserve call, and each Job's `reserved-until` patched. Buildkite reserves
+    /// them all: no other stack serves the queue.
     fn reserve(&mut self, jobs: &[String], new: bool) -> u32 {
-        self.requests += f64::from(u8::from(!jobs.is_empty())) + jobs.len() as f64;
+        if jobs.is_empty() {
+            return 0;
+        }
+        let per_job = if new { 2.0 } else { 1.0 };
+        self.requests += 1.0 + f64::from(u8::from(new)) + per_job * jobs.len() as f64;
         let until = self.now + RESERVATION;
         for id in jobs {
             let (job, attempt) = parse_uuid(id);
@@ -1727,7 +1760,8 @@ impl Sim<'_> {
             job,
             attempt,
             reserved_until: 0.0,
-            notified: 0,
+            // The first note goes with the create.
+            notified: Stage::Created as u8,
             took: false,
             ended_at: None,
         });
