@@ -53,6 +53,9 @@ pub struct Metrics {
     pub api_errors: Family<ApiError, Counter>,
     /// The stacks mode: Buildkite jobs by what the dispatcher did with them.
     pub stack_jobs: Family<Reason, Counter>,
+    /// The stacks mode: whether Buildkite says the queue's dispatch is paused (an operator's
+    /// choice, so not one of the `blocked` faults the alerts watch).
+    pub paused: Gauge,
     pub tick_seconds: Histogram,
     pub leader: Gauge,
     /// The mirror's freshness, in the modes where the dispatcher sees its refreshes.
@@ -89,6 +92,7 @@ impl Metrics {
             stuck_pods: Family::default(),
             api_errors: Family::default(),
             stack_jobs: Family::default(),
+            paused: Gauge::default(),
             tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             leader: Gauge::default(),
             mirror: None,
@@ -144,6 +148,11 @@ impl Metrics {
             "stack_jobs",
             "The stacks mode: Buildkite jobs reserved, renewed, not reserved, failed (finished with the reason) and canceled (their Jobs deleted)",
             metrics.stack_jobs.clone(),
+        );
+        registry.register(
+            "queue_paused",
+            "The stacks mode: whether the queue's dispatch is paused in Buildkite (1) or not (0)",
+            metrics.paused.clone(),
         );
         registry.register(
             "tick_seconds",

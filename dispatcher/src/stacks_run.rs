@@ -219,15 +219,13 @@ impl Stack {
         for (state, n) in counts {
             metrics.supply.get_or_create(&State { state }).set(n);
         }
-        let paused = matches!(plan.hold, Some(StackHold::Paused { .. }));
-        let reason = Reason { reason: "paused" };
-        metrics
-            .blocked
-            .get_or_create(&reason)
-            .set(i64::from(paused));
+        metrics.paused.set(i64::from(seen.paused));
         match plan.hold {
             Some(StackHold::Paused { waiting }) => {
-                metrics.holds.get_or_create(&reason).inc();
+                metrics
+                    .holds
+                    .get_or_create(&Reason { reason: "paused" })
+                    .inc();
                 tracing::info!(decision = "hold", reason = "paused", waiting, "not reserving: the queue's dispatch is paused in Buildkite; {waiting} jobs wait");
             }
             Some(StackHold::AtMax { waiting }) => {
