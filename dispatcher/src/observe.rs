@@ -189,7 +189,7 @@ pub(crate) fn life(pod: &Pod, seen: &Observed, timeouts: &Timeouts) -> Life {
 }
 
 /// Why a pod has not started: the reason, the message, and whether it can never start.
-fn waiting(pod: &Pod, warnings: &[&Event]) -> (String, String, bool) {
+pub(crate) fn waiting(pod: &Pod, warnings: &[&Event]) -> (String, String, bool) {
     let status = pod.status.as_ref();
     let conditions = status
         .and_then(|s| s.conditions.as_deref())
@@ -489,7 +489,10 @@ fn completions(job: &Job) -> u32 {
     set.unwrap_or_else(|| parallelism(job))
 }
 
-fn label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, key: &str) -> String {
+pub(crate) fn label(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    key: &str,
+) -> String {
     let labels: Option<&BTreeMap<String, String>> = meta.labels.as_ref();
     labels.and_then(|l| l.get(key).cloned()).unwrap_or_default()
 }

@@ -15,6 +15,7 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::decide::StuckPod;
 use crate::observe::{self, Life, Observed, Timeouts};
+use crate::template::{DISPATCH_LABEL, TEMPLATE_LABEL};
 
 /// The Buildkite job a Job runs.
 pub const JOB_UUID_LABEL: &str = "stateless-agent/job-uuid";
@@ -119,7 +120,10 @@ fn pod_state(
     match observe::life(pod, seen, timeouts) {
         Life::Stuck(stuck) => PodState::Stuck(stuck),
         Life::Started if !finished => PodState::Coming(Stage::Started),
-        Life::Waiting { .. } if !finished => PodState::Coming(waiting_stage(pod)),
+        Life::Waiting { .. } if !finished => match outdated_image(pod, seen) {
+            Some(stuck) => PodState::Stuck(stuck),
+            None => PodState::Coming(waiting_stage(pod)),
+        },
         _ => PodState::Ended(ending(pod)),
     }
 }
@@ -162,6 +166,31 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
         template: String::new(),
     })
 }
+
+/// A pod of an older template that cannot pull its image is stuck at once: the fix (a new tag,
+/// so a new template) never reaches a pod made before it, and each such pod holds a place under
+/// `--max-agents` that the fixed template's pods need.
+fn outdated_image(pod: &Pod, seen: &Observed) -> Option<StuckPod> {
+    let (reason, message, _) = observe::waiting(pod, seen.pod_warnings);
+    let template = observe::label(&pod.metadata, TEMPLATE_LABEL);
+    if !IMAGE_ERRORS.contains(&reason.as_str()) || template == seen.template {
+        return None;
+    }
+    let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    Some(StuckPod {
+        pod: pod.metadata.name.clone().unwrap_or_default(),
+        dispatch: observe::label(&pod.metadata, DISPATCH_LABEL),
+        reason,
+        message: format!(
+            "{message} (made from an older template: the new one's image never reaches this pod)"
+        ),
+        waited: created.map_or(Duration::ZERO, |t| observe::elapsed(t, seen.now)),
+        template,
+    })
+}
+
+/// The kubelet's waiting reasons for an image it could not pull (`pkg/kubelet/images/types.go`).
+const IMAGE_ERRORS: [&str; 2] = ["ErrImagePull", "ImagePullBackOff"];
 
 fn suspended(job: &Job) -> bool {
     job.spec.as_ref().and_then(|s| s.suspend) == Some(true)

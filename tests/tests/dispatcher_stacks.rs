@@ -144,6 +144,61 @@ fn an_invalid_image_name_fails_each_job_at_once() {
     eprintln!("invalid image name: jobs failed in Buildkite {took:?} after they were queued (start timeout 5m)");
 }
 
+/// The fix for a broken image is a new template (a rollout of the dispatcher): pods made from
+/// the old one never start, so their jobs are failed at once, saying so, and their places under
+/// `--max-agents` go to the new template's pods, not after the start timeout.
+#[test]
+fn a_fixed_image_frees_the_broken_pods_places_at_once() {
+    if skip() {
+        return;
+    }
+    const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
+    let spec = ClusterSpec {
+        capacity: 20,
+        missing_images: BTreeSet::from([BROKEN.to_string()]),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    set_image(&w.template, BROKEN);
+    w.schedule(2);
+    let limit = [("DISPATCHER_MAX_AGENTS", "2")];
+    let broken = stacks(&w, "replica-a", &limit);
+    wait("two pods failing to pull", Duration::from_secs(30), || {
+        let pods = w.pods();
+        let pulling = pods.iter().filter(|p| {
+            let reason = &p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"];
+            reason == "ErrImagePull" || reason == "ImagePullBackOff"
+        });
+        pulling.count() == 2
+    });
+    broken.stop();
+    set_image(&w.template, stateless_e2e::dispatcher_process::AGENT_IMAGE);
+    w.schedule(2);
+    let rolled_out = Instant::now();
+    let fixed = stacks(&w, "replica-b", &limit);
+    wait("the new jobs run", Duration::from_secs(60), || {
+        let jobs = w.buildkite.jobs();
+        jobs[2..].iter().all(|j| j.state == JobState::Finished)
+    });
+    let took = rolled_out.elapsed();
+    let out = fixed.stop();
+    let jobs = w.buildkite.jobs();
+    for old in &jobs[..2] {
+        assert_eq!(
+            old.exit_status.as_deref(),
+            Some("-1"),
+            "{old:?}\n{}",
+            out.log()
+        );
+        let detail = old.finish_detail.clone().unwrap_or_default();
+        assert!(detail.contains("older template"), "{detail}");
+    }
+    assert!(jobs[2..].iter().all(|j| j.acquired == 1));
+    // Not the 5 minutes of the start timeout.
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    eprintln!("a fixed image: the new jobs ran {took:?} after the rollout (max agents 2, start timeout 5m)");
+}
+
 /// Three jobs queued with the template's image set to `image`, which the cluster cannot run:
 /// each is finished in Buildkite with exit status -1, the kubelet's reason and the fix, and its
 /// Job goes with a Warning Event. How long after the queueing each job failed.
