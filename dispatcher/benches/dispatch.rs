@@ -17,26 +17,26 @@
 //! that a typical pod registers as the job arrives.
 //!
 //! This dispatcher's stacks mode (`--source stacks`) drives the real
-//! [`dispatcher::stacks_plan::plan`] each tick on what `stacks_run.rs` observes: the first page
-//! (100) of scheduled jobs, oldest first, reserved ones not listed; the Buildkite state
-//! (`scheduled`, `reserved` until its expiry, `running`, `finished`) of each job that has a Job,
-//! finished Jobs included until their 10 min TTL; and each Job as `stacks_observe.rs` reads it:
-//! `Coming(Created)` before its pod is scheduled, `Coming(Pulling)` while it starts,
-//! `Coming(Started)` once its agent runs, `Stuck` when its pod has not started 300 s after its
-//! creation (`ImagePullBackOff`, `Unschedulable`; a Job whose pod the quota refused, from the
-//! Job's creation: `FailedCreate`), `Ended` when its pod went. It acts as `stacks_run.rs` does:
-//! for each job taken a suspended Job (one pod), one 300 s reservation for the batch, each Job
-//! resumed; reservations renewed when half is left; a job whose pod is stuck or ended before
-//! its agent acquired it finished with exit -1 (the stuck pod's Job deleted), and retried at once
-//! as a new job at the back of the queue (as agent-stack-k8s's jobs are, below), its wait still
-//! counted from the first arrival; each stage told in one notification call a tick. Its pod's
-//! agent acquires exactly its job (`--acquire-job`: no other pod can take it) and exits after
-//! it, or at once if the job was finished meanwhile: no idle time, but a slow pod delays its own
-//! job even when another pod is up. Its ceiling is `--max-agents` unfinished Jobs (400), the
-//! capacity the others'. Its API requests: the listing each tick, `get-states` (one per 1000
-//! Jobs, none without), each reserve call, create and Job patch, each finish (with a stuck pod's
-//! Job deletion and Event), each notification call and the patch recording it, and the watches'
-//! relists as ours.
+//! [`dispatcher::stacks_plan::plan`] (`dispatcher/src/stacks_plan.rs`) each tick on what
+//! `stacks_run.rs` observes: the first page (100) of scheduled jobs, oldest first, reserved ones
+//! not listed; the Buildkite state (`scheduled`, `reserved` until its expiry, `running`,
+//! `finished`) of each job that has a Job, finished Jobs included until their 10 min TTL; and each
+//! Job as `stacks_observe.rs` reads it: `Coming(Created)` before its pod is scheduled,
+//! `Coming(Pulling)` while it starts, `Coming(Started)` once its agent runs, `Stuck` when its pod
+//! has not started 300 s after its creation (`ImagePullBackOff`, `Unschedulable`; a Job whose pod
+//! the quota refused, from the Job's creation: `FailedCreate`), `Ended` when its pod went. It acts
+//! as `stacks_run.rs` does: for each job taken a suspended Job (one pod), one 300 s reservation for
+//! the batch, each Job resumed; reservations renewed when half is left; a job whose pod is stuck or
+//! ended before its agent acquired it finished with exit -1 (the stuck pod's Job deleted), and
+//! retried at once as a new job at the back of the queue (as agent-stack-k8s's jobs are, below),
+//! its wait still counted from the first arrival; each stage told in one notification call a tick.
+//! Its pod's agent acquires exactly its job (`--acquire-job`: no other pod can take it) and exits
+//! after it, or at once if the job was finished meanwhile: no idle time, but a slow pod delays its
+//! own job even when another pod is up. Its ceiling is `--max-agents` unfinished Jobs (400), the
+//! capacity the others'. Its API requests: the listing each tick, `get-states` (one per 1000 Jobs,
+//! none without), each reserve call, create and Job patch, each finish (with a stuck pod's Job
+//! deletion and Event), each notification call and the patch recording it, and the watches' relists
+//! as ours.
 //!
 //! Printed per policy: p50 and p95 queue wait (scheduled → accepted), agent-minutes wasted (the
 //! whole life of pods that took no job, plus the idle time of those that did), pods created, the
@@ -335,10 +335,7 @@ fn print_finished(days: &[Day]) {
     println!("| policy | jobs finished, fault-free day | jobs finished, day with faults | broken-image pods | pod created → job finished, median | max |");
     println!("|---|---:|---:|---:|---:|---:|");
     for policy in [Policy::Stacks, Policy::PodPerJob] {
-        let runs: Vec<&Run> = days
-            .iter()
-            .map(|d| d.runs.iter().find(|r| r.policy == policy).unwrap())
-            .collect();
+        let runs = runs_of(days, policy);
         let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)).collect());
         let broken = |r: &Run| r.faulty.broken_finished.clone();
         let max = |v: Vec<f64>| v.into_iter().fold(0.0, f64::max);
@@ -348,14 +345,7 @@ fn print_finished(days: &[Day]) {
             median_of(&|r| f64::from(r.clean.failed_jobs)),
             median_of(&|r| f64::from(r.faulty.failed_jobs)),
             median_of(&|r| broken(r).len() as f64),
-            median_of(&|r| {
-                let times = broken(r);
-                if times.is_empty() {
-                    0.0
-                } else {
-                    median(times)
-                }
-            }),
+            median_of(&|r| median_or_zero(broken(r))),
             median_of(&|r| max(broken(r))),
         );
     }
@@ -373,10 +363,7 @@ struct FaultRow {
 
 impl FaultRow {
     fn of(days: &[Day], policy: Policy) -> FaultRow {
-        let runs: Vec<&Run> = days
-            .iter()
-            .map(|d| d.runs.iter().find(|r| r.policy == policy).unwrap())
-            .collect();
+        let runs = runs_of(days, policy);
         let median_of = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(|r| f(r)).collect());
         FaultRow {
             delayed: median_of(&|r| {
@@ -394,6 +381,21 @@ impl FaultRow {
                 (!seen.is_empty()).then(|| median(seen))
             }),
         }
+    }
+}
+
+/// A policy's run of each day.
+fn runs_of(days: &[Day], policy: Policy) -> Vec<&Run> {
+    days.iter()
+        .map(|d| d.runs.iter().find(|r| r.policy == policy).unwrap())
+        .collect()
+}
+
+/// The median of values; 0 if none.
+fn median_or_zero(values: Vec<f64>) -> f64 {
+    match values.is_empty() {
+        true => 0.0,
+        false => median(values),
     }
 }
 
@@ -1626,6 +1628,11 @@ impl Sim<'_> {
             None if record.took => StackPod::Ended("pod Succeeded".into()),
             None => StackPod::Ended("pod Failed: Evicted".into()),
             Some(p) if p.stuck(now) => stuck(p.waiting_reason(), p.made_at.unwrap_or(made)),
+            // An older template's pod that cannot pull its image is stuck at once once the fix
+            // (a new template) is out (`stacks_observe.rs`, `outdated_image`).
+            Some(p) if p.state == PodState::Stuck && self.image_fixed(now) => {
+                stuck(p.waiting_reason(), p.made_at.unwrap_or(made))
+            }
             Some(p) => match p.state {
                 PodState::NotYetCreated if now - made >= START_TIMEOUT => {
                     stuck("FailedCreate", made)
