@@ -83,8 +83,9 @@
 //!   `internal/controller/scheduler/pod_watcher.go`): modelled as the job retried at once (a
 //!   `retry: automatic` rule for exit status -1, with no limit), so it waits on for a pod from
 //!   the controller's next poll. The oracle knows of the broken image: its pods wait for the fix.
-//!   The stacks mode's Jobs have `backoffLimitPerIndex: 0` (`template.rs`): a drained pod's Job
-//!   fails and the plan finishes its still-reserved job (exit -1, retried); a Job the quota
+//!   The stacks mode's Jobs have `backoffLimitPerIndex: 0` (`template.rs`), but their first
+//!   podFailurePolicy rule ignores `DisruptionTarget`: a drained pod is made again after the
+//!   backoff, its job still the Job's (`stacks_observe.rs` reads it as coming); a Job the quota
 //!   keeps without a pod is `Coming(Created)` until 300 s, then stuck: its job finished and
 //!   retried; a broken image's pod is stuck 300 s after its creation, its job finished and
 //!   retried, its Job deleted; the stuck Jobs count against `--max-agents` until then, and new
@@ -538,8 +539,9 @@ impl Policy {
         )
     }
 
-    /// Its Jobs make one pod, never another: agent-stack-k8s's `backoffLimit: 0`, the stacks
-    /// mode's `backoffLimitPerIndex: 0` (`template.rs`).
+    /// A pod that fails is its Job's last, and a stuck one's job is finished with it:
+    /// agent-stack-k8s's `backoffLimit: 0`, the stacks mode's `backoffLimitPerIndex: 0`
+    /// (`template.rs`; a drained pod, whose `DisruptionTarget` the Job ignores, is made again).
     fn one_try(self) -> bool {
         matches!(self, Policy::PodPerJob | Policy::Stacks)
     }
@@ -1053,10 +1055,9 @@ impl<'w> Sim<'w> {
     }
 
     /// Drains the nodes of `DRAINED_SHARE` of the pods: an agent there without a job is evicted
-    /// and its index made again after the Job controller's backoff, except agent-stack-k8s's and
-    /// the stacks mode's (one try: the Job fails, its job is failed and retried, and the next
-    /// poll makes a new Job for it); a busy one finishes its job within its grace period, as if
-    /// not drained.
+    /// and its index made again after the Job controller's backoff, except agent-stack-k8s's
+    /// (one try: the Job fails, its job is failed and retried, and the next poll makes a new Job
+    /// for it); a busy one finishes its job within its grace period, as if not drained.
     fn drain(&mut self) {
         let now = self.now;
         for i in 0..self.pods.len() {
@@ -1071,8 +1072,9 @@ impl<'w> Sim<'w> {
             match self.policy {
                 // Its Job failed before the agent acquired: the job fails (PR #883), retried.
                 Policy::PodPerJob => self.failed_jobs += 1,
-                // The plan finishes the job next tick, from the ended Job.
-                Policy::Stacks => {}
+                // The others' Jobs, the stacks mode's included (its Jobs ignore
+                // `DisruptionTarget` like ours; `backoffLimitPerIndex: 0` counts no such
+                // failure), make the pod again; the job stays the Job's.
                 _ => {
                     let startup = self.startup();
                     let again = self.pods[i].again(now, startup);

@@ -4,7 +4,6 @@
 //! logged and counted.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, ObjectReference};
@@ -135,10 +134,7 @@ impl Edges<'_> {
         );
         let note = Note::normal("Dispatched", "Dispatch", message, &dispatch.id);
         self.record(&created, note).await;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && !d.stores.has_job(&name) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        d.stores.wait_for_jobs(&[&name]).await;
     }
 
     /// Lets a Job's stuck pods go (the Job deleted, or its `parallelism` lowered to the pods

@@ -393,7 +393,7 @@ impl<'a> Dispatcher<'a> {
     async fn token_accepted(&self, lease: &str) -> Option<bool> {
         let mut token = self.check_token().await;
         if token == Some(false) {
-            tracing::error!(lease = %lease, "not campaigning for the Lease while Buildkite refuses BUILDKITE_AGENT_TOKEN; fix the Secret; checking again every poll interval");
+            tracing::error!(lease = %lease, "not campaigning for the Lease while Buildkite refuses this replica (the error before this line says why: BUILDKITE_AGENT_TOKEN, or in the stacks mode the stack limit); checking again every poll interval");
         }
         while token == Some(false) {
             tokio::time::sleep(self.edges.settings.poll_interval).await;

@@ -3,8 +3,9 @@
 //! states, finish the ones a pod cannot run, add notifications to their timelines, deregister.
 //!
 //! Follows Buildkite's docs (`pages/apis/agent_api/stacks.md`, buildkite/docs 35cf0294) and its
-//! Go client (buildkite/stacksapi v1.0.1: `client.go`, `register.go`, `scheduled_jobs.go`,
-//! `reserve_jobs.go`, `get_job_states.go`, `finish.go`, `stack_notification.go`). Where the
+//! Go client (buildkite/stacksapi v1.0.1, `649b3a07`: `client.go`, `register.go`,
+//! `scheduled_jobs.go` (listing and batch-reserve), `get_job_states.go`, `finish.go`,
+//! `stack_notification.go`; paths, methods and bodies checked against it). Where the
 //! two disagree this client accepts both: the pause flag as `dispatch_paused` (docs) or `paused`
 //! (client), any 2xx from finish (docs 200, the client's test server 204), and the default queue
 //! as `_default` (client) or `__default__` (docs), trying the other when one is not found. It
@@ -31,8 +32,11 @@ pub enum StacksError {
     Unauthorized(u16),
     #[error("Buildkite refused to register the stack (HTTP 403: {0}); the organization's stack limit is reached; deregister unused stacks or use --source metrics")]
     StackLimit(String),
-    #[error("Buildkite does not know {what} (HTTP 404: {message})")]
-    NotFound { what: &'static str, message: String },
+    #[error("Buildkite answered HTTP 404 to a {scope} call ({message}); a 404 to the listing registers the stack again (a rollout's last leader deregistered it); if the listing's 404 repeats, DISPATCHER_QUEUE is not a self-hosted queue of the token's cluster")]
+    NotFound {
+        scope: &'static str,
+        message: String,
+    },
     #[error("Buildkite asked to slow down {scope} calls; retrying after {}s", .wait.as_secs())]
     Throttled { scope: &'static str, wait: Duration },
     #[error("Buildkite rejected the {scope} call (HTTP {status}: {message})")]
@@ -185,12 +189,13 @@ impl StacksClient {
         let answer = self
             .call("list-scheduled-jobs", reqwest::Method::GET, path, None)
             .await;
-        if let Err(StacksError::NotFound { what: "queue", .. }) = &answer {
-            if let Some(other) = DEFAULT_QUEUE_KEYS.iter().find(|k| **k != queue) {
-                if DEFAULT_QUEUE_KEYS.contains(&queue.as_str()) {
-                    *self.queue_key.lock().unwrap() = other.to_string();
-                }
-            }
+        // The stack, or the queue under this spelling of the default one, is not known: the
+        // next listing tries the other spelling (the 404's message is not a contract).
+        let other = DEFAULT_QUEUE_KEYS.iter().find(|k| **k != queue);
+        if let (Err(StacksError::NotFound { .. }), true, Some(other)) =
+            (&answer, DEFAULT_QUEUE_KEYS.contains(&queue.as_str()), other)
+        {
+            *self.queue_key.lock().unwrap() = other.to_string();
         }
         let answer: ListAnswer = parse("list-scheduled-jobs", answer?)?;
         Ok(Listing {
@@ -329,7 +334,7 @@ impl StacksClient {
             403 if scope == "register" => Err(StacksError::StackLimit(message())),
             403 => Err(StacksError::Unauthorized(status)),
             404 => Err(StacksError::NotFound {
-                what: what_was_missing(&message()),
+                scope,
                 message: message(),
             }),
             429 => Err(StacksError::Throttled {
@@ -360,18 +365,6 @@ fn limit_wait(headers: &reqwest::header::HeaderMap, status: u16) -> Option<Durat
         _ => return None,
     };
     Some(Duration::from_secs_f64(wait.min(300.0)))
-}
-
-/// What a 404 was about: the stack (deregistered, or never registered), the queue, or a job.
-fn what_was_missing(message: &str) -> &'static str {
-    let message = message.to_ascii_lowercase();
-    if message.contains("queue") {
-        "queue"
-    } else if message.contains("stack") {
-        "stack"
-    } else {
-        "job"
-    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(

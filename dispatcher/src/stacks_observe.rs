@@ -124,6 +124,9 @@ fn pod_state(
             Some(stuck) => PodState::Stuck(stuck),
             None => PodState::Coming(waiting_stage(pod)),
         },
+        // Drained, preempted or evicted: the Job ignores `DisruptionTarget` and makes the pod
+        // again, so the job waits for that one rather than being failed.
+        _ if !finished && disrupted(pod) => PodState::Coming(Stage::Created),
         _ => PodState::Ended(ending(pod)),
     }
 }
@@ -192,6 +195,17 @@ fn outdated_image(pod: &Pod, seen: &Observed) -> Option<StuckPod> {
 /// The kubelet's waiting reasons for an image it could not pull (`pkg/kubelet/images/types.go`).
 const IMAGE_ERRORS: [&str; 2] = ["ErrImagePull", "ImagePullBackOff"];
 
+/// The pod has `DisruptionTarget=True`: the template's first podFailurePolicy rule ignores it.
+fn disrupted(pod: &Pod) -> bool {
+    let status = pod.status.as_ref();
+    let conditions = status
+        .and_then(|s| s.conditions.as_deref())
+        .unwrap_or_default();
+    conditions
+        .iter()
+        .any(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+}
+
 fn suspended(job: &Job) -> bool {
     job.spec.as_ref().and_then(|s| s.suspend) == Some(true)
 }
@@ -244,4 +258,116 @@ fn ending(pod: &Pod) -> String {
         }
     }
     said
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: &str = "2026-12-03T12:10:00Z";
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            registered_by: Duration::from_secs(300),
+            start_timeout: Duration::from_secs(300),
+            refusal_fresh: Duration::from_secs(75),
+        }
+    }
+
+    fn job(extra: serde_json::Value) -> Job {
+        let mut value = json!({
+            "metadata": {"name": "buildkite-j1", "uid": "u1",
+                         "creationTimestamp": "2026-12-03T12:00:00Z",
+                         "labels": {JOB_UUID_LABEL: "j1"}},
+            "spec": {"template": {}},
+        });
+        if let serde_json::Value::Object(extra) = extra {
+            for (k, v) in extra {
+                value[k] = v;
+            }
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn pod(template: &str, status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "buildkite-j1-0-abcde", "creationTimestamp": "2026-12-03T12:09:00Z",
+                "labels": {TEMPLATE_LABEL: template},
+                "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "buildkite-j1",
+                    "uid": "u1", "controller": true}]},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    /// The one stack Job of `jobs` and `pods`, as read at [`NOW`] for the template `t2`.
+    fn read(job: &Job, pods: &[Pod]) -> PodState {
+        let pods: Vec<&Pod> = pods.iter().collect();
+        let jobs = [job];
+        let seen = Observed {
+            pods: &pods,
+            jobs: &jobs,
+            refusals: &[],
+            own_events: &[],
+            pod_warnings: &[],
+            now: NOW.parse().unwrap(),
+            template: "t2",
+        };
+        stack_jobs(&seen, &timeouts()).remove(0).pod
+    }
+
+    fn pulling(reason: &str) -> serde_json::Value {
+        json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "containerStatuses": [{"name": "agent", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": reason, "message": "no such tag"}}}]})
+    }
+
+    #[test]
+    fn a_drained_pod_whose_job_makes_another_is_not_an_end() {
+        let drained = pod(
+            "t2",
+            json!({"phase": "Failed", "reason": "Evicted",
+            "conditions": [{"type": "DisruptionTarget", "status": "True"}]}),
+        );
+        assert_eq!(
+            read(&job(json!({})), std::slice::from_ref(&drained)),
+            PodState::Coming(Stage::Created)
+        );
+        let failed = job(
+            json!({"status": {"conditions": [{"type": "Failed", "status": "True",
+            "reason": "BackoffLimitExceeded", "message": "limit"}]}}),
+        );
+        assert!(
+            matches!(read(&failed, &[drained]), PodState::Ended(how) if how.contains("Evicted"))
+        );
+    }
+
+    #[test]
+    fn a_pod_that_ran_its_job_is_an_end_before_its_job_completes() {
+        let done = pod("t2", json!({"phase": "Succeeded"}));
+        assert!(matches!(read(&job(json!({})), &[done]), PodState::Ended(_)));
+    }
+
+    #[test]
+    fn an_older_templates_pod_that_cannot_pull_is_stuck_at_once() {
+        let old = pod("t1", pulling("ImagePullBackOff"));
+        assert!(
+            matches!(read(&job(json!({})), &[old]), PodState::Stuck(s) if s.message.contains("older template"))
+        );
+        let current = pod("t2", pulling("ImagePullBackOff"));
+        assert_eq!(
+            read(&job(json!({})), &[current]),
+            PodState::Coming(Stage::Pulling)
+        );
+    }
+
+    #[test]
+    fn a_suspended_job_waits_for_its_reservation_past_the_start_timeout() {
+        let suspended = job(json!({"spec": {"template": {}, "suspend": true}}));
+        assert_eq!(read(&suspended, &[]), PodState::Coming(Stage::Created));
+        assert!(
+            matches!(read(&job(json!({})), &[]), PodState::Stuck(s) if s.reason == "FailedCreate")
+        );
+    }
 }

@@ -182,14 +182,15 @@ fn settle(
         uid: job.uid.clone(),
         why,
     };
+    let delete = || Delete {
+        job: job.job.clone(),
+        k8s_job: job.name.clone(),
+        uid: job.uid.clone(),
+        state: state.to_string(),
+    };
     match &job.pod {
         PodState::Stuck(stuck) if unclaimed => plan.finish.push(finish(Why::Stuck(stuck.clone()))),
-        PodState::Stuck(_) if OVER.contains(&state) => plan.delete.push(Delete {
-            job: job.job.clone(),
-            k8s_job: job.name.clone(),
-            uid: job.uid.clone(),
-            state: state.to_string(),
-        }),
+        PodState::Stuck(_) if OVER.contains(&state) => plan.delete.push(delete()),
         PodState::Stuck(stuck) => plan.stuck_taken.push(finish(Why::Stuck(stuck.clone()))),
         PodState::Ended(why) if unclaimed => plan.finish.push(finish(Why::Ended(why.clone()))),
         PodState::Ended(_) => {}
@@ -197,20 +198,10 @@ fn settle(
             "reserved" => plan.resume.push(job.job.clone()),
             "scheduled" => plan.renew.push(job.job.clone()),
             // Cancelled, or another's: no pod of this Job ever ran it.
-            _ => plan.delete.push(Delete {
-                job: job.job.clone(),
-                k8s_job: job.name.clone(),
-                uid: job.uid.clone(),
-                state: state.to_string(),
-            }),
+            _ => plan.delete.push(delete()),
         },
         PodState::Coming(stage) if OVER.contains(&state) && *stage < Stage::Started => {
-            plan.delete.push(Delete {
-                job: job.job.clone(),
-                k8s_job: job.name.clone(),
-                uid: job.uid.clone(),
-                state: state.to_string(),
-            });
+            plan.delete.push(delete());
         }
         PodState::Coming(stage) => {
             let half = limits.expiry / 2;

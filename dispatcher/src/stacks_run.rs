@@ -148,13 +148,14 @@ impl Stack {
         };
         let plan = stacks_plan::plan(&seen, &self.limits);
         self.report(edges, &seen, &plan);
-        let by_name: HashMap<&str, &StackJob> = jobs.iter().map(|j| (j.name.as_str(), j)).collect();
-        self.act(edges, plan, &by_name, &view).await;
+        let by_job: HashMap<&str, &StackJob> = jobs.iter().map(|j| (j.job.as_str(), j)).collect();
+        self.act(edges, plan, &by_job, &view).await;
         wait
     }
 
-    /// The listing (the heartbeat); none if it failed. A stack Buildkite no longer knows (a
-    /// replica that stopped deregistered it) is registered again.
+    /// The listing (the heartbeat); none if it failed. A 404 is registered again: the stack
+    /// goes when the replica that led before deregisters it on its way out (a rollout), and
+    /// Buildkite's 404 messages, which say what was missing, are no contract.
     async fn list(&self, edges: &Edges<'_>) -> (Option<Listing>, Option<Duration>) {
         match self.api.scheduled_jobs(LIST_LIMIT).await {
             Ok(listing) => {
@@ -166,7 +167,7 @@ impl Stack {
             }
             Err(e) => {
                 failed(edges, &e);
-                if let StacksError::NotFound { what: "stack", .. } = e {
+                if let StacksError::NotFound { .. } = e {
                     self.register(edges).await;
                 }
                 let wait = match e {
@@ -244,6 +245,7 @@ impl Stack {
         }
     }
 
+    /// Carries the plan out; `jobs` are the Jobs by their Buildkite job.
     async fn act(
         &self,
         edges: &Edges<'_>,
@@ -263,14 +265,14 @@ impl Stack {
         }
         for taken in &plan.stuck_taken {
             let note = self.detail(edges, &taken.why, view);
-            let _ = self
-                .api
-                .notify(&[(taken.job.clone(), cut(&note, NOTICE_LIMIT))])
-                .await;
+            let note = [(taken.job.clone(), cut(&note, NOTICE_LIMIT))];
+            if let Err(e) = self.api.notify(&note).await {
+                failed(edges, &e);
+            }
             self.let_go(edges, taken).await;
         }
         let renew = plan.renew.iter().filter_map(|job| {
-            let found = jobs.get(format!("buildkite-{job}").as_str())?;
+            let found = jobs.get(job.as_str())?;
             Some(Held {
                 job: job.clone(),
                 name: found.name.clone(),
@@ -280,7 +282,10 @@ impl Stack {
         });
         let renewed = self.hold(edges, renew.collect()).await;
         count_by(edges, "renewed", renewed.len() as u64);
-        self.resume(edges, &plan.resume).await;
+        for found in plan.resume.iter().filter_map(|job| jobs.get(job.as_str())) {
+            let patch = serde_json::json!({"spec": {"suspend": false}});
+            self.patch(edges, &found.name, &patch).await;
+        }
         self.take(edges, &plan.reserve).await;
         self.notify(edges, &plan, jobs).await;
     }
@@ -358,26 +363,15 @@ impl Stack {
             tracing::info!(decision = "not-reserved", job_uuid = %h.job, job = %h.name, "Buildkite job {} was not reserved (another stack has it, or it no longer waits): deleted its Job {}, which had made no pod", h.job, h.name);
         }
         for h in &kept {
-            let mut patch = serde_json::json!({"metadata": {"annotations": {RESERVED_UNTIL_ANNOTATION: until}}});
+            let mut patch = serde_json::json!({"metadata": {"annotations": {RESERVED_UNTIL_ANNOTATION: until.to_string()}}});
             if h.suspended {
                 patch["spec"] = serde_json::json!({"suspend": false});
             }
             self.patch(edges, &h.name, &patch).await;
-            if let Ok(at) = until.parse() {
-                let mut written = self.written.lock().unwrap();
-                written.reserved_until.insert(h.name.clone(), at);
-            }
+            let mut written = self.written.lock().unwrap();
+            written.reserved_until.insert(h.name.clone(), until);
         }
         kept
-    }
-
-    /// Lets suspended Jobs whose jobs are reserved make their pods (a dispatcher stopped
-    /// between the reservation and this).
-    async fn resume(&self, edges: &Edges<'_>, jobs: &[String]) {
-        for job in jobs {
-            let patch = serde_json::json!({"spec": {"suspend": false}});
-            self.patch(edges, &format!("buildkite-{job}"), &patch).await;
-        }
     }
 
     async fn patch(&self, edges: &Edges<'_>, name: &str, patch: &serde_json::Value) {
@@ -399,7 +393,7 @@ impl Stack {
         let until = self.until();
         let mut made = Vec::new();
         for job in jobs {
-            if let Some((name, uid)) = self.create(edges, job, &until).await {
+            if let Some((name, uid)) = self.create(edges, job, until).await {
                 made.push(Held {
                     job: job.clone(),
                     name,
@@ -421,13 +415,9 @@ impl Stack {
                 failed(edges, &e);
             }
         }
-        // The next tick counts them against --max-agents: wait (briefly) for the watch.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline
-            && !made.iter().all(|h| edges.stores.has_job(&h.name))
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // The next tick counts them against --max-agents.
+        let names: Vec<&str> = made.iter().map(|h| h.name.as_str()).collect();
+        edges.stores.wait_for_jobs(&names).await;
     }
 
     async fn reserve_call(&self, edges: &Edges<'_>, jobs: &[String]) -> Option<Vec<String>> {
@@ -446,14 +436,20 @@ impl Stack {
         }
     }
 
-    fn until(&self) -> String {
+    /// Until when a reservation made now lasts.
+    fn until(&self) -> Timestamp {
         let expiry = SignedDuration::try_from(self.limits.expiry).unwrap_or_default();
-        (Timestamp::now() + expiry).to_string()
+        Timestamp::now() + expiry
     }
 
     /// The job's Job; one that exists already (a duplicate create) is the same Job. Its name and
     /// uid, if this call created it.
-    async fn create(&self, edges: &Edges<'_>, uuid: &str, until: &str) -> Option<(String, String)> {
+    async fn create(
+        &self,
+        edges: &Edges<'_>,
+        uuid: &str,
+        until: Timestamp,
+    ) -> Option<(String, String)> {
         let settings = edges.settings;
         let dispatch = Dispatch {
             id: uuid.to_string(),
@@ -501,7 +497,7 @@ impl Stack {
                 (
                     n.job.clone(),
                     cut(
-                        &self.note(n.stage, jobs.get(n.k8s_job.as_str()).copied(), &n.k8s_job),
+                        &self.note(n.stage, jobs.get(n.job.as_str()).copied(), &n.k8s_job),
                         NOTICE_LIMIT,
                     ),
                 )

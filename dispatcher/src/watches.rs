@@ -105,11 +105,18 @@ impl Stores {
         }
     }
 
-    /// Whether a Job named `name` has been seen.
-    pub fn has_job(&self, name: &str) -> bool {
-        let jobs = self.jobs.state();
-        jobs.iter()
-            .any(|j| j.metadata.name.as_deref() == Some(name))
+    /// Waits (5 s at most) for the watch to bring the Jobs just created, so that the next tick
+    /// counts them.
+    pub async fn wait_for_jobs(&self, names: &[&str]) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let seen = |name: &&str| {
+            let jobs = self.jobs.state();
+            jobs.iter()
+                .any(|j| j.metadata.name.as_deref() == Some(*name))
+        };
+        while std::time::Instant::now() < deadline && !names.iter().all(seen) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }
 

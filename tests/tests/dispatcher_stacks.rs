@@ -404,6 +404,76 @@ fn a_restart_mid_reservation_and_two_replicas_run_no_job_twice_and_leave_none_re
     assert!(created(&first.stderr) + b + c <= 20);
 }
 
+/// A rollout: the leader stops (SIGTERM), deregisters the stack and gives the Lease up; the
+/// standby takes over, finds the stack gone (404), registers it again and serves the queue.
+#[test]
+fn a_rollout_deregisters_and_the_next_leader_registers_the_stack_again() {
+    if skip() {
+        return;
+    }
+    let w = World::new(10, None);
+    w.schedule(2);
+    let mut replicas = vec![
+        ("replica-a", stacks(&w, "replica-a", &[])),
+        ("replica-b", stacks(&w, "replica-b", &[])),
+    ];
+    wait("the first jobs run", Duration::from_secs(60), || {
+        w.finished_jobs() == 2
+    });
+    let lease = w.kube.objects("leases", NS);
+    let holder = lease[0]["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let at = replicas
+        .iter()
+        .position(|(name, _)| *name == holder)
+        .unwrap();
+    let (_, leader) = replicas.remove(at);
+    let out = leader.stop();
+    assert_eq!(out.code(), Some(0), "{}", out.log());
+    assert!(!w.buildkite.stacks()[0].registered, "{}", out.log());
+    w.schedule(2);
+    let (_, standby) = replicas.remove(0);
+    let outcome = w.outcome(standby, 4, Duration::from_secs(60));
+    let stack = &w.buildkite.stacks()[0];
+    // Each replica registered at start; the standby again on the 404.
+    assert!(
+        stack.registrations >= 3,
+        "{stack:?}\n{}",
+        outcome.dispatcher
+    );
+    assert!(
+        outcome.dispatcher.contains("HTTP 404"),
+        "{}",
+        outcome.dispatcher
+    );
+    assert_each_ran_once(&w);
+}
+
+/// The organization's stack limit reached (403 on register): one line with the fix, the
+/// replica unready and not campaigning; once a stack is freed, the queue is served.
+#[test]
+fn a_full_stack_quota_is_reported_with_its_fix_and_served_once_freed() {
+    if skip() {
+        return;
+    }
+    let w = World::new(4, None);
+    w.schedule(2);
+    w.buildkite.inject_stacks(BuildkiteFault::Status(403), 2);
+    let dispatcher = stacks(&w, "replica-a", &[]);
+    let outcome = w.outcome(dispatcher, 2, Duration::from_secs(60));
+    let refused = outcome
+        .dispatcher
+        .lines()
+        .filter(|l| l.contains("stack limit is reached"));
+    assert_eq!(refused.count(), 2, "{}", outcome.dispatcher);
+    assert!(outcome
+        .dispatcher
+        .contains("deregister unused stacks or use --source metrics"));
+    assert_each_ran_once(&w);
+}
+
 /// A queue whose dispatch is paused in Buildkite: polled (so it stays Connected), nothing
 /// reserved, under either name of the pause field; resumed, every job runs.
 #[test]
