@@ -1,4 +1,4 @@
-//! Buildkite's Stacks API, served by [`FakeBuildkite`] on its own listener under `/v3/stacks/`,
+//! Buildkite's Stacks API, served by [`FakeBuildkite`] on the same listener, under `/v3/stacks/`,
 //! over the same jobs as the agent lifecycle (so an agent's `PUT /v3/jobs/<id>/acquire` sees a
 //! stack's reservations) and with the same cluster agent token (`Authorization: Token <token>`
 //! as [`FakeBuildkite::start`] was given; anything else gets 401 `{"message"}`).
