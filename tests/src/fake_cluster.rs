@@ -40,8 +40,9 @@
 //!   the surplus, least started first (`activePodsForRemoval`, `controller.ActivePods`). Not
 //!   modelled: the Job-wide pod failure backoff of Jobs
 //!   without `backoffLimitPerIndex`, `successPolicy`, duplicate-index cleanup, init containers;
-//!   of `suspend`, only that a suspended Job wants no pod (`manageJob`: its active pods deleted,
-//!   none made), not its `Suspended` condition nor the reset of its `startTime`. A finished Job is deleted `ttlSecondsAfterFinished` later, its pods with it.
+//!   of `suspend`, only that a suspended Job wants no pod (`manageJob`, `jobSuspended`, read at
+//!   kubernetes 6ae037f1: its active pods deleted, none made), not its `Suspended` condition
+//!   nor the reset of its `startTime`. A finished Job is deleted `ttlSecondsAfterFinished` later, its pods with it.
 //! - **podFailurePolicy** (`pod_failure_policy.go` `matchPodFailurePolicy`): the rules in order,
 //!   the first that matches decides. `onExitCodes` (`In`/`NotIn`, optional `containerName`)
 //!   looks at terminated containers with a non-zero code, the containers then the init
