@@ -212,44 +212,14 @@ impl Hold {
 /// Decides one tick.
 pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
     let alive = supply.pending + supply.unschedulable + supply.running + supply.not_yet_created;
-    let buffer = match demand.scheduled {
-        0 => 0,
-        n => limits
-            .buffer
-            .max((f64::from(n) * limits.buffer_ratio).ceil() as u32),
-    };
-    let wanted = (demand.running + demand.scheduled + buffer)
-        .max(limits.min_agents)
-        .min(limits.max_agents);
+    let wanted = wanted(&demand, limits);
     let hold = |hold: Hold| Decision {
         action: Action::Hold(hold),
         wanted,
         alive,
     };
-    if let Some(message) = &supply.failed_create {
-        return hold(Hold::FailedCreate {
-            message: message.clone(),
-        });
-    }
-    if let Some(streak) = &supply.streak {
-        let doublings = streak.dispatches.saturating_sub(1).min(16);
-        let backoff = (limits.stuck_backoff * 2u32.pow(doublings)).min(limits.stuck_backoff_cap);
-        if streak.since_last < backoff {
-            return hold(Hold::Stuck {
-                reason: streak.reason.clone(),
-                dispatches: streak.dispatches,
-                retry_in: backoff - streak.since_last,
-            });
-        }
-    }
-    if let Some(why) = &supply.failing {
-        return hold(Hold::Failing { why: why.clone() });
-    }
-    if supply.running_long > demand.agents {
-        return hold(Hold::WrongQueue {
-            running: supply.running_long,
-            agents: demand.agents,
-        });
+    if let Some(fault) = fault(&demand, supply, limits) {
+        return hold(fault);
     }
     let short = wanted.saturating_sub(alive);
     if short == 0 {
@@ -281,6 +251,48 @@ pub fn decide(demand: Demand, supply: &Supply, limits: &Limits) -> Decision {
             alive,
         },
     }
+}
+
+/// The agents the queue wants: its running and scheduled jobs and a buffer while jobs wait,
+/// within `--min-agents` and `--max-agents`.
+fn wanted(demand: &Demand, limits: &Limits) -> u32 {
+    let buffer = match demand.scheduled {
+        0 => 0,
+        n => limits
+            .buffer
+            .max((f64::from(n) * limits.buffer_ratio).ceil() as u32),
+    };
+    (demand.running + demand.scheduled + buffer)
+        .max(limits.min_agents)
+        .min(limits.max_agents)
+}
+
+/// A fault that holds dispatch whatever the shortfall, the most telling first: refused
+/// creates, a stuck streak's backoff, failing agents, agents registering elsewhere.
+fn fault(demand: &Demand, supply: &Supply, limits: &Limits) -> Option<Hold> {
+    if let Some(message) = &supply.failed_create {
+        return Some(Hold::FailedCreate {
+            message: message.clone(),
+        });
+    }
+    if let Some(streak) = &supply.streak {
+        let doublings = streak.dispatches.saturating_sub(1).min(16);
+        let backoff = (limits.stuck_backoff * 2u32.pow(doublings)).min(limits.stuck_backoff_cap);
+        if streak.since_last < backoff {
+            return Some(Hold::Stuck {
+                reason: streak.reason.clone(),
+                dispatches: streak.dispatches,
+                retry_in: backoff - streak.since_last,
+            });
+        }
+    }
+    if let Some(why) = &supply.failing {
+        return Some(Hold::Failing { why: why.clone() });
+    }
+    (supply.running_long > demand.agents).then_some(Hold::WrongQueue {
+        running: supply.running_long,
+        agents: demand.agents,
+    })
 }
 
 /// How a Job lets its stuck pods go.

@@ -118,10 +118,31 @@ pub fn handed_out(observed: &Observed) -> Option<u64> {
 
 /// The steps this cycle takes, in order.
 pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
+    let newest_ready = handed_out(observed);
+    let (mut steps, populating) = populate(observed, policy, newest_ready);
+    steps.extend(spent_populates(observed, policy));
+    steps.extend(expiry(observed, policy));
+    // Snapshots older than the newest ready generation's seed nothing once no claim is being
+    // made from them.
+    if !populating {
+        for s in &observed.snapshots {
+            if newest_ready.is_some_and(|g| s.generation < g) {
+                steps.push(Step::DeleteSnapshot(s.generation));
+            }
+        }
+    }
+    steps
+}
+
+fn live(c: &&Claim) -> bool {
+    !c.terminating
+}
+
+/// The populate in hand, or the next generation when one is due; and whether a claim is being
+/// populated.
+fn populate(observed: &Observed, policy: &Policy, newest_ready: Option<u64>) -> (Vec<Step>, bool) {
     let mut steps = Vec::new();
     let job = |g: u64| observed.jobs.iter().find(|j| j.generation == g);
-    let live = |c: &&Claim| !c.terminating;
-    let newest_ready = handed_out(observed);
     let mut populating: Vec<&Claim> = observed
         .claims
         .iter()
@@ -134,35 +155,40 @@ pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
     for stale in populating {
         steps.extend(discard(stale.generation, job(stale.generation).is_some()));
     }
-    match current {
-        Some(p) => match job(p.generation).map(|j| j.outcome) {
-            None => steps.push(Step::Populate(p.generation)),
-            Some(Some(true)) => steps.push(Step::MarkReady(p.generation)),
-            // Its claim goes; its Job stays a while, to hold the next attempt back.
-            Some(Some(false)) => steps.push(Step::DeleteClaim(p.generation)),
-            Some(None) => {}
-        },
-        None => {
-            let due = match newest_ready {
-                None => true,
-                Some(g) => {
-                    let claim = observed.claims.iter().find(|c| c.generation == g);
-                    claim
-                        .and_then(|c| c.ready_for)
-                        .is_none_or(|age| age >= policy.refresh)
-                }
-            };
-            let failed_lately = observed.jobs.iter().any(|j| {
-                j.outcome == Some(false) && j.ended_for.is_none_or(|t| t < policy.refresh)
-            });
-            if due && !failed_lately {
-                steps.extend(next_generation(observed, policy, newest_ready));
+    let Some(p) = current else {
+        let due = match newest_ready {
+            None => true,
+            Some(g) => {
+                let claim = observed.claims.iter().find(|c| c.generation == g);
+                claim
+                    .and_then(|c| c.ready_for)
+                    .is_none_or(|age| age >= policy.refresh)
             }
+        };
+        let failed_lately = observed
+            .jobs
+            .iter()
+            .any(|j| j.outcome == Some(false) && j.ended_for.is_none_or(|t| t < policy.refresh));
+        if due && !failed_lately {
+            steps.extend(next_generation(observed, policy, newest_ready));
         }
+        return (steps, false);
+    };
+    match job(p.generation).map(|j| j.outcome) {
+        None => steps.push(Step::Populate(p.generation)),
+        Some(Some(true)) => steps.push(Step::MarkReady(p.generation)),
+        // Its claim goes; its Job stays a while, to hold the next attempt back.
+        Some(Some(false)) => steps.push(Step::DeleteClaim(p.generation)),
+        Some(None) => {}
     }
-    // A populate Job whose generation is published, or gone: its pod object would keep the
-    // claim in use (pvc-protection counts finished pods) until the Job's TTL.
-    // A failed one goes once it no longer holds the next attempt back.
+    (steps, true)
+}
+
+/// A populate Job whose generation is published, or gone: its pod object would keep the claim
+/// in use (pvc-protection counts finished pods) until the Job's TTL. A failed one goes once it
+/// no longer holds the next attempt back.
+fn spent_populates(observed: &Observed, policy: &Policy) -> Vec<Step> {
+    let mut steps = Vec::new();
     for j in &observed.jobs {
         let claim = observed
             .claims
@@ -178,7 +204,13 @@ pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
             steps.push(Step::DeletePopulate(j.generation));
         }
     }
-    // Expiry: ready generations beyond the newest `keep`.
+    steps
+}
+
+/// Ready generations beyond the newest `keep` expire; expired claims no pod object names any
+/// more are deleted.
+fn expiry(observed: &Observed, policy: &Policy) -> Vec<Step> {
+    let mut steps = Vec::new();
     let mut ready: Vec<u64> = observed
         .claims
         .iter()
@@ -190,19 +222,9 @@ pub fn plan(observed: &Observed, policy: &Policy) -> Vec<Step> {
     for &g in ready.iter().skip(policy.keep.max(1)) {
         steps.push(Step::MarkExpired(g));
     }
-    // Deletion: expired claims no pod object names any more.
     for c in observed.claims.iter().filter(live) {
         if c.state == ClaimState::Expired && !c.in_use {
             steps.push(Step::DeleteClaim(c.generation));
-        }
-    }
-    // Snapshots older than the newest ready generation's seed nothing once no claim is being
-    // made from them.
-    if current.is_none() {
-        for s in &observed.snapshots {
-            if newest_ready.is_some_and(|g| s.generation < g) {
-                steps.push(Step::DeleteSnapshot(s.generation));
-            }
         }
     }
     steps

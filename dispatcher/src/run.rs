@@ -104,17 +104,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
     let (identity, lease) = names(&settings);
     let (template, cycle, token) = resolve(template, cycle, &settings, &client, &namespace).await?;
-    let mirror = cycle.map(|cycle| {
-        mirror_run::start(
-            &client,
-            &namespace,
-            identity.clone(),
-            cycle,
-            metrics.clone(),
-        )
-    });
-    let (mode, cycle) = (settings.mirror_mode, mirror.as_ref());
-    crate::watches::watch_mirror(mode, cycle, &client, &namespace, &metrics);
+    let mirror = start_mirror(cycle, &settings, (&client, &namespace, &metrics), &identity);
     tracing::info!(queue = %settings.queue, namespace = %namespace, identity = %identity, template = template.hash(),
         "serving queue {} in namespace {namespace}", settings.queue);
     let edges = (&client, namespace.as_str(), metrics);
@@ -146,6 +136,31 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         mirror.election.release().await;
     }
     outcome
+}
+
+/// The claims cycle, as its own task on its own Lease, and the metrics' view of the mirror's
+/// last publish (in any mode the dispatcher can see it).
+fn start_mirror(
+    cycle: Option<mirror_run::Cycle>,
+    settings: &Settings,
+    (client, namespace, metrics): (&Client, &str, &Arc<Metrics>),
+    identity: &str,
+) -> Option<mirror_run::MirrorCycle> {
+    let mirror = cycle.map(|cycle| {
+        mirror_run::start(
+            client,
+            namespace,
+            identity.to_string(),
+            cycle,
+            metrics.clone(),
+        )
+    });
+    let claims = mirror.as_ref().map(|cycle| {
+        let claims = cycle.claims.clone();
+        Box::new(move || claims.published()) as crate::metrics::PublishedSource
+    });
+    crate::watches::watch_mirror(settings.mirror_mode, claims, client, namespace, metrics);
+    mirror
 }
 
 /// The agent template and, in claims mode, the cycle's templates: read and checked before

@@ -15,10 +15,8 @@ use k8s_openapi::jiff::Timestamp;
 
 use crate::decide::StuckPod;
 use crate::observe::{self, Life, Observed, Timeouts};
-use crate::template::{DISPATCH_LABEL, TEMPLATE_LABEL};
+use crate::template::{DISPATCH_LABEL, JOB_UUID_LABEL, TEMPLATE_LABEL};
 
-/// The Buildkite job a Job runs.
-pub const JOB_UUID_LABEL: &str = "stateless-agent/job-uuid";
 /// Until when the dispatcher last reserved the Job's job (RFC 3339).
 pub const RESERVED_UNTIL_ANNOTATION: &str = "stateless-agent/reserved-until";
 /// The last [`Stage`] announced on the job's timeline (its number).

@@ -16,12 +16,12 @@ use k8s_openapi::api::core::v1::{
     PodSpec, SecretKeySelector, Volume,
 };
 
-use crate::stacks_observe::JOB_UUID_LABEL;
-
 /// Labels on every Job the dispatcher creates and on its pods.
 pub const QUEUE_LABEL: &str = "stateless-agent/queue";
 pub const DISPATCH_LABEL: &str = "stateless-agent/dispatch-id";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// The stacks mode's Buildkite job a Job runs.
+pub const JOB_UUID_LABEL: &str = "stateless-agent/job-uuid";
 pub const MANAGED_BY: &str = "job-dispatcher";
 /// The hash of the template a Job was made from: what a Job, or an Event, says of one template
 /// says nothing of the next (a fixed image is served at once).

@@ -14,7 +14,6 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 
 use crate::metrics::{ApiError, Metrics, PublishedSource};
-use crate::mirror_run::MirrorCycle;
 use crate::observe::{self, Observed};
 use crate::settings::MirrorMode;
 use crate::template::{MANAGED_BY, MANAGED_BY_LABEL, QUEUE_LABEL};
@@ -196,18 +195,16 @@ const POPULATE_SELECTOR: &str = "app.kubernetes.io/component=populate-mirror";
 /// that succeeded ([`observe::refreshed_at`]; a watch of their own), in `claims` mode the
 /// generation handed out. In `node-local` mode each node's DaemonSet pod refreshes its own
 /// directory, out of the dispatcher's sight: nothing.
+/// The claims cycle's own `claims` source comes from run.rs, which starts it.
 pub fn watch_mirror(
     mode: MirrorMode,
-    cycle: Option<&MirrorCycle>,
+    claims: Option<PublishedSource>,
     client: &Client,
     namespace: &str,
     metrics: &Arc<Metrics>,
 ) {
-    let source: PublishedSource = match (mode, cycle) {
-        (MirrorMode::Claims, Some(cycle)) => {
-            let claims = cycle.claims.clone();
-            Box::new(move || claims.published())
-        }
+    let source: PublishedSource = match (mode, claims) {
+        (MirrorMode::Claims, Some(claims)) => claims,
         (MirrorMode::Shared, _) => {
             let api = Api::namespaced(client.clone(), namespace);
             let config = labels(POPULATE_SELECTOR);

@@ -27,7 +27,7 @@
 //!   `X-Buildkite-Lock-Acquire-Job` and `X-Buildkite-Backoff-Sequence` are recorded
 //!   ([`FakeBuildkite::acquires`]).
 //! - **The Stacks API** under `/v3/stacks/`, on the same listener and jobs: see
-//!   [`crate::fake_stacks`], which names its sources and choices.
+//!   [`stacks`], which names its sources and choices.
 //! - **Cancelling**: [`FakeBuildkite::cancel`] makes a scheduled or reserved job canceled and an
 //!   assigned, accepted or running one canceling, which its agent's finish makes canceled;
 //!   [`FakeBuildkite::cancel_scheduled`] cancels a queue's scheduled and reserved jobs.
@@ -48,8 +48,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::{json, Value};
 
-use crate::fake_stacks::Stacks;
-pub use crate::fake_stacks::{Reservation, Stack, StackCall};
+mod stacks;
+
+use stacks::Stacks;
+pub use stacks::{Reservation, Stack, StackCall};
 use crate::http_server::{serve_connection, Request};
 
 /// What the queue looks like to Buildkite, beyond the agents and jobs of the lifecycle.
@@ -539,8 +541,8 @@ fn answer(request: &Request, state: &Mutex<State>, out: &mut TcpStream) -> std::
     let now = Instant::now();
     state.lock().unwrap().expire_reservations(now);
     if request.path.starts_with("/v3/stacks/") {
-        let reply = crate::fake_stacks::answer(&mut state.lock().unwrap(), request, &auth, now);
-        return crate::fake_stacks::write_reply(reply, out);
+        let reply = stacks::answer(&mut state.lock().unwrap(), request, &auth, now);
+        return stacks::write_reply(reply, out);
     }
     let metrics = request.path == "/v3/metrics/queue";
     let acquire = request.method == "PUT" && request.path.ends_with("/acquire");

@@ -11,7 +11,6 @@ pub mod fake_cluster;
 pub mod fake_github;
 pub mod fake_kube;
 pub mod fake_kube_protobuf;
-pub mod fake_stacks;
 pub mod fixture;
 pub mod git;
 pub mod git_daemon;

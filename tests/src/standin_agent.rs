@@ -25,7 +25,7 @@ pub fn main() -> ExitCode {
     if args.first().is_some_and(|a| a == "--version") {
         println!(
             "buildkite-agent version {}, build standin",
-            crate::standin_start::version()
+            crate::standin_api::version()
         );
         return ExitCode::SUCCESS;
     }

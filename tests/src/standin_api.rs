@@ -21,6 +21,11 @@ use serde_json::{json, Value};
 
 use crate::loopback::{http_exchange, http_with};
 
+/// The version the stand-in claims, `BUILDKITE_STANDIN_VERSION` or v3.137.0.
+pub fn version() -> String {
+    std::env::var("BUILDKITE_STANDIN_VERSION").unwrap_or_else(|_| "3.137.0".into())
+}
+
 pub struct AgentApi {
     /// `host:port`.
     address: String,
@@ -117,7 +122,7 @@ impl AgentApi {
     ) -> Result<(), ApiError> {
         let request = json!({"name": name, "hostname": name, "os": "linux", "arch": "amd64",
             "script_eval_enabled": true, "ignore_in_dispatches": ignore_in_dispatches,
-            "version": crate::standin_start::version(), "build": "standin",
+            "version": version(), "build": "standin",
             "meta_data": tags, "pid": std::process::id(), "features": []});
         let answer = self
             .retried(

@@ -90,7 +90,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, SigSet, Signal};
 use nix::unistd::Pid;
 
-use crate::standin_api::{AcquireAnswer, AgentApi};
+use crate::standin_api::{version, AcquireAnswer, AgentApi};
 use crate::standin_config::{AgentConfig, ONLY_IN_3, ONLY_IN_4};
 
 /// `core/client.go` `AcquireJob` (v3.137.0): attempts, and the timeout around all of them.
@@ -110,11 +110,6 @@ const PHASES: [&str; 8] = [
     "post-command",
     "pre-exit",
 ];
-
-/// The version the stand-in claims, `BUILDKITE_STANDIN_VERSION` or v3.137.0.
-pub fn version() -> String {
-    std::env::var("BUILDKITE_STANDIN_VERSION").unwrap_or_else(|_| "3.137.0".into())
-}
 
 fn major() -> u32 {
     version()

@@ -1,4 +1,4 @@
-//! The fake Buildkite's Stacks API (`stateless_e2e::fake_stacks`) against its contract, over
+//! The fake Buildkite's Stacks API (`tests/src/fake_buildkite/stacks.rs`) against its contract, over
 //! plain HTTP: the Buildkite docs' `pages/apis/agent_api/stacks.md` (buildkite/docs 35cf0294)
 //! and buildkite/stacksapi v1.0.1, with the fake's own choices where they are silent.
 

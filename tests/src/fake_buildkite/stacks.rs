@@ -98,7 +98,7 @@ use std::time::{Duration, Instant, SystemTime};
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
-use crate::fake_buildkite::{BuildkiteFault, FakeBuildkite, Job, JobState, State};
+use super::{BuildkiteFault, FakeBuildkite, Job, JobState, State};
 use crate::http_server::{percent_decode, Request};
 
 /// A stack's hold on a job.
