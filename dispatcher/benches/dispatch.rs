@@ -106,7 +106,7 @@
 //! Run: `cargo bench -p dispatcher --bench dispatch` (`BENCH_SEED`, default 7; `BENCH_SEEDS`;
 //! `BENCH_BUILDS` builds a day, default 120; `BENCH_CAPACITY`, default 300).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use dispatcher::decide::{
@@ -115,7 +115,7 @@ use dispatcher::decide::{
 };
 use dispatcher::stacks_api::{ScheduledJob, BATCH};
 use dispatcher::stacks_observe::{PodState as StackPod, StackJob, Stage};
-use dispatcher::stacks_plan::{self, Finish, Notice, Plan, Seen, StackLimits, Why};
+use dispatcher::stacks_plan::{self, Finish, Notice, Plan, Seen, StackHold, StackLimits, Why};
 use k8s_openapi::jiff::Timestamp;
 
 /// The dispatchers' tick: the metrics API's poll interval.
@@ -936,6 +936,8 @@ struct Sim<'w> {
     /// The stacks mode's Jobs, by `Dispatch` index; and those not yet gone (TTL, deletion).
     stack: Vec<StackRecord>,
     stack_live: Vec<usize>,
+    /// The stacks mode's waiting jobs told why they wait, during a stuck streak.
+    stack_told: HashSet<String>,
 }
 
 impl<'w> Sim<'w> {
@@ -1023,6 +1025,7 @@ impl<'w> Sim<'w> {
             },
             stack: Vec::new(),
             stack_live: Vec::new(),
+            stack_told: HashSet::new(),
         }
     }
 
@@ -1531,6 +1534,9 @@ struct StackRecord {
     took: bool,
     /// When its pod went and the Job finished: its TTL runs from then.
     ended_at: Option<f64>,
+    /// The first Job made in the same tick: the jobs taken together are one dispatch, which
+    /// is what the stuck streak counts (`stacks_run.rs`).
+    round: usize,
 }
 
 /// The UUID of a job's attempt, and back.
@@ -1571,16 +1577,37 @@ impl Sim<'_> {
             .collect();
         self.requests += jobs.len().div_ceil(BATCH) as f64;
         let listed = self.listed();
+        let stuck_now: Vec<StuckJob> = jobs
+            .iter()
+            .filter_map(|j| match &j.pod {
+                StackPod::Stuck(pod) => Some(StuckJob {
+                    job: j.name.clone(),
+                    uid: self.stack[j.uid.parse::<usize>().unwrap()]
+                        .round
+                        .to_string(),
+                    parallelism: 1,
+                    healthy: 0,
+                    pods: vec![pod.clone()],
+                }),
+                _ => None,
+            })
+            .collect();
+        let streak = self.streak(&stuck_now);
         let seen = Seen {
             jobs: &jobs,
             listed: &listed,
             paused: false,
             states: &states,
             now: timestamp(self.now),
+            streak: streak.as_ref(),
+            told: &self.stack_told,
         };
         let limits = StackLimits {
             max_agents: MAX_AGENTS,
             expiry: Duration::from_secs_f64(RESERVATION),
+            stuck_backoff: STUCK_BACKOFF,
+            stuck_backoff_cap: STUCK_BACKOFF_CAP,
+            probe: BUFFER,
         };
         let plan = stacks_plan::plan(&seen, &limits);
         self.stack_act(plan)
@@ -1696,6 +1723,8 @@ impl Sim<'_> {
         // A note, and the Job deleted; or a cancelled job's Job deleted (neither happens here).
         for taken in &plan.stuck_taken {
             self.requests += 3.0;
+            let round = self.stack[taken.uid.parse::<usize>().unwrap()].round;
+            self.stuck_events.push((self.now, round));
             self.delete_stack_job(&taken.uid);
         }
         for delete in &plan.delete {
@@ -1707,6 +1736,14 @@ impl Sim<'_> {
         self.reserve(&plan.renew, false);
         let made = self.reserve(&plan.reserve, true);
         self.stack_notify(&plan.notify);
+        // A stuck hold tells the waiting jobs why, once each a streak, in one call.
+        match plan.hold {
+            Some(StackHold::Stuck { .. }) => {
+                self.requests += f64::from(u8::from(!plan.tell.is_empty()));
+                self.stack_told.extend(plan.tell);
+            }
+            _ => self.stack_told.clear(),
+        }
         made
     }
 
@@ -1726,7 +1763,10 @@ impl Sim<'_> {
             self.queue.push_back(job);
         }
         if let Why::Stuck(_) = finish.why {
+            // Let go as `Sim::let_go`: the Job deleted, and an Event the streak reads back.
             self.requests += 2.0;
+            let round = self.stack[finish.uid.parse::<usize>().unwrap()].round;
+            self.stuck_events.push((self.now, round));
             self.delete_stack_job(&finish.uid);
         }
     }
@@ -1750,11 +1790,12 @@ impl Sim<'_> {
         let per_job = if new { 2.0 } else { 1.0 };
         self.requests += 1.0 + f64::from(u8::from(new)) + per_job * jobs.len() as f64;
         let until = self.now + RESERVATION;
+        let round = self.dispatches.len();
         for id in jobs {
             let (job, attempt) = parse_uuid(id);
             self.buildkite[job].state = BkState::Reserved(until);
             let d = match new {
-                true => self.make_stack_job(job, attempt),
+                true => self.make_stack_job(job, attempt, round),
                 false => self.buildkite[job].record.unwrap(),
             };
             self.stack[d].reserved_until = until;
@@ -1762,7 +1803,7 @@ impl Sim<'_> {
         (jobs.len() as u32) * u32::from(new)
     }
 
-    fn make_stack_job(&mut self, job: usize, attempt: u32) -> usize {
+    fn make_stack_job(&mut self, job: usize, attempt: u32, round: usize) -> usize {
         let d = self.create(1, self.now, Policy::Stacks.idle_timeout());
         debug_assert_eq!(d, self.stack.len());
         self.stack.push(StackRecord {
@@ -1773,6 +1814,7 @@ impl Sim<'_> {
             notified: Stage::Created as u8,
             took: false,
             ended_at: None,
+            round,
         });
         self.stack_live.push(d);
         self.buildkite[job].record = Some(d);

@@ -276,13 +276,12 @@ fn fault(demand: &Demand, supply: &Supply, limits: &Limits) -> Option<Hold> {
         });
     }
     if let Some(streak) = &supply.streak {
-        let doublings = streak.dispatches.saturating_sub(1).min(16);
-        let backoff = (limits.stuck_backoff * 2u32.pow(doublings)).min(limits.stuck_backoff_cap);
-        if streak.since_last < backoff {
+        let (base, cap) = (limits.stuck_backoff, limits.stuck_backoff_cap);
+        if let Some(retry_in) = backoff_left(streak, base, cap) {
             return Some(Hold::Stuck {
                 reason: streak.reason.clone(),
                 dispatches: streak.dispatches,
-                retry_in: backoff - streak.since_last,
+                retry_in,
             });
         }
     }
@@ -293,6 +292,16 @@ fn fault(demand: &Demand, supply: &Supply, limits: &Limits) -> Option<Hold> {
         running: supply.running_long,
         agents: demand.agents,
     })
+}
+
+/// What is left of a stuck streak's backoff: `--stuck-backoff` × 2^(n−1) after the n-th
+/// dispatch in a row whose pods got stuck, at most `cap`. Both modes back off by it.
+pub fn backoff_left(streak: &Streak, base: Duration, cap: Duration) -> Option<Duration> {
+    let doublings = streak.dispatches.saturating_sub(1).min(16);
+    let backoff = (base * 2u32.pow(doublings)).min(cap);
+    backoff
+        .checked_sub(streak.since_last)
+        .filter(|left| !left.is_zero())
 }
 
 /// How a Job lets its stuck pods go.

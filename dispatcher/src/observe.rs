@@ -266,7 +266,7 @@ fn refusal(seen: &Observed, timeouts: &Timeouts, missing: &HashMap<String, u32>)
 
 /// The run of dispatches whose pods were stuck since a pod last started, for this template:
 /// the dispatcher's own Events (so a restart keeps the backoff), and the pods stuck now.
-fn streak(seen: &Observed, stuck_now: &[StuckJob]) -> Option<Streak> {
+pub fn streak(seen: &Observed, stuck_now: &[StuckJob]) -> Option<Streak> {
     let last_start = seen.pods.iter().filter_map(|p| started_at(p)).max();
     let mut dispatches: BTreeSet<String> = BTreeSet::new();
     let mut newest: Option<(Timestamp, String)> = None;

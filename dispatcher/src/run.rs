@@ -322,6 +322,9 @@ impl<'a> Dispatcher<'a> {
                 StackLimits {
                     max_agents: settings.max_agents,
                     expiry: settings.reservation_expiry,
+                    stuck_backoff: settings.stuck_backoff,
+                    stuck_backoff_cap: decide::STUCK_BACKOFF_CAP,
+                    probe: settings.buffer,
                 },
                 namespace,
             ))),

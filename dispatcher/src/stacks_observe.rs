@@ -13,7 +13,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::decide::StuckPod;
+use crate::decide::{Streak, StuckJob, StuckPod};
 use crate::observe::{self, Life, Observed, Timeouts};
 use crate::template::{DISPATCH_LABEL, JOB_UUID_LABEL, TEMPLATE_LABEL};
 
@@ -69,6 +69,25 @@ pub struct StackJob {
 }
 
 /// Every Job of the stacks mode in `seen`.
+/// The stuck streak, as the metrics mode reads it: the dispatcher's own `PodsStuck` Events of
+/// this template since a pod last started, and `jobs`' pods stuck now. Each Job is a dispatch.
+pub fn streak(seen: &Observed, jobs: &[StackJob]) -> Option<Streak> {
+    let stuck_now: Vec<StuckJob> = jobs
+        .iter()
+        .filter_map(|j| match &j.pod {
+            PodState::Stuck(pod) => Some(StuckJob {
+                job: j.name.clone(),
+                uid: j.uid.clone(),
+                parallelism: 1,
+                healthy: 0,
+                pods: vec![pod.clone()],
+            }),
+            _ => None,
+        })
+        .collect();
+    observe::streak(seen, &stuck_now)
+}
+
 pub fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
     let mut out = Vec::new();
     for job in seen.jobs {

@@ -13,13 +13,17 @@
 //! - The Job of a job cancelled (or otherwise ended) before its agent started is deleted; a
 //!   running agent's job is the agent's to end.
 //! - Each stage a pod reaches is told on the job's timeline once (at most 256 characters).
+//! - While this template's pods keep getting stuck (a streak, as the metrics mode's), nothing
+//!   more is taken until the backoff ends, and then a probe of a few jobs; the jobs left
+//!   waiting are told why on their timelines, once each. So a broken image fails a few jobs,
+//!   not the queue, and the rest run once the fix is out (a new template ends the streak).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::decide::StuckPod;
+use crate::decide::{backoff_left, Streak, StuckPod};
 use crate::stacks_api::ScheduledJob;
 use crate::stacks_observe::{PodState, StackJob, Stage, STAGES};
 
@@ -36,6 +40,10 @@ pub struct Seen<'a> {
     /// Buildkite's state of each job that has a Job (missing: not asked, or not answered).
     pub states: &'a HashMap<String, String>,
     pub now: Timestamp,
+    /// This template's Jobs whose pods got stuck one after another, none starting since.
+    pub streak: Option<&'a Streak>,
+    /// Waiting jobs already told why they wait, during this streak.
+    pub told: &'a HashSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +51,11 @@ pub struct StackLimits {
     pub max_agents: u32,
     /// How long each reservation lasts; it is renewed when less than half is left.
     pub expiry: Duration,
+    /// A streak's backoff: `--stuck-backoff` doubling per stuck Job, at most the cap.
+    pub stuck_backoff: Duration,
+    pub stuck_backoff_cap: Duration,
+    /// The jobs taken at a time while a streak is on (`--buffer`, at least one).
+    pub probe: u32,
 }
 
 /// A job to finish in Buildkite, and its Job to delete (if its pod is stuck).
@@ -80,10 +93,22 @@ pub struct Notice {
 }
 
 /// Why nothing more was reserved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StackHold {
-    Paused { waiting: usize },
-    AtMax { waiting: usize },
+    Paused {
+        waiting: usize,
+    },
+    AtMax {
+        waiting: usize,
+    },
+    /// This template's pods keep getting stuck: nothing is taken for `retry_in`, or (`None`)
+    /// a probe's pods are on their way.
+    Stuck {
+        waiting: usize,
+        reason: String,
+        jobs: u32,
+        retry_in: Option<Duration>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,6 +126,8 @@ pub struct Plan {
     /// Jobs of jobs cancelled before their agent started.
     pub delete: Vec<Delete>,
     pub notify: Vec<Notice>,
+    /// Waiting jobs to tell why they wait (a stuck hold), not told before.
+    pub tell: Vec<String>,
     pub hold: Option<StackHold>,
 }
 
@@ -153,17 +180,54 @@ pub fn plan(seen: &Seen, limits: &StackLimits) -> Plan {
         });
         return plan;
     }
-    if waiting.len() > free {
-        plan.hold = Some(StackHold::AtMax {
-            waiting: waiting.len() - free,
+    let stuck = seen.streak.map(|streak| stuck(streak, &unfinished, limits));
+    let take = free.min(stuck.as_ref().map_or(usize::MAX, |(allowed, _)| *allowed));
+    if waiting.len() > take {
+        let left = waiting.len() - take;
+        plan.hold = Some(match stuck {
+            Some((allowed, retry_in)) if allowed < free => {
+                let streak = seen.streak.expect("a stuck limit comes from a streak");
+                let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
+                plan.tell = waiting[take..]
+                    .iter()
+                    .filter(told)
+                    .map(|j| j.id.clone())
+                    .collect();
+                StackHold::Stuck {
+                    waiting: left,
+                    reason: streak.reason.clone(),
+                    jobs: streak.dispatches,
+                    retry_in,
+                }
+            }
+            _ => StackHold::AtMax { waiting: left },
         });
     }
     plan.reserve = waiting
         .into_iter()
-        .take(free)
+        .take(take)
         .map(|j| j.id.clone())
         .collect();
     plan
+}
+
+/// How many jobs a streak lets be taken, and how long until more: none while its backoff runs;
+/// then a probe, less the pods still on their way (a probe in flight, or suspended Jobs).
+fn stuck(
+    streak: &Streak,
+    unfinished: &HashMap<&str, &StackJob>,
+    limits: &StackLimits,
+) -> (usize, Option<Duration>) {
+    let left = backoff_left(streak, limits.stuck_backoff, limits.stuck_backoff_cap);
+    if left.is_some() {
+        return (0, left);
+    }
+    let coming = |j: &&&StackJob| matches!(j.pod, PodState::Coming(s) if s < Stage::Started);
+    let in_flight = unfinished.values().filter(coming).count();
+    (
+        (limits.probe.max(1) as usize).saturating_sub(in_flight),
+        None,
+    )
 }
 
 /// What one Job needs, by its pod and its job's state.
@@ -236,6 +300,9 @@ mod tests {
     const LIMITS: StackLimits = StackLimits {
         max_agents: 3,
         expiry: Duration::from_secs(300),
+        stuck_backoff: Duration::from_secs(30),
+        stuck_backoff_cap: Duration::from_secs(600),
+        probe: 1,
     };
 
     fn listed(id: &str, priority: i64) -> ScheduledJob {
@@ -294,8 +361,59 @@ mod tests {
             paused,
             states: st,
             now: now(),
+            streak: None,
+            told: &HashSet::new(),
         };
         plan(&seen, &LIMITS)
+    }
+
+    #[test]
+    fn a_stuck_streak_backs_off_then_probes_and_tells_the_waiting_jobs_once() {
+        let list = [listed("a", 0), listed("b", 0), listed("c", 0)];
+        let streak = |jobs, since| Streak {
+            reason: "ImagePullBackOff".into(),
+            dispatches: jobs,
+            since_last: Duration::from_secs(since),
+        };
+        let told = HashSet::from(["b".to_string()]);
+        let with = |jobs: &[StackJob], streak: &Streak| {
+            let seen = Seen {
+                jobs,
+                listed: &list,
+                paused: false,
+                states: &HashMap::new(),
+                now: now(),
+                streak: Some(streak),
+                told: &told,
+            };
+            plan(&seen, &LIMITS)
+        };
+        // Two stuck Jobs: 60 s of backoff, 20 s gone.
+        let held = with(&[], &streak(2, 20));
+        assert!(held.reserve.is_empty());
+        let retry_in = Some(Duration::from_secs(40));
+        let hold = StackHold::Stuck {
+            waiting: 3,
+            reason: "ImagePullBackOff".into(),
+            jobs: 2,
+            retry_in,
+        };
+        assert_eq!(held.hold, Some(hold));
+        assert_eq!(held.tell, ["a", "c"], "b was told already");
+        // The backoff over: one job, the probe.
+        let probe = with(&[], &streak(2, 60));
+        assert_eq!(probe.reserve, ["a"]);
+        assert!(matches!(
+            probe.hold,
+            Some(StackHold::Stuck {
+                waiting: 2,
+                retry_in: None,
+                ..
+            })
+        ));
+        // While the probe's pod comes, nothing more.
+        let coming = [job("x", PodState::Coming(Stage::Pulling))];
+        assert!(with(&coming, &streak(2, 90)).reserve.is_empty());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Stack {
     limits: StackLimits,
     namespace: String,
     written: Mutex<Written>,
+    /// The waiting jobs told why they wait, during the stuck streak on now.
+    told: Mutex<HashSet<String>>,
 }
 
 /// A Job whose job is to be reserved.
@@ -61,6 +63,7 @@ impl Stack {
             limits,
             namespace: namespace.to_string(),
             written: Mutex::default(),
+            told: Mutex::default(),
         }
     }
 
@@ -139,18 +142,44 @@ impl Stack {
             .as_ref()
             .map(|l| l.jobs.as_slice())
             .unwrap_or_default();
+        let streak = view.stack_streak(now, edges.template.hash(), &jobs);
+        let told = self.told.lock().unwrap().clone();
         let seen = Seen {
             jobs: &jobs,
             listed,
             paused: listing.as_ref().is_some_and(|l| l.paused),
             states: &states,
             now,
+            streak: streak.as_ref(),
+            told: &told,
         };
         let plan = stacks_plan::plan(&seen, &self.limits);
         self.report(edges, &seen, &plan);
         let by_job: HashMap<&str, &StackJob> = jobs.iter().map(|j| (j.job.as_str(), j)).collect();
         self.act(edges, plan, &by_job, &view).await;
         wait
+    }
+
+    /// Tells each waiting job, once a streak, why it waits; forgets them when the streak ends.
+    async fn tell(&self, edges: &Edges<'_>, plan: &Plan) {
+        let Some(StackHold::Stuck { .. }) = &plan.hold else {
+            self.told.lock().unwrap().clear();
+            return;
+        };
+        if plan.tell.is_empty() {
+            return;
+        }
+        let note = cut(&waiting_note(plan.hold.as_ref()), NOTICE_LIMIT);
+        let notes: Vec<(String, String)> = plan
+            .tell
+            .iter()
+            .map(|j| (j.clone(), note.clone()))
+            .collect();
+        match self.api.notify(&notes).await {
+            // A note refused (a job just taken or ended) is not tried again.
+            Ok(_) => self.told.lock().unwrap().extend(plan.tell.iter().cloned()),
+            Err(e) => failed(edges, &e),
+        }
     }
 
     /// The listing (the heartbeat); none if it failed. A 404 is registered again: the stack
@@ -221,7 +250,13 @@ impl Stack {
             metrics.supply.get_or_create(&State { state }).set(n);
         }
         metrics.paused.set(i64::from(seen.paused));
-        match plan.hold {
+        let stuck = matches!(plan.hold, Some(StackHold::Stuck { .. }));
+        let blocked = Reason { reason: "stuck" };
+        metrics
+            .blocked
+            .get_or_create(&blocked)
+            .set(i64::from(stuck));
+        match &plan.hold {
             Some(StackHold::Paused { waiting }) => {
                 metrics
                     .holds
@@ -240,6 +275,13 @@ impl Stack {
                     waiting,
                     "{waiting} jobs wait: DISPATCHER_MAX_AGENTS agent pods are not finished"
                 );
+            }
+            Some(StackHold::Stuck {
+                waiting, reason, ..
+            }) => {
+                metrics.holds.get_or_create(&blocked).inc();
+                let said = waiting_note(plan.hold.as_ref());
+                tracing::warn!(decision = "hold", reason = "stuck", waiting, stuck_reason = %reason, "{waiting} jobs wait: {said}; {}", remedy(reason));
             }
             None => {}
         }
@@ -288,6 +330,7 @@ impl Stack {
         }
         self.take(edges, &plan.reserve).await;
         self.notify(edges, &plan, jobs).await;
+        self.tell(edges, &plan).await;
     }
 
     /// Finishes a job whose pod cannot run it, with the reason on its timeline; a stuck pod's
@@ -391,9 +434,12 @@ impl Stack {
             return;
         }
         let until = self.until();
+        // The jobs taken together are one dispatch: a stuck streak counts dispatches, so its
+        // backoff doubles per round, not per job, as in the metrics mode.
+        let dispatch = crate::act::random_id();
         let mut made = Vec::new();
         for job in jobs {
-            if let Some((name, uid)) = self.create(edges, job, until).await {
+            if let Some((name, uid)) = self.create(edges, job, &dispatch, until).await {
                 made.push(Held {
                     job: job.clone(),
                     name,
@@ -448,11 +494,12 @@ impl Stack {
         &self,
         edges: &Edges<'_>,
         uuid: &str,
+        dispatch: &str,
         until: Timestamp,
     ) -> Option<(String, String)> {
         let settings = edges.settings;
         let dispatch = Dispatch {
-            id: uuid.to_string(),
+            id: dispatch.to_string(),
             agents: 1,
             active_deadline: settings.job_deadline,
             ttl: settings.job_ttl,
@@ -472,7 +519,7 @@ impl Stack {
                 edges.metrics.dispatches.inc();
                 edges.metrics.pods_created.inc();
                 let name = created.metadata.name.unwrap_or_default();
-                tracing::info!(decision = "dispatch", job_uuid = %uuid, job = %name, "created Job {name} for Buildkite job {uuid}");
+                tracing::info!(decision = "dispatch", job_uuid = %uuid, job = %name, dispatch_id = %dispatch.id, "created Job {name} for Buildkite job {uuid}");
                 Some((name, created.metadata.uid.unwrap_or_default()))
             }
             Err(kube::Error::Api(s)) if s.code == 409 => None,
@@ -539,6 +586,24 @@ impl Stack {
             Stage::Started => format!("Agent started in pod {pod}; it acquires this job next"),
         }
     }
+}
+
+/// Why jobs wait under a stuck hold: the line logged, and the note on their timelines.
+fn waiting_note(hold: Option<&StackHold>) -> String {
+    let Some(StackHold::Stuck {
+        reason,
+        jobs,
+        retry_in,
+        ..
+    }) = hold
+    else {
+        return String::new();
+    };
+    let next = match retry_in {
+        Some(wait) => format!("more jobs are taken in {}s", wait.as_secs()),
+        None => "a few jobs are being tried first".into(),
+    };
+    format!("this queue's agent pods never started ({reason}; {jobs} dispatches in a row); {next}, all at once when a pod starts or the agent template changes")
 }
 
 /// Counts and logs a failed Stacks call; a refused token makes the replica unready.

@@ -142,6 +142,18 @@ impl View {
         })
     }
 
+    /// The stacks mode's stuck streak, over its `jobs`.
+    pub fn stack_streak(
+        &self,
+        now: Timestamp,
+        template: &str,
+        jobs: &[crate::stacks_observe::StackJob],
+    ) -> Option<crate::decide::Streak> {
+        self.observed(now, template, |seen| {
+            crate::stacks_observe::streak(seen, jobs)
+        })
+    }
+
     /// What Warning Events say of the pod `name`, newest last.
     pub fn pod_warnings(&self, name: &str) -> Vec<String> {
         let mut told: Vec<&Event> = self

@@ -50,9 +50,9 @@ use serde_json::{json, Value};
 
 mod stacks;
 
+use crate::http_server::{serve_connection, Request};
 use stacks::Stacks;
 pub use stacks::{Reservation, Stack, StackCall};
-use crate::http_server::{serve_connection, Request};
 
 /// What the queue looks like to Buildkite, beyond the agents and jobs of the lifecycle.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -253,6 +253,83 @@ fn a_fixed_image_frees_the_broken_pods_places_at_once() {
     eprintln!("a fixed image: the new jobs ran {took:?} after the rollout (max agents 2, start timeout 5m)");
 }
 
+/// While the image stays broken, the jobs queued after the first stuck pods are not taken onto
+/// more broken pods: they wait, each told why on its timeline once, the hold is logged and
+/// `dispatcher_blocked{reason="stuck"}` is 1, and no Job is made for them. The fix (a new
+/// template) ends the streak, and they run at once.
+#[test]
+fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() {
+    if skip() {
+        return;
+    }
+    const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
+    let spec = ClusterSpec {
+        capacity: 20,
+        missing_images: BTreeSet::from([BROKEN.to_string()]),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    set_image(&w.template, BROKEN);
+    w.schedule(2);
+    let port = stateless_e2e::loopback::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "3s"),
+        ("DISPATCHER_STUCK_BACKOFF", "1h"),
+        ("DISPATCHER_LISTEN", listen.as_str()),
+    ];
+    let broken = stacks(&w, "replica-a", &settings);
+    wait("the first jobs failed", Duration::from_secs(60), || {
+        let jobs = w.buildkite.jobs();
+        jobs.iter().all(|j| j.state == JobState::Finished)
+    });
+    w.schedule(3);
+    wait(
+        "the next jobs told why they wait",
+        Duration::from_secs(30),
+        || {
+            let jobs = w.buildkite.jobs();
+            jobs[2..].iter().all(|j| !j.notifications.is_empty())
+        },
+    );
+    // A few more ticks: still held, told once, no Job made.
+    std::thread::sleep(Duration::from_secs(2));
+    let metrics = stateless_e2e::loopback::http(&listen, "GET", "/metrics", None).1;
+    let out = broken.stop();
+    let jobs = w.buildkite.jobs();
+    for held in &jobs[2..] {
+        assert_eq!(held.state, JobState::Scheduled, "{held:?}\n{}", out.log());
+        assert_eq!(held.notifications.len(), 1, "{held:?}");
+        let note = &held.notifications[0];
+        assert!(
+            note.contains("never started (ErrImagePull")
+                || note.contains("never started (ImagePullBackOff"),
+            "{note}"
+        );
+        assert!(note.len() <= 256, "{note}");
+    }
+    assert!(w.kube.objects("jobs", NS).is_empty(), "{}", out.log());
+    let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"stuck\"} 1";
+    assert!(metrics.contains(blocked), "{metrics}");
+    assert!(out.stderr.contains("\"reason\":\"stuck\""), "{}", out.log());
+    set_image(&w.template, stateless_e2e::dispatcher_process::AGENT_IMAGE);
+    let rolled_out = Instant::now();
+    let fixed = stacks(&w, "replica-b", &settings);
+    wait("the held jobs run", Duration::from_secs(60), || {
+        let jobs = w.buildkite.jobs();
+        jobs[2..].iter().all(|j| j.state == JobState::Finished)
+    });
+    let took = rolled_out.elapsed();
+    let out = fixed.stop();
+    let jobs = w.buildkite.jobs();
+    assert!(jobs[..2]
+        .iter()
+        .all(|j| j.exit_status.as_deref() == Some("-1")));
+    assert!(jobs[2..].iter().all(|j| j.acquired == 1), "{}", out.log());
+    w.assert_no_secret(&out);
+    eprintln!("a broken image: 2 jobs failed, 3 held with a note and no Job; after the fix they ran {took:?} after the rollout");
+}
+
 /// Three jobs queued with the template's image set to `image`, which the cluster cannot run:
 /// each is finished in Buildkite with exit status -1, the kubelet's reason and the fix, and its
 /// Job goes with a Warning Event. How long after the queueing each job failed.
