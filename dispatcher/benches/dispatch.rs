@@ -1593,6 +1593,9 @@ impl Sim<'_> {
             })
             .collect();
         let streak = self.streak(&stuck_now);
+        // A fresh refusal of a Job still without its pod (every Job is of the template in use
+        // when the quota is cut).
+        let refusal = self.refusal();
         let seen = Seen {
             jobs: &jobs,
             listed: &listed,
@@ -1600,6 +1603,7 @@ impl Sim<'_> {
             states: &states,
             now: timestamp(self.now),
             streak: streak.as_ref(),
+            refusal: refusal.as_deref(),
             told: &self.stack_told,
         };
         let limits = StackLimits {
@@ -1736,9 +1740,9 @@ impl Sim<'_> {
         self.reserve(&plan.renew, false);
         let made = self.reserve(&plan.reserve, true);
         self.stack_notify(&plan.notify);
-        // A stuck hold tells the waiting jobs why, once each a streak, in one call.
+        // A fault's hold tells the waiting jobs why, once each, in one call.
         match plan.hold {
-            Some(StackHold::Stuck { .. }) => {
+            Some(StackHold::Stuck { .. } | StackHold::Refused { .. }) => {
                 self.requests += f64::from(u8::from(!plan.tell.is_empty()));
                 self.stack_told.extend(plan.tell);
             }

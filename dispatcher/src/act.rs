@@ -342,6 +342,9 @@ pub fn remedy(reason: &str) -> &'static str {
             "check the template's volumes: the claim, Secret or ConfigMap, and the storage driver"
         }
         "MissingClaim" => "create the claim the template mounts, or fix its name",
+        "FailedCreate" => {
+            "Kubernetes refuses the pods (a quota, a LimitRange or an admission webhook): raise the quota or lower DISPATCHER_MAX_AGENTS, or fit the template's resources to the LimitRange"
+        }
         "Unschedulable" => {
             "no node had room within DISPATCHER_START_TIMEOUT: add capacity or an autoscaler, or lower DISPATCHER_MAX_AGENTS or the template's requests"
         }

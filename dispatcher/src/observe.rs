@@ -75,10 +75,19 @@ pub fn supply(seen: &Observed, timeouts: &Timeouts) -> Supply {
     let mut missing: HashMap<String, u32> = HashMap::new();
     for job in &unfinished {
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        let pods = per_job.remove(&uid).unwrap_or_default();
+        let mut pods = per_job.remove(&uid).unwrap_or_default();
         let coming = coming(job, &pods);
-        supply.not_yet_created += coming;
-        missing.insert(uid.clone(), coming);
+        // An older template's pods that Kubernetes refuses (a LimitRange the new template was
+        // made to fit) will not come, and their refusals say nothing of the new template.
+        let outdated = label(&job.metadata, TEMPLATE_LABEL) != seen.template;
+        match outdated_refusal(job, coming, seen, timeouts) {
+            Some(refused) if outdated => pods.stuck.push(refused),
+            _ if outdated => supply.not_yet_created += coming,
+            _ => {
+                supply.not_yet_created += coming;
+                missing.insert(uid.clone(), coming);
+            }
+        }
         if !pods.stuck.is_empty() {
             supply.stuck_jobs.push(StuckJob {
                 job: job.metadata.name.clone().unwrap_or_default(),
@@ -248,10 +257,36 @@ pub(crate) fn waiting(pod: &Pod, warnings: &[&Event]) -> (String, String, bool) 
     }
 }
 
+/// An older template's Job still missing `coming` pods, with a fresh refusal: its missing pods
+/// as one stuck pod (`FailedCreate`, Kubernetes' message), for the Job to be let go.
+fn outdated_refusal(
+    job: &Job,
+    coming: u32,
+    seen: &Observed,
+    timeouts: &Timeouts,
+) -> Option<StuckPod> {
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let missing = HashMap::from([(uid, coming)]);
+    let message = refusal(seen, timeouts, &missing)?;
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    Some(StuckPod {
+        pod: format!("({coming} not created)"),
+        dispatch: label(&job.metadata, DISPATCH_LABEL),
+        reason: "FailedCreate".into(),
+        message,
+        waited: created.map_or(Duration::ZERO, |t| elapsed(t, seen.now)),
+        template: label(&job.metadata, TEMPLATE_LABEL),
+    })
+}
+
 /// The newest `FailedCreate` on an unfinished Job that still misses pods, if it is fresh:
 /// Kubernetes' own message. A refusal that has stopped (the quota freed, the pods made) holds
 /// nothing back.
-fn refusal(seen: &Observed, timeouts: &Timeouts, missing: &HashMap<String, u32>) -> Option<String> {
+pub(crate) fn refusal(
+    seen: &Observed,
+    timeouts: &Timeouts,
+    missing: &HashMap<String, u32>,
+) -> Option<String> {
     seen.refusals
         .iter()
         .filter(|e| e.reason.as_deref() == Some("FailedCreate"))
@@ -768,6 +803,32 @@ mod tests {
         let stuck = &s.stuck_jobs[0].pods;
         assert_eq!(stuck.len(), 2, "a claim being deleted never comes back");
         assert!(stuck.iter().all(|p| p.reason == "MissingClaim"));
+    }
+
+    #[test]
+    fn an_older_templates_refused_pods_are_let_go_and_hold_nothing() {
+        let mut old = job("o", 3, "2026-11-30T10:00:00Z", json!({}));
+        let labels = old.metadata.labels.as_mut().unwrap();
+        labels.insert(TEMPLATE_LABEL.into(), "older".into());
+        let refused = event(
+            json!({"metadata": {"name": "e"}, "reason": "FailedCreate", "type": "Warning",
+            "message": "Error creating: pods \"o-x\" is forbidden: maximum cpu usage per Container is 2, but limit is 4.",
+            "involvedObject": {"kind": "Job", "name": "o", "uid": "o"}, "lastTimestamp": "2026-11-30T10:09:30Z"}),
+        );
+        let one = [pod("o", running("2026-11-30T10:01:00Z"))];
+        let s = read(&one, &[old], &[refused]);
+        assert_eq!((s.failed_create, s.not_yet_created), (None, 0));
+        let stuck = &s.stuck_jobs[0];
+        assert_eq!((stuck.parallelism, stuck.healthy), (3, 1));
+        assert_eq!(stuck.pods[0].reason, "FailedCreate");
+        assert!(stuck.pods[0].message.contains("maximum cpu usage"));
+        assert_eq!(stuck.pods[0].template, "older");
+        assert_eq!(s.streak, None, "another template's");
+        let relief = crate::decide::relieve(&s.stuck_jobs);
+        assert_eq!(
+            relief[0].1,
+            crate::decide::Relief::Parallelism { from: 3, to: 1 }
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! ([`RESERVED_UNTIL_ANNOTATION`]) and how far its timeline's notifications have gone
 //! ([`NOTIFIED_ANNOTATION`]).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::Job;
@@ -69,9 +70,20 @@ pub struct StackJob {
 }
 
 /// Every Job of the stacks mode in `seen`.
-/// The stuck streak, as the metrics mode reads it: the dispatcher's own `PodsStuck` Events of
-/// this template since a pod last started, and `jobs`' pods stuck now. Each Job is a dispatch.
-pub fn streak(seen: &Observed, jobs: &[StackJob]) -> Option<Streak> {
+/// What one tick observes of the stacks mode's Jobs.
+pub struct StackSeen {
+    pub jobs: Vec<StackJob>,
+    /// The stuck streak, as the metrics mode reads it: the dispatcher's own `PodsStuck` Events
+    /// of this template since a pod last started, and the pods stuck now. Each round of Jobs
+    /// taken together is a dispatch.
+    pub streak: Option<Streak>,
+    /// A fresh `FailedCreate` on a Job of this template still without its pod: Kubernetes'
+    /// message (a quota, a LimitRange, an admission webhook).
+    pub refusal: Option<String>,
+}
+
+pub fn observe(seen: &Observed, timeouts: &Timeouts) -> StackSeen {
+    let jobs = stack_jobs(seen, timeouts);
     let stuck_now: Vec<StuckJob> = jobs
         .iter()
         .filter_map(|j| match &j.pod {
@@ -85,10 +97,25 @@ pub fn streak(seen: &Observed, jobs: &[StackJob]) -> Option<Streak> {
             _ => None,
         })
         .collect();
-    observe::streak(seen, &stuck_now)
+    let podless: HashMap<String, u32> = seen
+        .jobs
+        .iter()
+        .filter(|j| observe::label(&j.metadata, TEMPLATE_LABEL) == seen.template)
+        .filter_map(|j| j.metadata.uid.clone())
+        .filter(|uid| {
+            let job = jobs.iter().find(|j| &j.uid == uid);
+            job.is_some_and(|j| !j.finished && !j.suspended && j.pod_name.is_none())
+        })
+        .map(|uid| (uid, 1))
+        .collect();
+    StackSeen {
+        streak: observe::streak(seen, &stuck_now),
+        refusal: observe::refusal(seen, timeouts, &podless),
+        jobs,
+    }
 }
 
-pub fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
+fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
     let mut out = Vec::new();
     for job in seen.jobs {
         let labels = job.metadata.labels.as_ref();
@@ -174,7 +201,12 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
     }
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let waited = created.map_or(Duration::ZERO, |t| observe::elapsed(t, seen.now));
-    if waited < timeouts.start_timeout || suspended(job) {
+    // An older template's refused pod never comes: the fix (a new template) never reaches it.
+    let template = observe::label(&job.metadata, TEMPLATE_LABEL);
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let fresh = observe::refusal(seen, timeouts, &HashMap::from([(uid, 1)])).is_some();
+    let outdated = fresh && template != seen.template;
+    if (waited < timeouts.start_timeout && !outdated) || suspended(job) {
         return PodState::Coming(Stage::Created);
     }
     PodState::Stuck(StuckPod {
@@ -183,7 +215,8 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
         reason: "FailedCreate".into(),
         message: refusal.unwrap_or_else(|| "the Job controller made no pod".into()),
         waited,
-        template: String::new(),
+        // Another template's: no streak of this one's.
+        template: if outdated { template } else { String::new() },
     })
 }
 

@@ -42,6 +42,8 @@ pub struct Seen<'a> {
     pub now: Timestamp,
     /// This template's Jobs whose pods got stuck one after another, none starting since.
     pub streak: Option<&'a Streak>,
+    /// Kubernetes refuses this template's pods now (a fresh `FailedCreate`): its message.
+    pub refusal: Option<&'a str>,
     /// Waiting jobs already told why they wait, during this streak.
     pub told: &'a HashSet<String>,
 }
@@ -100,6 +102,12 @@ pub enum StackHold {
     },
     AtMax {
         waiting: usize,
+    },
+    /// Kubernetes refuses this template's pods (a quota, a LimitRange, a webhook): nothing is
+    /// taken until it admits them; its message.
+    Refused {
+        waiting: usize,
+        message: String,
     },
     /// This template's pods keep getting stuck: nothing is taken for `retry_in`, or (`None`)
     /// a probe's pods are on their way.
@@ -181,27 +189,37 @@ pub fn plan(seen: &Seen, limits: &StackLimits) -> Plan {
         return plan;
     }
     let stuck = seen.streak.map(|streak| stuck(streak, &unfinished, limits));
-    let take = free.min(stuck.as_ref().map_or(usize::MAX, |(allowed, _)| *allowed));
+    let allowed = match (seen.refusal, &stuck) {
+        (Some(_), _) => 0,
+        (None, Some((allowed, _))) => *allowed,
+        (None, None) => usize::MAX,
+    };
+    let take = free.min(allowed);
     if waiting.len() > take {
         let left = waiting.len() - take;
-        plan.hold = Some(match stuck {
-            Some((allowed, retry_in)) if allowed < free => {
-                let streak = seen.streak.expect("a stuck limit comes from a streak");
-                let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
-                plan.tell = waiting[take..]
-                    .iter()
-                    .filter(told)
-                    .map(|j| j.id.clone())
-                    .collect();
-                StackHold::Stuck {
-                    waiting: left,
-                    reason: streak.reason.clone(),
-                    jobs: streak.dispatches,
-                    retry_in,
-                }
-            }
+        plan.hold = Some(match (seen.refusal, stuck, seen.streak) {
+            _ if allowed >= free => StackHold::AtMax { waiting: left },
+            (Some(message), _, _) => StackHold::Refused {
+                waiting: left,
+                message: message.to_string(),
+            },
+            (None, Some((_, retry_in)), Some(streak)) => StackHold::Stuck {
+                waiting: left,
+                reason: streak.reason.clone(),
+                jobs: streak.dispatches,
+                retry_in,
+            },
             _ => StackHold::AtMax { waiting: left },
         });
+        // Jobs held by a fault are told why on their timelines, once.
+        if !matches!(plan.hold, Some(StackHold::AtMax { .. })) {
+            let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
+            plan.tell = waiting[take..]
+                .iter()
+                .filter(told)
+                .map(|j| j.id.clone())
+                .collect();
+        }
     }
     plan.reserve = waiting
         .into_iter()
@@ -362,6 +380,7 @@ mod tests {
             states: st,
             now: now(),
             streak: None,
+            refusal: None,
             told: &HashSet::new(),
         };
         plan(&seen, &LIMITS)
@@ -384,6 +403,7 @@ mod tests {
                 states: &HashMap::new(),
                 now: now(),
                 streak: Some(streak),
+                refusal: None,
                 told: &told,
             };
             plan(&seen, &LIMITS)
@@ -414,6 +434,30 @@ mod tests {
         // While the probe's pod comes, nothing more.
         let coming = [job("x", PodState::Coming(Stage::Pulling))];
         assert!(with(&coming, &streak(2, 90)).reserve.is_empty());
+    }
+
+    #[test]
+    fn a_refusal_takes_nothing_until_kubernetes_admits_the_pods() {
+        let list = [listed("a", 0), listed("b", 0)];
+        let message = "Error creating: pods \"x\" is forbidden: exceeded quota: agent-pods";
+        let seen = Seen {
+            jobs: &[],
+            listed: &list,
+            paused: false,
+            states: &HashMap::new(),
+            now: now(),
+            streak: None,
+            refusal: Some(message),
+            told: &HashSet::new(),
+        };
+        let held = plan(&seen, &LIMITS);
+        assert!(held.reserve.is_empty());
+        let hold = StackHold::Refused {
+            waiting: 2,
+            message: message.into(),
+        };
+        assert_eq!(held.hold, Some(hold));
+        assert_eq!(held.tell, ["a", "b"]);
     }
 
     #[test]

@@ -135,14 +135,14 @@ impl Stack {
         let (listing, wait) = self.list(edges).await;
         let now = Timestamp::now();
         let view = edges.stores.view();
-        let mut jobs = view.stack_jobs(now, edges.template.hash(), timeouts);
+        let observed = view.stacks(now, edges.template.hash(), timeouts);
+        let mut jobs = observed.jobs;
         self.recall(&mut jobs);
         let states = self.states(edges, &jobs).await;
         let listed = listing
             .as_ref()
             .map(|l| l.jobs.as_slice())
             .unwrap_or_default();
-        let streak = view.stack_streak(now, edges.template.hash(), &jobs);
         let told = self.told.lock().unwrap().clone();
         let seen = Seen {
             jobs: &jobs,
@@ -150,7 +150,8 @@ impl Stack {
             paused: listing.as_ref().is_some_and(|l| l.paused),
             states: &states,
             now,
-            streak: streak.as_ref(),
+            streak: observed.streak.as_ref(),
+            refusal: observed.refusal.as_deref(),
             told: &told,
         };
         let plan = stacks_plan::plan(&seen, &self.limits);
@@ -160,16 +161,16 @@ impl Stack {
         wait
     }
 
-    /// Tells each waiting job, once a streak, why it waits; forgets them when the streak ends.
+    /// Tells each job a fault holds, once, why it waits; forgets them when the fault ends.
     async fn tell(&self, edges: &Edges<'_>, plan: &Plan) {
-        let Some(StackHold::Stuck { .. }) = &plan.hold else {
+        let Some(said) = waiting_note(plan.hold.as_ref()) else {
             self.told.lock().unwrap().clear();
             return;
         };
         if plan.tell.is_empty() {
             return;
         }
-        let note = cut(&waiting_note(plan.hold.as_ref()), NOTICE_LIMIT);
+        let note = cut(&edges.redactor.apply(&said), NOTICE_LIMIT);
         let notes: Vec<(String, String)> = plan
             .tell
             .iter()
@@ -251,11 +252,13 @@ impl Stack {
         }
         metrics.paused.set(i64::from(seen.paused));
         let stuck = matches!(plan.hold, Some(StackHold::Stuck { .. }));
-        let blocked = Reason { reason: "stuck" };
-        metrics
-            .blocked
-            .get_or_create(&blocked)
-            .set(i64::from(stuck));
+        let refused = matches!(plan.hold, Some(StackHold::Refused { .. }));
+        for (reason, on) in [("stuck", stuck), ("failed-create", refused)] {
+            let blocked = metrics.blocked.get_or_create(&Reason { reason });
+            blocked.set(i64::from(on));
+        }
+        let said = waiting_note(plan.hold.as_ref()).map(|s| edges.redactor.apply(&s));
+        let said = said.unwrap_or_default();
         match &plan.hold {
             Some(StackHold::Paused { waiting }) => {
                 metrics
@@ -279,9 +282,22 @@ impl Stack {
             Some(StackHold::Stuck {
                 waiting, reason, ..
             }) => {
-                metrics.holds.get_or_create(&blocked).inc();
-                let said = waiting_note(plan.hold.as_ref());
+                let held = Reason { reason: "stuck" };
+                metrics.holds.get_or_create(&held).inc();
                 tracing::warn!(decision = "hold", reason = "stuck", waiting, stuck_reason = %reason, "{waiting} jobs wait: {said}; {}", remedy(reason));
+            }
+            Some(StackHold::Refused { waiting, .. }) => {
+                let held = Reason {
+                    reason: "failed-create",
+                };
+                metrics.holds.get_or_create(&held).inc();
+                tracing::warn!(
+                    decision = "hold",
+                    reason = "failed-create",
+                    waiting,
+                    "{waiting} jobs wait: {said}; {}",
+                    remedy("FailedCreate")
+                );
             }
             None => {}
         }
@@ -588,22 +604,26 @@ impl Stack {
     }
 }
 
-/// Why jobs wait under a stuck hold: the line logged, and the note on their timelines.
-fn waiting_note(hold: Option<&StackHold>) -> String {
-    let Some(StackHold::Stuck {
-        reason,
-        jobs,
-        retry_in,
-        ..
-    }) = hold
-    else {
-        return String::new();
-    };
-    let next = match retry_in {
-        Some(wait) => format!("more jobs are taken in {}s", wait.as_secs()),
-        None => "a few jobs are being tried first".into(),
-    };
-    format!("this queue's agent pods never started ({reason}; {jobs} dispatches in a row); {next}, all at once when a pod starts or the agent template changes")
+/// Why jobs wait under a fault's hold: the line logged, and the note on their timelines.
+fn waiting_note(hold: Option<&StackHold>) -> Option<String> {
+    match hold? {
+        StackHold::Stuck {
+            reason,
+            jobs,
+            retry_in,
+            ..
+        } => {
+            let next = match retry_in {
+                Some(wait) => format!("more jobs are taken in {}s", wait.as_secs()),
+                None => "a few jobs are being tried first".into(),
+            };
+            Some(format!("this queue's agent pods never started ({reason}; {jobs} dispatches in a row); {next}, all at once when a pod starts or the agent template changes"))
+        }
+        StackHold::Refused { message, .. } => Some(format!(
+            "Kubernetes refuses this queue's agent pods; jobs are taken again once it admits them: {message}"
+        )),
+        StackHold::Paused { .. } | StackHold::AtMax { .. } => None,
+    }
 }
 
 /// Counts and logs a failed Stacks call; a refused token makes the replica unready.

@@ -130,27 +130,15 @@ impl View {
         self.observed(now, template, |seen| observe::supply(seen, timeouts))
     }
 
-    /// The stacks mode's Jobs.
-    pub fn stack_jobs(
+    /// The stacks mode's Jobs, streak and refusal.
+    pub fn stacks(
         &self,
         now: Timestamp,
         template: &str,
         timeouts: &observe::Timeouts,
-    ) -> Vec<crate::stacks_observe::StackJob> {
+    ) -> crate::stacks_observe::StackSeen {
         self.observed(now, template, |seen| {
-            crate::stacks_observe::stack_jobs(seen, timeouts)
-        })
-    }
-
-    /// The stacks mode's stuck streak, over its `jobs`.
-    pub fn stack_streak(
-        &self,
-        now: Timestamp,
-        template: &str,
-        jobs: &[crate::stacks_observe::StackJob],
-    ) -> Option<crate::decide::Streak> {
-        self.observed(now, template, |seen| {
-            crate::stacks_observe::streak(seen, jobs)
+            crate::stacks_observe::observe(seen, timeouts)
         })
     }
 

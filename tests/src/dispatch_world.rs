@@ -230,6 +230,14 @@ pub fn set_image(path: &Path, image: &str) {
     std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
 }
 
+/// `path`'s template with the agent container's CPU limit set to `cpu`.
+pub fn set_cpu_limit(path: &Path, cpu: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut job: Value = serde_yaml_ng::from_str(&text).unwrap();
+    job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] = json!({"cpu": cpu});
+    std::fs::write(path, serde_yaml_ng::to_string(&job).unwrap()).unwrap();
+}
+
 /// An agent template's text with the agent API's endpoint set to `endpoint`.
 pub fn with_endpoint(template: &str, endpoint: &str) -> String {
     let mut job: serde_json::Value = serde_yaml_ng::from_str(template).unwrap();

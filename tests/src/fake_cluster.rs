@@ -59,6 +59,12 @@
 //!   doubling to `MaxJobApiBackOff` (a minute), reset by a creation: a freed quota is noticed at
 //!   that next attempt. The real controller also syncs a Job when its own pods change; here
 //!   only the backoff paces the retries.
+//! - **LimitRange**: a `max.cpu` per container, set and changed like the quota. A container
+//!   above it, or without a CPU limit, is refused as the LimitRanger admission words it
+//!   (`plugin/pkg/admission/limitranger/admission.go`, `maxConstraint`, at kubernetes
+//!   8f672ecf: `maximum cpu usage per Container is 2, but limit is 4.`, or `... is 2.  No limit
+//!   is specified.`; `admission.NewForbidden` puts `pods "<name>" is forbidden: ` before it),
+//!   the same `FailedCreate` and backoff as a quota refusal.
 //! - **Claims**: a new claim is bound to a volume, a directory: the one the test provisioned
 //!   for it, else a new one, deleted with the claim. The pvc-protection controller lets a
 //!   deleted claim go only once no scheduled pod object names it, whatever that pod's phase; the
@@ -184,6 +190,8 @@ pub struct ClusterSpec {
     pub capacity: usize,
     /// The namespace's quota of pods that have not ended, if any.
     pub quota_pods: Option<usize>,
+    /// The namespace's LimitRange `max.cpu` for each container, in millicores, if any.
+    pub max_container_cpu: Option<u64>,
     /// Volumes provisioned beforehand: claim name → the directory that is its volume. Other
     /// claims get a new directory when bound, deleted with the claim.
     pub claims: BTreeMap<String, PathBuf>,
@@ -1023,7 +1031,9 @@ fn create_pods(
         return 0;
     }
     for (created, index) in wanted.iter().enumerate() {
-        if let Err(message) = quota_admits(store, spec, view.job) {
+        let admitted =
+            limits_admit(spec, view.job).and_then(|()| quota_admits(store, spec, view.job));
+        if let Err(message) = admitted {
             let n = refused.get(&uid).map_or(0, |(n, _)| *n);
             refused.insert(uid, (n + 1, Instant::now()));
             record(
@@ -1046,6 +1056,51 @@ fn create_pods(
     }
     refused.remove(&uid);
     wanted.len()
+}
+
+/// The LimitRange's `max.cpu` per container, against each container's CPU limit (the admission
+/// reads the pod; the Job's template is what the pod gets).
+fn limits_admit(spec: &ClusterSpec, job: &Value) -> Result<(), String> {
+    let Some(max) = spec.max_container_cpu else {
+        return Ok(());
+    };
+    let enforced = match max % 1000 {
+        0 => (max / 1000).to_string(),
+        _ => format!("{max}m"),
+    };
+    let containers = job["spec"]["template"]["spec"]["containers"].as_array();
+    for container in containers.into_iter().flatten() {
+        let refused = match &container["resources"]["limits"]["cpu"] {
+            Value::Null => {
+                format!("maximum cpu usage per Container is {enforced}.  No limit is specified.")
+            }
+            limit => {
+                let limit = limit
+                    .as_str()
+                    .map_or_else(|| limit.to_string(), str::to_string);
+                if millicores(&limit) <= max {
+                    continue;
+                }
+                format!("maximum cpu usage per Container is {enforced}, but limit is {limit}.")
+            }
+        };
+        return Err(format!(
+            "Error creating: pods \"{}-{}\" is forbidden: {refused}",
+            text(&job["metadata"]["name"]),
+            crate::fake_kube::random_suffix(max)
+        ));
+    }
+    Ok(())
+}
+
+/// A CPU quantity (`2`, `1.5`, `500m`) in millicores.
+fn millicores(quantity: &str) -> u64 {
+    match quantity.strip_suffix('m') {
+        Some(milli) => milli.parse().unwrap_or(u64::MAX),
+        None => quantity
+            .parse::<f64>()
+            .map_or(u64::MAX, |cores| (cores * 1000.0).round() as u64),
+    }
 }
 
 /// The namespace's pod quota: a pod that has not ended counts; past the limit, the refusal

@@ -349,6 +349,55 @@ fn a_quota_that_frees_up_ends_its_hold() {
     eprintln!("quota freed: every job served {:?} after", freed.elapsed());
 }
 
+/// A LimitRange refuses the template's pods (no CPU limit): the hold says so in Kubernetes'
+/// words and makes no more Jobs. The fix is a template that fits (a rollout): the old
+/// template's refused Job is let go at once, since its refusals say nothing of the new
+/// template, and the queue is served.
+#[test]
+fn a_limit_range_refusal_holds_until_a_template_that_fits_is_rolled_out() {
+    if skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        capacity: 20,
+        max_container_cpu: Some(2000),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    w.schedule(3);
+    let refused = dispatcher_with(&w, "replica-a", &[]);
+    wait("a refusal", Duration::from_secs(30), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "FailedCreate")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let log = refused.stop();
+    assert_eq!(dispatches(&w), 1, "{}", log.log());
+    let holds = decided(&log.stderr, "hold");
+    let held = holds.iter().find(|h| h["reason"] == "failed-create");
+    let said = held.map(|h| h["message"].to_string()).unwrap_or_default();
+    assert!(
+        said.contains("maximum cpu usage per Container is 2.  No limit is specified."),
+        "{}",
+        log.log()
+    );
+
+    set_cpu_limit(&w.template, "2");
+    let rolled_out = Instant::now();
+    let fixed = dispatcher_with(&w, "replica-a", &[]);
+    let took = served_again_after(&w, 0, rolled_out);
+    let outcome = w.outcome(fixed, 3, Duration::from_secs(90));
+    let stuck = outcome.decisions("stuck");
+    assert!(
+        stuck.iter().any(|s| s["reason"] == "FailedCreate"),
+        "{}",
+        outcome.dispatcher
+    );
+    eprintln!(
+        "LimitRange: one Job while refused; the fitting template served {took:?} after its rollout"
+    );
+}
+
 /// A drain evicts idle agents: `DisruptionTarget` is matched before the exit-code rules, so no
 /// index fails and the queue is never held as failing; the Job controller replaces them.
 #[test]

@@ -330,6 +330,60 @@ fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() 
     eprintln!("a broken image: 2 jobs failed, 3 held with a note and no Job; after the fix they ran {took:?} after the rollout");
 }
 
+/// Kubernetes refuses the pods (a quota): the jobs already taken wait for theirs, the next ones
+/// are not taken onto more refused Jobs but told why on their timelines in Kubernetes' words,
+/// and `dispatcher_blocked{reason="failed-create"}` is 1. Once the quota frees up, every job
+/// runs once, none failed.
+#[test]
+fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
+    if skip() {
+        return;
+    }
+    let w = World::new(20, Some(0));
+    w.schedule(2);
+    let port = stateless_e2e::loopback::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dispatcher = stacks(&w, "replica-a", &[("DISPATCHER_LISTEN", listen.as_str())]);
+    wait("a refusal", Duration::from_secs(30), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "FailedCreate")
+    });
+    w.schedule(2);
+    wait(
+        "the next jobs told why they wait",
+        Duration::from_secs(30),
+        || {
+            let jobs = w.buildkite.jobs();
+            jobs[2..].iter().all(|j| !j.notifications.is_empty())
+        },
+    );
+    let metrics = stateless_e2e::loopback::http(&listen, "GET", "/metrics", None).1;
+    let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"failed-create\"} 1";
+    assert!(metrics.contains(blocked), "{metrics}");
+    assert_eq!(w.kube.objects("jobs", NS).len(), 2);
+    for held in &w.buildkite.jobs()[2..] {
+        assert_eq!(held.state, JobState::Scheduled, "{held:?}");
+        let note = &held.notifications[0];
+        assert!(
+            note.starts_with("Kubernetes refuses this queue's agent pods"),
+            "{note}"
+        );
+        assert!(note.contains("exceeded quota"), "{note}");
+    }
+    w.cluster.change(|spec| spec.quota_pods = None);
+    let freed = Instant::now();
+    let outcome = w.outcome(dispatcher, 4, Duration::from_secs(120));
+    assert_each_ran_once(&w);
+    outcome.assert_held("failed-create");
+    for job in w.buildkite.jobs() {
+        assert_eq!(job.exit_status.as_deref(), Some("0"), "{job:?}");
+    }
+    eprintln!(
+        "quota refusal: 2 jobs held with a note; every job ran {:?} after the quota freed",
+        freed.elapsed()
+    );
+}
+
 /// Three jobs queued with the template's image set to `image`, which the cluster cannot run:
 /// each is finished in Buildkite with exit status -1, the kubelet's reason and the fix, and its
 /// Job goes with a Warning Event. How long after the queueing each job failed.

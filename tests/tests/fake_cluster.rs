@@ -921,6 +921,51 @@ fn a_freed_quota_lets_the_job_create_its_pod() {
     });
 }
 
+/// A LimitRange refuses a container without a CPU limit, and one above its `max.cpu`, in the
+/// LimitRanger's words; raised, the pod is created at the controller's next attempt.
+#[test]
+fn a_limit_range_refuses_the_pod_until_it_admits_it() {
+    let Some(setup) = Setup::with(ClusterSpec {
+        capacity: 4,
+        max_container_cpu: Some(2000),
+        ..ClusterSpec::default()
+    }) else {
+        return;
+    };
+    let refusal = |name: &str| {
+        let events = setup.events(name);
+        let refused = events.into_iter().find(|e| e["reason"] == "FailedCreate");
+        refused.map(|e| e["message"].as_str().unwrap().to_string())
+    };
+    setup.create(&job("unlimited", "", "true"));
+    let limited = job("limited", "", "true") + "        resources: {limits: {cpu: \"4\"}}\n";
+    setup.create(&limited);
+    wait_for("both refused", || {
+        refusal("unlimited").is_some() && refusal("limited").is_some()
+    });
+    let said = refusal("limited").unwrap();
+    assert!(
+        said.starts_with("Error creating: pods \"limited-"),
+        "{said}"
+    );
+    assert!(
+        said.ends_with(" is forbidden: maximum cpu usage per Container is 2, but limit is 4."),
+        "{said}"
+    );
+    let said = refusal("unlimited").unwrap();
+    assert!(
+        said.ends_with("maximum cpu usage per Container is 2.  No limit is specified."),
+        "{said}"
+    );
+    setup
+        .cluster
+        .change(|spec| spec.max_container_cpu = Some(4000));
+    wait_for("the limited Job's pod created", || {
+        !setup.job_pods("limited").is_empty()
+    });
+    assert!(setup.job_pods("unlimited").is_empty());
+}
+
 /// A Job's pod deleted before it was scheduled (its claim missing) stays, held by the Job's
 /// finalizer, until PodGC fails it and the Job counts it (no `DisruptionTarget`: PodGC gives
 /// unscheduled pods none).
