@@ -335,8 +335,11 @@ pub fn remedy(reason: &str) -> &'static str {
         "ErrImagePull" | "ImagePullBackOff" | "InvalidImageName" | "ErrImageNeverPull" => {
             "fix the template's image (its name, tag or digest, or the registry's pull secret)"
         }
-        "CreateContainerConfigError" | "CreateContainerError" => {
+        "CreateContainerConfigError" => {
             "create the Secret or ConfigMap (or key) the template names"
+        }
+        "CreateContainerError" => {
+            "the node's container runtime could not create the container (its message says why): check the node's runtime, and the template's volumes and securityContext"
         }
         "FailedMount" | "FailedAttachVolume" | "ContainerCreating" => {
             "check the template's volumes: the claim, Secret or ConfigMap, and the storage driver"

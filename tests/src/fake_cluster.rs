@@ -161,7 +161,11 @@
 //!   - env from a Secret or ConfigMap that is missing (`secret "x" not found`) or lacks the key
 //!     (`couldn't find key k in Secret ns/x`, `kubelet_pods.go` `makeEnvironmentVariables`):
 //!     `CreateContainerConfigError` with that message and a Warning `Failed` "Error: <it>",
-//!     retried every 10 s, so creating the Secret lets the pod start.
+//!     retried every 10 s, so creating the Secret lets the pod start;
+//!   - a runtime that fails `CreateContainer` ([`ClusterSpec::runtime_error`]): waiting
+//!     `CreateContainerError` with the gRPC status message and a Warning `Failed` "Error:
+//!     <it>" (`startContainer`, kubernetes 8f672ecf: `return s.Message(), ErrCreateContainer`),
+//!     retried every 10 s like a config error, so a runtime that recovers lets the pod start.
 //!
 //! Needs root (mount namespaces) and util-linux's `unshare`; [`FakeCluster::unavailable`] says
 //! why it cannot run.
@@ -192,6 +196,9 @@ pub struct ClusterSpec {
     pub quota_pods: Option<usize>,
     /// The namespace's LimitRange `max.cpu` for each container, in millicores, if any.
     pub max_container_cpu: Option<u64>,
+    /// What the container runtime answers every `CreateContainer` with, if it fails them
+    /// (`context deadline exceeded`: a runtime slower than the kubelet's request timeout).
+    pub runtime_error: Option<String>,
     /// Volumes provisioned beforehand: claim name → the directory that is its volume. Other
     /// claims get a new directory when bound, deleted with the claim.
     pub claims: BTreeMap<String, PathBuf>,
@@ -2330,7 +2337,9 @@ fn containers_waiting(
 ) -> Vec<Option<Value>> {
     let containers = containers(pod);
     let check = |c: &Value, store: &mut Store, attempts: &mut Attempts| {
-        image_waiting(store, spec, pod, c, attempts).or_else(|| config_waiting(store, pod, c))
+        image_waiting(store, spec, pod, c, attempts)
+            .or_else(|| config_waiting(store, pod, c))
+            .or_else(|| runtime_waiting(store, spec, pod, c))
     };
     containers
         .iter()
@@ -2347,7 +2356,8 @@ fn resync(attempts: &mut Attempts, waiting: &[Option<Value>]) {
         .collect();
     let stuck = ["InvalidImageName", "ErrImageNeverPull"];
     attempts.stuck = reasons.iter().any(|r| stuck.contains(&r.as_str()));
-    let config_only = reasons.iter().all(|r| r == "CreateContainerConfigError");
+    let create = ["CreateContainerConfigError", "CreateContainerError"];
+    let config_only = reasons.iter().all(|r| create.contains(&r.as_str()));
     let wait = if config_only {
         CONFIG_RESYNC
     } else {
@@ -2461,6 +2471,25 @@ fn config_waiting(store: &mut Store, pod: &Value, container: &Value) -> Option<V
         ("Warning", "Failed", &format!("Error: {why}")),
     );
     Some(json!({"reason": "CreateContainerConfigError", "message": why}))
+}
+
+/// The runtime step: a `CreateContainer` the runtime fails is `CreateContainerError` with the
+/// runtime's message, and a Warning `Failed` `Error: <message>`.
+fn runtime_waiting(
+    store: &mut Store,
+    spec: &ClusterSpec,
+    pod: &Value,
+    container: &Value,
+) -> Option<Value> {
+    let why = spec.runtime_error.as_ref()?;
+    let from = Source::kubelet(pod, container["name"].as_str());
+    record(
+        store,
+        pod,
+        &from,
+        ("Warning", "Failed", &format!("Error: {why}")),
+    );
+    Some(json!({"reason": "CreateContainerError", "message": why}))
 }
 
 /// What a container is given from the API: its environment, and the files of its ConfigMap

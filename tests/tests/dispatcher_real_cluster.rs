@@ -349,6 +349,51 @@ fn a_quota_that_frees_up_ends_its_hold() {
     eprintln!("quota freed: every job served {:?} after", freed.elapsed());
 }
 
+/// A container runtime that fails every `CreateContainer` (`context deadline exceeded`): the
+/// pods are stuck after the start timeout with the runtime's message and the fix, and the next
+/// dispatches back off; once the runtime recovers, the backoff's probe starts and the queue is
+/// served, with no new template.
+#[test]
+fn a_runtime_that_cannot_create_containers_is_reported_then_served_once_it_recovers() {
+    if skip() {
+        return;
+    }
+    let spec = ClusterSpec {
+        capacity: 20,
+        runtime_error: Some("context deadline exceeded".into()),
+        ..ClusterSpec::default()
+    };
+    let w = World::with_cluster(spec);
+    w.schedule(3);
+    let settings = [
+        ("DISPATCHER_START_TIMEOUT", "3s"),
+        ("DISPATCHER_STUCK_BACKOFF", "2s"),
+    ];
+    let dispatcher = dispatcher_with(&w, "replica-a", &settings);
+    wait("pods let go", Duration::from_secs(60), || {
+        let events = w.kube.objects("events", NS);
+        events.iter().any(|e| e["reason"] == "PodsStuck")
+    });
+    w.cluster.change(|spec| spec.runtime_error = None);
+    let recovered = Instant::now();
+    let took = served_again_after(&w, 0, recovered);
+    let outcome = w.outcome(dispatcher, 3, Duration::from_secs(90));
+    let stuck = outcome.decisions("stuck");
+    let first = stuck.first().expect("a stuck pod");
+    assert_eq!(
+        first["reason"], "CreateContainerError",
+        "{}",
+        outcome.dispatcher
+    );
+    assert_eq!(first["kubelet_message"], "context deadline exceeded");
+    assert!(first["message"]
+        .as_str()
+        .unwrap()
+        .contains("container runtime could not create the container"));
+    outcome.assert_held("stuck");
+    eprintln!("runtime errors: served {took:?} after the runtime recovered");
+}
+
 /// A LimitRange refuses the template's pods (no CPU limit): the hold says so in Kubernetes'
 /// words and makes no more Jobs. The fix is a template that fits (a rollout): the old
 /// template's refused Job is let go at once, since its refusals say nothing of the new

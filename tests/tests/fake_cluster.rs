@@ -808,6 +808,34 @@ fn a_missing_secret_holds_the_pod_until_it_is_created() {
     wait_for("the pod done", || pod()["status"]["phase"] == "Succeeded");
 }
 
+/// A runtime that fails `CreateContainer`: `CreateContainerError` with its message, and the
+/// kubelet's Event; once the runtime recovers, the pod starts by itself.
+#[test]
+fn a_runtime_that_cannot_create_containers_holds_the_pod_until_it_recovers() {
+    let Some(setup) = Setup::with(ClusterSpec {
+        capacity: 4,
+        runtime_error: Some("context deadline exceeded".into()),
+        ..ClusterSpec::default()
+    }) else {
+        return;
+    };
+    setup.create(&bare_pod("slow", "stateless-agent", "true", "", ""));
+    let pod = || setup.get(&["pod", "slow"]).unwrap_or_default();
+    let waiting = || pod()["status"]["containerStatuses"][0]["state"]["waiting"].clone();
+    wait_for("the create error", || {
+        waiting()["reason"] == "CreateContainerError"
+    });
+    assert_eq!(waiting()["message"], "context deadline exceeded");
+    assert!(setup.has_event(
+        "slow",
+        "Failed",
+        "kubelet",
+        "Error: context deadline exceeded"
+    ));
+    setup.cluster.change(|spec| spec.runtime_error = None);
+    wait_for("the pod done", || pod()["status"]["phase"] == "Succeeded");
+}
+
 /// A ConfigMap volume whose ConfigMap is missing: `ContainerCreating` and a `FailedMount` Event;
 /// once created, the pod starts and reads it.
 #[test]
