@@ -658,11 +658,20 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
     w.schedule(6);
     std::thread::sleep(Duration::from_secs(5));
     w.cluster.change(|s| s.quota_pods = None);
+    let restored = std::time::SystemTime::now();
     wait("served after the quota", Duration::from_secs(120), || {
         w.finished_jobs() == 14
     });
-    // The image breaks (a rollout of a bad template), then is fixed (another).
+    let refusals = w.kube.objects("events", NS);
+    let refusals = refusals.iter().filter(|e| e["reason"] == "FailedCreate");
+    let refused_most = refusals.filter_map(|e| e["count"].as_u64()).max();
+    // The image breaks (a rollout of a bad template), then is fixed (another). The last
+    // agents idle out first, so that none of them takes the jobs queued meanwhile.
     let first = dispatcher.stop();
+    wait("the idle agents gone", Duration::from_secs(60), || {
+        let pods = w.pods();
+        !pods.iter().any(|p| p["status"]["phase"] == "Running")
+    });
     set_image(&w.template, BROKEN);
     w.schedule(4);
     let broken = dispatcher_with(&w, "replica-a", &settings);
@@ -683,6 +692,25 @@ fn a_soak_of_faults_serves_every_job_within_the_limits() {
             "",
             "{job:#}"
         );
+    }
+    // No hold outlives its cause by more than two polls plus its backoff: the failed-create
+    // hold ends within the Job controller's next try after the quota is restored (1 s doubling
+    // per refusal of the Job), two polls (300 ms each), and the Events' one-second rounding.
+    let held_until = decided(&first.stderr, "hold")
+        .iter()
+        .filter(|h| h["reason"] == "failed-create")
+        .filter_map(|h| humantime::parse_rfc3339_weak(h["timestamp"].as_str()?).ok())
+        .max();
+    if let (Some(until), Some(n)) = (held_until, refused_most) {
+        let backoff =
+            Duration::from_secs(1 << (n.saturating_sub(1)).min(6)).min(Duration::from_secs(60));
+        let limit = backoff + Duration::from_millis(600) + Duration::from_secs(1);
+        let outlived = until.duration_since(restored).unwrap_or_default();
+        assert!(
+            outlived <= limit,
+            "failed-create held {outlived:?} after the quota was restored (limit {limit:?})"
+        );
+        eprintln!("soak: the failed-create hold ended {outlived:?} after the quota was restored (limit {limit:?})");
     }
     let all = format!("{}{}{}", first.stderr, broken.stderr, last.stderr);
     assert!(!decided(&all, "hold")
