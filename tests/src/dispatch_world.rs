@@ -103,6 +103,18 @@ impl World {
         }
     }
 
+    /// Room for 20 pods, and the template's image set to `image`, which the registry lacks.
+    pub fn with_missing_image(image: &str) -> World {
+        let spec = ClusterSpec {
+            capacity: 20,
+            missing_images: std::collections::BTreeSet::from([image.to_string()]),
+            ..ClusterSpec::default()
+        };
+        let w = World::with_cluster(spec);
+        set_image(&w.template, image);
+        w
+    }
+
     pub fn schedule(&self, count: usize) {
         self.buildkite.schedule(QUEUE, count, &self.job_env);
     }

@@ -2463,6 +2463,24 @@ fn start_error(
 /// `CreateContainerConfigError` with that error, and a Warning `Failed` `Error: <error>`.
 fn config_waiting(store: &mut Store, pod: &Value, container: &Value) -> Option<Value> {
     let why = container_env(store, pod, container).err()?;
+    Some(create_failed(
+        store,
+        pod,
+        container,
+        "CreateContainerConfigError",
+        &why,
+    ))
+}
+
+/// A container the kubelet could not create for `reason`: the Warning `Failed` `Error: <why>`
+/// (`startContainer`), and its waiting state.
+fn create_failed(
+    store: &mut Store,
+    pod: &Value,
+    container: &Value,
+    reason: &str,
+    why: &str,
+) -> Value {
     let from = Source::kubelet(pod, container["name"].as_str());
     record(
         store,
@@ -2470,7 +2488,7 @@ fn config_waiting(store: &mut Store, pod: &Value, container: &Value) -> Option<V
         &from,
         ("Warning", "Failed", &format!("Error: {why}")),
     );
-    Some(json!({"reason": "CreateContainerConfigError", "message": why}))
+    json!({"reason": reason, "message": why})
 }
 
 /// The runtime step: a `CreateContainer` the runtime fails is `CreateContainerError` with the
@@ -2482,14 +2500,13 @@ fn runtime_waiting(
     container: &Value,
 ) -> Option<Value> {
     let why = spec.runtime_error.as_ref()?;
-    let from = Source::kubelet(pod, container["name"].as_str());
-    record(
+    Some(create_failed(
         store,
         pod,
-        &from,
-        ("Warning", "Failed", &format!("Error: {why}")),
-    );
-    Some(json!({"reason": "CreateContainerError", "message": why}))
+        container,
+        "CreateContainerError",
+        why,
+    ))
 }
 
 /// What a container is given from the API: its environment, and the files of its ConfigMap

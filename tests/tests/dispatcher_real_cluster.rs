@@ -58,13 +58,7 @@ fn an_image_that_cannot_be_pulled_is_reported_let_go_and_backed_off_until_fixed(
     if skip() {
         return;
     }
-    let spec = ClusterSpec {
-        capacity: 20,
-        missing_images: BTreeSet::from([BROKEN.to_string()]),
-        ..ClusterSpec::default()
-    };
-    let w = World::with_cluster(spec);
-    set_image(&w.template, BROKEN);
+    let w = World::with_missing_image(BROKEN);
     w.schedule(3);
     let settings = [
         ("DISPATCHER_START_TIMEOUT", "4s"),

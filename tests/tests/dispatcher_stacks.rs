@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use stateless_e2e::dispatch_world::*;
 use stateless_e2e::dispatcher_process::Running;
 use stateless_e2e::fake_buildkite::{BuildkiteFault, JobState};
-use stateless_e2e::fake_cluster::ClusterSpec;
+use stateless_e2e::sandbox::Finished;
+
+/// A tag nobody pushed.
+const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
 
 /// The stack key the dispatcher derives from the namespace and queue.
 const STACK: &str = "job-dispatcher-ci-kubernetes";
@@ -206,14 +209,7 @@ fn a_fixed_image_frees_the_broken_pods_places_at_once() {
     if skip() {
         return;
     }
-    const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
-    let spec = ClusterSpec {
-        capacity: 20,
-        missing_images: BTreeSet::from([BROKEN.to_string()]),
-        ..ClusterSpec::default()
-    };
-    let w = World::with_cluster(spec);
-    set_image(&w.template, BROKEN);
+    let w = World::with_missing_image(BROKEN);
     w.schedule(2);
     let limit = [("DISPATCHER_MAX_AGENTS", "2")];
     let broken = stacks(&w, "replica-a", &limit);
@@ -226,16 +222,8 @@ fn a_fixed_image_frees_the_broken_pods_places_at_once() {
         pulling.count() == 2
     });
     broken.stop();
-    set_image(&w.template, stateless_e2e::dispatcher_process::AGENT_IMAGE);
     w.schedule(2);
-    let rolled_out = Instant::now();
-    let fixed = stacks(&w, "replica-b", &limit);
-    wait("the new jobs run", Duration::from_secs(60), || {
-        let jobs = w.buildkite.jobs();
-        jobs[2..].iter().all(|j| j.state == JobState::Finished)
-    });
-    let took = rolled_out.elapsed();
-    let out = fixed.stop();
+    let (took, out) = roll_out_the_fix(&w, &limit);
     let jobs = w.buildkite.jobs();
     for old in &jobs[..2] {
         assert_eq!(
@@ -262,14 +250,7 @@ fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() 
     if skip() {
         return;
     }
-    const BROKEN: &str = "registry.example.com/stateless-agent:no-such-tag";
-    let spec = ClusterSpec {
-        capacity: 20,
-        missing_images: BTreeSet::from([BROKEN.to_string()]),
-        ..ClusterSpec::default()
-    };
-    let w = World::with_cluster(spec);
-    set_image(&w.template, BROKEN);
+    let w = World::with_missing_image(BROKEN);
     w.schedule(2);
     let port = stateless_e2e::loopback::free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -312,15 +293,7 @@ fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() 
     let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"stuck\"} 1";
     assert!(metrics.contains(blocked), "{metrics}");
     assert!(out.stderr.contains("\"reason\":\"stuck\""), "{}", out.log());
-    set_image(&w.template, stateless_e2e::dispatcher_process::AGENT_IMAGE);
-    let rolled_out = Instant::now();
-    let fixed = stacks(&w, "replica-b", &settings);
-    wait("the held jobs run", Duration::from_secs(60), || {
-        let jobs = w.buildkite.jobs();
-        jobs[2..].iter().all(|j| j.state == JobState::Finished)
-    });
-    let took = rolled_out.elapsed();
-    let out = fixed.stop();
+    let (took, out) = roll_out_the_fix(&w, &settings);
     let jobs = w.buildkite.jobs();
     assert!(jobs[..2]
         .iter()
@@ -384,18 +357,25 @@ fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
     );
 }
 
+/// The fixed image rolled out (replica-b with `settings`) and the jobs after the first two run:
+/// how long that took after the rollout, and what the dispatcher said.
+fn roll_out_the_fix(w: &World, settings: &[(&str, &str)]) -> (Duration, Finished) {
+    set_image(&w.template, stateless_e2e::dispatcher_process::AGENT_IMAGE);
+    let rolled_out = Instant::now();
+    let fixed = stacks(w, "replica-b", settings);
+    wait("the later jobs run", Duration::from_secs(60), || {
+        let jobs = w.buildkite.jobs();
+        jobs[2..].iter().all(|j| j.state == JobState::Finished)
+    });
+    (rolled_out.elapsed(), fixed.stop())
+}
+
 /// Three jobs queued with the template's image set to `image`, which the cluster cannot run:
 /// each is finished in Buildkite with exit status -1, the kubelet's reason and the fix, and its
 /// Job goes with a Warning Event. How long after the queueing each job failed.
 fn failed_by_image(image: &str, start_timeout: &str, finish_status: u16) -> Vec<Duration> {
-    let spec = ClusterSpec {
-        capacity: 20,
-        missing_images: BTreeSet::from([image.to_string()]),
-        ..ClusterSpec::default()
-    };
-    let w = World::with_cluster(spec);
+    let w = World::with_missing_image(image);
     w.buildkite.finish_status(finish_status);
-    set_image(&w.template, image);
     let queued = Instant::now();
     w.schedule(3);
     let dispatcher = stacks(
