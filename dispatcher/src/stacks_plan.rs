@@ -181,52 +181,61 @@ pub fn plan(seen: &Seen, limits: &StackLimits) -> Plan {
         .collect();
     // Stable: equal priorities stay oldest first.
     waiting.sort_by_key(|j| std::cmp::Reverse(j.priority));
-    let free = (limits.max_agents as usize).saturating_sub(unfinished.len());
     if seen.paused {
         plan.hold = (!waiting.is_empty()).then_some(StackHold::Paused {
             waiting: waiting.len(),
         });
         return plan;
     }
-    let stuck = seen.streak.map(|streak| stuck(streak, &unfinished, limits));
+    take(seen, limits, &waiting, &unfinished, &mut plan);
+    plan
+}
+
+/// The waiting jobs (in the order to take them) taken now: within `--max-agents` and whatever a
+/// fault holds back; the hold, and the jobs it keeps waiting, to be told why once.
+fn take(
+    seen: &Seen,
+    limits: &StackLimits,
+    waiting: &[&ScheduledJob],
+    unfinished: &HashMap<&str, &StackJob>,
+    plan: &mut Plan,
+) {
+    let free = (limits.max_agents as usize).saturating_sub(unfinished.len());
+    let stuck = seen.streak.map(|streak| stuck(streak, unfinished, limits));
     let allowed = match (seen.refusal, &stuck) {
         (Some(_), _) => 0,
         (None, Some((allowed, _))) => *allowed,
         (None, None) => usize::MAX,
     };
     let take = free.min(allowed);
-    if waiting.len() > take {
-        let left = waiting.len() - take;
-        plan.hold = Some(match (seen.refusal, stuck, seen.streak) {
-            _ if allowed >= free => StackHold::AtMax { waiting: left },
-            (Some(message), _, _) => StackHold::Refused {
-                waiting: left,
-                message: message.to_string(),
-            },
-            (None, Some((_, retry_in)), Some(streak)) => StackHold::Stuck {
-                waiting: left,
-                reason: streak.reason.clone(),
-                jobs: streak.dispatches,
-                retry_in,
-            },
-            _ => StackHold::AtMax { waiting: left },
-        });
-        // Jobs held by a fault are told why on their timelines, once.
-        if !matches!(plan.hold, Some(StackHold::AtMax { .. })) {
-            let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
-            plan.tell = waiting[take..]
-                .iter()
-                .filter(told)
-                .map(|j| j.id.clone())
-                .collect();
-        }
+    plan.reserve = waiting.iter().take(take).map(|j| j.id.clone()).collect();
+    if waiting.len() <= take {
+        return;
     }
-    plan.reserve = waiting
-        .into_iter()
-        .take(take)
-        .map(|j| j.id.clone())
-        .collect();
-    plan
+    let left = waiting.len() - take;
+    let hold = match (seen.refusal, stuck, seen.streak) {
+        _ if allowed >= free => StackHold::AtMax { waiting: left },
+        (Some(message), _, _) => StackHold::Refused {
+            waiting: left,
+            message: message.to_string(),
+        },
+        (None, Some((_, retry_in)), Some(streak)) => StackHold::Stuck {
+            waiting: left,
+            reason: streak.reason.clone(),
+            jobs: streak.dispatches,
+            retry_in,
+        },
+        _ => StackHold::AtMax { waiting: left },
+    };
+    if !matches!(hold, StackHold::AtMax { .. }) {
+        let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
+        plan.tell = waiting[take..]
+            .iter()
+            .filter(told)
+            .map(|j| j.id.clone())
+            .collect();
+    }
+    plan.hold = Some(hold);
 }
 
 /// How many jobs a streak lets be taken, and how long until more: none while its backoff runs;

@@ -251,6 +251,12 @@ impl Stack {
             metrics.supply.get_or_create(&State { state }).set(n);
         }
         metrics.paused.set(i64::from(seen.paused));
+        self.report_hold(edges, plan);
+    }
+
+    /// The blocked faults' gauges, and a hold's count and log line.
+    fn report_hold(&self, edges: &Edges<'_>, plan: &Plan) {
+        let metrics = &edges.metrics;
         let stuck = matches!(plan.hold, Some(StackHold::Stuck { .. }));
         let refused = matches!(plan.hold, Some(StackHold::Refused { .. }));
         for (reason, on) in [("stuck", stuck), ("failed-create", refused)] {
