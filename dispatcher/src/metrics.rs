@@ -232,6 +232,22 @@ fn register_mirror(registry: &mut Registry, refresh: Duration) -> MirrorFreshnes
 /// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the watches have synced and
 /// Buildkite accepted the token: on the last poll, or a standby's check at start) until the
 /// process ends.
+/// Reads a request's head into `buffer`, however many reads it comes in (a client may write
+/// the request line in pieces), up to the blank line, a full buffer, or 5 s; how much was read.
+async fn read_head(stream: &mut tokio::net::TcpStream, buffer: &mut [u8]) -> usize {
+    let mut n = 0;
+    let read = async {
+        while n < buffer.len() && !buffer[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buffer[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(more) => n += more,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+    n
+}
+
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -240,7 +256,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buffer = [0u8; 2048];
-            let n = stream.read(&mut buffer).await.unwrap_or(0);
+            let n = read_head(&mut stream, &mut buffer).await;
             let request = String::from_utf8_lossy(&buffer[..n]);
             let path = request.split_whitespace().nth(1).unwrap_or("/");
             let (code, body, content_type) = match path {
@@ -272,6 +288,24 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that writes its request line in pieces (as `write!` on a bare socket does) is
+    /// answered all the same: the first read alone held only "GET", a 404.
+    #[tokio::test]
+    async fn a_request_written_in_pieces_is_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, Metrics::new("q", None)));
+        let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+        for piece in ["GET", " /metrics", " HTTP/1.1\r\n", "Host: x\r\n\r\n"] {
+            client.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+        assert!(answer.contains("dispatcher_dispatches_total"), "{answer}");
+    }
 
     #[test]
     fn every_series_names_its_queue() {
