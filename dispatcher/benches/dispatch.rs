@@ -1580,15 +1580,11 @@ impl Sim<'_> {
         let stuck_now: Vec<StuckJob> = jobs
             .iter()
             .filter_map(|j| match &j.pod {
-                StackPod::Stuck(pod) => Some(StuckJob {
-                    job: j.name.clone(),
-                    uid: self.stack[j.uid.parse::<usize>().unwrap()]
-                        .round
-                        .to_string(),
-                    parallelism: 1,
-                    healthy: 0,
-                    pods: vec![pod.clone()],
-                }),
+                StackPod::Stuck(pod) => {
+                    // A round's Jobs are one dispatch: the streak counts the round.
+                    let round = self.stack[j.uid.parse::<usize>().unwrap()].round;
+                    Some(StuckJob::one(&j.name, &round.to_string(), pod.clone()))
+                }
                 _ => None,
             })
             .collect();

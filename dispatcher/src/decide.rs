@@ -88,6 +88,19 @@ pub struct StuckJob {
     pub pods: Vec<StuckPod>,
 }
 
+impl StuckJob {
+    /// The Job `job` (uid `uid`) of one pod, stuck: the stacks mode's Jobs.
+    pub fn one(job: &str, uid: &str, pod: StuckPod) -> StuckJob {
+        StuckJob {
+            job: job.to_string(),
+            uid: uid.to_string(),
+            parallelism: 1,
+            healthy: 0,
+            pods: vec![pod],
+        }
+    }
+}
+
 /// Dispatches whose pods got stuck, one after another, with no pod starting in between.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Streak {

@@ -229,15 +229,15 @@ fn register_mirror(registry: &mut Registry, refresh: Duration) -> MirrorFreshnes
     }
 }
 
-/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the watches have synced and
-/// Buildkite accepted the token: on the last poll, or a standby's check at start) until the
-/// process ends.
 /// Reads a request's head into `buffer`, however many reads it comes in (a client may write
 /// the request line in pieces), up to the blank line, a full buffer, or 5 s; how much was read.
 async fn read_head(stream: &mut tokio::net::TcpStream, buffer: &mut [u8]) -> usize {
     let mut n = 0;
     let read = async {
-        while n < buffer.len() && !buffer[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        let ended = |head: &[u8]| {
+            head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n")
+        };
+        while n < buffer.len() && !ended(&buffer[..n]) {
             match stream.read(&mut buffer[n..]).await {
                 Ok(0) | Err(_) => break,
                 Ok(more) => n += more,
@@ -248,6 +248,9 @@ async fn read_head(stream: &mut tokio::net::TcpStream, buffer: &mut [u8]) -> usi
     n
 }
 
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the watches have synced and
+/// Buildkite accepted the token: on the last poll, or a standby's check at start) until the
+/// process ends.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {

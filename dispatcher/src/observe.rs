@@ -80,12 +80,14 @@ pub fn supply(seen: &Observed, timeouts: &Timeouts) -> Supply {
         // An older template's pods that Kubernetes refuses (a LimitRange the new template was
         // made to fit) will not come, and their refusals say nothing of the new template.
         let outdated = label(&job.metadata, TEMPLATE_LABEL) != seen.template;
-        match outdated_refusal(job, coming, seen, timeouts) {
-            Some(refused) if outdated => pods.stuck.push(refused),
-            _ if outdated => supply.not_yet_created += coming,
-            _ => {
+        let refused = outdated.then(|| outdated_refusal(job, coming, seen, timeouts));
+        match refused.flatten() {
+            Some(refused) => pods.stuck.push(refused),
+            None => {
                 supply.not_yet_created += coming;
-                missing.insert(uid.clone(), coming);
+                if !outdated {
+                    missing.insert(uid.clone(), coming);
+                }
             }
         }
         if !pods.stuck.is_empty() {

@@ -69,7 +69,6 @@ pub struct StackJob {
     pub notified: u8,
 }
 
-/// Every Job of the stacks mode in `seen`.
 /// What one tick observes of the stacks mode's Jobs.
 pub struct StackSeen {
     pub jobs: Vec<StackJob>,
@@ -82,18 +81,13 @@ pub struct StackSeen {
     pub refusal: Option<String>,
 }
 
+/// The stacks mode's Jobs in `seen`, with the stuck streak and the refusal over them.
 pub fn observe(seen: &Observed, timeouts: &Timeouts) -> StackSeen {
     let jobs = stack_jobs(seen, timeouts);
     let stuck_now: Vec<StuckJob> = jobs
         .iter()
         .filter_map(|j| match &j.pod {
-            PodState::Stuck(pod) => Some(StuckJob {
-                job: j.name.clone(),
-                uid: j.uid.clone(),
-                parallelism: 1,
-                healthy: 0,
-                pods: vec![pod.clone()],
-            }),
+            PodState::Stuck(pod) => Some(StuckJob::one(&j.name, &j.uid, pod.clone())),
             _ => None,
         })
         .collect();
@@ -103,8 +97,10 @@ pub fn observe(seen: &Observed, timeouts: &Timeouts) -> StackSeen {
         .filter(|j| observe::label(&j.metadata, TEMPLATE_LABEL) == seen.template)
         .filter_map(|j| j.metadata.uid.clone())
         .filter(|uid| {
+            // No pod coming yet: none made, or the last one drained and its replacement not made.
             let job = jobs.iter().find(|j| &j.uid == uid);
-            job.is_some_and(|j| !j.finished && !j.suspended && j.pod_name.is_none())
+            let waits = |j: &StackJob| matches!(j.pod, PodState::Coming(Stage::Created));
+            job.is_some_and(|j| !j.finished && !j.suspended && waits(j))
         })
         .map(|uid| (uid, 1))
         .collect();
@@ -115,6 +111,7 @@ pub fn observe(seen: &Observed, timeouts: &Timeouts) -> StackSeen {
     }
 }
 
+/// Every Job of the stacks mode in `seen`.
 fn stack_jobs(seen: &Observed, timeouts: &Timeouts) -> Vec<StackJob> {
     let mut out = Vec::new();
     for job in seen.jobs {
@@ -201,17 +198,20 @@ fn podless(job: &Job, finished: bool, seen: &Observed, timeouts: &Timeouts) -> P
     }
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
     let waited = created.map_or(Duration::ZERO, |t| observe::elapsed(t, seen.now));
-    // An older template's refused pod never comes: the fix (a new template) never reaches it.
+    // An older template's pod that a LimitRange or a webhook refuses never comes: the fix (a
+    // new template) never reaches it. A quota's refusal ends as the quota frees, whatever the
+    // template: that Job waits like any other.
     let template = observe::label(&job.metadata, TEMPLATE_LABEL);
     let uid = job.metadata.uid.clone().unwrap_or_default();
-    let fresh = observe::refusal(seen, timeouts, &HashMap::from([(uid, 1)])).is_some();
-    let outdated = fresh && template != seen.template;
+    let fresh = observe::refusal(seen, timeouts, &HashMap::from([(uid, 1)]));
+    let lasting = fresh.is_some_and(|m| !m.contains("exceeded quota"));
+    let outdated = lasting && template != seen.template;
     if (waited < timeouts.start_timeout && !outdated) || suspended(job) {
         return PodState::Coming(Stage::Created);
     }
     PodState::Stuck(StuckPod {
         pod: String::new(),
-        dispatch: String::new(),
+        dispatch: observe::label(&job.metadata, DISPATCH_LABEL),
         reason: "FailedCreate".into(),
         message: refusal.unwrap_or_else(|| "the Job controller made no pod".into()),
         waited,
@@ -365,6 +365,54 @@ mod tests {
             template: "t2",
         };
         stack_jobs(&seen, &timeouts()).remove(0).pod
+    }
+
+    /// What the tick observes of `job` (no pod) under the FailedCreate `message`, at [`NOW`].
+    fn refused(job: &Job, message: &str) -> StackSeen {
+        let refusal: k8s_openapi::api::core::v1::Event = serde_json::from_value(json!({
+            "metadata": {"name": "e"}, "reason": "FailedCreate", "type": "Warning",
+            "message": message, "lastTimestamp": "2026-12-03T12:09:50Z",
+            "involvedObject": {"kind": "Job", "name": "buildkite-j1", "uid": "u1"}}))
+        .unwrap();
+        let (jobs, refusals) = ([job], [&refusal]);
+        let seen = Observed {
+            pods: &[],
+            jobs: &jobs,
+            refusals: &refusals,
+            own_events: &[],
+            pod_warnings: &[],
+            now: NOW.parse().unwrap(),
+            template: "t2",
+        };
+        observe(&seen, &timeouts())
+    }
+
+    #[test]
+    fn a_refusal_of_this_template_holds_and_an_older_ones_limit_range_is_stuck_at_once() {
+        // Made a minute ago, within the start timeout.
+        let labelled = |template: &str| {
+            let mut j = job(json!({}));
+            let labels = j.metadata.labels.as_mut().unwrap();
+            labels.insert(TEMPLATE_LABEL.into(), template.into());
+            let made = "2026-12-03T12:09:00Z".parse().unwrap();
+            j.metadata.creation_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(made));
+            j
+        };
+        let limit = "Error creating: pods \"x\" is forbidden: maximum cpu usage per Container is 2, but limit is 4.";
+        let quota = "Error creating: pods \"x\" is forbidden: exceeded quota: agent-pods";
+        // This template's: a refusal the plan holds on; the Job waits out the start timeout.
+        let now = refused(&labelled("t2"), limit);
+        assert_eq!(now.refusal.as_deref(), Some(limit));
+        assert_eq!(now.jobs[0].pod, PodState::Coming(Stage::Created));
+        // An older template's LimitRange refusal: stuck at once, and no refusal of this one.
+        let young = labelled("t1");
+        let old = refused(&young, limit);
+        assert_eq!(old.refusal, None);
+        assert!(matches!(&old.jobs[0].pod, PodState::Stuck(p) if p.template == "t1"));
+        // An older template's quota refusal ends as the quota frees: it waits.
+        let waits = refused(&young, quota);
+        assert_eq!(waits.jobs[0].pod, PodState::Coming(Stage::Created));
     }
 
     fn pulling(reason: &str) -> serde_json::Value {

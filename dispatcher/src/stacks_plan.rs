@@ -53,7 +53,7 @@ pub struct StackLimits {
     pub max_agents: u32,
     /// How long each reservation lasts; it is renewed when less than half is left.
     pub expiry: Duration,
-    /// A streak's backoff: `--stuck-backoff` doubling per stuck Job, at most the cap.
+    /// A streak's backoff: `--stuck-backoff` doubling per stuck dispatch, at most the cap.
     pub stuck_backoff: Duration,
     pub stuck_backoff_cap: Duration,
     /// The jobs taken at a time while a streak is on (`--buffer`, at least one).
@@ -114,7 +114,7 @@ pub enum StackHold {
     Stuck {
         waiting: usize,
         reason: String,
-        jobs: u32,
+        dispatches: u32,
         retry_in: Option<Duration>,
     },
 }
@@ -134,9 +134,12 @@ pub struct Plan {
     /// Jobs of jobs cancelled before their agent started.
     pub delete: Vec<Delete>,
     pub notify: Vec<Notice>,
-    /// Waiting jobs to tell why they wait (a stuck hold), not told before.
+    /// Waiting jobs to tell why they wait (a fault's hold), not told before.
     pub tell: Vec<String>,
     pub hold: Option<StackHold>,
+    /// The faults seen, waiting jobs or not: a stuck streak, a refusal.
+    pub stuck: bool,
+    pub refused: bool,
 }
 
 /// States in which no agent holds the job yet: the dispatcher may still finish it.
@@ -155,7 +158,11 @@ const OVER: [&str; 9] = [
 ];
 
 pub fn plan(seen: &Seen, limits: &StackLimits) -> Plan {
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        stuck: seen.streak.is_some(),
+        refused: seen.refusal.is_some(),
+        ..Plan::default()
+    };
     for job in seen.jobs {
         let state = seen.states.get(&job.job).map(String::as_str);
         settle(job, state, seen.now, limits, &mut plan);
@@ -207,14 +214,15 @@ fn take(
         (None, Some((allowed, _))) => *allowed,
         (None, None) => usize::MAX,
     };
-    let take = free.min(allowed);
-    plan.reserve = waiting.iter().take(take).map(|j| j.id.clone()).collect();
-    if waiting.len() <= take {
+    let now = free.min(allowed);
+    plan.reserve = waiting.iter().take(now).map(|j| j.id.clone()).collect();
+    if waiting.len() <= now {
         return;
     }
-    let left = waiting.len() - take;
+    let left = waiting.len() - now;
     let hold = match (seen.refusal, stuck, seen.streak) {
-        _ if allowed >= free => StackHold::AtMax { waiting: left },
+        // A fault that holds back as much as `--max-agents` does is the one reported.
+        _ if free < allowed => StackHold::AtMax { waiting: left },
         (Some(message), _, _) => StackHold::Refused {
             waiting: left,
             message: message.to_string(),
@@ -222,14 +230,14 @@ fn take(
         (None, Some((_, retry_in)), Some(streak)) => StackHold::Stuck {
             waiting: left,
             reason: streak.reason.clone(),
-            jobs: streak.dispatches,
+            dispatches: streak.dispatches,
             retry_in,
         },
         _ => StackHold::AtMax { waiting: left },
     };
     if !matches!(hold, StackHold::AtMax { .. }) {
         let told = |j: &&&ScheduledJob| !seen.told.contains(&j.id);
-        plan.tell = waiting[take..]
+        plan.tell = waiting[now..]
             .iter()
             .filter(told)
             .map(|j| j.id.clone())
@@ -424,7 +432,7 @@ mod tests {
         let hold = StackHold::Stuck {
             waiting: 3,
             reason: "ImagePullBackOff".into(),
-            jobs: 2,
+            dispatches: 2,
             retry_in,
         };
         assert_eq!(held.hold, Some(hold));
@@ -443,6 +451,35 @@ mod tests {
         // While the probe's pod comes, nothing more.
         let coming = [job("x", PodState::Coming(Stage::Pulling))];
         assert!(with(&coming, &streak(2, 90)).reserve.is_empty());
+    }
+
+    #[test]
+    fn a_fault_is_reported_over_a_full_queue() {
+        let list = [listed("a", 0)];
+        let full = [
+            job("x", PodState::Coming(Stage::Started)),
+            job("y", PodState::Coming(Stage::Started)),
+            job("z", PodState::Coming(Stage::Started)),
+        ];
+        let seen = Seen {
+            jobs: &full,
+            listed: &list,
+            paused: false,
+            states: &HashMap::new(),
+            now: now(),
+            streak: None,
+            refusal: Some("exceeded quota"),
+            told: &HashSet::new(),
+        };
+        let held = plan(&seen, &LIMITS);
+        assert!(matches!(held.hold, Some(StackHold::Refused { .. })));
+        assert!(held.refused && !held.stuck);
+        assert_eq!(held.tell, ["a"]);
+        let seen = Seen {
+            listed: &[],
+            ..seen
+        };
+        assert!(plan(&seen, &LIMITS).refused, "seen with no job waiting");
     }
 
     #[test]

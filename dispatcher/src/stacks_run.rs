@@ -35,7 +35,7 @@ pub struct Stack {
     limits: StackLimits,
     namespace: String,
     written: Mutex<Written>,
-    /// The waiting jobs told why they wait, during the stuck streak on now.
+    /// The waiting jobs told why they wait, while a fault (a stuck streak, a refusal) lasts.
     told: Mutex<HashSet<String>>,
 }
 
@@ -161,10 +161,12 @@ impl Stack {
         wait
     }
 
-    /// Tells each job a fault holds, once, why it waits; forgets them when the fault ends.
+    /// Tells each job a fault holds, once, why it waits; forgets them once no fault is seen.
     async fn tell(&self, edges: &Edges<'_>, plan: &Plan) {
-        let Some(said) = waiting_note(plan.hold.as_ref()) else {
+        if !plan.stuck && !plan.refused {
             self.told.lock().unwrap().clear();
+        }
+        let Some(said) = waiting_note(plan.hold.as_ref()) else {
             return;
         };
         if plan.tell.is_empty() {
@@ -257,9 +259,7 @@ impl Stack {
     /// The blocked faults' gauges, and a hold's count and log line.
     fn report_hold(&self, edges: &Edges<'_>, plan: &Plan) {
         let metrics = &edges.metrics;
-        let stuck = matches!(plan.hold, Some(StackHold::Stuck { .. }));
-        let refused = matches!(plan.hold, Some(StackHold::Refused { .. }));
-        for (reason, on) in [("stuck", stuck), ("failed-create", refused)] {
+        for (reason, on) in [("stuck", plan.stuck), ("failed-create", plan.refused)] {
             let blocked = metrics.blocked.get_or_create(&Reason { reason });
             blocked.set(i64::from(on));
         }
@@ -375,13 +375,7 @@ impl Stack {
 
     async fn let_go(&self, edges: &Edges<'_>, finish: &Finish) {
         if let Why::Stuck(pod) = &finish.why {
-            let job = StuckJob {
-                job: finish.k8s_job.clone(),
-                uid: finish.uid.clone(),
-                parallelism: 1,
-                healthy: 0,
-                pods: vec![pod.clone()],
-            };
+            let job = StuckJob::one(&finish.k8s_job, &finish.uid, pod.clone());
             edges.relieve(&job, &Relief::DeleteJob).await;
         }
     }
@@ -516,12 +510,12 @@ impl Stack {
         &self,
         edges: &Edges<'_>,
         uuid: &str,
-        dispatch: &str,
+        dispatch_id: &str,
         until: Timestamp,
     ) -> Option<(String, String)> {
         let settings = edges.settings;
         let dispatch = Dispatch {
-            id: dispatch.to_string(),
+            id: dispatch_id.to_string(),
             agents: 1,
             active_deadline: settings.job_deadline,
             ttl: settings.job_ttl,
@@ -615,7 +609,7 @@ fn waiting_note(hold: Option<&StackHold>) -> Option<String> {
     match hold? {
         StackHold::Stuck {
             reason,
-            jobs,
+            dispatches,
             retry_in,
             ..
         } => {
@@ -623,7 +617,7 @@ fn waiting_note(hold: Option<&StackHold>) -> Option<String> {
                 Some(wait) => format!("more jobs are taken in {}s", wait.as_secs()),
                 None => "a few jobs are being tried first".into(),
             };
-            Some(format!("this queue's agent pods never started ({reason}; {jobs} dispatches in a row); {next}, all at once when a pod starts or the agent template changes"))
+            Some(format!("this queue's agent pods never started ({reason}; {dispatches} dispatches in a row); {next}, all at once when a pod starts or the agent template changes"))
         }
         StackHold::Refused { message, .. } => Some(format!(
             "Kubernetes refuses this queue's agent pods; jobs are taken again once it admits them: {message}"

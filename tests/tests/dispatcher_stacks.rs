@@ -264,6 +264,8 @@ fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() 
         let jobs = w.buildkite.jobs();
         jobs.iter().all(|j| j.state == JobState::Finished)
     });
+    // The dispatcher has seen its streak (its own Event back), waiting jobs or not.
+    wait_blocked(&listen, "stuck");
     w.schedule(3);
     wait(
         "the next jobs told why they wait",
@@ -317,10 +319,8 @@ fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
     let port = stateless_e2e::loopback::free_port();
     let listen = format!("127.0.0.1:{port}");
     let dispatcher = stacks(&w, "replica-a", &[("DISPATCHER_LISTEN", listen.as_str())]);
-    wait("a refusal", Duration::from_secs(30), || {
-        let events = w.kube.objects("events", NS);
-        events.iter().any(|e| e["reason"] == "FailedCreate")
-    });
+    // The dispatcher has seen the refusal, waiting jobs or not.
+    wait_blocked(&listen, "failed-create");
     w.schedule(2);
     wait(
         "the next jobs told why they wait",
@@ -355,6 +355,15 @@ fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
         "quota refusal: 2 jobs held with a note; every job ran {:?} after the quota freed",
         freed.elapsed()
     );
+}
+
+/// Waits until the dispatcher listening on `listen` reports `dispatcher_blocked{reason}` 1.
+fn wait_blocked(listen: &str, reason: &str) {
+    let blocked = format!("dispatcher_blocked{{queue=\"kubernetes\",reason=\"{reason}\"}} 1");
+    wait(&blocked.clone(), Duration::from_secs(60), || {
+        let metrics = stateless_e2e::loopback::http(listen, "GET", "/metrics", None).1;
+        metrics.contains(&blocked)
+    });
 }
 
 /// The fixed image rolled out (replica-b with `settings`) and the jobs after the first two run:
