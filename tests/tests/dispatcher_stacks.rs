@@ -267,14 +267,7 @@ fn a_broken_image_holds_the_next_jobs_with_a_note_until_the_template_is_fixed() 
     // The dispatcher has seen its streak (its own Event back), waiting jobs or not.
     wait_blocked(&listen, "stuck");
     w.schedule(3);
-    wait(
-        "the next jobs told why they wait",
-        Duration::from_secs(30),
-        || {
-            let jobs = w.buildkite.jobs();
-            jobs[2..].iter().all(|j| !j.notifications.is_empty())
-        },
-    );
+    wait_told(&w);
     // A few more ticks: still held, told once, no Job made.
     std::thread::sleep(Duration::from_secs(2));
     let metrics = stateless_e2e::loopback::http(&listen, "GET", "/metrics", None).1;
@@ -322,14 +315,7 @@ fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
     // The dispatcher has seen the refusal, waiting jobs or not.
     wait_blocked(&listen, "failed-create");
     w.schedule(2);
-    wait(
-        "the next jobs told why they wait",
-        Duration::from_secs(30),
-        || {
-            let jobs = w.buildkite.jobs();
-            jobs[2..].iter().all(|j| !j.notifications.is_empty())
-        },
-    );
+    wait_told(&w);
     let metrics = stateless_e2e::loopback::http(&listen, "GET", "/metrics", None).1;
     let blocked = "dispatcher_blocked{queue=\"kubernetes\",reason=\"failed-create\"} 1";
     assert!(metrics.contains(blocked), "{metrics}");
@@ -354,6 +340,18 @@ fn a_quota_refusal_holds_the_next_jobs_with_a_note_until_it_frees() {
     eprintln!(
         "quota refusal: 2 jobs held with a note; every job ran {:?} after the quota freed",
         freed.elapsed()
+    );
+}
+
+/// Waits until every job after the first two has a note on its timeline.
+fn wait_told(w: &World) {
+    wait(
+        "the next jobs told why they wait",
+        Duration::from_secs(30),
+        || {
+            let jobs = w.buildkite.jobs();
+            jobs[2..].iter().all(|j| !j.notifications.is_empty())
+        },
     );
 }
 
