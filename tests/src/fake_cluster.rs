@@ -64,7 +64,9 @@
 //!   (`plugin/pkg/admission/limitranger/admission.go`, `maxConstraint`, at kubernetes
 //!   8f672ecf: `maximum cpu usage per Container is 2, but limit is 4.`, or `... is 2.  No limit
 //!   is specified.`; `admission.NewForbidden` puts `pods "<name>" is forbidden: ` before it),
-//!   the same `FailedCreate` and backoff as a quota refusal.
+//!   the same `FailedCreate` and backoff as a quota refusal. Not modelled: its other limits
+//!   (min, memory, ratios, `Pod`-type) and its check of init containers, which the real one
+//!   makes too (the shipped templates have none).
 //! - **Claims**: a new claim is bound to a volume, a directory: the one the test provisioned
 //!   for it, else a new one, deleted with the claim. The pvc-protection controller lets a
 //!   deleted claim go only once no scheduled pod object names it, whatever that pod's phase; the
@@ -164,8 +166,10 @@
 //!     retried every 10 s, so creating the Secret lets the pod start;
 //!   - a runtime that fails `CreateContainer` ([`ClusterSpec::runtime_error`]): waiting
 //!     `CreateContainerError` with the gRPC status message and a Warning `Failed` "Error:
-//!     <it>" (`startContainer`, kubernetes 8f672ecf: `return s.Message(), ErrCreateContainer`),
-//!     retried every 10 s like a config error, so a runtime that recovers lets the pod start.
+//!     <it>" (`kuberuntime_container.go` `startContainer`, read at kubernetes fbba6b47: `return
+//!     s.Message(), ErrCreateContainer`), retried every 10 s like a config error (the pod
+//!     worker's requeue after a sync error, `backOffPeriod` in `pkg/kubelet/kubelet.go`), so a
+//!     runtime that recovers lets the pod start.
 //!
 //! Needs root (mount namespaces) and util-linux's `unshare`; [`FakeCluster::unavailable`] says
 //! why it cannot run.
